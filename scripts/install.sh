@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs sqdist, its example plugin and the dev/test extras into a venv.
+#   SQDIST_VENV   where the venv lives (default: .venv in the checkout)
+# The third-party packages are installed once per venv (keyed on the files that
+# list them); sqdist itself is re-installed (editable, no deps) every time, so a
+# cached venv always points at this checkout.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${SQDIST_VENV:-$root/.venv}
+py=${PYTHON:-python3}
+stamp_src=$(cat "$root/pyproject.toml" "$root"/plugins/*/pyproject.toml "$root/scripts/install.sh" | sha256sum | cut -c1-16)
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[install] creating venv $venv"
+  "$py" -m venv "$venv"
+fi
+if [ "$(cat "$venv/.sqdist-deps" 2>/dev/null)" != "$stamp_src" ]; then
+  echo "[install] installing dependencies (torch 2.14.1, timm, accelerate, deepspeed, wandb, ...)"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -e "$root[dev,deepspeed,wandb]" -e "$root/plugins/sqdist-pow2"
+  echo "$stamp_src" > "$venv/.sqdist-deps"
+fi
+"$venv/bin/python" -m pip install -q --no-deps -e "$root" -e "$root/plugins/sqdist-pow2" 2>&1 | grep -v "^\s*$" | grep -iv "warning\|location\|\*\*\*\|!!\|setuptools\|folder\|import\|wheel\|strategy" || true
+echo "[install] ready: $venv"

@@ -1,0 +1,14 @@
+"""sqdist: low-bit networks trained with Stochastic Quantization, at cluster scale."""
+from .quantizers import BWN, TWN, KBit, Quantizer, quantization_error
+from .registry import create_quantizer, list_quantizers, register_quantizer
+from .sq import SQConfig, SQSelector, select, selection_probability
+from .nn import QuantConfig, SQController, quantize_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BWN", "TWN", "KBit", "Quantizer", "quantization_error",
+    "create_quantizer", "list_quantizers", "register_quantizer",
+    "SQConfig", "SQSelector", "select", "selection_probability",
+    "QuantConfig", "SQController", "quantize_model", "__version__",
+]

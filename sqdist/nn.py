@@ -1,0 +1,249 @@
+"""Quantized Conv/Linear layers and the one verb that makes a model use them.
+
+``quantize_model(model, QuantConfig(...))`` turns the selected ``nn.Conv*d`` /
+``nn.Linear`` modules of any model (timm or not) into SQ layers *in place*: the
+module keeps its parameters, its name and its place; only its forward now
+uses the hybrid weight ``W~ = where(mask, q(W), W)`` (straight-through for the
+quantized rows). Building ``W~`` inside the layer's own forward means the
+layer sees whatever full weight the engine hands it (DeepSpeed ZeRO-3 gathers
+parameters before a module's forward), so prefetching keeps working.
+"""
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import dist as sqdist_dist
+from .quantizers import Quantizer, quantization_error
+from .registry import create_quantizer
+from .sq import SQConfig, SQSelector
+
+
+class SQLayer:
+    """Mixin of the SQ layers: builds the weight the forward uses."""
+
+    quantizer: Quantizer
+    sq_mask: Tensor | None
+    _sq: "SQController | None"
+
+    def sq_weight(self) -> Tensor:
+        w = self.weight
+        ctl = self._sq
+        ratio = 1.0 if ctl is None else ctl.selector.ratio
+        if ratio <= 0.0:
+            return w
+        quantized = self.quantizer(w)  # straight-through
+        if ratio >= 1.0 or not self.training:
+            return quantized
+        if ctl.draw_in_forward:
+            ctl.draw_for_layer(self)
+        if self.sq_mask is None:
+            raise RuntimeError("SQ layer has no mask: call SQController.draw_masks() before the forward of each training step")
+        mask = self.sq_mask
+        if mask.dim() == 1:  # one flag per row (channel granularity)
+            mask = mask.view(-1, *([1] * (w.dim() - 1)))
+        return torch.where(mask, quantized, w)
+
+
+class SQConv1d(SQLayer, nn.Conv1d):
+    def forward(self, x):
+        return self._conv_forward(self.quantizer.quantize_input(x), self.sq_weight(), self.bias)
+
+
+class SQConv2d(SQLayer, nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(self.quantizer.quantize_input(x), self.sq_weight(), self.bias)
+
+
+class SQConv3d(SQLayer, nn.Conv3d):
+    def forward(self, x):
+        return self._conv_forward(self.quantizer.quantize_input(x), self.sq_weight(), self.bias)
+
+
+class SQLinear(SQLayer, nn.Linear):
+    def forward(self, x):
+        return F.linear(self.quantizer.quantize_input(x), self.sq_weight(), self.bias)
+
+
+SQ_CLASSES: dict[type, type] = {nn.Conv1d: SQConv1d, nn.Conv2d: SQConv2d, nn.Conv3d: SQConv3d, nn.Linear: SQLinear}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    Args:
+        quantizer: registered quantizer name (``sqdist.list_quantizers()``).
+        params: keyword parameters of that quantizer.
+        include, exclude: glob patterns on module names (``"layer1.*"``); a layer is
+            quantized when it matches an include and no exclude pattern.
+        keep_stem_and_classifier: keep the model's first conv and classifier full
+            precision (timm's ``pretrained_cfg`` names them; else the first and last layer).
+        sq: the SQ selection (ratios, schedule, probability rule, granularity).
+        broadcast: make rank 0's masks every rank's (off only to show why it is needed).
+        draw_in_forward: draw each layer's mask inside its forward (DeepSpeed ZeRO-3,
+            where the full weight exists only there) instead of in ``draw_masks``.
+    """
+
+    quantizer: str = "twn"
+    params: Mapping = field(default_factory=dict)
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    keep_stem_and_classifier: bool = True
+    sq: SQConfig = SQConfig()
+    broadcast: bool = True
+    draw_in_forward: bool = False
+
+
+class SQController:
+    """The SQ state of one model: its SQ layers, the selector, the last errors and masks.
+
+    Training loop use::
+
+        sq = quantize_model(model, config)
+        for batch in loader:
+            sq.draw_masks()          # new selection every step (rank 0's everywhere)
+            loss = ...; loss.backward(); opt.step()
+            sq.advance("step")
+        sq.advance("epoch")
+    """
+
+    def __init__(self, layers: dict[str, SQLayer], config: QuantConfig):
+        self.layers = layers
+        self.config = config
+        self.selector = SQSelector(config.sq)
+        self.draw_in_forward = config.draw_in_forward
+        self.last_errors: dict[str, float] = {}
+        for layer in layers.values():
+            layer._sq = self
+
+    @property
+    def ratio(self) -> float:
+        return self.selector.ratio
+
+    @property
+    def stage(self) -> int:
+        return self.selector.stage
+
+    def advance(self, unit: str = "step") -> bool:
+        """Count one finished step or epoch; True when a new SQ stage begins."""
+        return self.selector.advance(unit)
+
+    @torch.no_grad()
+    def errors(self) -> dict[str, Tensor]:
+        """Per-layer quantization error at the configured granularity, (m,) or (m, n)."""
+        gran = self.config.sq.granularity
+        out = {}
+        for name, layer in self.layers.items():
+            w2d = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+            out[name] = layer.quantizer.error(w2d, gran)
+        return out
+
+    @torch.no_grad()
+    def draw_masks(self) -> None:
+        """Draw a new mask for every layer at the current ratio (one broadcast for all)."""
+        ratio = self.selector.ratio
+        if self.draw_in_forward or ratio <= 0.0 or ratio >= 1.0:
+            for layer in self.layers.values():
+                layer.sq_mask = None
+            return
+        errors = self.errors()
+        shapes = [e.shape for e in errors.values()]
+        # one device->host copy for all layers; the draw runs on the CPU generator
+        flat = torch.cat([e.reshape(-1) for e in errors.values()]).cpu()
+        masks = [self.selector.draw(e.reshape(s)) for e, s in zip(flat.split([s.numel() for s in shapes]), shapes)]
+        if self.config.broadcast:
+            masks = sqdist_dist.broadcast_masks(masks)
+        for (name, layer), e, mask in zip(self.layers.items(), errors.values(), masks):
+            layer.sq_mask = mask.to(layer.weight.device)
+            self.last_errors[name] = float(e.mean())
+
+    @torch.no_grad()
+    def draw_for_layer(self, layer: SQLayer) -> None:
+        """Draw ``layer``'s mask inside its forward, once per step (ZeRO-3 path)."""
+        step = self.selector.step
+        if getattr(layer, "_sq_mask_step", None) == step and layer.sq_mask is not None:
+            return
+        w2d = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        error = layer.quantizer.error(w2d, self.config.sq.granularity)
+        mask = self.selector.draw(error)
+        if self.config.broadcast:
+            (mask,) = sqdist_dist.broadcast_masks([mask])
+        layer.sq_mask = mask.to(layer.weight.device)
+        layer._sq_mask_step = step
+        self.last_errors[self._name_of(layer)] = float(error.mean())
+
+    def _name_of(self, layer) -> str:
+        for name, candidate in self.layers.items():
+            if candidate is layer:
+                return name
+        return "?"
+
+    def quantized_fraction(self) -> dict[str, float]:
+        """Per layer: fraction of rows (or elements) quantized in the current step."""
+        ratio = self.selector.ratio
+        out = {}
+        for name, layer in self.layers.items():
+            if ratio <= 0.0 or ratio >= 1.0 or layer.sq_mask is None:
+                out[name] = float(ratio >= 1.0)
+            else:
+                out[name] = float(layer.sq_mask.float().mean())
+        return out
+
+    def state_dict(self) -> dict:
+        return {"selector": self.selector.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.selector.load_state_dict(state["selector"])
+
+
+def _stem_and_classifier(model: nn.Module, candidates: list[str]) -> set[str]:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names: set[str] = set()
+    for key in ("first_conv", "classifier"):
+        value = cfg.get(key)
+        for v in ([value] if isinstance(value, str) else list(value or [])):
+            names.update(n for n in candidates if n == v or n == f"{v}.conv" or n.startswith(f"{v}."))
+    if not names and candidates:
+        names = {candidates[0], candidates[-1]}
+    return names
+
+
+def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQController:
+    """Make ``model``'s Conv/Linear weights quantized and SQ-selected, in place.
+
+    Returns the :class:`SQController` that draws the masks and holds the SQ state.
+    The model's class and its ``state_dict`` keys are unchanged.
+    """
+    candidates = [n for n, m in model.named_modules() if isinstance(m, tuple(SQ_CLASSES))]
+    kept_fp = _stem_and_classifier(model, candidates) if config.keep_stem_and_classifier else set()
+    create_quantizer(config.quantizer, **dict(config.params))  # fail early on bad names / params
+    layers: dict[str, SQLayer] = {}
+    skipped = []
+    for name, module in model.named_modules():
+        if name not in candidates or name in kept_fp:
+            continue
+        if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
+            continue
+        sq_cls = SQ_CLASSES.get(type(module))
+        if sq_cls is None:  # a subclass with a forward of its own (e.g. timm's Conv2dSame)
+            skipped.append(f"{name} ({type(module).__name__})")
+            continue
+        module.__class__ = sq_cls  # same object, same Parameters: optimizers and engines keep working
+        module.quantizer = create_quantizer(config.quantizer, **dict(config.params)).to(module.weight.device)
+        module.sq_mask = None
+        module._sq = None
+        layers[name] = module
+    if skipped:
+        warnings.warn("sqdist: left full precision (layer type not supported): " + ", ".join(skipped))
+    if not layers:
+        raise ValueError(f"quantize_model: no layer matched include={list(config.include)} exclude={list(config.exclude)}")
+    return SQController(layers, config)
