@@ -49,9 +49,14 @@ def roulette(p: Tensor, k: int, generator: torch.Generator | None = None) -> Ten
     if k >= n:
         return torch.arange(n, device=p.device)
     if n <= 2**24:
-        return torch.multinomial(p.float(), k, replacement=False, generator=generator)
+        p32 = p.float()
+        # multinomial ranks zero-probability rows in index order, not at random
+        if bool((p32 > 0).all()):
+            return torch.multinomial(p32, k, replacement=False, generator=generator)
+    # Gumbel-top-k in float64: keeps the small p that float32 rounds to 0 (softmax of a
+    # wide range of 1/e); rows with p = 0 even in float64 come last, in random order
     u = torch.rand(n, generator=generator, dtype=torch.float64, device=p.device).clamp_(min=1e-300)
-    keys = torch.log(p.double()) - torch.log(-torch.log(u))
+    keys = torch.log(p.double().clamp(min=torch.finfo(torch.float64).tiny)) - torch.log(-torch.log(u))
     return torch.topk(keys, k).indices
 
 
