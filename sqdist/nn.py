@@ -161,7 +161,7 @@ class SQController:
         if self.config.broadcast:
             masks = sqdist_dist.broadcast_masks(masks)
         for (name, layer), e, mask in zip(self.layers.items(), errors.values(), masks):
-            layer.sq_mask = mask.to(layer.weight.device)
+            layer.sq_mask = _layer_mask(mask, layer)
             self.last_errors[name] = float(e.mean())
 
     @torch.no_grad()
@@ -175,7 +175,7 @@ class SQController:
         mask = self.selector.draw(error)
         if self.config.broadcast:
             (mask,) = sqdist_dist.broadcast_masks([mask])
-        layer.sq_mask = mask.to(layer.weight.device)
+        layer.sq_mask = _layer_mask(mask, layer)
         layer._sq_mask_step = step
         self.last_errors[self._name_of(layer)] = float(error.mean())
 
@@ -201,6 +201,13 @@ class SQController:
 
     def load_state_dict(self, state: dict) -> None:
         self.selector.load_state_dict(state["selector"])
+
+
+def _layer_mask(mask: Tensor, layer: SQLayer) -> Tensor:
+    """A drawn mask on the layer's device: (m,) per channel, or the weight's shape per element."""
+    if mask.dim() > 1:  # element errors are (m, n); a conv weight is (m, c, kh, kw)
+        mask = mask.reshape(layer.weight.shape)
+    return mask.to(layer.weight.device)
 
 
 def _stem_and_classifier(model: nn.Module, candidates: list[str]) -> set[str]:
