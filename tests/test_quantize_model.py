@@ -1,0 +1,253 @@
+"""``quantize_model``: any timm model, in place, SQ masks drawn every step.
+
+    sq = quantize_model(model, QuantConfig("twn"))
+    sq.draw_masks(); loss = model(x).sum(); loss.backward(); sq.advance("step")
+
+The layers keep their parameters, names and the model its class and
+``state_dict`` keys; only the forward now uses the hybrid weight
+``W~_i = Q_i`` (selected rows) or ``W_i`` (the others).
+"""
+import copy
+import io
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from sqdist import QuantConfig, SQConfig, quantize_model
+from sqdist.dist import pack_bits, unpack_bits
+from sqdist.nn import SQLayer
+
+HALF = SQConfig(ratios=(0.5,))
+
+MODELS = {  # name -> (timm kwargs, stem, classifier)
+    "resnet18": ({}, "conv1", "fc"),
+    "resnet50": ({}, "conv1", "fc"),
+    "mobilenetv3_small_100": ({}, "conv_stem", "classifier"),
+    "vit_tiny_patch16_224": ({"img_size": 32}, "patch_embed.proj", "head"),
+}
+
+
+def timm_model(name: str) -> nn.Module:
+    kwargs, _, _ = MODELS[name]
+    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+
+def small_timm_model() -> nn.Module:
+    """timm's tiny test ResNet (0.4M parameters) for tests that run many steps."""
+    return timm.create_model("test_resnet", pretrained=False, num_classes=10)
+
+
+def rows(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_timm_model_trains_with_sq_masks(name):
+    model = timm_model(name)
+    cls, keys = type(model), list(model.state_dict())
+    sq = quantize_model(model, QuantConfig("twn", sq=HALF))
+    _, stem, classifier = MODELS[name]
+
+    assert type(model) is cls and list(model.state_dict()) == keys
+    assert stem not in sq.layers and classifier not in sq.layers
+    assert not isinstance(model.get_submodule(stem), SQLayer)
+    assert not isinstance(model.get_submodule(classifier), SQLayer)
+    assert len(sq.layers) >= 10
+
+    model.train()
+    sq.draw_masks()
+    for layer in sq.layers.values():  # exactly round(0.5 m) rows of each layer quantized
+        assert layer.sq_mask.shape == (layer.weight.shape[0],)
+        assert int(layer.sq_mask.sum()) == round(0.5 * layer.weight.shape[0])
+    model(torch.randn(2, 3, 32, 32)).logsumexp(dim=1).mean().backward()
+    for layer_name, layer in sq.layers.items():
+        assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all(), layer_name
+    assert set(sq.last_errors) == set(sq.layers)
+    assert all(0 < e < 1 for e in sq.last_errors.values())
+
+
+def test_hybrid_weight_is_q_on_selected_rows_and_w_elsewhere():
+    model = timm_model("resnet18")
+    sq = quantize_model(model, QuantConfig("kbit", {"bits": 2}, sq=HALF))
+    sq.draw_masks()
+    for layer in sq.layers.values():
+        w = layer.weight.detach()
+        q, _ = layer.quantizer.quantize(rows(w))
+        hybrid = rows(layer.sq_weight().detach())
+        mask = layer.sq_mask
+        assert torch.equal(hybrid[mask], q[mask])
+        assert torch.equal(hybrid[~mask], rows(w)[~mask])
+        assert not torch.equal(q[~mask], rows(w)[~mask])  # the two really differ
+
+
+def test_gradient_reaches_every_row_of_the_real_weight():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3))
+    sq = quantize_model(model, QuantConfig("bwn", sq=HALF))
+    sq.draw_masks()
+    layer = model[1]
+    x = torch.randn(5, 8)
+    layer(x).sum().backward()
+    # d sum(x W~^T) / dW = sum_b x_b for every row, quantized (straight through) or not
+    torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(8, 8))
+
+
+def test_include_and_exclude_patterns():
+    model = timm_model("resnet18")
+    sq = quantize_model(model, QuantConfig(include=("layer1.*", "layer2.*"), exclude=("*.conv2", "*downsample*")))
+    assert sorted(sq.layers) == ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.1.conv1"]
+    assert type(model.layer1[0].conv2) is nn.Conv2d
+
+
+def test_stem_and_classifier_can_be_quantized_too():
+    model = timm_model("resnet18")
+    sq = quantize_model(model, QuantConfig(keep_stem_and_classifier=False))
+    assert {"conv1", "fc"} <= set(sq.layers)
+    assert len(sq.layers) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+
+
+def test_no_matching_layer_is_an_error():
+    with pytest.raises(ValueError, match=r"no layer matched include=\['head.\*'\] exclude=\[\]"):
+        quantize_model(timm_model("resnet18"), QuantConfig(include=("head.*",)))
+
+
+def test_without_timm_cfg_the_first_and_last_layer_stay_full_precision():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    assert list(quantize_model(model).layers) == ["1", "2"]
+
+
+def test_ratio_zero_is_the_float_model_and_ratio_one_is_plain_qat():
+    model = small_timm_model().train()
+    reference = copy.deepcopy(model)
+    sq = quantize_model(model, QuantConfig("twn", sq=SQConfig(ratios=(0.0, 1.0), unit="step")))
+    x = torch.randn(2, 3, 32, 32)
+
+    sq.draw_masks()  # ratio 0: nothing drawn, every weight exactly W
+    assert torch.equal(model(x), reference(x))
+    assert all(torch.equal(l.sq_weight(), l.weight) for l in sq.layers.values())
+
+    sq.advance("step")  # ratio 1: every row quantized, same as a model whose weights are Q
+    sq.draw_masks()
+    assert sq.quantized_fraction() == {n: 1.0 for n in sq.layers}
+    with torch.no_grad():
+        for name, layer in sq.layers.items():
+            q, _ = layer.quantizer.quantize(rows(layer.weight))
+            reference.get_submodule(name).weight.copy_(q.reshape(layer.weight.shape))
+    torch.testing.assert_close(model(x), reference(x))
+
+
+def test_eval_uses_the_fully_quantized_network():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    sq = quantize_model(model, QuantConfig("twn", sq=HALF))
+    model.eval()  # no masks needed: the low-bit network is what gets evaluated
+    q, _ = model[1].quantizer.quantize(model[1].weight)
+    assert torch.equal(model[1].sq_weight(), q)
+
+
+def test_training_forward_without_masks_says_what_to_call():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    quantize_model(model, QuantConfig(sq=HALF))
+    with pytest.raises(RuntimeError, match=r"call SQController.draw_masks\(\)"):
+        model(torch.randn(1, 4))
+
+
+def test_schedule_moves_the_quantized_fraction():
+    model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 2))
+    sq = quantize_model(model, QuantConfig(sq=SQConfig(ratios=(0.5, 0.75, 1.0), unit="epoch")))
+    seen = []
+    for epoch in range(4):
+        for step in range(2):
+            sq.draw_masks()
+            seen.append(sq.quantized_fraction()["1"])
+            sq.advance("step")
+        sq.advance("epoch")
+    assert seen == [0.5, 0.5, 0.75, 0.75, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_masks_are_redrawn_every_step():
+    model = small_timm_model()
+    sq = quantize_model(model, QuantConfig(sq=HALF))
+    draws = []
+    for _ in range(3):
+        sq.draw_masks()
+        draws.append(model.layer3[0].conv2.sq_mask.clone())
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+@pytest.mark.parametrize("layer_type", ["conv", "linear"])
+def test_element_granularity_masks_have_the_weight_shape(layer_type):
+    if layer_type == "conv":
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 6, 3), nn.Conv2d(6, 4, 3))
+        x = torch.randn(2, 3, 9, 9)
+    else:
+        model = nn.Sequential(nn.Linear(5, 8), nn.Linear(8, 6), nn.Linear(6, 4))
+        x = torch.randn(2, 5)
+    sq = quantize_model(model, QuantConfig("kbit", {"bits": 2}, sq=SQConfig(ratios=(0.75,), granularity="element")))
+    sq.draw_masks()
+    layer = model[1]
+    mask = layer.sq_mask
+    assert mask.shape == layer.weight.shape
+    assert int(mask.sum()) == round(0.75 * layer.weight.numel())
+    q, _ = layer.quantizer.quantize(rows(layer.weight))
+    hybrid = layer.sq_weight().detach()
+    assert torch.equal(hybrid[mask], q.reshape(mask.shape)[mask])
+    assert torch.equal(hybrid[~mask], layer.weight.detach()[~mask])
+    model(x).sum().backward()
+    assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_draw_in_forward_draws_once_per_step():
+    # the ZeRO-3 path: the layer draws its own mask when its forward runs
+    model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 2))
+    sq = quantize_model(model, QuantConfig(sq=HALF, draw_in_forward=True))
+    x = torch.randn(3, 4)
+    sq.draw_masks()  # a no-op here; the forward draws
+    model(x)
+    first = model[1].sq_mask.clone()
+    assert int(first.sum()) == 8 and "1" in sq.last_errors
+    model(x)  # same step: same mask (gradient accumulation, activation recompute)
+    assert torch.equal(model[1].sq_mask, first)
+    changed = False
+    for _ in range(5):
+        sq.advance("step")
+        model(x)
+        changed |= not torch.equal(model[1].sq_mask, first)
+    assert changed
+
+
+def test_controller_state_round_trip_gives_the_same_next_masks():
+    config = QuantConfig(sq=SQConfig(ratios=(0.5, 0.75), stage_length=2, unit="step", seed=3))
+    model = small_timm_model()
+    running = quantize_model(model, config)
+    for _ in range(3):
+        running.draw_masks()
+        running.advance("step")
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "sq": running.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed_model = small_timm_model()
+    resumed = quantize_model(resumed_model, config)
+    resumed_model.load_state_dict(saved["model"])
+    resumed.load_state_dict(saved["sq"])
+    assert resumed.ratio == running.ratio == 0.75
+    for _ in range(2):
+        running.draw_masks(), resumed.draw_masks()
+        for name in running.layers:
+            assert torch.equal(resumed.layers[name].sq_mask, running.layers[name].sq_mask), name
+        running.advance("step"), resumed.advance("step")
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000])
+def test_pack_bits_round_trip(n, generator):
+    mask = torch.rand(n, generator=generator) < 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert torch.equal(unpack_bits(packed, n), mask)
+
+
+def test_pack_bits_layout_is_little_endian():
+    mask = torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 1], dtype=torch.bool)
+    assert pack_bits(mask).tolist() == [0b00001101, 0b00000001]
