@@ -1,0 +1,462 @@
+"""Export packed low-bit weights to safetensors, and load them back as a float model.
+
+Command line::
+
+    python -m sqdist.export RUN_DIR OUT.safetensors            # uses RUN_DIR/final
+    python -m sqdist.export RUN_DIR/checkpoints/step-000123 OUT.safetensors
+    python -m sqdist.export ... --force                        # also when SQ ratio < 1
+    python -m sqdist.export --check OUT.safetensors            # read back and verify
+
+Python::
+
+    export_model(model, "out.safetensors", model_name="resnet18", model_kwargs={"num_classes": 10})
+    model = load_quantized("out.safetensors")   # plain timm model holding Q = scale * codes
+
+File layout. For a quantized layer ``L`` with weight of shape ``(m, ...)``:
+
+- ``L.weight.packed``: uint8, the codes of the flattened weight, ``bits`` bits each,
+  least significant bit first, packed densely (``ceil(numel * bits / 8)`` bytes).
+  A code ``c`` is stored as ``c > 0`` when ``bits == 1`` (codes are +-1), else as
+  ``c + L_max`` with ``L_max = 2^(bits-1) - 1`` (codes lie in ``[-L_max, L_max]``).
+- ``L.weight.scale``: ``(m,)`` per-row scales, the weight's dtype; ``Q = scale[:, None] * codes``.
+
+Every other ``state_dict`` entry (biases, full-precision layers, BatchNorm buffers) is
+stored as it is. The safetensors metadata (all strings, JSON-encoded) holds ``format``,
+``format_version``, ``sqdist_version``, ``model`` (timm name and kwargs), ``quantizer``
+(name and ``config()``), ``sq``, ``layers`` (the packed layer names, in order), ``packed``
+(per layer: shape, bits, dtype) and ``crc32`` (per tensor, to catch corrupted bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+FORMAT = "sqdist-packed"
+FORMAT_VERSION = 1
+MAX_BITS = 8
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class ExportError(ValueError):
+    """An export or load failed for a reason the user can fix; the message is one line."""
+
+
+# ---------------------------------------------------------------- packing
+def code_offset(bits: int) -> int:
+    """``L_max = 2^(bits-1) - 1``: codes lie in ``[-L_max, L_max]`` (``{-1, +1}`` when ``bits == 1``)."""
+    return 2 ** (bits - 1) - 1 if bits > 1 else 1
+
+
+def _check_bits(bits, where: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise ExportError(f"{where}: bits={bits!r}; allowed: an integer from 1 to {MAX_BITS}")
+    return bits
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Pack integer-valued ``codes`` (any shape, numel n) into uint8 ``(ceil(n * bits / 8),)``.
+
+    ``bits == 1``: codes must be +-1, stored as ``code > 0``. Otherwise codes must lie in
+    ``[-L_max, L_max]`` (see :func:`code_offset`) and are stored as ``code + L_max``.
+    Fields are written least significant bit first along the flattened tensor.
+    """
+    _check_bits(bits, "pack_codes")
+    c = codes.detach().reshape(-1).cpu()
+    if c.is_floating_point():
+        if not bool(torch.isfinite(c).all()) or not torch.equal(c, torch.round(c)):
+            raise ExportError("pack_codes: codes are not integer-valued")
+    limit = code_offset(bits)
+    if bits == 1:
+        bad = (c != 1) & (c != -1)
+        allowed = "-1 or +1"
+    else:
+        bad = c.abs() > limit
+        allowed = f"integers in [{-limit}, {limit}]"
+    if bool(bad.any()):
+        raise ExportError(f"pack_codes: code {int(c[bad][0])} does not fit {bits} bit(s); allowed: {allowed}")
+    fields = (c > 0).to(torch.uint8) if bits == 1 else (c + limit).to(torch.uint8)  # range checked above
+    if bits == 8:
+        return fields.contiguous()
+    planes = (fields[:, None] >> torch.arange(bits, dtype=torch.uint8)) & 1  # (n, bits), LSB first
+    stream = planes.reshape(-1)
+    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)]).view(-1, 8)
+    out = torch.zeros(stream.shape[0], dtype=torch.uint8)
+    for j in range(8):
+        out |= stream[:, j] << j
+    return out
+
+
+def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: uint8 ``(ceil(numel * bits / 8),)`` -> int8 codes ``(numel,)``.
+
+    Raises :class:`ExportError` when the byte count is wrong or a field holds a value no
+    code maps to (a corrupted file).
+    """
+    _check_bits(bits, "unpack_codes")
+    expected = math.ceil(numel * bits / 8)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
+        raise ExportError(f"packed codes: expected uint8 of {expected} bytes for {numel} x {bits} bits, "
+                          f"got {packed.dtype} of shape {tuple(packed.shape)}")
+    if bits == 8:
+        fields = packed
+    else:
+        stream = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
+        if bool(stream[numel * bits:].any()):
+            raise ExportError("packed codes: padding bits are set (corrupted data)")
+        planes = stream[: numel * bits].view(numel, bits)
+        fields = torch.zeros(numel, dtype=torch.uint8)
+        for j in range(bits):
+            fields |= planes[:, j] << j
+    limit = code_offset(bits)
+    if bits == 1:
+        return fields.to(torch.int8) * 2 - 1
+    if bool((fields > 2 * limit).any()):
+        raise ExportError(f"packed codes: a {bits}-bit field exceeds {2 * limit} (corrupted data)")
+    return (fields.to(torch.int16) - limit).to(torch.int8)
+
+
+# ---------------------------------------------------------------- export
+def _sq_layers(model: nn.Module) -> dict[str, nn.Module]:
+    from .nn import SQLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, SQLayer)}
+
+
+def _crc32(t: Tensor) -> int:
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, d in _DTYPES.items():
+        if d == dtype:
+            return name
+    raise ExportError(f"weight dtype {dtype} is not supported; allowed: {', '.join(_DTYPES)}")
+
+
+def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None,
+                 model_kwargs: dict | None = None, sq_ratio: float | None = None, force: bool = False,
+                 sq: dict | None = None) -> dict:
+    """Write ``model``'s SQ layers as packed codes + scales and everything else as is.
+
+    Args:
+        model: a model prepared by :func:`sqdist.quantize_model` (its SQ layers are packed).
+        path: the ``.safetensors`` file to write (replaced atomically).
+        model_name, model_kwargs: what ``timm.create_model`` needs to rebuild the
+            architecture; ``model_name`` defaults to ``model.pretrained_cfg["architecture"]``.
+        sq_ratio: the SQ ratio the model was trained at; default: the layers' controller.
+        force: export even when ``sq_ratio < 1`` (the packed model then differs from the
+            hybrid one the last training stage used).
+        sq: extra SQ state recorded in the metadata (e.g. ``{"ratio": 1.0, "stage": 3}``).
+
+    Returns:
+        ``{"path", "bytes", "layers", "quantizer", "bits"}``.
+    """
+    from . import __version__
+
+    layers = _sq_layers(model)
+    if not layers:
+        raise ExportError("model has no quantized layers: nothing to pack (call sqdist.quantize_model first)")
+    first = next(iter(layers.values()))
+    if sq_ratio is None:
+        sq_ratio = first._sq.selector.ratio if getattr(first, "_sq", None) is not None else 1.0
+    if sq_ratio < 1.0 and not force:
+        raise ExportError(f"SQ ratio is {sq_ratio:g} < 1.0: training had not reached the fully quantized "
+                          f"stage, so the packed model differs from the trained one; finish training or pass --force")
+    if model_name is None:
+        model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if not model_name:
+            raise ExportError("model_name is required (the model has no pretrained_cfg['architecture'])")
+    qname, qparams = first.quantizer.quantizer_name, first.quantizer.config()
+    for name, layer in layers.items():
+        if (layer.quantizer.quantizer_name, layer.quantizer.config()) != (qname, qparams):
+            raise ExportError(f"layer {name} uses quantizer {layer.quantizer.quantizer_name} "
+                              f"{layer.quantizer.config()}, others {qname} {qparams}; export needs one quantizer")
+
+    packed_keys = {f"{name}.weight" for name in layers}
+    tensors: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key not in packed_keys:
+            tensors[key] = value.detach().cpu().contiguous().clone()  # clone: safetensors refuses shared storage
+    packed_meta: dict[str, dict] = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            bits = _check_bits(getattr(layer.quantizer, "bits", None), f"quantizer {qname!r} of layer {name}")
+            w = layer.weight.detach()
+            codes, scale = layer.quantizer.quantize_codes(w.reshape(w.shape[0], -1))
+            if tuple(scale.shape) != (w.shape[0],):
+                raise ExportError(f"quantizer {qname!r} returned scale of shape {tuple(scale.shape)} for layer "
+                                  f"{name}; expected ({w.shape[0]},)")
+            try:
+                tensors[f"{name}.weight.packed"] = pack_codes(codes, bits)
+            except ExportError as exc:
+                raise ExportError(f"layer {name}, quantizer {qname!r}: {exc}") from None
+            tensors[f"{name}.weight.scale"] = scale.detach().to(w.dtype).cpu().contiguous().clone()
+            packed_meta[name] = {"shape": list(w.shape), "bits": bits, "dtype": _dtype_name(w.dtype)}
+
+    try:
+        metadata = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "sqdist_version": __version__,
+            "model": json.dumps({"name": model_name, "kwargs": dict(model_kwargs or {})}),
+            "quantizer": json.dumps({"name": qname, "params": qparams}),
+            "sq": json.dumps({"ratio": float(sq_ratio), **(sq or {})}),
+            "layers": json.dumps(list(layers)),
+            "packed": json.dumps(packed_meta),
+            "crc32": json.dumps({k: _crc32(t) for k, t in tensors.items()}),
+        }
+    except TypeError as exc:
+        raise ExportError(f"model_kwargs or quantizer config cannot be stored as JSON: {exc}") from None
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return {"path": str(path), "bytes": path.stat().st_size, "layers": len(layers), "quantizer": qname,
+            "bits": sorted({m["bits"] for m in packed_meta.values()})}
+
+
+# ---------------------------------------------------------------- run folders
+def _read_meta(ckpt: Path) -> dict:
+    meta_path = ckpt / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{meta_path}: not found; pass a run folder or a checkpoint folder holding "
+                          f"model.safetensors and meta.json") from None
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{meta_path}: not valid JSON ({exc})") from None
+
+    def get(dotted: str, kind: type | tuple):
+        node = meta
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ExportError(f"{meta_path}: key {dotted!r} missing")
+            node = node[part]
+        if not isinstance(node, kind) or (kind is not bool and isinstance(node, bool)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ExportError(f"{meta_path}: {dotted}={node!r}; allowed: a {names}")
+        return node
+
+    out = {"path": meta_path, "model_name": get("model.name", str), "model_kwargs": get("model.kwargs", dict),
+           "enabled": get("quant.enabled", bool), "sq": meta.get("sq") or {}}
+    if out["enabled"]:
+        out.update(quantizer=get("quant.name", str), params=get("quant.params", dict),
+                   layers=get("quant.layers", list), ratio=get("sq.ratio", (int, float)))
+    return out
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """The checkpoint folder (``model.safetensors`` + ``meta.json``) that ``source`` names.
+
+    ``source`` is a run folder (its ``final/`` is used), a checkpoint folder, or the
+    ``model.safetensors`` file inside one.
+    """
+    src = Path(source)
+    if src.is_file() and src.name == "model.safetensors":
+        return src.parent
+    if not src.is_dir():
+        raise ExportError(f"{src}: no such run or checkpoint folder")
+    if (src / "meta.json").exists():
+        return src
+    if (src / "final").is_dir():
+        return src / "final"
+    hint = ""
+    latest = src / "checkpoints" / "latest"
+    if latest.is_file():
+        hint = f"; training has not finished: pass a checkpoint, e.g. {src / 'checkpoints' / latest.read_text().strip()}"
+    raise ExportError(f"{src}: neither a checkpoint folder (meta.json) nor a run folder with final/{hint}")
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: not found") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ExportError(f"{path}: cannot be read as safetensors, truncated or corrupted ({_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _load_strict(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        expected, got = set(model.state_dict()), set(state)
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        if missing or unexpected:
+            raise ExportError(f"{where}: state does not match the model: missing keys {missing[:3]}"
+                              f"{'...' if len(missing) > 3 else ''}, unexpected keys {unexpected[:3]}"
+                              f"{'...' if len(unexpected) > 3 else ''}") from None
+        raise ExportError(f"{where}: state does not match the model ({_one_line(exc)[:300]})") from None
+
+
+def export_run(source: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
+    """Rebuild the trained model from a run or checkpoint folder and :func:`export_model` it."""
+    import timm
+
+    from .nn import QuantConfig, quantize_model
+
+    ckpt = resolve_checkpoint(source)
+    meta = _read_meta(ckpt)
+    if not meta["enabled"]:
+        raise ExportError(f"{meta['path']}: quant.enabled is false (a full-precision run): there is nothing to pack")
+    if meta["ratio"] < 1.0 and not force:
+        raise ExportError(f"{meta['path']}: sq.ratio={meta['ratio']:g} < 1.0, so training had not reached the "
+                          f"fully quantized stage and the packed model differs from the trained one; "
+                          f"finish training or pass --force")
+    try:
+        model = timm.create_model(meta["model_name"], **{**meta["model_kwargs"], "pretrained": False})
+    except Exception as exc:  # unknown name or kwargs: timm raises several types
+        raise ExportError(f"{meta['path']}: timm.create_model({meta['model_name']!r}, **{meta['model_kwargs']}) "
+                          f"failed: {_one_line(exc)}") from None
+    try:
+        quantize_model(model, QuantConfig(quantizer=meta["quantizer"], params=meta["params"],
+                                          include=tuple(meta["layers"]), keep_stem_and_classifier=False))
+    except ValueError as exc:
+        raise ExportError(f"{meta['path']}: quant section rejected: {_one_line(exc)}") from None
+    missing = sorted(set(meta["layers"]) - set(_sq_layers(model)))
+    if missing:
+        raise ExportError(f"{meta['path']}: quant.layers names {missing[0]!r}, which is not a Conv/Linear layer "
+                          f"of {meta['model_name']}")
+    weights = ckpt / "model.safetensors"
+    _load_strict(model, _load_safetensors(weights), str(weights))
+    model.eval()
+    return export_model(model, out, model_name=meta["model_name"], model_kwargs=meta["model_kwargs"],
+                        sq_ratio=float(meta["ratio"]), force=force, sq=meta["sq"])
+
+
+# ---------------------------------------------------------------- load
+def _json_field(metadata: dict, key: str, path: str):
+    if key not in metadata:
+        raise ExportError(f"{path}: metadata field {key!r} missing (corrupted or not an sqdist export)")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise ExportError(f"{path}: metadata field {key!r} is not valid JSON (corrupted)") from None
+
+
+def read_packed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    """Read an export: (dequantized ``state_dict``, decoded metadata).
+
+    The state dict has the model's own keys; a packed layer's ``weight`` is
+    ``scale[:, None] * codes`` reshaped to its stored shape. Quantizer state
+    (``<layer>.quantizer.*``) is dropped: the float model has no quantizers.
+    Every problem raises :class:`ExportError` with one line naming ``path``.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ExportError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise ExportError(f"{path}: not an sqdist packed export (metadata format="
+                                  f"{metadata.get('format')!r}; expected {FORMAT!r}); write one with python -m sqdist.export")
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ExportError(f"{path}: cannot be read as safetensors, truncated or corrupted ({_one_line(exc)})") from None
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise ExportError(f"{path}: format_version={metadata.get('format_version')!r}; this sqdist reads {FORMAT_VERSION}")
+    meta = {k: _json_field(metadata, k, path) for k in ("model", "quantizer", "sq", "layers", "packed", "crc32")}
+    meta["sqdist_version"] = metadata.get("sqdist_version")
+    crcs = meta["crc32"]
+    if set(crcs) != set(raw):
+        extra = sorted(set(raw) ^ set(crcs))
+        raise ExportError(f"{path}: tensor list does not match the recorded checksums (e.g. {extra[0]!r}; corrupted)")
+    for key, t in raw.items():
+        if _crc32(t) != crcs[key]:
+            raise ExportError(f"{path}: tensor {key!r} fails its CRC32 check (corrupted data)")
+
+    state: dict[str, Tensor] = {}
+    layers = meta["layers"]
+    for name in layers:
+        info = meta["packed"].get(name)
+        packed, scale = raw.pop(f"{name}.weight.packed", None), raw.pop(f"{name}.weight.scale", None)
+        if info is None or packed is None or scale is None:
+            raise ExportError(f"{path}: packed layer {name!r} is incomplete (metadata, codes or scale missing)")
+        try:
+            shape, bits, dtype = [int(s) for s in info["shape"]], info["bits"], _DTYPES[info["dtype"]]
+            numel = math.prod(shape)
+            codes = unpack_codes(packed, bits, numel)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ExportError(f"{path}: layer {name!r}: {_one_line(exc)}") from None
+        if tuple(scale.shape) != (shape[0],):
+            raise ExportError(f"{path}: layer {name!r}: scale has shape {tuple(scale.shape)}; expected ({shape[0]},)")
+        state[f"{name}.weight"] = (codes.to(dtype).view(shape[0], -1) * scale.to(dtype)[:, None]).reshape(shape)
+    prefixes = tuple(f"{name}.quantizer." for name in layers)
+    state.update({k: v for k, v in raw.items() if not k.startswith(prefixes)})
+    return state, meta
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the exported model as a plain timm model holding the dequantized weights.
+
+    ``timm.create_model(name, **kwargs)`` from the metadata, its Conv/Linear weights set
+    to ``Q = scale[:, None] * codes`` (plain ``nn.Conv2d`` / ``nn.Linear``: a deployable
+    float model). Returned in eval mode on ``device``; its logits match the trained SQ
+    model's eval (fully quantized) logits. Activation quantization
+    (``Quantizer.quantize_input``) is not part of the export.
+    """
+    import timm
+
+    state, meta = read_packed(path)
+    model_info = meta["model"]
+    if not isinstance(model_info, dict) or not isinstance(model_info.get("name"), str) \
+            or not isinstance(model_info.get("kwargs"), dict):
+        raise ExportError(f"{path}: metadata field 'model' must be {{\"name\": str, \"kwargs\": dict}}")
+    try:
+        model = timm.create_model(model_info["name"], **{**model_info["kwargs"], "pretrained": False})
+    except Exception as exc:  # unknown name or kwargs: timm raises several types
+        raise ExportError(f"{path}: timm.create_model({model_info['name']!r}, **{model_info['kwargs']}) "
+                          f"failed: {_one_line(exc)}") from None
+    _load_strict(model, state, str(path))
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sqdist.export",
+        description="Write a trained run's quantized layers as packed 1/2/k-bit codes + per-row scales (safetensors).")
+    parser.add_argument("source", help="run folder (uses RUN/final), checkpoint folder, or with --check an export file")
+    parser.add_argument("out", nargs="?", help="output .safetensors file")
+    parser.add_argument("--force", action="store_true", help="export even when the SQ ratio is below 1.0")
+    parser.add_argument("--check", action="store_true", help="read an export back, verify it, print a summary")
+    args = parser.parse_args(argv)
+    try:
+        if args.check:
+            if args.out is not None:
+                parser.error("--check takes one file")
+            _, meta = read_packed(args.source)
+            q = meta["quantizer"]
+            print(f"{args.source}: ok, {meta['model']['name']} with {len(meta['layers'])} {q['name']} layers "
+                  f"{q['params']}, {os.path.getsize(args.source) / 1e6:.2f} MB")
+            return 0
+        if args.out is None:
+            parser.error("the following arguments are required: out")
+        if not args.out.endswith(".safetensors"):
+            raise ExportError(f"out={args.out!r}; allowed: a path ending in .safetensors (the only format written)")
+        info = export_run(args.source, args.out, force=args.force)
+    except ExportError as exc:
+        print(f"sqdist.export: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {info['path']}: {info['layers']} {info['quantizer']} layers packed at "
+          f"{'/'.join(map(str, info['bits']))} bit(s), {info['bytes'] / 1e6:.2f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

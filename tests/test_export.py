@@ -1,0 +1,307 @@
+"""Packed export: pack/unpack round trips, run folders -> .safetensors -> plain timm model."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import sqdist
+from sqdist import QuantConfig, SQConfig, create_quantizer, list_quantizers, load_quantized, quantize_model
+from sqdist.export import ExportError, export_model, main, pack_codes, read_packed, unpack_codes
+
+ODD_SHAPES = [(1, 1), (3, 7), (5, 13), (17, 27), (64, 3 * 3 * 3)]
+
+
+def quantizer_cases():
+    cases = [(name, {}) for name in list_quantizers()]
+    cases += [("kbit", {"bits": b}) for b in range(2, 9)] + [("kbit_pow2", {"bits": 3})]
+    cases += [("twn", {"threshold": "layer"})]
+    return cases
+
+
+def test_plugin_quantizer_is_covered():
+    assert {"bwn", "twn", "kbit", "kbit_pow2"} <= set(list_quantizers())
+
+
+@pytest.mark.parametrize("name,params", quantizer_cases())
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+def test_pack_unpack_round_trip(name, params, shape):
+    q = create_quantizer(name, **params)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0] * 31 + shape[1]))
+    codes, scale = q.quantize_codes(w)
+    packed = pack_codes(codes, q.bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == math.ceil(w.numel() * q.bits / 8)  # dense: no per-row padding
+    back = unpack_codes(packed, q.bits, w.numel())
+    assert torch.equal(back.to(codes.dtype).view(shape), codes)
+    assert torch.allclose(back.float().view(shape) * scale[:, None], q.quantize(w)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_every_code_value_survives(bits):
+    limit = 2 ** (bits - 1) - 1
+    codes = torch.tensor([-1, 1] * 5 + [1]) if bits == 1 else torch.arange(-limit, limit + 1).repeat(3)[:-1]
+    assert torch.equal(unpack_codes(pack_codes(codes, bits), bits, codes.numel()).long(), codes)
+
+
+def test_codes_that_do_not_fit_are_refused():
+    with pytest.raises(ExportError, match=r"code 2 does not fit 2 bit"):
+        pack_codes(torch.tensor([0.0, 1.0, 2.0]), 2)
+    with pytest.raises(ExportError, match="does not fit 1 bit"):
+        pack_codes(torch.tensor([1.0, 0.0, -1.0]), 1)
+    with pytest.raises(ExportError, match="not integer-valued"):
+        pack_codes(torch.tensor([0.5]), 4)
+    with pytest.raises(ExportError, match="bits=9"):
+        pack_codes(torch.tensor([1.0]), 9)
+
+
+def test_corrupted_fields_are_detected():
+    packed = pack_codes(torch.tensor([-1.0, 0.0, 1.0]), 2)  # fields 0, 1, 2 -> one byte
+    with pytest.raises(ExportError, match="exceeds 2"):
+        unpack_codes(packed | 0b11, 2, 3)  # field 3 maps to no ternary code
+    with pytest.raises(ExportError, match="padding bits"):
+        unpack_codes(packed | 0b1000000, 2, 3)
+    with pytest.raises(ExportError, match="expected uint8 of 1 bytes"):
+        unpack_codes(torch.cat([packed, packed]), 2, 3)
+
+
+# ---------------------------------------------------------------- models and run folders
+def small_model(quantizer="twn", params=None, keep=True):
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    sq = quantize_model(model, QuantConfig(quantizer=quantizer, params=params or {}, keep_stem_and_classifier=keep,
+                                           sq=SQConfig(ratios=(1.0,))))
+    return model, sq
+
+
+def write_run(run_dir, model, sq, quantizer="twn", params=None, ratio=1.0, enabled=True, stage=3):
+    """Save ``model`` in the run-folder layout that training writes (final/ and one checkpoint)."""
+    meta = {
+        "model": {"name": "test_resnet", "kwargs": {"num_classes": 10, "in_chans": 1}},
+        "quant": {"enabled": enabled, "name": quantizer, "params": params or {},
+                  "layers": list(sq.layers) if enabled else []},
+        "sq": {"ratio": ratio, "stage": stage},
+        "sqdist_version": sqdist.__version__,
+    }
+    for sub in ("final", "checkpoints/step-000040"):
+        (run_dir / sub).mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / sub / "model.safetensors"))
+        (run_dir / sub / "meta.json").write_text(json.dumps(meta))
+    (run_dir / "checkpoints" / "latest").write_text("step-000040")
+    (run_dir / "config.yaml").write_text("model: test_resnet\n")
+    return run_dir
+
+
+def cli(*args):
+    """``python -m sqdist.export ARGS`` in a fresh process (slow: imports torch and timm)."""
+    return subprocess.run([sys.executable, "-m", "sqdist.export", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def run_main(capsys):
+    """The CLI's ``main`` in this process: same code path as ``cli``, without the start-up cost."""
+
+    def call(*args):
+        code = main([str(a) for a in args])  # an escaping exception would fail the test: no traceback path
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return call
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("name,params", [("bwn", {}), ("twn", {}), ("kbit", {"bits": 3}), ("kbit_pow2", {"bits": 4})])
+def test_export_then_load_gives_the_quantized_logits(tmp_path, name, params):
+    torch.manual_seed(0)
+    model, sq = small_model(name, params)
+    x = torch.randn(8, 1, 16, 16)
+    model.train()
+    model(torch.randn(16, 1, 16, 16))  # move BatchNorm statistics off their defaults
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    info = export_model(model, tmp_path / "m.safetensors", model_name="test_resnet",
+                        model_kwargs={"num_classes": 10, "in_chans": 1})
+    assert info["layers"] == len(sq.layers)
+    loaded = load_quantized(tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert (loaded(x) - expected).abs().max() <= 1e-5
+    # a deployable float model: plain timm layers, no quantizers left
+    modules = dict(loaded.named_modules())
+    for layer in sq.layers:
+        assert type(modules[layer]) in (nn.Conv2d, nn.Linear)
+        w = modules[layer].weight.reshape(modules[layer].weight.shape[0], -1)
+        assert torch.equal(w, create_quantizer(name, **params).quantize(sq.layers[layer].weight.reshape(w.shape))[0])
+    # full-precision layers (stem, classifier) kept exactly
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
+    assert "fc" not in sq.layers
+
+
+def digits(size=16):
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x - 0.3) / 0.35
+    y = torch.tensor(data.target)
+    return (x[:1437], y[:1437]), (x[1437:], y[1437:])  # fixed 80/20 split
+
+
+@pytest.mark.slow
+def test_trained_digits_run_end_to_end(tmp_path, run_main):
+    """Train a tiny SQ TWN net on digits to ratio 1.0, export through the CLI, reload, same logits."""
+    torch.manual_seed(0)
+    (xtr, ytr), (xte, yte) = digits()
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    sq = quantize_model(model, QuantConfig(quantizer="twn", sq=SQConfig(ratios=(0.5, 1.0), unit="step",
+                                                                       stage_length=15)))
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(30):
+        idx = torch.randint(0, len(xtr), (32,), generator=g)
+        sq.draw_masks()
+        loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sq.advance("step")
+    assert sq.ratio == 1.0
+    model.eval()
+    with torch.no_grad():
+        trained = model(xte)
+    accuracy = (trained.argmax(1) == yte).float().mean().item()
+    assert accuracy > 0.4  # chance is 0.1; it learned something, so the weights are no longer the initial ones
+
+    run = write_run(tmp_path / "run", model, sq, ratio=sq.ratio, stage=sq.stage)
+    out = tmp_path / "digits_twn.safetensors"
+    proc = cli(run, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout
+    loaded = load_quantized(out)
+    with torch.no_grad():
+        logits = loaded(xte)
+    assert (logits - trained).abs().max().item() <= 1e-5
+    assert out.stat().st_size < (run / "final" / "model.safetensors").stat().st_size / 4
+
+    meta = read_packed(out)[1]
+    assert meta["quantizer"] == {"name": "twn", "params": {"delta": 0.7, "threshold": "row"}}
+    assert meta["model"] == {"name": "test_resnet", "kwargs": {"num_classes": 10, "in_chans": 1}}
+    assert meta["layers"] == list(sq.layers)
+    assert meta["sqdist_version"] == sqdist.__version__
+    assert all(meta["packed"][n]["bits"] == 2 for n in sq.layers)
+
+    check = run_main("--check", out)
+    assert check.returncode == 0 and "ok" in check.stdout
+
+
+def test_cli_accepts_a_checkpoint_folder_and_refuses_low_ratio(tmp_path, run_main):
+    model, sq = small_model("bwn")
+    run = write_run(tmp_path / "run", model, sq, quantizer="bwn", ratio=0.75, stage=1)
+    out = tmp_path / "out.safetensors"
+    proc = run_main(run / "checkpoints" / "step-000040", out)
+    assert_one_line_error(proc, "sq.ratio=0.75", "--force", "meta.json")
+    assert not out.exists()
+    forced = run_main(run / "checkpoints" / "step-000040", out, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert read_packed(out)[1]["sq"]["ratio"] == 0.75
+
+
+def test_low_ratio_refused_from_python(tmp_path):
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    quantize_model(model, QuantConfig(quantizer="twn", sq=SQConfig(ratios=(0.5, 1.0))))  # controller at 0.5
+    with pytest.raises(ExportError, match="SQ ratio is 0.5 < 1.0"):
+        export_model(model, tmp_path / "m.safetensors", model_kwargs={"num_classes": 10, "in_chans": 1})
+    export_model(model, tmp_path / "m.safetensors", model_kwargs={"num_classes": 10, "in_chans": 1}, force=True)
+    assert read_packed(tmp_path / "m.safetensors")[1]["model"]["name"] == "test_resnet"  # from pretrained_cfg
+
+
+def test_full_precision_run_has_nothing_to_pack(tmp_path, run_main):
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    run = write_run(tmp_path / "run", model, None, enabled=False)
+    assert_one_line_error(run_main(run, tmp_path / "o.safetensors"), "quant.enabled is false", "nothing to pack")
+    with pytest.raises(ExportError, match="nothing to pack"):
+        export_model(model, tmp_path / "o.safetensors")
+
+
+@pytest.mark.slow
+def test_cli_bad_inputs_are_one_line_errors(tmp_path, run_main):
+    model, sq = small_model()
+    run = write_run(tmp_path / "run", model, sq)
+    assert_one_line_error(run_main(tmp_path / "nope", tmp_path / "o.safetensors"), "no such run or checkpoint folder")
+    assert_one_line_error(run_main(run, tmp_path / "o.pt"), "allowed: a path ending in .safetensors")
+    # training not finished: no final/, the message points at the latest checkpoint
+    os.rename(run / "final", tmp_path / "final_aside")
+    assert_one_line_error(run_main(run, tmp_path / "o.safetensors"), "checkpoints/step-000040")
+    # a truncated checkpoint names the file and says what is wrong
+    ckpt = run / "checkpoints" / "step-000040"
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    # in a real process: the exit status and stderr exactly as a user sees them
+    assert_one_line_error(cli(ckpt, tmp_path / "o.safetensors"), str(ckpt / "model.safetensors"), "truncated")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["quant"]["layers"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert_one_line_error(run_main(ckpt, tmp_path / "o.safetensors"), "'quant.layers' missing")
+
+
+def test_truncated_or_corrupted_export_is_a_clear_error(tmp_path, run_main):
+    model, _ = small_model("kbit", {"bits": 4})
+    path = tmp_path / "m.safetensors"
+    export_model(model, path, model_kwargs={"num_classes": 10, "in_chans": 1})
+    data = path.read_bytes()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[:-100])
+    with pytest.raises(ExportError, match=r"truncated\.safetensors: cannot be read as safetensors, truncated"):
+        load_quantized(truncated)
+    assert_one_line_error(run_main("--check", truncated), str(truncated), "truncated or corrupted")
+
+    # flip one byte in the tensor data (after the 8-byte length and the JSON header)
+    header = 8 + int.from_bytes(data[:8], "little")
+    corrupted = tmp_path / "corrupted.safetensors"
+    flipped = bytearray(data)
+    flipped[header + (len(data) - header) // 2] ^= 0xFF
+    corrupted.write_bytes(bytes(flipped))
+    with pytest.raises(ExportError, match=r"corrupted\.safetensors: tensor '.*' fails its CRC32 check"):
+        load_quantized(corrupted)
+
+    plain = tmp_path / "plain.safetensors"  # a valid safetensors file that is not an export
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(ExportError, match="not an sqdist packed export"):
+        load_quantized(plain)
+    with pytest.raises(ExportError, match="no such file"):
+        load_quantized(tmp_path / "missing.safetensors")
+
+
+def test_export_file_layout(tmp_path):
+    model, sq = small_model("twn")
+    path = tmp_path / "m.safetensors"
+    export_model(model, path, model_kwargs={"num_classes": 10, "in_chans": 1})
+    tensors = load_file(str(path))
+    layer = "layer1.0.conv1"  # (32, 32, 3, 3)
+    assert tensors[f"{layer}.weight.packed"].shape == (32 * 32 * 9 * 2 // 8,)
+    assert tensors[f"{layer}.weight.scale"].shape == (32,)
+    assert f"{layer}.weight" not in tensors
+    assert "layer1.0.bn1.running_var" in tensors and "fc.weight" in tensors
