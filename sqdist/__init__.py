@@ -10,5 +10,13 @@ __all__ = [
     "BWN", "TWN", "KBit", "Quantizer", "quantization_error",
     "create_quantizer", "list_quantizers", "register_quantizer",
     "SQConfig", "SQSelector", "select", "selection_probability",
-    "QuantConfig", "SQController", "quantize_model", "__version__",
+    "QuantConfig", "SQController", "quantize_model", "export_model", "load_quantized", "__version__",
 ]
+
+
+def __getattr__(name):  # lazy, so `python -m sqdist.export` does not import sqdist.export twice
+    if name in ("export_model", "load_quantized"):
+        from . import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'sqdist' has no attribute {name!r}")
