@@ -1,0 +1,252 @@
+"""Recipes: YAML + ``key=value`` overrides -> one validated, nested dict.
+
+Every key a recipe may hold is in ``DEFAULTS`` below, with its default and so
+its type; anything else is an error that names the key, the value and what
+is allowed. :class:`RecipeError` carries that one line; the CLI prints it and
+exits with code 2.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from typing import Any
+
+import yaml
+
+# fmt: off
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {
+        "name": "resnet18",        # any timm model name
+        "kwargs": {},              # passed to timm.create_model (num_classes, in_chans, ...)
+    },
+    "data": {
+        "name": "digits",          # digits (embedded) | folder (ImageNet layout: root/train, root/val)
+        "root": None,
+        "image_size": 16,
+        "batch_size": 64,          # per process
+        "eval_batch_size": 256,
+        "workers": 0,
+        "test_fraction": 0.25,     # digits only: fixed stratified split
+    },
+    "quant": {
+        "enabled": True,
+        "name": "twn",             # a registered quantizer (sqdist.list_quantizers())
+        "params": {},
+        "include": ["*"],
+        "exclude": [],
+        "keep_stem_and_classifier": True,
+    },
+    "sq": {
+        "ratios": [0.5, 0.75, 0.875, 1.0],
+        "stage_length": 1,         # units per stage; the last stage runs to the end
+        "unit": "epoch",           # epoch | step
+        "probability": "linear",   # constant | linear | sigmoid | softmax
+        "granularity": "channel",  # channel | element
+        "variant": "paper",        # paper | authors
+        "seed": 0,                 # rank r draws with seed + r; rank 0's masks are broadcast
+        "broadcast": True,
+        "restart_per_stage": False,  # each stage a fresh run (optimizer + LR schedule) from the last weights
+    },
+    "optim": {
+        "name": "sgd",             # any timm optimizer (sgd, momentum, adam, adamw, ...)
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+    },
+    "sched": {
+        "name": "cosine",          # cosine | step | constant
+        "warmup_steps": 0,
+        "milestones": [0.5, 0.75], # step: fractions of the schedule's span
+        "gamma": 0.1,
+    },
+    "train": {
+        "epochs": 10,
+        "max_steps": 0,            # 0: no limit
+        "seed": 0,
+        "resume": "none",          # none | auto | path to a checkpoint dir
+        "checkpoint_every": 0,     # steps; 0: only at stage changes and at the end
+        "log_every": 10,
+        "bn_recalibrate": 0,       # batches to re-estimate BN statistics before each evaluation
+        "progress": True,
+    },
+    "engine": {
+        "name": "ddp",             # ddp | deepspeed
+        "zero_stage": 2,
+        "offload": False,
+        "mixed_precision": "no",   # no | bf16 | fp16
+        "grad_accum": 1,
+        "gradient_clipping": 0.0,  # 0: off
+        "config": None,            # path to a DeepSpeed JSON config (overrides the keys above)
+    },
+    "track": {
+        "wandb": False,
+        "project": "sqdist",
+        "entity": None,
+    },
+    "run": {
+        "dir": None,               # default: runs/<recipe file stem>
+    },
+}
+# fmt: on
+
+CHOICES = {
+    "data.name": ("digits", "folder"),
+    "sq.unit": ("epoch", "step"),
+    "sq.probability": ("constant", "linear", "sigmoid", "softmax"),
+    "sq.granularity": ("channel", "element"),
+    "sq.variant": ("paper", "authors"),
+    "sched.name": ("cosine", "step", "constant"),
+    "engine.name": ("ddp", "deepspeed"),
+    "engine.mixed_precision": ("no", "bf16", "fp16"),
+}
+# keys whose default is None: the type they take when set
+NULLABLE = {"data.root": str, "engine.config": str, "track.entity": str, "run.dir": str}
+
+
+class RecipeError(ValueError):
+    """A recipe problem, as one line naming the key, the value and what is allowed."""
+
+
+def _type_name(t) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}[t]
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    if default is None:
+        want = NULLABLE[key]
+        if value is None or isinstance(value, want):
+            return value
+        raise RecipeError(f"{key}={value!r}: expected {_type_name(want)} or null")
+    want = type(default)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is int and isinstance(value, bool) or not isinstance(value, want):
+        raise RecipeError(f"{key}={value!r}: expected {_type_name(want)}")
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=2"`` -> ``("train.epochs", 2)``; the value is read as YAML."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected key=value, e.g. train.epochs=2")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set(recipe: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) < 2 or parts[0] not in DEFAULTS:
+        raise RecipeError(f"unknown recipe key {key!r}; sections: {', '.join(DEFAULTS)}")
+    section, name = parts[0], ".".join(parts[1:])
+    if len(parts) > 2 and parts[1] in ("kwargs", "params"):  # free-form mappings: model.kwargs.drop_rate=0.1
+        recipe[section].setdefault(parts[1], {})[".".join(parts[2:])] = value
+        return
+    if name not in DEFAULTS[section]:
+        close = difflib.get_close_matches(name, DEFAULTS[section], n=1)
+        hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+        raise RecipeError(f"unknown recipe key {key!r}{hint}; allowed in {section}: {', '.join(DEFAULTS[section])}")
+    recipe[section][name] = value
+
+
+def load_recipe(path: str | None, overrides: list[str] = ()) -> dict:
+    """Read ``path`` (YAML), apply ``overrides``, fill defaults, validate. Raises RecipeError."""
+    recipe = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise RecipeError(f"recipe {path!r}: no such file")
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise RecipeError(f"recipe {path!r}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"recipe {path!r}: expected a mapping of sections ({', '.join(DEFAULTS)})")
+        for section, values in loaded.items():
+            if section not in DEFAULTS:
+                raise RecipeError(f"unknown recipe section {section!r}; allowed: {', '.join(DEFAULTS)}")
+            if not isinstance(values, dict):
+                raise RecipeError(f"{section}={values!r}: expected a mapping of keys")
+            for name, value in values.items():
+                _set(recipe, f"{section}.{name}", value)
+    for text in overrides:
+        _set(recipe, *parse_override(text))
+    validate(recipe)
+    if recipe["run"]["dir"] is None:
+        stem = os.path.splitext(os.path.basename(path))[0] if path else "run"
+        recipe["run"]["dir"] = os.path.join("runs", stem)
+    return recipe
+
+
+def validate(recipe: dict) -> None:
+    """Types, choices, ranges, and names that must exist (model, quantizer, data folder)."""
+    for section, values in DEFAULTS.items():
+        for name, default in values.items():
+            key = f"{section}.{name}"
+            recipe[section][name] = _check_type(key, recipe[section][name], default)
+            allowed = CHOICES.get(key)
+            if allowed and recipe[section][name] not in allowed:
+                raise RecipeError(f"{key}={recipe[section][name]!r}: allowed: {', '.join(allowed)}")
+    for key in ("train.epochs", "data.batch_size", "data.eval_batch_size", "data.image_size", "sq.stage_length", "engine.grad_accum"):
+        section, name = key.split(".")
+        if recipe[section][name] < 1:
+            raise RecipeError(f"{key}={recipe[section][name]!r}: expected an integer >= 1")
+    for key in ("train.max_steps", "train.checkpoint_every", "train.bn_recalibrate", "data.workers"):
+        section, name = key.split(".")
+        if recipe[section][name] < 0:
+            raise RecipeError(f"{key}={recipe[section][name]!r}: expected an integer >= 0")
+    ratios = recipe["sq"]["ratios"]
+    if not ratios or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1 for r in ratios):
+        raise RecipeError(f"sq.ratios={ratios!r}: expected a non-empty list of numbers in [0, 1]")
+    if recipe["optim"]["lr"] <= 0:
+        raise RecipeError(f"optim.lr={recipe['optim']['lr']!r}: expected a number > 0")
+    if recipe["engine"]["zero_stage"] not in (0, 1, 2, 3):
+        raise RecipeError(f"engine.zero_stage={recipe['engine']['zero_stage']!r}: allowed: 0, 1, 2, 3")
+    _validate_names(recipe)
+
+
+def _validate_names(recipe: dict) -> None:
+    import timm
+
+    from .registry import create_quantizer, list_quantizers
+
+    name = recipe["model"]["name"]
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise RecipeError(f"model.name={name!r}: not a timm model (see timm.list_models()){hint}")
+    q = recipe["quant"]
+    if q["enabled"]:
+        if q["name"] not in list_quantizers():
+            raise RecipeError(f"quant.name={q['name']!r}: allowed: {', '.join(list_quantizers())}")
+        try:
+            create_quantizer(q["name"], **q["params"])
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(f"quant.params={q['params']!r}: {exc}") from None
+    data = recipe["data"]
+    if data["name"] == "folder":
+        root = data["root"]
+        if root is None:
+            raise RecipeError("data.root=None: data.name=folder needs a folder holding train/ and val/")
+        for split in ("train", "val"):
+            if not os.path.isdir(os.path.join(root, split)):
+                raise RecipeError(f"data.root={root!r}: missing folder {os.path.join(root, split)!r} (expected ImageNet layout: train/ and val/ with one sub-folder per class)")
+    if not 0 < data["test_fraction"] < 1:
+        raise RecipeError(f"data.test_fraction={data['test_fraction']!r}: expected a number in (0, 1)")
+    resume = recipe["train"]["resume"]
+    if resume not in ("none", "auto") and not os.path.isdir(resume):
+        raise RecipeError(f"train.resume={resume!r}: allowed: none, auto, or an existing checkpoint folder")
+    cfg = recipe["engine"]["config"]
+    if cfg is not None and not os.path.isfile(cfg):
+        raise RecipeError(f"engine.config={cfg!r}: no such DeepSpeed JSON file")
+
+
+def dump_recipe(recipe: dict, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f, sort_keys=False)
