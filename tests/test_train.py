@@ -180,3 +180,27 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tiny_recipe, tmp_pat
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert summary["total_steps"] == 36
+
+
+def test_folder_dataset_in_imagenet_layout(tmp_path):
+    """data.name=folder reads root/train and root/val through timm's dataset and transforms."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    classes = ["cat", "dog", "fox"]
+    for split, n in (("train", 8), ("val", 3)):
+        for c, name in enumerate(classes):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = (rng.random((20, 20, 3)) * 60).astype("uint8")
+                img[..., c] = 255  # the class is the dominant colour
+                Image.fromarray(img).save(tmp_path / "data" / split / name / f"{i}.png")
+    run = tmp_path / "run"
+    proc = run_train(os.path.join(ROOT, "recipes", "digits_sq_twn.yaml"), "data.name=folder",
+                     f"data.root={tmp_path / 'data'}", "model.kwargs={num_classes: 3}", "data.batch_size=6",
+                     "train.epochs=2", "train.progress=false", f"run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["total_steps"] == 2 * (24 // 6)
+    assert 0.0 <= summary["final_accuracy"] <= 100.0 and len(summary["stages"]) >= 1
