@@ -38,17 +38,13 @@ class SQLayer:
         ratio = 1.0 if ctl is None else ctl.selector.ratio
         if ratio <= 0.0:
             return w
-        quantized = self.quantizer(w)  # straight-through
         if ratio >= 1.0 or not self.training:
-            return quantized
+            return self.quantizer(w)  # straight-through
         if ctl.draw_in_forward:
             ctl.draw_for_layer(self)
         if self.sq_mask is None:
             raise RuntimeError("SQ layer has no mask: call SQController.draw_masks() before the forward of each training step")
-        mask = self.sq_mask
-        if mask.dim() == 1:  # one flag per row (channel granularity)
-            mask = mask.view(-1, *([1] * (w.dim() - 1)))
-        return torch.where(mask, quantized, w)
+        return self.quantizer.hybrid(w, self.sq_mask)  # where(mask, q(W), W), fused when compiled
 
 
 class SQConv1d(SQLayer, nn.Conv1d):

@@ -93,14 +93,63 @@ class Quantizer(nn.Module):
 
     def error(self, w: Tensor, granularity: str = "channel") -> Tensor:
         """Normalized L1 quantization error of ``w`` (m, n): (m,) or (m, n)."""
+        with torch.no_grad():
+            fused = self._fused([w], error=granularity)
+        if fused is not None:
+            return fused.errors[0]
         q, _ = self.quantize(w)
         return quantization_error(w, q, granularity)
 
     def forward(self, weight: Tensor) -> Tensor:
         """Quantized ``weight`` (any shape, dim 0 = rows); gradient passes straight through."""
+        fused = self._fused_hybrid(weight, None)
+        if fused is not None:
+            return fused
         w2d = weight.reshape(weight.shape[0], -1)
         q, _ = self.quantize(w2d)
         return weight + (q.reshape(weight.shape) - weight).detach()
+
+    def hybrid(self, weight: Tensor, mask: Tensor | None = None) -> Tensor:
+        """SQ hybrid weight ``where(mask, q(W), W)`` (any shape, dim 0 = rows), straight through.
+
+        ``mask``: None (all quantized), bool (rows,) per channel, or one flag per element
+        (the weight's shape or (rows, rest)).
+        """
+        fused = self._fused_hybrid(weight, mask)
+        if fused is not None:
+            return fused
+        quantized = self(weight)
+        if mask is None:
+            return quantized
+        mask = mask.view(-1, *([1] * (weight.dim() - 1))) if mask.dim() == 1 else mask.reshape(weight.shape)
+        return torch.where(mask, quantized, weight)
+
+    def fused_spec(self) -> dict | None:
+        """Parameters of the compiled SQ op (csrc/) that computes this quantizer, or None."""
+        return None
+
+    def _spec(self) -> dict | None:
+        # a subclass that redefines quantize_codes is not what the fused op computes
+        for cls in type(self).__mro__:
+            if "fused_spec" in cls.__dict__:
+                return self.fused_spec() if cls.__dict__.get("quantize_codes") is type(self).quantize_codes else None
+        return None
+
+    def _fused(self, ws, **outputs):
+        spec = self._spec()
+        if spec is None:
+            return None
+        from . import kernels
+
+        return kernels.quantize_many(ws, **spec, **outputs)
+
+    def _fused_hybrid(self, weight, mask):
+        spec = self._spec()
+        if spec is None:
+            return None
+        from . import kernels
+
+        return kernels.hybrid_weight(weight, mask=mask, **spec)
 
     def calibrate(self, weight: Tensor) -> None:
         """Optional: set internal state from a weight before training (no-op here)."""
@@ -117,13 +166,6 @@ class Quantizer(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
 
 
-def _kernel(name: str):
-    """The fused op for ``name`` when sqdist's compiled kernels are active, else None."""
-    from . import kernels
-
-    return kernels.get(name)
-
-
 @register_quantizer("bwn")
 class BWN(Quantizer):
     """Binary weights: ``Q_i = a_i sign(W_i)``, ``a_i = mean |W_i|`` (Rastegari et al.)."""
@@ -131,8 +173,11 @@ class BWN(Quantizer):
     bits = 1
 
     def quantize_codes(self, w):
-        op = _kernel("bwn")
-        return op(w) if op is not None else bwn_reference(w)
+        fused = self._fused([w], codes=True, scales=True)
+        return (fused.codes[0], fused.scales[0]) if fused is not None else bwn_reference(w)
+
+    def fused_spec(self):
+        return {"kind": "bwn"}
 
 
 @register_quantizer("twn")
@@ -156,10 +201,13 @@ class TWN(Quantizer):
         self.delta, self.threshold = float(delta), threshold
 
     def quantize_codes(self, w):
-        op = _kernel("twn")
-        if op is not None:
-            return op(w, self.delta, self.threshold == "layer")
+        fused = self._fused([w], codes=True, scales=True)
+        if fused is not None:
+            return fused.codes[0], fused.scales[0]
         return twn_reference(w, self.delta, self.threshold)
+
+    def fused_spec(self):
+        return {"kind": "twn", "delta": self.delta, "threshold": self.threshold}
 
     def config(self):
         return {"delta": self.delta, "threshold": self.threshold}
@@ -180,8 +228,11 @@ class KBit(Quantizer):
         self.bits = bits
 
     def quantize_codes(self, w):
-        op = _kernel("kbit")
-        return op(w, self.bits) if op is not None else kbit_reference(w, self.bits)
+        fused = self._fused([w], codes=True, scales=True)
+        return (fused.codes[0], fused.scales[0]) if fused is not None else kbit_reference(w, self.bits)
+
+    def fused_spec(self):
+        return {"kind": "kbit", "bits": self.bits}
 
     def config(self):
         return {"bits": self.bits}

@@ -1,0 +1,61 @@
+// Per-row math of the fused SQ ops, shared by the CPU (sq_cpu.cpp) and CUDA
+// (sq_cuda_kernel.cu) implementations. Mirrors the references in
+// sqdist/quantizers.py: bwn_reference, twn_reference, kbit_reference,
+// quantization_error. Everything is computed in fp32 (sums in fp64) whatever
+// the storage dtype; the scale is rounded to the storage dtype before Q is
+// formed, so Q, the codes and the errors describe the weight the model uses.
+#pragma once
+#include <cstdint>
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define SQ_HD __host__ __device__ __forceinline__
+#else
+#define SQ_HD inline
+#endif
+
+namespace sqdist {
+
+enum Kind : int64_t { KIND_BWN = 0, KIND_TWN = 1, KIND_KBIT = 2 };
+
+// Bits of the `outputs` argument: which tensors the op writes.
+enum Output : int64_t {
+  OUT_VALUES = 1,         // hybrid weight: Q where the mask says so, W elsewhere
+  OUT_CODES = 2,          // integer-valued codes, storage dtype
+  OUT_SCALES = 4,         // per-row scale, storage dtype
+  OUT_ERROR_CHANNEL = 8,  // ||W_i - Q_i||_1 / ||W_i||_1, fp32 (m,)
+  OUT_ERROR_ELEMENT = 16, // |W_ij - Q_ij| / |W_ij|, fp32 (m, n)
+};
+
+enum MaskKind : int32_t { MASK_ALL = 0, MASK_ROW = 1, MASK_ELEMENT = 2 };
+
+// One (m, n) weight and where its results go. Pointers of outputs not asked
+// for are null. Rows of all jobs of one call are numbered consecutively from
+// row0, so one launch (or one OpenMP loop) covers every layer.
+struct Job {
+  const void* w;
+  void* values;
+  void* codes;
+  void* scales;
+  float* error;
+  const bool* mask;
+  int64_t m, n;
+  int64_t row0;
+  int32_t mask_kind;
+  int32_t pad_;
+};
+
+// Code of one weight x given the row's threshold (TWN) or safe scale (k-bit).
+template <int KIND>
+SQ_HD float code_of(float x, float thr, float safe, float levels) {
+  if (KIND == KIND_BWN) return x >= 0.f ? 1.f : -1.f;  // sign, with 0 -> +1
+  if (KIND == KIND_TWN) {  // sign(x) where |x| > thr (x != 0 there), else 0; two selects vectorize
+    const float s = x > 0.f ? 1.f : -1.f;
+    return fabsf(x) > thr ? s : 0.f;
+  }
+  // k-bit: division (not a reciprocal) and round-half-even, as torch.round does
+  const float c = rintf(x / safe);
+  return fminf(fmaxf(c, -levels), levels);
+}
+
+}  // namespace sqdist

@@ -1,0 +1,199 @@
+// CPU implementation of the fused SQ op: OpenMP over the rows of all weights of
+// a call, one row at a time through the passes the math needs (the row stays
+// in cache between them, so memory sees one read of W and one write per output).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <omp.h>
+
+#include "sq_host.h"
+
+namespace sqdist {
+namespace {
+
+// code_of with a rounding that vectorizes on plain SSE2: for |y| <= 2^22,
+// (y + 1.5 * 2^23) - 1.5 * 2^23 is y rounded half to even, as rintf; clamping
+// to +-(levels + 1) first keeps y in that range and gives the same clamped code.
+template <int KIND>
+inline float cpu_code(float x, float thr, float safe, float levels) {
+  if (KIND != KIND_KBIT) return code_of<KIND>(x, thr, safe, levels);
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  const float y = std::min(std::max(x / safe, -levels - 1.f), levels + 1.f);
+  const float c = (y + kMagic) - kMagic;
+  return std::min(std::max(c, -levels), levels);
+}
+
+template <typename T, int KIND>
+void quantize_row(const Job& j, int64_t r, float delta, float levels, float layer_thr, int64_t out) {
+  const int64_t n = j.n;
+  const T* w = static_cast<const T*>(j.w) + r * n;
+  const bool row_q = j.mask_kind == MASK_ALL || (j.mask_kind == MASK_ROW && j.mask[r]);
+  if (out == OUT_VALUES && j.mask_kind == MASK_ROW && !row_q) {  // full-precision row of a hybrid weight
+    std::memcpy(static_cast<T*>(j.values) + r * n, w, sizeof(T) * n);
+    return;
+  }
+  // pass 1: sum |w| (and max |w| for k-bit)
+  double sum = 0.0;
+  float amax = 0.f;
+  if (KIND == KIND_KBIT) {
+#pragma omp simd reduction(+ : sum) reduction(max : amax)
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = std::fabs(static_cast<float>(w[i]));
+      sum += a;
+      amax = std::max(amax, a);
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += std::fabs(static_cast<float>(w[i]));
+  }
+  const float sum_abs = static_cast<float>(sum);
+  float scale = 0.f, thr = 0.f, safe = 1.f;
+  if (KIND == KIND_BWN) {
+    scale = sum_abs / static_cast<float>(n);
+  } else if (KIND == KIND_TWN) {
+    thr = layer_thr >= 0.f ? layer_thr : delta * (sum_abs / static_cast<float>(n));
+    // pass 2: mean |w| over |w| > thr
+    double kept_sum = 0.0, kept = 0.0;
+#pragma omp simd reduction(+ : kept_sum, kept)
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = std::fabs(static_cast<float>(w[i]));
+      const bool k = a > thr;
+      kept_sum += k ? a : 0.f;
+      kept += k ? 1.0 : 0.0;
+    }
+    scale = static_cast<float>(kept_sum) / static_cast<float>(std::max(kept, 1.0));
+  } else {
+    scale = amax / levels;
+    safe = scale > 0.f ? scale : 1.f;
+  }
+  const T scale_t = static_cast<T>(scale);
+  const float sq = static_cast<float>(scale_t);
+  if (j.scales) static_cast<T*>(j.scales)[r] = scale_t;
+  // pass 3: one simple loop per output (the row is in L1 by now), so each vectorizes
+  if (out & OUT_ERROR_CHANNEL) {
+    double diff = 0.0;
+#pragma omp simd reduction(+ : diff)
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = static_cast<float>(w[i]);
+      diff += std::fabs(x - static_cast<float>(static_cast<T>(sq * cpu_code<KIND>(x, thr, safe, levels))));
+    }
+    j.error[r] = sum_abs > 0.f ? static_cast<float>(diff) / sum_abs : 0.f;
+  }
+  if (out & OUT_ERROR_ELEMENT) {
+    float* e = j.error + r * n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = static_cast<float>(w[i]);
+      const float a = std::fabs(x);
+      const float d = std::fabs(x - static_cast<float>(static_cast<T>(sq * cpu_code<KIND>(x, thr, safe, levels))));
+      e[i] = a > 0.f ? d / a : 0.f;
+    }
+  }
+  if (out & OUT_CODES) {
+    T* c = static_cast<T*>(j.codes) + r * n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) c[i] = static_cast<T>(cpu_code<KIND>(static_cast<float>(w[i]), thr, safe, levels));
+  }
+  if (out & OUT_VALUES) {
+    T* v = static_cast<T*>(j.values) + r * n;
+    if (j.mask_kind == MASK_ELEMENT) {
+      const bool* em = j.mask + r * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i)
+        v[i] = em[i] ? static_cast<T>(sq * cpu_code<KIND>(static_cast<float>(w[i]), thr, safe, levels)) : w[i];
+    } else if (row_q) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) v[i] = static_cast<T>(sq * cpu_code<KIND>(static_cast<float>(w[i]), thr, safe, levels));
+    } else {
+      std::memcpy(v, w, sizeof(T) * n);
+    }
+  }
+}
+
+// delta * mean |W - mean W| over one whole weight (TWN, layer-wide threshold).
+template <typename T>
+float layer_threshold(const Job& j, float delta, int threads) {
+  const T* w = static_cast<const T*>(j.w);
+  const int64_t numel = j.m * j.n;
+  double s = 0.0;
+#pragma omp parallel for simd reduction(+ : s) num_threads(threads) if (numel > 65536)
+  for (int64_t i = 0; i < numel; ++i) s += static_cast<float>(w[i]);
+  const float mean = static_cast<float>(s / static_cast<double>(numel));
+  double d = 0.0;
+#pragma omp parallel for simd reduction(+ : d) num_threads(threads) if (numel > 65536)
+  for (int64_t i = 0; i < numel; ++i) d += std::fabs(static_cast<float>(w[i]) - mean);
+  return delta * static_cast<float>(d / static_cast<double>(numel));
+}
+
+template <typename T, int KIND>
+void run(const Prepared& p, float delta, float levels, bool layer, int64_t out) {
+  const int threads = std::max(1, at::get_num_threads());
+  const size_t k = p.jobs.size();
+  std::vector<float> thr(k, -1.f);
+  if (KIND == KIND_TWN && layer)
+    for (size_t t = 0; t < k; ++t) thr[t] = layer_threshold<T>(p.jobs[t], delta, threads);
+  // Cut the rows of all weights into chunks of similar element counts, so small
+  // layers share a parallel region and large rows do not unbalance the threads.
+  const int64_t target = std::max<int64_t>(p.total_elems / (threads * 8), 16384);
+  std::vector<std::pair<int64_t, int64_t>> chunks;  // (first global row, end global row)
+  int64_t start = 0, acc = 0;
+  for (size_t t = 0; t < k; ++t) {
+    for (int64_t r = 0; r < p.jobs[t].m; ++r) {
+      acc += p.jobs[t].n;
+      const int64_t g = p.jobs[t].row0 + r + 1;
+      if (acc >= target) { chunks.emplace_back(start, g); start = g; acc = 0; }
+    }
+  }
+  if (start < p.total_rows) chunks.emplace_back(start, p.total_rows);
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (nchunks > 1)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    // job holding the chunk's first row
+    size_t t = std::upper_bound(p.jobs.begin(), p.jobs.end(), chunks[c].first,
+                                [](int64_t g, const Job& j) { return g < j.row0; }) - p.jobs.begin() - 1;
+    for (int64_t g = chunks[c].first; g < chunks[c].second; ++g) {
+      while (g >= p.jobs[t].row0 + p.jobs[t].m) ++t;  // also skips weights with m = 0
+      quantize_row<T, KIND>(p.jobs[t], g - p.jobs[t].row0, delta, levels, thr[t], out);
+    }
+  }
+}
+
+TensorList4 quantize_cpu(const std::vector<at::Tensor>& ws, int64_t kind, double delta, int64_t levels,
+                         bool layer_threshold, const std::vector<at::Tensor>& masks, int64_t outputs) {
+  Prepared p = prepare(ws, kind, levels, masks, outputs, at::kCPU);
+  if (!ws.empty() && p.total_rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ws[0].scalar_type(), "sqdist_quantize_cpu", [&] {
+      const float d = static_cast<float>(delta), l = static_cast<float>(levels);
+      if (kind == KIND_BWN) run<scalar_t, KIND_BWN>(p, d, l, layer_threshold, outputs);
+      else if (kind == KIND_TWN) run<scalar_t, KIND_TWN>(p, d, l, layer_threshold, outputs);
+      else run<scalar_t, KIND_KBIT>(p, d, l, layer_threshold, outputs);
+    });
+  }
+  return {p.values, p.codes, p.scales, p.errors};
+}
+
+std::string source_hash() {
+#ifdef SQDIST_SOURCE_HASH  // passed unquoted (build tools strip quotes): stringify it
+#define SQDIST_STR2(x) #x
+#define SQDIST_STR(x) SQDIST_STR2(x)
+  return SQDIST_STR(SQDIST_SOURCE_HASH);
+#else
+  return "";
+#endif
+}
+
+int64_t max_threads() { return std::max(1, at::get_num_threads()); }
+
+}  // namespace
+}  // namespace sqdist
+
+TORCH_LIBRARY(sqdist_cpu, m) {
+  m.def(sqdist::kSchema);
+  m.def("source_hash() -> str", &sqdist::source_hash);
+  m.def("max_threads() -> int", &sqdist::max_threads);
+}
+
+TORCH_LIBRARY_IMPL(sqdist_cpu, CPU, m) { m.impl("quantize", &sqdist::quantize_cpu); }

@@ -1,0 +1,156 @@
+"""Find or build the compiled SQ ops (csrc/) and load them into ``torch.ops``.
+
+Order, per backend (``cpu`` -> ``torch.ops.sqdist_cpu``, ``cuda`` -> ``torch.ops.sqdist_cuda``):
+
+1. a library built at install time (``setup.py`` with ``SQDIST_BUILD_EXT=1``) next to
+   this file, when its recorded source hash matches ``csrc/`` (or no ``csrc/`` ships);
+2. a JIT build with ``torch.utils.cpp_extension.load`` into
+   ``$SQDIST_KERNEL_CACHE`` (default ``~/.cache/sqdist/kernels``), in a folder keyed on
+   the hash of the sources, the torch version and the flags: built once, then reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE.parents[1] / "csrc"
+CUDA_ARCH_LIST = "8.0;9.0"
+
+SOURCES = {
+    "cpu": ["sq_cpu.cpp"],
+    "cuda": ["sq_cuda.cpp", "sq_cuda_kernel.cu"],
+}
+HEADERS = ["sq_common.h", "sq_host.h"]
+# -fno-trapping-math lets the selects and divisions of the row loops vectorize; it does
+# not change results (no reassociation, no contraction: -std=c++20 keeps fp-contract off)
+CFLAGS = ("-O3", "-fopenmp", "-fno-trapping-math")
+LDFLAGS = ("-fopenmp",)  # tuples: cpp_extension appends to the lists it is given
+# no FMA contraction, so the device computes Q and the errors with the CPU's roundings
+NVCC_FLAGS = ("-O3", "-lineinfo", "--fmad=false")
+
+
+def source_hash(backend: str, csrc: Path = CSRC) -> str:
+    """Hash of what decides the compiled library: sources, headers, torch, flags."""
+    h = hashlib.sha256()
+    for name in sorted(SOURCES[backend] + HEADERS):
+        h.update(name.encode())
+        h.update((csrc / name).read_bytes())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{list(CFLAGS)}|{list(LDFLAGS)}".encode())
+    if backend == "cuda":
+        h.update(f"{list(NVCC_FLAGS)}|{arch_list()}|{torch.version.cuda}".encode())
+    return h.hexdigest()[:16]
+
+
+def arch_list() -> str:
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or CUDA_ARCH_LIST
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SQDIST_KERNEL_CACHE") or Path.home() / ".cache" / "sqdist" / "kernels")
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit root: $CUDA_HOME, else nvcc's real location (a wrapper script
+    at /usr/local/bin/nvcc makes torch guess /usr/local, which has no headers)."""
+    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if cand and (Path(cand) / "include" / "cuda_runtime.h").exists():
+            return cand
+    from torch.utils import cpp_extension
+
+    guesses = [cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        guesses.append(str(Path(nvcc).resolve().parents[1]))
+    for cand in guesses:
+        if cand and (Path(cand) / "include" / "cuda_runtime.h").exists() and (Path(cand) / "bin" / "nvcc").exists():
+            return cand
+    return None
+
+
+def prebuilt(backend: str) -> Path | None:
+    """The install-time library for ``backend`` when it matches the sources."""
+    libs = sorted(HERE.glob(f"_sq_{backend}*.so"))
+    stamp = HERE / f"_sq_{backend}.hash"
+    if not libs or not stamp.exists():
+        return None
+    if CSRC.exists() and stamp.read_text().strip() != source_hash(backend):
+        return None  # sources changed since the install: rebuild through the JIT cache
+    return libs[0]
+
+
+def build(backend: str, verbose: bool = False) -> Path:
+    """Build (or find in the cache) the library for ``backend``; returns its path.
+
+    Raises RuntimeError with the reason when it cannot be built.
+    """
+    if backend not in SOURCES:
+        raise ValueError(f"backend={backend!r}; allowed: cpu, cuda")
+    if not CSRC.exists():
+        raise RuntimeError(f"no sources at {CSRC} (a wheel install without the compiled kernels)")
+    from torch.utils import cpp_extension
+
+    key = source_hash(backend)
+    name = f"sqdist_{backend}_{key}"
+    build_dir = cache_root() / name
+    lib = build_dir / f"{name}.so"
+    if lib.exists():
+        return lib
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = [str(CSRC / s) for s in SOURCES[backend]]
+    kw = dict(name=name, sources=sources, build_directory=str(build_dir), verbose=verbose,
+              extra_cflags=[*CFLAGS, f"-DSQDIST_SOURCE_HASH={key}"], extra_ldflags=list(LDFLAGS),
+              extra_include_paths=[str(CSRC)], is_python_module=False)
+    started = time.time()
+    print(f"[sqdist] building the {backend} SQ kernels into {build_dir} (once per source change)...",
+          file=sys.stderr, flush=True)
+    if backend == "cuda":
+        home = cuda_home()
+        if home is None:
+            raise RuntimeError("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
+        cpp_extension.CUDA_HOME = home  # read at build time by cpp_extension
+        old_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list()
+        try:
+            cpp_extension.load(extra_cuda_cflags=list(NVCC_FLAGS), with_cuda=True, **kw)
+        finally:
+            if old_arch is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
+    else:
+        cpp_extension.load(with_cuda=False, **kw)
+    print(f"[sqdist] built {lib.name} in {time.time() - started:.1f} s", file=sys.stderr, flush=True)
+    if not lib.exists():
+        raise RuntimeError(f"build finished but {lib} is missing")
+    return lib
+
+
+def load(backend: str):
+    """Load the ops of ``backend`` into ``torch.ops``; returns the op namespace."""
+    ns = f"sqdist_{backend}"
+    if _registered(ns):
+        return getattr(torch.ops, ns)
+    lib = prebuilt(backend) or build(backend)
+    torch.ops.load_library(str(lib))
+    return getattr(torch.ops, ns)
+
+
+def _registered(ns: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"{ns}::quantize", "")
+        return True
+    except RuntimeError:
+        return False
+
+
+if __name__ == "__main__":  # python -m sqdist.kernels._build cpu|cuda|all
+    targets = sys.argv[1:] or ["cpu"]
+    for b in (["cpu", "cuda"] if targets == ["all"] else targets):
+        print(build(b, verbose="-v" in os.environ.get("SQDIST_BUILD_FLAGS", "")))
