@@ -1,7 +1,8 @@
 """Submit sqdist training to Slurm: one ``accelerate launch`` per node.
 
     python -m sqdist.slurm submit recipes/digits_sq_twn.yaml train.epochs=2 \\
-        --nodes 2 --gpus-per-node 8 [--partition P --time 1-00:00:00 --account A] [--dry-run]
+        --nodes 2 --gpus-per-node 8 [--cpus-per-node 64 --partition P --time 1-00:00:00
+        --account A --sbatch=--qos=high] [--dry-run]
 
 renders ``slurm/train.sbatch``, submits it with ``sbatch`` and prints the job id
 and the log path (``--dry-run`` prints the script instead). The job:
@@ -45,6 +46,9 @@ class SubmitSpec:
     """What to run where. Paths are made absolute by :func:`render`.
 
     ``gpus_per_node=0`` means CPU nodes with one training process each.
+    ``cpus_per_node``: CPUs for the node's launcher and all its processes
+    (Slurm's default is one). ``sbatch_options``: extra ``#SBATCH`` options
+    such as ``--qos=high`` or ``--mem=0``.
     ``signal_seconds``: how long before the time limit Slurm sends SIGUSR1
     (Slurm may send it up to a minute earlier than asked).
     """
@@ -53,6 +57,8 @@ class SubmitSpec:
     overrides: tuple[str, ...] = ()
     nodes: int = 1
     gpus_per_node: int = 0
+    cpus_per_node: int | None = None
+    sbatch_options: tuple[str, ...] = ()
     partition: str | None = None
     time: str | None = None
     account: str | None = None
@@ -111,6 +117,11 @@ def validate(spec: SubmitSpec) -> None:
         raise SubmitError(f"--nodes={spec.nodes}: must be at least 1")
     if spec.gpus_per_node < 0:
         raise SubmitError(f"--gpus-per-node={spec.gpus_per_node}: must be 0 (CPU nodes) or more")
+    if spec.cpus_per_node is not None and spec.cpus_per_node < 1:
+        raise SubmitError(f"--cpus-per-node={spec.cpus_per_node}: must be at least 1")
+    for opt in spec.sbatch_options:
+        if not re.match(r"^--[a-z][a-z-]*(=\S+)?$", opt):
+            raise SubmitError(f"--sbatch={opt!r}: give one sbatch option as --name or --name=value")
     if not 1 <= spec.signal_seconds <= 65535:
         raise SubmitError(f"--signal-before={spec.signal_seconds}: must be 1..65535 seconds (Slurm's limit)")
     if spec.time is not None:
@@ -140,9 +151,12 @@ def render(spec: SubmitSpec) -> str:
     resources = []
     if spec.gpus_per_node:
         resources.append(f"#SBATCH --gpus-per-node={spec.gpus_per_node}")
+    if spec.cpus_per_node:
+        resources.append(f"#SBATCH --cpus-per-task={spec.cpus_per_node}")
     for opt, value in (("partition", spec.partition), ("time", spec.time), ("account", spec.account)):
         if value is not None:
             resources.append(f"#SBATCH --{opt}={value}")
+    resources += [f"#SBATCH {opt}" for opt in spec.sbatch_options]
     launch = [
         "--num_machines", str(spec.nodes),
         "--num_processes", str(spec.num_processes),
@@ -157,6 +171,8 @@ def render(spec: SubmitSpec) -> str:
     values = {
         "job_name": spec.name,
         "nodes": str(spec.nodes),
+        # srun does not inherit --cpus-per-task from sbatch in Slurm 22.05-23.02.
+        "srun_cpus": f" --cpus-per-task={spec.cpus_per_node}" if spec.cpus_per_node else "",
         "resource_lines": "\n".join(resources),
         "workdir": str(Path(spec.workdir).resolve()),
         "log": str(spec.log_path()),
@@ -203,10 +219,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value (e.g. train.epochs=2)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="processes per node; 0 = CPU nodes, 1 process each")
+    p.add_argument("--cpus-per-node", type=int, help="CPUs for each node's processes (Slurm's default: 1)")
     p.add_argument("--partition")
     p.add_argument("--time", help="time limit, Slurm format (e.g. 4:00:00)")
     p.add_argument("--account")
     p.add_argument("--job-name", help="default sqdist-<recipe stem>")
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="extra sbatch option, e.g. --sbatch=--qos=high (repeatable)")
     p.add_argument("--log-dir", type=Path, default=Path("runs/slurm-logs"))
     p.add_argument("--signal-before", type=int, default=300, metavar="SECS",
                    help="send SIGUSR1 this long before the time limit (default 300)")
@@ -218,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     spec = SubmitSpec(
         recipe=args.recipe, overrides=tuple(args.overrides), nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
+        gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
+        sbatch_options=tuple(args.sbatch), partition=args.partition, time=args.time,
         account=args.account, job_name=args.job_name, log_dir=args.log_dir,
         signal_seconds=args.signal_before,
     )

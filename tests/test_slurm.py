@@ -33,6 +33,7 @@ RECIPE = ROOT / "recipes" / "digits_sq_twn.yaml"
 PY = sys.executable
 # A short run: 2 ranks x 12 optimizer steps, a checkpoint every 3 steps.
 STEPS = 12
+CPUS = min(2, os.cpu_count() or 1)  # per node, within what each loopback node has
 TRAIN_OVERRIDES = [f"train.max_steps={STEPS}", "train.checkpoint_every=3", "train.progress=false"]
 
 
@@ -43,15 +44,18 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 # ------------------------------------------------------------ rendering
 def test_dry_run_gpu_nodes_launches_accelerate_on_every_node():
     out = cli("submit", str(RECIPE), "train.epochs=90", "--nodes", "4", "--gpus-per-node", "8",
-              "--partition", "gpu", "--time", "1-00:00:00", "--account", "proj1", "--dry-run")
+              "--cpus-per-node", "64",
+              "--partition", "gpu", "--time", "1-00:00:00", "--account", "proj1", "--sbatch=--qos=high", "--dry-run")
     assert out.returncode == 0, out.stderr
     script = out.stdout
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --time=1-00:00:00", "#SBATCH --account=proj1",
                  "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=USR1@300",
-                 f"#SBATCH --chdir={ROOT}", "#SBATCH --job-name=sqdist-digits_sq_twn"):
+                 f"#SBATCH --chdir={ROOT}", "#SBATCH --job-name=sqdist-digits_sq_twn",
+                 "#SBATCH --cpus-per-task=64", "#SBATCH --qos=high"):
         assert line in script.splitlines(), f"missing {line!r}"
     assert "--multi_gpu --num_machines 4 --num_processes 32" in script
+    assert "srun --nodes=4 --ntasks-per-node=1 --cpus-per-task=64 --kill-on-bad-exit=1" in script
     assert '--machine_rank "$SLURM_NODEID"' in script
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     assert '--main_process_ip "$head_addr" --main_process_port "$port"' in script
@@ -96,6 +100,8 @@ def test_relative_recipe_and_log_dir_resolve_against_the_working_directory(tmp_p
     ([str(RECIPE), "epochs"], "'epochs'"),
     ([str(RECIPE), "train.resume=none"], "train.resume"),
     ([str(RECIPE), "--partition", "a b"], "--partition='a b'"),
+    ([str(RECIPE), "--cpus-per-node", "0"], "--cpus-per-node=0"),
+    ([str(RECIPE), "--sbatch=--qos high"], "--sbatch='--qos high'"),
 ])
 def test_bad_input_gives_one_clear_line_and_exit_2(args, names, capsys):
     assert slurm_main(["submit", *args, "--dry-run"]) == 2
@@ -232,7 +238,7 @@ def wait_for_job(job_id: str, env: dict, log: Path, timeout: float = 900) -> dic
 
 def submit_digits(env: dict, run_dir: Path, log_dir: Path, name: str) -> tuple[str, Path]:
     out = cli("submit", str(RECIPE), *TRAIN_OVERRIDES, f"run.dir={run_dir}",
-              "--nodes", "2", "--gpus-per-node", "0", "--log-dir", str(log_dir), "--job-name", name, env=env)
+              "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-node", str(CPUS), "--log-dir", str(log_dir), "--job-name", name, env=env)
     assert out.returncode == 0, out.stderr
     job_id = re.search(r"submitted job (\d+)", out.stdout).group(1)
     log = Path(re.search(r"log: (\S+)", out.stdout).group(1))
@@ -257,7 +263,7 @@ def test_two_node_digits_job_completes(uninterrupted_run):
     info, log = uninterrupted_run["info"], uninterrupted_run["log"]
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
-    assert info["NodeList"] == "n[1-2]" and info["Restarts"] == "0"
+    assert info["NodeList"] == "n[1-2]" and info["Restarts"] == "0" and info["NumCPUs"] == str(2 * CPUS)
     summary = json.loads((uninterrupted_run["run"] / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["total_steps"] == STEPS and summary["resumed_from_step"] is None
