@@ -370,7 +370,11 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
         raise ExportError(f"{path}: cannot be read as safetensors, truncated or corrupted ({_one_line(exc)})") from None
     if metadata.get("format_version") != str(FORMAT_VERSION):
         raise ExportError(f"{path}: format_version={metadata.get('format_version')!r}; this sqdist reads {FORMAT_VERSION}")
-    meta = {k: _json_field(metadata, k, path) for k in ("model", "quantizer", "sq", "layers", "packed", "crc32")}
+    kinds = {"model": dict, "quantizer": dict, "sq": dict, "layers": list, "packed": dict, "crc32": dict}
+    meta = {k: _json_field(metadata, k, path) for k in kinds}
+    for key, kind in kinds.items():
+        if not isinstance(meta[key], kind):
+            raise ExportError(f"{path}: metadata field {key!r} is a {type(meta[key]).__name__}; expected a {kind.__name__}")
     meta["sqdist_version"] = metadata.get("sqdist_version")
     crcs = meta["crc32"]
     if set(crcs) != set(raw):

@@ -305,3 +305,20 @@ def test_export_file_layout(tmp_path):
     assert tensors[f"{layer}.weight.scale"].shape == (32,)
     assert f"{layer}.weight" not in tensors
     assert "layer1.0.bn1.running_var" in tensors and "fc.weight" in tensors
+
+
+def test_metadata_of_the_wrong_shape_is_a_clear_error(tmp_path):
+    model, _ = small_model("bwn")
+    path = tmp_path / "m.safetensors"
+    export_model(model, path, model_kwargs={"num_classes": 10, "in_chans": 1})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**metadata, "packed": "[]"})
+    with pytest.raises(ExportError, match=r"bad\.safetensors: metadata field 'packed' is a list; expected a dict"):
+        load_quantized(bad)
+    save_file(tensors, str(bad), metadata={**metadata, "layers": "{not json"})
+    with pytest.raises(ExportError, match="metadata field 'layers' is not valid JSON"):
+        load_quantized(bad)
