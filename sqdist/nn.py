@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dist as sqdist_dist
-from .quantizers import Quantizer, quantization_error
+from .quantizers import Quantizer, layer_errors, quantization_error
 from .registry import create_quantizer
 from .sq import SQConfig, SQSelector
 
@@ -134,12 +134,10 @@ class SQController:
     @torch.no_grad()
     def errors(self) -> dict[str, Tensor]:
         """Per-layer quantization error at the configured granularity, (m,) or (m, n)."""
-        gran = self.config.sq.granularity
-        out = {}
-        for name, layer in self.layers.items():
-            w2d = layer.weight.detach().reshape(layer.weight.shape[0], -1)
-            out[name] = layer.quantizer.error(w2d, gran)
-        return out
+        layers = list(self.layers.values())
+        w2d = [layer.weight.detach().reshape(layer.weight.shape[0], -1) for layer in layers]
+        errors = layer_errors([layer.quantizer for layer in layers], w2d, self.config.sq.granularity)
+        return dict(zip(self.layers, errors))  # one fused call for all layers where compiled
 
     @torch.no_grad()
     def draw_masks(self) -> None:

@@ -166,6 +166,29 @@ class Quantizer(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
 
 
+def layer_errors(quantizers: list[Quantizer], weights: list[Tensor], granularity: str = "channel") -> list[Tensor]:
+    """``quantizers[i].error(weights[i], granularity)`` for every layer, (m,) or (m, n) each.
+
+    Layers whose quantizers the compiled op implements with the same parameters share one
+    call (one launch on a GPU for all of them); the others use their own ``error``.
+    """
+    out: list[Tensor | None] = [None] * len(weights)
+    groups: dict[tuple, list[int]] = {}
+    for i, q in enumerate(quantizers):
+        spec = q._spec()
+        if spec is not None:
+            groups.setdefault(tuple(sorted(spec.items())), []).append(i)
+    from . import kernels
+
+    with torch.no_grad():
+        for key, idx in groups.items():
+            fused = kernels.quantize_many([weights[i] for i in idx], **dict(key), error=granularity)
+            if fused is not None:
+                for i, e in zip(idx, fused.errors):
+                    out[i] = e
+    return [e if e is not None else q.error(w, granularity) for q, w, e in zip(quantizers, weights, out)]
+
+
 @register_quantizer("bwn")
 class BWN(Quantizer):
     """Binary weights: ``Q_i = a_i sign(W_i)``, ``a_i = mean |W_i|`` (Rastegari et al.)."""

@@ -349,3 +349,26 @@ def test_cuda_extension_builds_and_links():
     if os.path.exists(cuobjdump):
         elfs = subprocess.run([cuobjdump, "--list-elf", str(lib)], capture_output=True, text=True).stdout
         assert "sm_80" in elfs and "sm_90" in elfs, elfs
+
+
+# ------------------------------------------------------------------ all layers at once
+def test_layer_errors_groups_layers_and_respects_overrides():
+    """SQController.errors() path: one fused call per quantizer setting; a subclass that
+    changes the math keeps its own (reference) error."""
+
+    class HalfScaleTWN(TWN):
+        def quantize_codes(self, w):
+            codes, scale = twn_reference(w, self.delta, self.threshold)
+            return codes, scale / 2
+
+    from sqdist.quantizers import layer_errors
+
+    qs = [BWN(), TWN(), KBit(4), TWN(), HalfScaleTWN(), TWN(threshold="layer")]
+    ws = [weight((8 + i, 20 + 3 * i), seed=i) for i in range(len(qs))]
+    got = layer_errors(qs, ws)
+    for q, w, e in zip(qs, ws, got):
+        codes, scale = q.quantize_codes(w)
+        torch.testing.assert_close(e, quantization_error(w, codes * scale[:, None]), rtol=1e-6, atol=1e-7)
+    assert qs[4]._spec() is None and qs[1]._spec() == {"kind": "twn", "delta": 0.7, "threshold": "row"}
+    elem = layer_errors(qs[:2], ws[:2], "element")
+    assert [e.shape for e in elem] == [w.shape for w in ws[:2]]
