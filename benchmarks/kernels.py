@@ -74,9 +74,10 @@ def bench(device: str, repeats: int, names: list[str]) -> dict:
         kind, params = QUANTIZERS[name]
         quantizers = [create_quantizer(kind, **params).to(device) for _ in weights]
         ref_t, ker_t = [], []
-        for mode, acc in (("reference", ref_t), (device, ker_t)):  # warm-up (and the JIT build)
-            os.environ["SQDIST_KERNELS"] = mode
-            sq_step(quantizers, weights, masks)
+        for _ in range(3):  # warm-up: the JIT build, and the allocator settling on its big blocks
+            for mode in ("reference", device):
+                os.environ["SQDIST_KERNELS"] = mode
+                sq_step(quantizers, weights, masks)
         if kernels.backend_for(weights[0]) is None:
             raise SystemExit(f"no compiled {device} kernel (see the warning above)")
         for _ in range(repeats):

@@ -21,4 +21,7 @@ if [ "$(cat "$venv/.sqdist-deps" 2>/dev/null)" != "$stamp_src" ]; then
   echo "$stamp_src" > "$venv/.sqdist-deps"
 fi
 "$venv/bin/python" -m pip install -q --no-deps -e "$root" -e "$root/plugins/sqdist-pow2" 2>&1 | grep -v "^\s*$" | grep -iv "warning\|location\|\*\*\*\|!!\|setuptools\|folder\|import\|wheel\|strategy" || true
+# the compiled SQ kernels (csrc/): built once per source change into ~/.cache/sqdist/kernels
+# (~20 s on 2 cores; ~3 s when cached), so no test pays for the build; never required
+"$venv/bin/python" -m sqdist.kernels._build cpu > /dev/null || echo "[install] CPU SQ kernels not built: sqdist uses the PyTorch reference"
 echo "[install] ready: $venv"

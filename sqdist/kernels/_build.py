@@ -57,14 +57,9 @@ def cache_root() -> Path:
 
 
 def cuda_home() -> str | None:
-    """The CUDA toolkit root: $CUDA_HOME, else nvcc's real location (a wrapper script
-    at /usr/local/bin/nvcc makes torch guess /usr/local, which has no headers)."""
-    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if cand and (Path(cand) / "include" / "cuda_runtime.h").exists():
-            return cand
-    from torch.utils import cpp_extension
-
-    guesses = [cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    """The CUDA toolkit root: $CUDA_HOME, else /usr/local/cuda, else nvcc's real location
+    (a wrapper script at /usr/local/bin/nvcc makes torch guess /usr/local, which has no headers)."""
+    guesses = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
         guesses.append(str(Path(nvcc).resolve().parents[1]))
@@ -94,6 +89,9 @@ def build(backend: str, verbose: bool = False) -> Path:
         raise ValueError(f"backend={backend!r}; allowed: cpu, cuda")
     if not CSRC.exists():
         raise RuntimeError(f"no sources at {CSRC} (a wheel install without the compiled kernels)")
+    home = cuda_home()
+    if home and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = home  # before cpp_extension reads it on import (else a wrong guess and a warning)
     from torch.utils import cpp_extension
 
     key = source_hash(backend)
@@ -111,7 +109,6 @@ def build(backend: str, verbose: bool = False) -> Path:
     print(f"[sqdist] building the {backend} SQ kernels into {build_dir} (once per source change)...",
           file=sys.stderr, flush=True)
     if backend == "cuda":
-        home = cuda_home()
         if home is None:
             raise RuntimeError("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
         cpp_extension.CUDA_HOME = home  # read at build time by cpp_extension
