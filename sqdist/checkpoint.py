@@ -42,8 +42,12 @@ def save_state_dict(state: dict, path: str) -> None:
 
 
 def save_checkpoint(run_dir: str, step: int, *, model_state: dict, optimizer_state: dict | None,
-                    rank_state: dict, meta: dict, rank: int = 0) -> str:
-    """Write checkpoint ``step`` (every rank calls this; collective when distributed)."""
+                    rank_state: dict, meta: dict, rank: int = 0, write_extra=None) -> str:
+    """Write checkpoint ``step`` (every rank calls this; collective when distributed).
+
+    ``write_extra(folder)``, if given, runs on every rank before the folder is
+    renamed into place (the engine's own sharded state, e.g. DeepSpeed's).
+    """
     root = os.path.join(run_dir, "checkpoints")
     name = f"step-{step:07d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
@@ -52,6 +56,8 @@ def save_checkpoint(run_dir: str, step: int, *, model_state: dict, optimizer_sta
         os.makedirs(tmp)
     _barrier()
     torch.save(rank_state, os.path.join(tmp, f"state-rank{rank}.pt"))
+    if write_extra is not None:
+        write_extra(tmp)
     if rank == 0:
         save_state_dict(model_state, os.path.join(tmp, "model.safetensors"))
         if optimizer_state is not None:

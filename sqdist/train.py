@@ -136,10 +136,11 @@ def train(recipe: dict, on_step=None) -> dict:
     ``on_step(step, model, controller)``, if given, is called after every optimizer
     step on every rank (``model`` unwrapped; ``controller`` None for a float run).
     """
-    from .engine import make_accelerator
+    from . import engine
     from . import preempt
 
-    accelerator = make_accelerator(recipe)
+    accelerator = engine.make_accelerator(recipe)  # may update recipe["engine"] from engine.config
+    deepspeed = engine.is_deepspeed(accelerator)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
     run_dir, tcfg = recipe["run"]["dir"], recipe["train"]
@@ -175,9 +176,10 @@ def train(recipe: dict, on_step=None) -> dict:
     ckpt = latest_checkpoint(run_dir) if ckpt == "auto" else (None if ckpt == "none" else ckpt)
     if ckpt is not None:
         state = load_checkpoint(ckpt, rank)
-        model.load_state_dict(state["model"])
-        if state["optimizer"] is not None:
-            optimizer.load_state_dict(state["optimizer"])
+        if not deepspeed:  # DeepSpeed restores model and optimizer shards after prepare
+            model.load_state_dict(state["model"])
+            if state["optimizer"] is not None:
+                optimizer.load_state_dict(state["optimizer"])
         rs = state["rank_state"]
         step, epoch, batch_in_epoch, stages = rs["step"], rs["epoch"], rs["batch_in_epoch"], list(rs["stages"])
         if sq is not None:
@@ -186,17 +188,30 @@ def train(recipe: dict, on_step=None) -> dict:
         resumed_from = step
 
     model, optimizer = accelerator.prepare(model, optimizer)
+    if deepspeed:
+        engine.cast_inputs_to_model_dtype(accelerator.unwrap_model(model))
+        if ckpt is not None:
+            engine.load_engine_state(model, ckpt)
     tracker = Tracker(run_dir, recipe, active=main)
     handler = preempt.install()
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir, step, model_state=accelerator.unwrap_model(model).state_dict(),
-                        optimizer_state=optimizer.state_dict(), meta=model_meta(recipe, sq), rank=rank,
+        if deepspeed:  # model: consolidated fp32 (collective); model + optimizer shards: DeepSpeed's own format
+            engine.broadcast_buffers(accelerator.unwrap_model(model))
+            model_state, optimizer_state = engine.full_state_dict(accelerator, model), None
+            write_extra = lambda folder: engine.save_engine_state(model, folder)  # noqa: E731
+        else:
+            model_state, optimizer_state = accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
+            write_extra = None
+        save_checkpoint(run_dir, step, model_state=model_state, optimizer_state=optimizer_state,
+                        meta=model_meta(recipe, sq), rank=rank, write_extra=write_extra,
                         rank_state={"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "stages": stages,
                                     "sq": sq.state_dict() if sq else {}, "rng": _rng_state()})
 
     def stage_eval(label: str, stage: int, ratio: float) -> float:
         net = accelerator.unwrap_model(model)
+        if deepspeed:  # DeepSpeed leaves BN statistics per rank: evaluate rank 0's everywhere
+            engine.broadcast_buffers(net)
         if tcfg["bn_recalibrate"] and sq is not None:
             recalibrate_bn(net, train_set, sampler.batches(0), device, tcfg["bn_recalibrate"])
         acc = evaluate(net, test_set, recipe, device, rank, world)
@@ -278,10 +293,11 @@ def train(recipe: dict, on_step=None) -> dict:
                "stages": stages, "seconds": round(time.time() - t0, 2), "world_size": world,
                "model": recipe["model"]["name"], "quantizer": recipe["quant"]["name"] if sq else None,
                "sq_ratio": sq.ratio if sq else 0.0}
+    final_state = engine.full_state_dict(accelerator, model)  # collective under DeepSpeed: fp32, consolidated
     if main:
         final_dir = os.path.join(run_dir, "final")
         os.makedirs(final_dir, exist_ok=True)
-        save_state_dict(accelerator.unwrap_model(model).state_dict(), os.path.join(final_dir, "model.safetensors"))
+        save_state_dict(final_state, os.path.join(final_dir, "model.safetensors"))
         with open(os.path.join(final_dir, "meta.json"), "w") as f:
             json.dump(model_meta(recipe, sq), f, indent=1)
         tmp = os.path.join(run_dir, "summary.json.tmp")
