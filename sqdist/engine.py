@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 
 import torch
 
@@ -87,6 +88,9 @@ def deepspeed_config(recipe: dict, world_size: int) -> dict:
                 raise RecipeError(f"engine.config={eng['config']!r}: {key}={cfg[key]!r} differs from {recipe_key}={want!r}; "
                                   f"set it to {want} or \"auto\"")
         cfg["train_batch_size"] = batch * eng["grad_accum"] * world_size
+        offload = cfg["zero_optimization"].get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+        if offload and "zero_force_ds_cpu_optimizer" not in user:
+            cfg["zero_force_ds_cpu_optimizer"] = False  # as above: timm's optimizer on the offloaded weights
         for key, value in (("gradient_clipping", float(eng["gradient_clipping"])),):
             if cfg.get(key) == "auto":
                 cfg[key] = value
@@ -115,6 +119,17 @@ def _sync_recipe_with_config(recipe: dict, cfg: dict) -> None:
                               "fp16" if cfg.get("fp16", {}).get("enabled") else "no")
     clip = cfg.get("gradient_clipping", 0.0)
     eng["gradient_clipping"] = float(clip) if clip not in (None, "auto") else 0.0
+
+
+def _note_ignored_launcher_settings(eng: dict) -> None:
+    """``accelerate launch --use_deepspeed --zero_stage N`` etc. do not configure sqdist: say so once."""
+    keys = ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    launcher = {k: os.environ[k] for k in keys if os.environ.get(k, "none") != "none"}
+    stage = launcher.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    differs = (stage is not None and stage != str(eng["zero_stage"])) or "ACCELERATE_DEEPSPEED_CONFIG_FILE" in launcher
+    if differs and os.environ.get("RANK", "0") == "0":
+        print(f"sqdist: the recipe's engine section configures DeepSpeed (zero_stage={eng['zero_stage']}); "
+              f"ignoring the launcher's {', '.join(f'{k}={v}' for k, v in sorted(launcher.items()))}", file=sys.stderr)
 
 
 def make_accelerator(recipe: dict):
@@ -150,6 +165,7 @@ def make_accelerator(recipe: dict):
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(29400 + os.getpid() % 500))})
     cfg = deepspeed_config(recipe, world)
     _sync_recipe_with_config(recipe, cfg)
+    _note_ignored_launcher_settings(eng)
     if cpu and eng["mixed_precision"] == "fp16":
         raise RecipeError("engine.mixed_precision='fp16': DeepSpeed's CPU accelerator has no fp16 support; "
                           "without CUDA use engine.mixed_precision=bf16 or no")

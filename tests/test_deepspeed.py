@@ -105,6 +105,8 @@ def test_deepspeed_json_overrides_the_recipe_and_must_agree_on_batches(tmp_path)
     cfg = deepspeed_config(recipe_with(tmp_path, f"engine.config={ds}", "engine.zero_stage=3"), world_size=2)
     assert cfg["zero_optimization"]["stage"] == 1 and cfg["gradient_clipping"] == 0.5
     assert cfg["train_micro_batch_size_per_gpu"] == 32
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    assert deepspeed_config(recipe_with(tmp_path, f"engine.config={ds}"), world_size=2)["zero_force_ds_cpu_optimizer"] is False
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 8}))
     with pytest.raises(RecipeError, match=r"gradient_accumulation_steps=8 differs from engine.grad_accum=1"):
         deepspeed_config(recipe_with(tmp_path, f"engine.config={ds}"), world_size=2)
@@ -166,18 +168,31 @@ def test_zero3_without_broadcast_ranks_apply_different_masks(workdir):
 
 
 @pytest.mark.slow
-def test_zero2_offload_matches_ddp(workdir, ddp):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_offload_matches_ddp(workdir, ddp, stage):
     """ZeRO-Offload with timm's SGD stepping the fp32 weights in CPU memory."""
-    result = launch(workdir, "zero2-offload", "engine.name=deepspeed", "engine.zero_stage=2", "engine.offload=true")
+    result = launch(workdir, f"zero{stage}-offload", "engine.name=deepspeed", f"engine.zero_stage={stage}",
+                    "engine.offload=true")
     assert_rank1_applied_rank0_masks(result)
     assert_same_model(result["final"], ddp["final"])
 
 
 @pytest.mark.slow
-def test_zero3_gradient_accumulation_matches_ddp(workdir):
-    ddp_accum = launch(workdir, "ddp-accum", "engine.grad_accum=2")
-    result = launch(workdir, "zero3-accum", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}",
-                    "engine.grad_accum=2")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DeepSpeed fp16 needs CUDA (its CPU accelerator has no fp16), "
+                    "and two processes need two GPUs")
+def test_zero2_fp16_on_gpus_trains_with_identical_masks(workdir):
+    result = launch(workdir, "zero2-fp16", "engine.name=deepspeed", "engine.zero_stage=2", "engine.mixed_precision=fp16")
+    assert_rank1_applied_rank0_masks(result)
+    assert all(math.isfinite(l) for l in result["losses"])
+    assert {str(v.dtype) for v in result["final"].values()} <= {"torch.float32", "torch.int64"}
+
+
+@pytest.mark.slow
+def test_zero3_gradient_accumulation_and_clipping_match_ddp(workdir):
+    """Both set from the recipe: accumulation over 2 micro-batches, global-norm clipping at 0.5."""
+    both = ["engine.grad_accum=2", "engine.gradient_clipping=0.5"]
+    ddp_accum = launch(workdir, "ddp-accum", *both)
+    result = launch(workdir, "zero3-accum", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}", *both)
     assert_rank1_applied_rank0_masks(result)
     assert result["losses"] == pytest.approx(ddp_accum["losses"], abs=1e-5)
     assert_same_model(result["final"], ddp_accum["final"])
