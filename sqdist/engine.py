@@ -249,11 +249,17 @@ def save_engine_state(model, folder: str) -> None:
 
 def _deepspeed_safe_globals() -> list:
     """The few DeepSpeed classes its checkpoints pickle besides tensors and containers."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    import importlib
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    found = []
+    for module, name in (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                         ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                         ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                         ("deepspeed.utils.tensor_fragment", "fragment_address")):
+        cls = getattr(importlib.import_module(module), name, None)  # absent in some DeepSpeed versions
+        if cls is not None:
+            found.append(cls)
+    return found
 
 
 def _check_safe_to_load(path: str) -> None:

@@ -115,6 +115,20 @@ def test_deepspeed_json_overrides_the_recipe_and_must_agree_on_batches(tmp_path)
         deepspeed_config(recipe_with(tmp_path, f"engine.config={ds}"), world_size=2)
 
 
+class NotATensor:
+    """Stands for anything a checkpoint should not carry (unpickling runs its class's code)."""
+
+
+def test_deepspeed_checkpoint_with_foreign_objects_is_refused_before_deepspeed_loads_it(tmp_path):
+    from sqdist.engine import _check_safe_to_load
+
+    torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19.8"}, tmp_path / "mp_rank_00_model_states.pt")
+    _check_safe_to_load(str(tmp_path))  # tensors and containers: fine
+    torch.save({"optimizer_state_dict": NotATensor()}, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(RecipeError, match=r"zero_pp_rank_0_mp_rank_00_optim_states.pt holds objects outside the safe list"):
+        _check_safe_to_load(str(tmp_path))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal; fp16 itself needs a GPU")
 def test_fp16_on_cpu_is_refused_with_one_line(tmp_path):
     path = tmp_path / "tiny.yaml"
