@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(argv[0], argv[1:])
         train(recipe)
     except RecipeError as exc:
-        print(f"sqdist: recipe error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; one of them says why
+            print(f"sqdist: recipe error: {exc}", file=sys.stderr)
         return 2
     return 0
 
