@@ -179,6 +179,16 @@ class SQController:
                 return name
         return "?"
 
+    def mean_errors(self) -> dict[str, float]:
+        """Per layer: mean quantization error of the current weights (for logging).
+
+        Reuses this step's draw when there was one; under ``draw_in_forward`` (ZeRO-3,
+        weights sharded outside forward) it is the error seen at the last draw.
+        """
+        if self.draw_in_forward or 0.0 < self.selector.ratio < 1.0:
+            return dict(self.last_errors)
+        return {name: float(e.mean()) for name, e in self.errors().items()}
+
     def quantized_fraction(self) -> dict[str, float]:
         """Per layer: fraction of rows (or elements) quantized in the current step."""
         ratio = self.selector.ratio

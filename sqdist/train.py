@@ -260,7 +260,7 @@ def train(recipe: dict, on_step=None) -> dict:
                     fractions = sq.quantized_fraction()
                     metrics.update({"sq/ratio": sq.ratio, "sq/stage": sq.stage,
                                     "sq/quantized_fraction": sum(fractions.values()) / len(fractions),
-                                    **{f"sq/error/{k}": v for k, v in sq.last_errors.items()},
+                                    **{f"sq/error/{k}": v for k, v in sq.mean_errors().items()},
                                     **{f"sq/quantized/{k}": v for k, v in fractions.items()}})
                 tracker.log(metrics, step)
                 bar.set_postfix(loss=f"{loss.item():.3f}", ratio=sq.ratio if sq else 0.0)

@@ -110,6 +110,9 @@ def test_short_run_writes_summary_metrics_checkpoints_and_wandb(tiny_recipe, tmp
     assert first["sq/ratio"] == 0.5 and 0.45 < first["sq/quantized_fraction"] < 0.55
     assert any(k.startswith("sq/error/") for k in first) and "lr" in first
     assert train_lines[-1]["sq/ratio"] == 1.0 and train_lines[-1]["sq/quantized_fraction"] == 1.0
+    errors = {k: v for k, v in train_lines[-1].items() if k.startswith("sq/error/")}
+    assert errors and all(0.2 < v < 0.8 for v in errors.values())  # TWN's error, measured at ratio 1 too
+    assert errors != {k: first[k] for k in errors}  # the weights moved, so did the error
     meta = json.loads((run / "final" / "meta.json").read_text())
     assert meta["quant"]["name"] == "twn" and meta["sq"]["ratio"] == 1.0 and meta["quant"]["layers"]
     assert set(load_file(str(run / "final" / "model.safetensors"))) >= {"conv1.0.weight", "fc.weight"}
