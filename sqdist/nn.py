@@ -250,6 +250,7 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
             continue
         module.__class__ = sq_cls  # same object, same Parameters: optimizers and engines keep working
         module.quantizer = create_quantizer(config.quantizer, **dict(config.params)).to(module.weight.device)
+        module.quantizer.calibrate(module.weight.detach())  # a no-op unless the quantizer has state to set
         module.sq_mask = None
         module._sq = None
         layers[name] = module

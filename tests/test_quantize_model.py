@@ -251,3 +251,42 @@ def test_pack_bits_round_trip(n, generator):
 def test_pack_bits_layout_is_little_endian():
     mask = torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 1], dtype=torch.bool)
     assert pack_bits(mask).tolist() == [0b00001101, 0b00000001]
+
+
+def test_quantizer_with_learnable_state_is_calibrated_and_trained():
+    """A quantizer may hold parameters: quantize_model calibrates it, and they get gradients."""
+    import torch
+    from torch import nn
+
+    import sqdist
+
+    @sqdist.register_quantizer("test_learned_scale")
+    class LearnedScale(sqdist.Quantizer):
+        bits = 2
+
+        def __init__(self):
+            super().__init__()
+            self.log_scale = nn.Parameter(torch.zeros(()))
+            self.calibrated_from = None
+
+        def calibrate(self, weight):
+            self.calibrated_from = tuple(weight.shape)
+            with torch.no_grad():
+                self.log_scale.fill_(float(weight.abs().mean().log()))
+
+        def quantize_codes(self, w):
+            scale = self.log_scale.detach().exp().expand(w.shape[0])
+            return torch.sign(w), scale
+
+        def forward(self, weight):  # learned scale: gradient reaches log_scale, STE for the weight
+            sign = torch.sign(weight)
+            return weight + (sign - weight).detach() + sign.detach() * (self.log_scale.exp() - 1.0)
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    sq = sqdist.quantize_model(model, sqdist.QuantConfig("test_learned_scale", sq=sqdist.SQConfig(ratios=(1.0,))))
+    layer = model[2]
+    assert list(sq.layers) == ["2"] and layer.quantizer.calibrated_from == (8, 8)
+    assert torch.isclose(layer.quantizer.log_scale.exp(), layer.weight.abs().mean())
+    model(torch.randn(5, 4)).sum().backward()
+    assert layer.quantizer.log_scale.grad is not None and layer.quantizer.log_scale.grad != 0
+    assert "2.quantizer.log_scale" in dict(model.named_parameters())
