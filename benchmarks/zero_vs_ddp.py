@@ -59,8 +59,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    engines = {"ddp": [*args.override]} | {f"zero{s}": [*args.override, "engine.name=deepspeed", f"engine.zero_stage={s}"]
-                                          for s in args.stages}
+    # the same training on every engine: DeepSpeed owns its optimizer state, so no per-stage optimizer restart
+    common = ["sq.restart_per_stage=false", *args.override]
+    engines = {"ddp": common} | {f"zero{s}": [*common, "engine.name=deepspeed", f"engine.zero_stage={s}"]
+                                 for s in args.stages}
     times: dict[str, list[float]] = {name: [] for name in engines}
     port = 29500 + os.getpid() % 1000
     with tempfile.TemporaryDirectory() as tmp:

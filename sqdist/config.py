@@ -46,7 +46,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "variant": "paper",        # paper | authors
         "seed": 0,                 # rank r draws with seed + r; rank 0's masks are broadcast
         "broadcast": True,
-        "restart_per_stage": False,  # each stage a fresh run (optimizer + LR schedule) from the last weights
+        "restart_per_stage": False,  # each stage a fresh run (optimizer state + LR schedule) from the last weights; DDP only
     },
     "optim": {
         "name": "sgd",             # any timm optimizer (sgd, momentum, adam, adamw, ...)
@@ -208,6 +208,9 @@ def validate(recipe: dict) -> None:
         raise RecipeError(f"optim.lr={recipe['optim']['lr']!r}: expected a number > 0")
     if recipe["engine"]["zero_stage"] not in (0, 1, 2, 3):
         raise RecipeError(f"engine.zero_stage={recipe['engine']['zero_stage']!r}: allowed: 0, 1, 2, 3")
+    if recipe["sq"]["restart_per_stage"] and recipe["engine"]["name"] == "deepspeed":
+        raise RecipeError("sq.restart_per_stage=True: not supported with engine.name=deepspeed (DeepSpeed owns the "
+                          "optimizer state); allowed: false, or engine.name=ddp")
     _validate_names(recipe)
 
 

@@ -85,6 +85,11 @@ def lr_factor(step: int, recipe: dict, steps_per_epoch: int, total_steps: int) -
     return 1.0
 
 
+def reset_optimizer_state(optimizer) -> None:
+    """Forget momentum / Adam moments: the next SQ stage starts as a fresh run."""
+    getattr(optimizer, "optimizer", optimizer).state.clear()  # Accelerate wraps the torch optimizer
+
+
 def set_bn_train_only(model: torch.nn.Module) -> None:
     """Train mode for BatchNorm only: SQ layers use their fully quantized weights."""
     model.eval()
@@ -269,6 +274,8 @@ def train(recipe: dict, on_step=None) -> dict:
                 new_stage = (sq.advance("epoch") if sq is not None else False) or new_stage
             if new_stage:
                 stage_eval("stage-end", *ended)
+                if recipe["sq"]["restart_per_stage"]:
+                    reset_optimizer_state(optimizer)
                 checkpoint()
             elif tcfg["checkpoint_every"] and step % tcfg["checkpoint_every"] == 0:
                 checkpoint()

@@ -207,3 +207,21 @@ def test_folder_dataset_in_imagenet_layout(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["total_steps"] == 2 * (24 // 6)
     assert 0.0 <= summary["final_accuracy"] <= 100.0 and len(summary["stages"]) >= 1
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_restart_per_stage_starts_each_stage_with_a_fresh_optimizer(tiny_recipe, tmp_path, restart):
+    """The SQ authors' protocol: every stage a fresh run (optimizer state and LR) from the last weights."""
+    run = tmp_path / "run"
+    proc = run_train(tiny_recipe, f"run.dir={run}", f"sq.restart_per_stage={str(restart).lower()}",
+                     "train.max_steps=45", "train.checkpoint_every=40", "sq.ratios=[0.5,1.0]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage_change = torch.load(run / "checkpoints" / "step-0000042" / "optimizer.pt", weights_only=True)
+    mid_stage = torch.load(run / "checkpoints" / "step-0000040" / "optimizer.pt", weights_only=True)
+    assert len(mid_stage["state"]) > 0  # SGD momentum buffers
+    assert (len(stage_change["state"]) == 0) == restart
+
+
+def test_restart_per_stage_is_refused_under_deepspeed(tiny_recipe):
+    with pytest.raises(RecipeError, match="sq.restart_per_stage=True: not supported with engine.name=deepspeed"):
+        load_recipe(tiny_recipe, ["sq.restart_per_stage=true", "engine.name=deepspeed"])
