@@ -31,10 +31,13 @@ from sqdist.slurm import main as slurm_main
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "digits_sq_twn.yaml"
 PY = sys.executable
-# A short run: 2 ranks x 12 optimizer steps, a checkpoint every 3 steps.
-STEPS = 12
+# A short run: 2 ranks x 40 optimizer steps, a checkpoint every 3 steps.
+STEPS = 40
 CPUS = min(2, os.cpu_count() or 1)  # per node, within what each loopback node has
-TRAIN_OVERRIDES = [f"train.max_steps={STEPS}", "train.checkpoint_every=3", "train.progress=false"]
+# Full-width resnet10t on 16x16 inputs: slow enough (~0.1 s a step) that a signal sent after the
+# first checkpoint reliably lands mid-run, whatever the load on the machine.
+TRAIN_OVERRIDES = [f"train.max_steps={STEPS}", "train.checkpoint_every=3", "train.progress=false",
+                   "data.image_size=16", "model.kwargs={num_classes: 10, in_chans: 1}"]
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -267,7 +270,7 @@ def test_two_node_digits_job_completes(uninterrupted_run):
     summary = json.loads((uninterrupted_run["run"] / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["total_steps"] == STEPS and summary["resumed_from_step"] is None
-    # 12 steps teach little; what matters is that the final evaluation ran and was recorded.
+    # 40 steps teach little; what matters is that the final evaluation ran and was recorded.
     assert isinstance(summary["final_accuracy"], float) and 0.0 <= summary["final_accuracy"] <= 100.0
     evals = [json.loads(line) for line in (uninterrupted_run["run"] / "metrics.jsonl").read_text().splitlines()]
     assert evals[-1]["step"] == STEPS and evals[-1]["eval/top1"] == summary["final_accuracy"]
