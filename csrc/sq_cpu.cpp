@@ -175,16 +175,6 @@ TensorList4 quantize_cpu(const std::vector<at::Tensor>& ws, int64_t kind, double
   return {p.values, p.codes, p.scales, p.errors};
 }
 
-std::string source_hash() {
-#ifdef SQDIST_SOURCE_HASH  // passed unquoted (build tools strip quotes): stringify it
-#define SQDIST_STR2(x) #x
-#define SQDIST_STR(x) SQDIST_STR2(x)
-  return SQDIST_STR(SQDIST_SOURCE_HASH);
-#else
-  return "";
-#endif
-}
-
 int64_t max_threads() { return std::max(1, at::get_num_threads()); }
 
 }  // namespace

@@ -53,16 +53,6 @@ TensorList4 quantize_cuda(const std::vector<at::Tensor>& ws, int64_t kind, doubl
   return {p.values, p.codes, p.scales, p.errors};
 }
 
-std::string source_hash() {
-#ifdef SQDIST_SOURCE_HASH
-#define SQDIST_STR2(x) #x
-#define SQDIST_STR(x) SQDIST_STR2(x)
-  return SQDIST_STR(SQDIST_SOURCE_HASH);
-#else
-  return "";
-#endif
-}
-
 }  // namespace
 }  // namespace sqdist
 

@@ -1,6 +1,7 @@
 // Argument checks and output allocation shared by the CPU and CUDA ops.
 #pragma once
 #include <ATen/ATen.h>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -100,6 +101,18 @@ inline Prepared prepare(const std::vector<at::Tensor>& ws, int64_t kind, int64_t
     if (j.n > p.max_n) p.max_n = j.n;
   }
   return p;
+}
+
+// The csrc/ hash the op was built from (-DSQDIST_SOURCE_HASH=..., passed unquoted because
+// build tools strip quotes: stringify it); sqdist compares it with the sources to spot a stale build.
+inline std::string source_hash() {
+#ifdef SQDIST_SOURCE_HASH
+#define SQDIST_STR2(x) #x
+#define SQDIST_STR(x) SQDIST_STR2(x)
+  return SQDIST_STR(SQDIST_SOURCE_HASH);
+#else
+  return "";
+#endif
 }
 
 }  // namespace sqdist
