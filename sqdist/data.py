@@ -42,16 +42,10 @@ def load_folder_split(root: str, image_size: int, in_chans: int = 3) -> tuple[Da
     from timm.data import create_dataset, create_transform
 
     train = create_dataset("", root=root, split="train", is_training=True)
-    val = create_dataset("", root=root, split="validation" if not _has(root, "val") else "val")
+    val = create_dataset("", root=root, split="val")  # the recipe check requires root/val
     train.transform = create_transform(image_size, is_training=True)
     val.transform = create_transform(image_size, is_training=False)
     return train, val
-
-
-def _has(root: str, split: str) -> bool:
-    import os
-
-    return os.path.isdir(os.path.join(root, split))
 
 
 def build_datasets(recipe: dict) -> tuple[Dataset, Dataset]:

@@ -171,13 +171,7 @@ class SQController:
             (mask,) = sqdist_dist.broadcast_masks([mask])
         layer.sq_mask = _layer_mask(mask, layer)
         layer._sq_mask_step = step
-        self.last_errors[self._name_of(layer)] = float(error.mean())
-
-    def _name_of(self, layer) -> str:
-        for name, candidate in self.layers.items():
-            if candidate is layer:
-                return name
-        return "?"
+        self.last_errors[layer.sq_name] = float(error.mean())
 
     def mean_errors(self) -> dict[str, float]:
         """Per layer: mean quantization error of the current weights (for logging).
@@ -252,6 +246,7 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
         module.quantizer = create_quantizer(config.quantizer, **dict(config.params)).to(module.weight.device)
         module.quantizer.calibrate(module.weight.detach())  # a no-op unless the quantizer has state to set
         module.sq_mask = None
+        module.sq_name = name  # for per-layer logs from inside the forward (ZeRO-3 draws)
         module._sq = None
         layers[name] = module
     if skipped:
