@@ -92,14 +92,15 @@ def build(backend: str, verbose: bool = False) -> Path:
     home = cuda_home()
     if home and not os.environ.get("CUDA_HOME"):
         os.environ["CUDA_HOME"] = home  # before cpp_extension reads it on import (else a wrong guess and a warning)
-    from torch.utils import cpp_extension
-
     key = source_hash(backend)
     name = f"sqdist_{backend}_{key}"
     build_dir = cache_root() / name
     lib = build_dir / f"{name}.so"
     if lib.exists():
         return lib
+    # imported only for a real build: importing it on a machine without CUDA prints a warning
+    from torch.utils import cpp_extension
+
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(CSRC / s) for s in SOURCES[backend]]
     kw = dict(name=name, sources=sources, build_directory=str(build_dir), verbose=verbose,
