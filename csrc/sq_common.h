@@ -58,4 +58,11 @@ SQ_HD float code_of(float x, float thr, float safe, float levels) {
   return fminf(fmaxf(c, -levels), levels);
 }
 
+// Normalized error |w - q| / |w| (or its row sums). A zero |w| is exact only when q
+// is zero too; a zero weight mapped to a nonzero level (BWN maps 0 to +a) has an
+// infinite relative error, so SQ never takes it for an exact one.
+SQ_HD float relative_error(float diff, float ref) {
+  return ref > 0.f ? diff / ref : (diff > 0.f ? INFINITY : 0.f);
+}
+
 }  // namespace sqdist

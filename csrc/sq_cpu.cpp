@@ -80,7 +80,7 @@ void quantize_row(const Job& j, int64_t r, float delta, float levels, float laye
       const float x = static_cast<float>(w[i]);
       diff += std::fabs(x - static_cast<float>(static_cast<T>(sq * cpu_code<KIND>(x, thr, safe, levels))));
     }
-    j.error[r] = sum_abs > 0.f ? static_cast<float>(diff) / sum_abs : 0.f;
+    j.error[r] = relative_error(static_cast<float>(diff), sum_abs);
   }
   if (out & OUT_ERROR_ELEMENT) {
     float* e = j.error + r * n;
@@ -89,7 +89,7 @@ void quantize_row(const Job& j, int64_t r, float delta, float levels, float laye
       const float x = static_cast<float>(w[i]);
       const float a = std::fabs(x);
       const float d = std::fabs(x - static_cast<float>(static_cast<T>(sq * cpu_code<KIND>(x, thr, safe, levels))));
-      e[i] = a > 0.f ? d / a : 0.f;
+      e[i] = relative_error(d, a);
     }
   }
   if (out & OUT_CODES) {

@@ -136,12 +136,12 @@ quantize_kernel(const Job* __restrict__ jobs, int njobs, int64_t total_rows, flo
     if (values) values[i] = (emask ? emask[i] : row_q) ? q_t : wt;
     if (elem_err) {
       const float a = fabsf(x);
-      elem_err[i] = a > 0.f ? e / a : 0.f;
+      elem_err[i] = relative_error(e, a);
     }
   }
   if (out & OUT_ERROR_CHANNEL) {
     d = group_sum<G>(d, smem_d);
-    if (tid == 0) j.error[r] = sum_abs > 0.f ? static_cast<float>(d) / sum_abs : 0.f;
+    if (tid == 0) j.error[r] = relative_error(static_cast<float>(d), sum_abs);
   }
 }
 

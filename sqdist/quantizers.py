@@ -55,14 +55,17 @@ def quantization_error(w: Tensor, q: Tensor, granularity: str = "channel") -> Te
     """Normalized L1 error of ``q`` against ``w`` (both (m, n)).
 
     ``channel``: ``e_i = ||w_i - q_i||_1 / ||w_i||_1``, shape (m,).
-    ``element``: ``e_ij = |w_ij - q_ij| / |w_ij|``, shape (m, n). A zero
-    denominator gives error 0 (a zero row or element is represented exactly).
+    ``element``: ``e_ij = |w_ij - q_ij| / |w_ij|``, shape (m, n). Where the
+    denominator is zero the error is 0 if ``q`` is zero there too (represented
+    exactly) and ``inf`` otherwise (BWN maps a zero weight to ``+a``: the
+    worst, not the best, candidate for quantization).
     """
     diff = (w - q).abs().float()
     ref = w.abs().float()
     if granularity == "channel":
         diff, ref = diff.sum(dim=1), ref.sum(dim=1)
-    return torch.where(ref > 0, diff / ref.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(diff))
+    at_zero = torch.where(diff > 0, torch.full_like(diff, float("inf")), torch.zeros_like(diff))
+    return torch.where(ref > 0, diff / ref.clamp(min=torch.finfo(torch.float32).tiny), at_zero)
 
 
 # ---------------------------------------------------------------- modules
@@ -128,12 +131,23 @@ class Quantizer(nn.Module):
         """Parameters of the compiled SQ op (csrc/) that computes this quantizer, or None."""
         return None
 
+    # what a subclass may redefine and still be what the fused op computes: nothing of these
+    _FUSED_METHODS = ("quantize_codes", "quantize", "error", "forward", "hybrid")
+
     def _spec(self) -> dict | None:
-        # a subclass that redefines quantize_codes is not what the fused op computes
-        for cls in type(self).__mro__:
-            if "fused_spec" in cls.__dict__:
-                return self.fused_spec() if cls.__dict__.get("quantize_codes") is type(self).quantize_codes else None
-        return None
+        """``fused_spec()`` when the compiled op computes exactly this class, else None.
+
+        The class that defines ``fused_spec`` vouches for its own math; a subclass that
+        redefines any method on the quantize/error/forward path is not that math any more,
+        so it always runs its own code (whatever ``SQDIST_KERNELS`` says).
+        """
+        cls = type(self)
+        owner = next((c for c in cls.__mro__ if "fused_spec" in c.__dict__), None)
+        if owner is None or owner is Quantizer:
+            return None
+        if any(getattr(cls, name) is not getattr(owner, name) for name in self._FUSED_METHODS):
+            return None
+        return self.fused_spec()
 
     def _fused(self, ws, **outputs):
         spec = self._spec()

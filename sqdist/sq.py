@@ -75,7 +75,9 @@ def select(error: Tensor, ratio: float, rule: str = "linear", variant: str = "pa
     if variant == "paper":
         mask[roulette(selection_probability(flat, rule), n_q, generator)] = True
     elif variant == "authors":
-        p = flat.double() + EPS  # rows with zero error can still be drawn
+        # rows with zero error can still be drawn; an infinite error (a zero weight BWN makes
+        # nonzero) is the most likely to stay full precision, without overflowing the sum
+        p = flat.double().nan_to_num(posinf=torch.finfo(torch.float64).max / (m + 1)) + EPS
         mask[:] = True
         mask[roulette(p / p.sum(), m - n_q, generator)] = False
     else:

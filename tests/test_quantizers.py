@@ -8,7 +8,7 @@ import torch
 
 import sqdist
 from sqdist import BWN, KBit, TWN, create_quantizer, quantization_error
-from sqdist.quantizers import twn_threshold
+from sqdist.quantizers import bwn_reference, kbit_reference, twn_reference, twn_threshold
 
 W = torch.tensor([[1.0, -2.0, 3.0, -4.0],
                   [0.1, -0.2, 0.9, -1.0]])
@@ -89,22 +89,81 @@ def test_quantization_error_per_row_and_per_element():
     q = torch.tensor([[1.5, -1.5], [0.0, 0.0], [3.0, 1.0]])
     # row errors: (.5+.5)/3; a zero row is represented exactly -> 0; (1+1)/4
     torch.testing.assert_close(quantization_error(w, q), torch.tensor([1.0 / 3, 0.0, 0.5]))
-    # element errors |w - q| / |w|, 0 where w == 0
+    # element errors |w - q| / |w|; where w == 0: 0 if q == 0 too (exact), else inf
+    inf = float("inf")
     torch.testing.assert_close(quantization_error(w, q, "element"),
-                               torch.tensor([[0.5, 0.25], [0.0, 0.0], [0.25, 0.0]]))
+                               torch.tensor([[0.5, 0.25], [0.0, 0.0], [0.25, inf]]))
+
+
+@pytest.mark.parametrize("kernels", ["reference", "auto"])
+def test_bwn_zero_weight_is_not_called_exact(kernels, monkeypatch):
+    """BWN maps a weight of exactly 0 to +a: its element error is infinite, so SQ's
+    probability for it is 0 (it was 0 error and p ~ 1: always quantized first)."""
+    from sqdist.sq import selection_probability
+
+    monkeypatch.setenv("SQDIST_KERNELS", kernels)
+    w = torch.tensor([[0.0, 1.0, -2.0, 3.0]])  # a = 1.5: Q = [1.5, 1.5, -1.5, 1.5]
+    e = BWN().error(w, "element")
+    torch.testing.assert_close(e, torch.tensor([[float("inf"), 0.5, 0.25, 0.5]]))
+    p = selection_probability(e.reshape(-1))
+    assert p[0] == 0 and torch.allclose(p[1:].sum(), torch.tensor(1.0, dtype=torch.float64))
+    assert p[2] > p[1] == p[3]  # the smallest error is the likeliest
+    # TWN maps 0 to 0: exact, error 0
+    assert TWN().error(w, "element")[0, 0] == 0
 
 
 @pytest.mark.parametrize("name, params", [("bwn", {}), ("twn", {}), ("twn", {"threshold": "layer"}),
                                           ("kbit", {"bits": 2}), ("kbit", {"bits": 8}), ("kbit_pow2", {"bits": 4})])
-def test_forward_is_q_with_straight_through_gradient(name, params):
+def test_forward_is_q_with_straight_through_gradient(name, params, monkeypatch):
     quantizer = create_quantizer(name, **params)
     w = torch.randn(8, 3, 3, 3, requires_grad=True)  # a conv weight: rows are output channels
-    out = quantizer(w)
+    out = quantizer(w)  # the fused kernel where one serves it (SQDIST_KERNELS=auto)
+    monkeypatch.setenv("SQDIST_KERNELS", "reference")  # the expected value: the pure-PyTorch reference
     q, _ = quantizer.quantize(w.detach().reshape(8, -1))
+    reference = {"bwn": lambda x: bwn_reference(x), "twn": lambda x: twn_reference(x, **params),
+                 "kbit": lambda x: kbit_reference(x, **params)}.get(name)
+    if reference is not None:  # a built-in: also against the reference function itself
+        codes, scale = reference(w.detach().reshape(8, -1))
+        torch.testing.assert_close(q, codes * scale[:, None])
     assert out.shape == w.shape
     torch.testing.assert_close(out.detach(), q.reshape(w.shape))
     out.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))  # d sum(q(w)) / dw = 1 straight through
+
+
+class HalvedBWN(BWN):
+    """A subclass that changes BWN's math by overriding ``quantize`` only."""
+
+    def quantize(self, w):
+        q, scale = super().quantize(w)
+        return q / 2, scale / 2
+
+
+class NoisyTWN(TWN):
+    """Overrides ``error`` only: the selection must see this error, not the kernel's."""
+
+    def error(self, w, granularity="channel"):
+        return torch.full(w.shape[:1] if granularity == "channel" else w.shape, 0.125)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "auto"])
+def test_a_subclass_that_overrides_its_math_runs_its_own_code(kernels, monkeypatch):
+    """The fused op computes BWN/TWN/k-bit exactly; a subclass overriding forward, quantize,
+    hybrid or error is no longer that math, whatever SQDIST_KERNELS says."""
+    from sqdist.quantizers import layer_errors
+
+    monkeypatch.setenv("SQDIST_KERNELS", kernels)
+    w = torch.randn(6, 10)
+    half, plain = HalvedBWN(), BWN()
+    assert half._spec() is None and NoisyTWN()._spec() is None
+    codes, scale = bwn_reference(w)
+    torch.testing.assert_close(half(w), codes * scale[:, None] / 2)
+    mask = torch.tensor([True, False] * 3)
+    torch.testing.assert_close(half.hybrid(w, mask), torch.where(mask[:, None], codes * scale[:, None] / 2, w))
+    torch.testing.assert_close(plain.hybrid(w, mask), torch.where(mask[:, None], codes * scale[:, None], w))
+    errors = layer_errors([NoisyTWN(), TWN()], [w, w])
+    assert torch.equal(errors[0], torch.full((6,), 0.125))
+    torch.testing.assert_close(errors[1], quantization_error(w, TWN().quantize(w)[0]))
 
 
 def test_pow2_plugin_scale_is_a_power_of_two_that_does_not_saturate():
