@@ -35,14 +35,18 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
+    import warnings
+
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in _QUANTIZERS:
+            taken = _QUANTIZERS[ep.name]
+            if f"{taken.__module__}:{taken.__qualname__}" != ep.value:  # not the same class announced twice
+                warnings.warn(f"sqdist: quantizer plugin {ep.name!r} ({ep.value}) skipped: the name is already "
+                              f"registered by {taken.__module__}.{taken.__qualname__}; rename the entry point")
             continue
         try:
             cls = ep.load()
         except Exception as exc:  # a broken plugin must not break sqdist
-            import warnings
-
             warnings.warn(f"sqdist: quantizer plugin {ep.name!r} ({ep.value}) failed to load: {exc}")
             continue
         if ep.name not in _QUANTIZERS:  # the plugin module may have used the decorator itself

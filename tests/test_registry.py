@@ -106,3 +106,21 @@ def test_user_quantizer_works_end_to_end_in_quantize_model():
     w = layer.weight.detach()
     expected = 0.25 * w.abs().amax(dim=(1, 2, 3), keepdim=True) * torch.where(w >= 0, 1.0, -1.0)
     torch.testing.assert_close(layer.sq_weight().detach(), expected)
+
+
+def test_plugin_reusing_a_builtin_name_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    """A real installed distribution (a .dist-info folder on sys.path) whose entry point
+    claims the name 'twn': the built-in keeps it, and the user is told why the plugin is not used."""
+    from sqdist import registry
+
+    info = tmp_path / "clash_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: clash-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\ntwn = clash_plugin:MyTernary\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "clash_plugin:MyTernary" in {ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    with pytest.warns(UserWarning, match=r"quantizer plugin 'twn' \(clash_plugin:MyTernary\) skipped: the name is "
+                                         r"already registered by sqdist.quantizers.TWN"):
+        registry._load_entry_points()
+    assert type(create_quantizer("twn")).__module__ == "sqdist.quantizers"
