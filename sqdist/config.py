@@ -46,7 +46,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "variant": "paper",        # paper | authors
         "seed": 0,                 # rank r draws with seed + r; rank 0's masks are broadcast
         "broadcast": True,
-        "restart_per_stage": False,  # each stage a fresh run (optimizer state + LR schedule) from the last weights; DDP only
+        "restart_per_stage": False,  # each stage a fresh run (optimizer state + LR schedule) from the last weights
     },
     "optim": {
         "name": "sgd",             # any timm optimizer (sgd, momentum, adam, adamw, ...)
@@ -100,6 +100,30 @@ CHOICES = {
     "engine.name": ("ddp", "deepspeed"),
     "engine.mixed_precision": ("no", "bf16", "fp16"),
 }
+# numeric keys: (low, high, (low included, high included)); high None: no upper bound
+RANGES = {
+    "data.image_size": (1, None, (True, False)),
+    "data.batch_size": (1, None, (True, False)),
+    "data.eval_batch_size": (1, None, (True, False)),
+    "data.workers": (0, None, (True, False)),
+    "data.test_fraction": (0, 1, (False, False)),
+    "sq.stage_length": (1, None, (True, False)),
+    "sq.seed": (0, None, (True, False)),
+    "optim.lr": (0, None, (False, False)),
+    "optim.momentum": (0, 1, (True, False)),
+    "optim.weight_decay": (0, None, (True, False)),
+    "sched.warmup_steps": (0, None, (True, False)),
+    "sched.gamma": (0, 1, (False, True)),
+    "train.epochs": (1, None, (True, False)),
+    "train.max_steps": (0, None, (True, False)),
+    "train.seed": (0, None, (True, False)),
+    "train.checkpoint_every": (0, None, (True, False)),
+    "train.log_every": (1, None, (True, False)),
+    "train.bn_recalibrate": (0, None, (True, False)),
+    "engine.zero_stage": (0, 3, (True, True)),
+    "engine.grad_accum": (1, None, (True, False)),
+    "engine.gradient_clipping": (0, None, (True, False)),
+}
 # keys whose default is None: the type they take when set
 NULLABLE = {"data.root": str, "engine.config": str, "track.entity": str, "run.dir": str}
 
@@ -110,6 +134,15 @@ class RecipeError(ValueError):
 
 def _type_name(t) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}[t]
+
+
+def _describe_range(kind: type, low, high, closed) -> str:
+    what = "an integer" if kind is int else "a number"
+    if high is None:
+        return f"{what} {'>=' if closed[0] else '>'} {low}"
+    if kind is int and closed == (True, True):
+        return f"{what} from {low} to {high}"
+    return f"{what} in {'[' if closed[0] else '('}{low}, {high}{']' if closed[1] else ')'}"
 
 
 def _check_type(key: str, value: Any, default: Any) -> Any:
@@ -160,8 +193,10 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> dict:
         if not os.path.isfile(path):
             raise RecipeError(f"recipe {path!r}: no such file")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 loaded = yaml.safe_load(f) or {}
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"recipe {path!r}: not UTF-8 text (byte {exc.start}); expected a YAML file") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -175,9 +210,17 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> dict:
                 raise RecipeError(f"{section}={values!r}: expected a mapping of keys")
             for name, value in values.items():
                 _set(recipe, f"{section}.{name}", value)
+    overridden = []
     for text in overrides:
-        _set(recipe, *parse_override(text))
+        key, value = parse_override(text)
+        _set(recipe, key, value)
+        overridden.append((key, value))
     validate(recipe)
+    if recipe["quant"]["enabled"] is False:  # a quant/sq override would silently train full precision
+        for key, value in overridden:
+            if key.split(".")[0] in ("quant", "sq") and key != "quant.enabled":
+                raise RecipeError(f"{key}={value!r}: has no effect, quant.enabled=false in this recipe (it trains "
+                                  "full precision); add quant.enabled=true to quantize")
     if recipe["run"]["dir"] is None:
         stem = os.path.splitext(os.path.basename(path))[0] if path else "run"
         recipe["run"]["dir"] = os.path.join("runs", stem)
@@ -193,24 +236,24 @@ def validate(recipe: dict) -> None:
             allowed = CHOICES.get(key)
             if allowed and recipe[section][name] not in allowed:
                 raise RecipeError(f"{key}={recipe[section][name]!r}: allowed: {', '.join(allowed)}")
-    for key in ("train.epochs", "data.batch_size", "data.eval_batch_size", "data.image_size", "sq.stage_length", "engine.grad_accum"):
+    for key, (low, high, closed) in RANGES.items():
         section, name = key.split(".")
-        if recipe[section][name] < 1:
-            raise RecipeError(f"{key}={recipe[section][name]!r}: expected an integer >= 1")
-    for key in ("train.max_steps", "train.checkpoint_every", "train.bn_recalibrate", "data.workers"):
-        section, name = key.split(".")
-        if recipe[section][name] < 0:
-            raise RecipeError(f"{key}={recipe[section][name]!r}: expected an integer >= 0")
+        value = recipe[section][name]
+        below = value < low if closed[0] else value <= low
+        above = high is not None and (value > high if closed[1] else value >= high)
+        if below or above:
+            raise RecipeError(f"{key}={value!r}: expected {_describe_range(type(DEFAULTS[section][name]), low, high, closed)}")
     ratios = recipe["sq"]["ratios"]
     if not ratios or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1 for r in ratios):
         raise RecipeError(f"sq.ratios={ratios!r}: expected a non-empty list of numbers in [0, 1]")
-    if recipe["optim"]["lr"] <= 0:
-        raise RecipeError(f"optim.lr={recipe['optim']['lr']!r}: expected a number > 0")
-    if recipe["engine"]["zero_stage"] not in (0, 1, 2, 3):
-        raise RecipeError(f"engine.zero_stage={recipe['engine']['zero_stage']!r}: allowed: 0, 1, 2, 3")
-    if recipe["sq"]["restart_per_stage"] and recipe["engine"]["name"] == "deepspeed":
-        raise RecipeError("sq.restart_per_stage=True: not supported with engine.name=deepspeed (DeepSpeed owns the "
-                          "optimizer state); allowed: false, or engine.name=ddp")
+    milestones = recipe["sched"]["milestones"]
+    if any(isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1 for m in milestones):
+        raise RecipeError(f"sched.milestones={milestones!r}: expected a list of fractions in [0, 1]")
+    sq = recipe["sq"]
+    if sq["variant"] == "authors" and sq["probability"] != "linear":
+        raise RecipeError(f"sq.probability={sq['probability']!r}: sq.variant=authors draws the rows that stay full "
+                          "precision with probability proportional to the error and has no probability rule; "
+                          "allowed with it: linear (the default), or sq.variant=paper")
     _validate_names(recipe)
 
 
@@ -224,6 +267,13 @@ def _validate_names(recipe: dict) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise RecipeError(f"model.name={name!r}: not a timm model (see timm.list_models()){hint}")
+    from timm.optim import list_optimizers
+
+    opt = recipe["optim"]["name"]
+    if opt not in list_optimizers():
+        close = difflib.get_close_matches(opt, list_optimizers(), n=3)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise RecipeError(f"optim.name={opt!r}: not a timm optimizer (see timm.optim.list_optimizers()){hint}")
     q = recipe["quant"]
     if q["enabled"]:
         if q["name"] not in list_quantizers():
@@ -240,8 +290,6 @@ def _validate_names(recipe: dict) -> None:
         for split in ("train", "val"):
             if not os.path.isdir(os.path.join(root, split)):
                 raise RecipeError(f"data.root={root!r}: missing folder {os.path.join(root, split)!r} (expected ImageNet layout: train/ and val/ with one sub-folder per class)")
-    if not 0 < data["test_fraction"] < 1:
-        raise RecipeError(f"data.test_fraction={data['test_fraction']!r}: expected a number in (0, 1)")
     resume = recipe["train"]["resume"]
     if resume not in ("none", "auto") and not os.path.isdir(resume):
         raise RecipeError(f"train.resume={resume!r}: allowed: none, auto, or an existing checkpoint folder")
