@@ -6,7 +6,8 @@ into place only when complete; ``latest`` is replaced atomically after)::
     RUN/checkpoints/step-0000120/
         model.safetensors     model state_dict (rank 0; replicas are identical)
         optimizer.pt          optimizer state_dict (torch.load(weights_only=True))
-        state-rank{r}.pt      per rank: train position, SQ selector, RNG states
+        state-rank{r}.pt      per rank: train position, SQ selector, RNG states (Python, numpy,
+                              torch, CUDA), the fp16 GradScaler
         meta.json             model/quantizer description (what export needs)
     RUN/checkpoints/latest    "step-0000120"
 """
@@ -84,8 +85,12 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def load_checkpoint(path: str, rank: int = 0) -> dict:
-    """``{"model", "optimizer", "rank_state", "meta"}`` from a checkpoint folder (safe formats only)."""
+def load_checkpoint(path: str, rank: int = 0, weights: bool = True) -> dict:
+    """``{"model", "optimizer", "rank_state", "meta"}`` from a checkpoint folder (safe formats only).
+
+    ``weights=False`` skips the model and optimizer files (``None`` for both): under
+    DeepSpeed every rank restores its own shards instead of reading the whole model.
+    """
     state_file = os.path.join(path, f"state-rank{rank}.pt")
     if not os.path.isfile(state_file):  # resuming on more ranks than saved: start from rank 0's position
         state_file = os.path.join(path, "state-rank0.pt")
@@ -93,8 +98,8 @@ def load_checkpoint(path: str, rank: int = 0) -> dict:
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     return {
-        "model": load_file(os.path.join(path, "model.safetensors")),
-        "optimizer": torch.load(opt, weights_only=True) if os.path.isfile(opt) else None,
+        "model": load_file(os.path.join(path, "model.safetensors")) if weights else None,
+        "optimizer": torch.load(opt, weights_only=True) if weights and os.path.isfile(opt) else None,
         "rank_state": torch.load(state_file, weights_only=True),
         "meta": meta,
     }

@@ -7,8 +7,10 @@ exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -79,12 +81,63 @@ class EpochBatches:
         return out[start:]
 
 
-def loader(dataset: Dataset, batches: list[list[int]], workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers)
+class SeededSamples(Dataset):
+    """``dataset`` whose sample ``(epoch, index)`` draws its randomness (timm's random crop
+    and flip, any augmentation) from a seed that is a pure function of (seed, epoch, index).
+
+    So a sample is the same whichever worker loads it and whenever it is loaded: a run
+    resumed mid-epoch, with any ``data.workers``, sees exactly the samples an
+    uninterrupted run would. The caller's RNG streams (torch, Python, numpy) are left
+    as they were, so the model's own randomness (dropout) is not disturbed either.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % 2**32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
 
 
-def eval_loader(dataset: Dataset, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0) -> DataLoader:
-    """Each rank evaluates every ``world``-th sample; counts are summed across ranks."""
-    idx = list(range(rank, len(dataset), world))
-    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers)
+def loader(dataset: Dataset, batches: list[list[int]], workers: int = 0, *, seed: int = 0, epoch: int = 0) -> DataLoader:
+    """Batches of ``dataset`` (index lists), each sample seeded by (seed, epoch, index).
+
+    The loader has a generator of its own: starting it (or its workers) takes no draw
+    from the global torch RNG, so where a run resumes does not shift that stream.
+    """
+    keyed = [[(epoch, i) for i in batch] for batch in batches]
+    return DataLoader(SeededSamples(dataset, seed), batch_sampler=keyed, num_workers=workers,
+                      generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def eval_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> tuple[list[list[int]], int]:
+    """Rank ``rank``'s evaluation batches and how many of its samples are real.
+
+    Rank ``r`` takes every ``world``-th sample; ranks with one sample fewer repeat their
+    last one, so every rank runs the same number of batches (under ZeRO-3 every forward
+    is a collective: unequal counts would hang). Count only the first ``real`` samples.
+    """
+    idx = list(range(rank, n, world))
+    real = len(idx)
+    per_rank = -(-n // world)
+    idx += idx[-1:] * (per_rank - real) if idx else [0] * per_rank
+    return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)], real
+
+
+def eval_loader(dataset: Dataset, batch_size: int, rank: int = 0, world: int = 1, workers: int = 0) -> tuple[DataLoader, int]:
+    """``(loader, real)``: see :func:`eval_batches`; counts are summed across ranks."""
+    batches, real = eval_batches(len(dataset), batch_size, rank, world)
+    return loader(dataset, batches, workers), real

@@ -156,7 +156,7 @@ class SQController:
             masks = sqdist_dist.broadcast_masks(masks)
         for (name, layer), e, mask in zip(self.layers.items(), errors.values(), masks):
             layer.sq_mask = _layer_mask(mask, layer)
-            self.last_errors[name] = float(e.mean())
+            self.last_errors[name] = _mean_error(e)
 
     @torch.no_grad()
     def draw_for_layer(self, layer: SQLayer) -> None:
@@ -171,7 +171,7 @@ class SQController:
             (mask,) = sqdist_dist.broadcast_masks([mask])
         layer.sq_mask = _layer_mask(mask, layer)
         layer._sq_mask_step = step
-        self.last_errors[layer.sq_name] = float(error.mean())
+        self.last_errors[layer.sq_name] = _mean_error(error)
 
     def mean_errors(self) -> dict[str, float]:
         """Per layer: mean quantization error of the current weights (for logging).
@@ -181,7 +181,7 @@ class SQController:
         """
         if self.draw_in_forward or 0.0 < self.selector.ratio < 1.0:
             return dict(self.last_errors)
-        return {name: float(e.mean()) for name, e in self.errors().items()}
+        return {name: _mean_error(e) for name, e in self.errors().items()}
 
     def quantized_fraction(self) -> dict[str, float]:
         """Per layer: fraction of rows (or elements) quantized in the current step."""
@@ -199,6 +199,12 @@ class SQController:
 
     def load_state_dict(self, state: dict) -> None:
         self.selector.load_state_dict(state["selector"])
+
+
+def _mean_error(error: Tensor) -> float:
+    """Mean of the finite errors (a zero weight BWN makes nonzero has an infinite one)."""
+    finite = error[torch.isfinite(error)]
+    return float(finite.mean()) if finite.numel() else float("inf")
 
 
 def _layer_mask(mask: Tensor, layer: SQLayer) -> Tensor:
@@ -224,7 +230,10 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
     """Make ``model``'s Conv/Linear weights quantized and SQ-selected, in place.
 
     Returns the :class:`SQController` that draws the masks and holds the SQ state.
-    The model's class and its ``state_dict`` keys are unchanged.
+    The model's class is unchanged, and so are its ``state_dict`` keys unless a
+    quantizer has state of its own: each quantized layer holds its quantizer as the
+    submodule ``quantizer``, so a quantizer's parameters and buffers add keys
+    ``<layer>.quantizer.<name>`` (none for BWN, TWN and k-bit).
     """
     candidates = [n for n, m in model.named_modules() if isinstance(m, tuple(SQ_CLASSES))]
     kept_fp = _stem_and_classifier(model, candidates) if config.keep_stem_and_classifier else set()
