@@ -1,11 +1,13 @@
-"""Export packed low-bit weights to safetensors, and load them back as a float model.
+"""Export packed low-bit weights to safetensors (or ONNX), and load them back as a float model.
 
 Command line::
 
     python -m sqdist.export RUN_DIR OUT.safetensors            # uses RUN_DIR/final
     python -m sqdist.export RUN_DIR/checkpoints/step-000123 OUT.safetensors
     python -m sqdist.export ... --force                        # also when SQ ratio < 1
-    python -m sqdist.export --check OUT.safetensors            # read back and verify
+    python -m sqdist.export ... --keep-fp-bits 8               # full-precision layers at 8 bits
+    python -m sqdist.export RUN_DIR OUT.onnx                   # ONNX (sqdist.onnx_export), checked by onnxruntime
+    python -m sqdist.export --check OUT.safetensors            # read back and verify (also OUT.onnx)
 
 Python::
 
@@ -20,11 +22,17 @@ File layout. For a quantized layer ``L`` with weight of shape ``(m, ...)``:
   ``c + L_max`` with ``L_max = 2^(bits-1) - 1`` (codes lie in ``[-L_max, L_max]``).
 - ``L.weight.scale``: ``(m,)`` per-row scales, the weight's dtype; ``Q = scale[:, None] * codes``.
 
-Every other ``state_dict`` entry (biases, full-precision layers, BatchNorm buffers) is
-stored as it is. The safetensors metadata (all strings, JSON-encoded) holds ``format``,
-``format_version``, ``sqdist_version``, ``model`` (timm name and kwargs), ``quantizer``
-(name and ``config()``), ``sq``, ``layers`` (the packed layer names, in order), ``packed``
-(per layer: shape, bits, dtype) and ``crc32`` (per tensor, to catch corrupted bytes).
+With ``keep_fp_bits=8`` the layers kept at full precision (the other Conv/Linear
+weights: stem, classifier, layers the recipe excludes) are stored the same way at 8 bits,
+per-row symmetric (``scale_i = max |W_i| / 127``, codes in ``[-127, 127]``).
+
+Every other ``state_dict`` entry (biases, full-precision layers at the default
+``keep_fp_bits=32``, BatchNorm buffers) is stored as it is. The safetensors metadata (all
+strings, JSON-encoded) holds ``format``, ``format_version``, ``sqdist_version``, ``model``
+(timm name and kwargs), ``quantizer`` (name and ``config()``), ``sq``, ``layers`` (the
+quantized layer names, in order), ``fp_layers`` (the full-precision layers stored at 8 bits,
+in order; version 2), ``packed`` (per packed layer: shape, bits, dtype) and ``crc32`` (per
+tensor, to catch corrupted bytes). Version 1 files (no ``fp_layers``) still load.
 """
 from __future__ import annotations
 
@@ -42,8 +50,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 FORMAT = "sqdist-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds fp_layers (full-precision layers stored at 8 bits)
+READABLE_VERSIONS = (1, 2)
 MAX_BITS = 8
+KEEP_FP_BITS = (8, 32)  # how the layers left full precision are stored: 8-bit per-row codes, or as they are
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -63,18 +73,17 @@ def _check_bits(bits, where: str) -> int:
     return bits
 
 
-def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """Pack integer-valued ``codes`` (any shape, numel n) into uint8 ``(ceil(n * bits / 8),)``.
+def checked_codes(codes: Tensor, bits: int, where: str) -> Tensor:
+    """``codes`` as int8 on the CPU, after checking they are integers that fit ``bits``.
 
-    ``bits == 1``: codes must be +-1, stored as ``code > 0``. Otherwise codes must lie in
-    ``[-L_max, L_max]`` (see :func:`code_offset`) and are stored as ``code + L_max``.
-    Fields are written least significant bit first along the flattened tensor.
+    ``bits == 1``: codes must be +-1; otherwise in ``[-L_max, L_max]`` (:func:`code_offset`).
     """
-    _check_bits(bits, "pack_codes")
-    c = codes.detach().reshape(-1).cpu()
+    c = codes.detach().cpu()
     if c.is_floating_point():
         if not bool(torch.isfinite(c).all()) or not torch.equal(c, torch.round(c)):
-            raise ExportError("pack_codes: codes are not integer-valued")
+            raise ExportError(f"{where}: codes are not integer-valued")
+    else:
+        c = c.long()  # abs() of int8 -128 would wrap
     limit = code_offset(bits)
     if bits == 1:
         bad = (c != 1) & (c != -1)
@@ -83,8 +92,21 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
         bad = c.abs() > limit
         allowed = f"integers in [{-limit}, {limit}]"
     if bool(bad.any()):
-        raise ExportError(f"pack_codes: code {int(c[bad][0])} does not fit {bits} bit(s); allowed: {allowed}")
-    fields = (c > 0).to(torch.uint8) if bits == 1 else (c + limit).to(torch.uint8)  # range checked above
+        raise ExportError(f"{where}: code {int(c[bad][0])} does not fit {bits} bit(s); allowed: {allowed}")
+    return c.to(torch.int8)
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Pack integer-valued ``codes`` (any shape, numel n) into uint8 ``(ceil(n * bits / 8),)``.
+
+    ``bits == 1``: codes must be +-1, stored as ``code > 0``. Otherwise codes must lie in
+    ``[-L_max, L_max]`` (see :func:`code_offset`) and are stored as ``code + L_max``.
+    Fields are written least significant bit first along the flattened tensor.
+    """
+    _check_bits(bits, "pack_codes")
+    c = checked_codes(codes, bits, "pack_codes").reshape(-1)
+    limit = code_offset(bits)
+    fields = (c > 0).to(torch.uint8) if bits == 1 else (c.to(torch.int16) + limit).to(torch.uint8)  # range checked
     if bits == 8:
         return fields.contiguous()
     planes = (fields[:, None] >> torch.arange(bits, dtype=torch.uint8)) & 1  # (n, bits), LSB first
@@ -132,6 +154,37 @@ def _sq_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SQLayer)}
 
 
+def full_precision_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The Conv/Linear layers that are not quantized (stem, classifier, excluded layers), by name."""
+    from .nn import SQ_CLASSES, SQLayer
+
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, tuple(SQ_CLASSES)) and not isinstance(m, SQLayer)
+            and isinstance(getattr(m, "weight", None), Tensor) and m.weight.is_floating_point()}
+
+
+def check_keep_fp_bits(value, name: str = "keep_fp_bits") -> int:
+    """``value`` if it is an allowed ``keep_fp_bits`` (8 or 32), else :class:`ExportError`."""
+    if isinstance(value, str) and value.isdigit():  # from the command line
+        value = int(value)
+    if isinstance(value, bool) or value not in KEEP_FP_BITS:
+        raise ExportError(f"{name}={value!r}; allowed: {' or '.join(map(str, KEEP_FP_BITS))} "
+                          f"(8: per-row symmetric 8-bit codes, 32: stored as they are)")
+    return int(value)
+
+
+def int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """8-bit per-row symmetric codes of a full-precision weight ``w`` (m, ...).
+
+    Returns (``codes`` int8 (m, n), ``scale`` (m,) in ``w``'s dtype): ``scale_i = max |W_i| / 127``,
+    ``codes = round(W / scale)``; the stored weight is ``scale[:, None] * codes``.
+    """
+    from .quantizers import kbit_reference
+
+    codes, scale = kbit_reference(w.detach().reshape(w.shape[0], -1).float(), bits=8)
+    return codes.to(torch.int8), scale.to(w.dtype)
+
+
 def _crc32(t: Tensor) -> int:
     return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
@@ -143,9 +196,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
     raise ExportError(f"weight dtype {dtype} is not supported; allowed: {', '.join(_DTYPES)}")
 
 
+def check_ratio(model: nn.Module, sq_ratio: float | None, force: bool) -> float:
+    """The SQ ratio to record (default: the layers' controller); refuses one below 1 unless ``force``."""
+    layers = _sq_layers(model)
+    if not layers:
+        raise ExportError("model has no quantized layers: nothing to pack (call sqdist.quantize_model first)")
+    first = next(iter(layers.values()))
+    if sq_ratio is None:
+        sq_ratio = first._sq.selector.ratio if getattr(first, "_sq", None) is not None else 1.0
+    if sq_ratio < 1.0 and not force:
+        raise ExportError(f"SQ ratio is {sq_ratio:g} < 1.0: training had not reached the fully quantized "
+                          f"stage, so the packed model differs from the trained one; finish training or pass --force")
+    return float(sq_ratio)
+
+
 def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None,
                  model_kwargs: dict | None = None, sq_ratio: float | None = None, force: bool = False,
-                 sq: dict | None = None) -> dict:
+                 sq: dict | None = None, keep_fp_bits: int = 32) -> dict:
     """Write ``model``'s SQ layers as packed codes + scales and everything else as is.
 
     Args:
@@ -157,21 +224,20 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
         force: export even when ``sq_ratio < 1`` (the packed model then differs from the
             hybrid one the last training stage used).
         sq: extra SQ state recorded in the metadata (e.g. ``{"ratio": 1.0, "stage": 3}``).
+        keep_fp_bits: how the layers left full precision (:func:`full_precision_layers`) are
+            stored: 32 (default) as they are, 8 as per-row symmetric 8-bit codes + scales
+            (:func:`int8_rows`; about 4x smaller, the logits move slightly).
 
     Returns:
-        ``{"path", "bytes", "layers", "quantizer", "bits"}``.
+        ``{"path", "bytes", "layers", "quantizer", "bits", "fp_layers", "keep_fp_bits"}``
+        (``fp_layers``: how many full-precision layers were stored at 8 bits).
     """
     from . import __version__
 
+    keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
+    sq_ratio = check_ratio(model, sq_ratio, force)
     layers = _sq_layers(model)
-    if not layers:
-        raise ExportError("model has no quantized layers: nothing to pack (call sqdist.quantize_model first)")
     first = next(iter(layers.values()))
-    if sq_ratio is None:
-        sq_ratio = first._sq.selector.ratio if getattr(first, "_sq", None) is not None else 1.0
-    if sq_ratio < 1.0 and not force:
-        raise ExportError(f"SQ ratio is {sq_ratio:g} < 1.0: training had not reached the fully quantized "
-                          f"stage, so the packed model differs from the trained one; finish training or pass --force")
     if model_name is None:
         model_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
         if not model_name:
@@ -182,7 +248,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
             raise ExportError(f"layer {name} uses quantizer {layer.quantizer.quantizer_name} "
                               f"{layer.quantizer.config()}, others {qname} {qparams}; export needs one quantizer")
 
-    packed_keys = {f"{name}.weight" for name in layers}
+    fp_layers = list(full_precision_layers(model)) if keep_fp_bits == 8 else []
+    packed_keys = {f"{name}.weight" for name in [*layers, *fp_layers]}
     tensors: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if key not in packed_keys:
@@ -202,6 +269,13 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
                 raise ExportError(f"layer {name}, quantizer {qname!r}: {exc}") from None
             tensors[f"{name}.weight.scale"] = scale.detach().to(w.dtype).cpu().contiguous().clone()
             packed_meta[name] = {"shape": list(w.shape), "bits": bits, "dtype": _dtype_name(w.dtype)}
+        modules = dict(model.named_modules())
+        for name in fp_layers:
+            w = modules[name].weight.detach()
+            codes, scale = int8_rows(w)
+            tensors[f"{name}.weight.packed"] = pack_codes(codes, 8)
+            tensors[f"{name}.weight.scale"] = scale.cpu().contiguous().clone()
+            packed_meta[name] = {"shape": list(w.shape), "bits": 8, "dtype": _dtype_name(w.dtype)}
 
     try:
         metadata = {
@@ -212,6 +286,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
             "quantizer": json.dumps({"name": qname, "params": qparams}),
             "sq": json.dumps({"ratio": float(sq_ratio), **(sq or {})}),
             "layers": json.dumps(list(layers)),
+            "fp_layers": json.dumps(fp_layers),
             "packed": json.dumps(packed_meta),
             "crc32": json.dumps({k: _crc32(t) for k, t in tensors.items()}),
         }
@@ -222,7 +297,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return {"path": str(path), "bytes": path.stat().st_size, "layers": len(layers), "quantizer": qname,
-            "bits": sorted({m["bits"] for m in packed_meta.values()})}
+            "bits": sorted({packed_meta[n]["bits"] for n in layers}), "fp_layers": len(fp_layers),
+            "keep_fp_bits": keep_fp_bits}
 
 
 # ---------------------------------------------------------------- run folders
@@ -303,8 +379,14 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], where: str) -> None
         raise ExportError(f"{where}: state does not match the model ({_one_line(exc)[:300]})") from None
 
 
-def export_run(source: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
-    """Rebuild the trained model from a run or checkpoint folder and :func:`export_model` it."""
+def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module, dict]:
+    """The trained SQ model of a run or checkpoint folder, in eval mode, and what its ``meta.json`` says.
+
+    Refuses (:class:`ExportError`) a full-precision run, and one whose SQ ratio is below 1
+    unless ``force``. The returned dict holds ``model_name``, ``model_kwargs``, ``ratio``,
+    ``sq``, ``checkpoint`` (the folder) and ``config`` (the run's ``config.yaml`` as a dict,
+    or None when the run folder has none).
+    """
     import timm
 
     from .nn import QuantConfig, quantize_model
@@ -315,7 +397,7 @@ def export_run(source: str | os.PathLike, out: str | os.PathLike, force: bool = 
         raise ExportError(f"{meta['path']}: quant.enabled is false (a full-precision run): there is nothing to pack")
     if meta["ratio"] < 1.0 and not force:
         raise ExportError(f"{meta['path']}: sq.ratio={meta['ratio']:g} < 1.0, so training had not reached the "
-                          f"fully quantized stage and the packed model differs from the trained one; "
+                          f"fully quantized stage and the exported model differs from the trained one; "
                           f"finish training or pass --force")
     try:
         model = timm.create_model(meta["model_name"], **{**meta["model_kwargs"], "pretrained": False})
@@ -334,8 +416,30 @@ def export_run(source: str | os.PathLike, out: str | os.PathLike, force: bool = 
     weights = ckpt / "model.safetensors"
     _load_strict(model, _load_safetensors(weights), str(weights))
     model.eval()
+    return model, {**meta, "ratio": float(meta["ratio"]), "checkpoint": ckpt, "config": _run_config(ckpt)}
+
+
+def _run_config(ckpt: Path) -> dict | None:
+    """The recipe the run was trained with (RUN/config.yaml), for the input size; None if absent."""
+    import yaml
+
+    for folder in (ckpt.parent, ckpt.parent.parent):  # RUN/final, RUN/checkpoints/step-N
+        path = folder / "config.yaml"
+        if path.is_file():
+            try:
+                config = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as exc:
+                raise ExportError(f"{path}: not valid YAML ({_one_line(exc)[:200]})") from None
+            return config if isinstance(config, dict) else None
+    return None
+
+
+def export_run(source: str | os.PathLike, out: str | os.PathLike, force: bool = False, keep_fp_bits: int = 32) -> dict:
+    """Rebuild the trained model from a run or checkpoint folder and :func:`export_model` it."""
+    keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
+    model, meta = load_run(source, force)
     return export_model(model, out, model_name=meta["model_name"], model_kwargs=meta["model_kwargs"],
-                        sq_ratio=float(meta["ratio"]), force=force, sq=meta["sq"])
+                        sq_ratio=meta["ratio"], force=force, sq=meta["sq"], keep_fp_bits=keep_fp_bits)
 
 
 # ---------------------------------------------------------------- load
@@ -368,13 +472,23 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
             raw = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise ExportError(f"{path}: cannot be read as safetensors, truncated or corrupted ({_one_line(exc)})") from None
-    if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise ExportError(f"{path}: format_version={metadata.get('format_version')!r}; this sqdist reads {FORMAT_VERSION}")
+    readable = {str(v): v for v in READABLE_VERSIONS}
+    version = readable.get(metadata.get("format_version"))
+    if version is None:
+        raise ExportError(f"{path}: format_version={metadata.get('format_version')!r}; this sqdist reads "
+                          f"{', '.join(readable)}")
     kinds = {"model": dict, "quantizer": dict, "sq": dict, "layers": list, "packed": dict, "crc32": dict}
+    if version >= 2:
+        kinds["fp_layers"] = list
     meta = {k: _json_field(metadata, k, path) for k in kinds}
     for key, kind in kinds.items():
         if not isinstance(meta[key], kind):
             raise ExportError(f"{path}: metadata field {key!r} is a {type(meta[key]).__name__}; expected a {kind.__name__}")
+    meta.setdefault("fp_layers", [])  # version 1: full-precision layers always stored as they are
+    for key in ("layers", "fp_layers"):
+        if not all(isinstance(name, str) for name in meta[key]):
+            raise ExportError(f"{path}: metadata field {key!r} must list layer names (strings); corrupted")
+    meta["format_version"] = version
     meta["sqdist_version"] = metadata.get("sqdist_version")
     crcs = meta["crc32"]
     if set(crcs) != set(raw):
@@ -386,7 +500,7 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
 
     state: dict[str, Tensor] = {}
     layers = meta["layers"]
-    for name in layers:
+    for name in [*layers, *meta["fp_layers"]]:
         info = meta["packed"].get(name)
         packed, scale = raw.pop(f"{name}.weight.packed", None), raw.pop(f"{name}.weight.scale", None)
         if info is None or packed is None or scale is None:
@@ -411,8 +525,10 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     ``timm.create_model(name, **kwargs)`` from the metadata, its Conv/Linear weights set
     to ``Q = scale[:, None] * codes`` (plain ``nn.Conv2d`` / ``nn.Linear``: a deployable
     float model). Returned in eval mode on ``device``; its logits match the trained SQ
-    model's eval (fully quantized) logits. Activation quantization
-    (``Quantizer.quantize_input``) is not part of the export.
+    model's eval (fully quantized) logits, exactly when the full-precision layers were
+    stored as they are (``keep_fp_bits=32``); with ``keep_fp_bits=8`` those layers hold
+    their 8-bit dequantized weights. Activation quantization (``Quantizer.quantize_input``)
+    is not part of this format (the ONNX export carries it).
     """
     import timm
 
@@ -434,32 +550,81 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sqdist.export",
-        description="Write a trained run's quantized layers as packed 1/2/k-bit codes + per-row scales (safetensors).")
+        description="Write a trained run's quantized layers as packed 1/2/k-bit codes + per-row scales "
+                    "(.safetensors), or as an ONNX graph of int8 codes and DequantizeLinear (.onnx).")
     parser.add_argument("source", help="run folder (uses RUN/final), checkpoint folder, or with --check an export file")
-    parser.add_argument("out", nargs="?", help="output .safetensors file")
+    parser.add_argument("out", nargs="?", help="output file: .safetensors or .onnx")
+    parser.add_argument("--format", choices=FORMATS, help="output format (default: from the suffix of out)")
     parser.add_argument("--force", action="store_true", help="export even when the SQ ratio is below 1.0")
+    parser.add_argument("--keep-fp-bits", default="32", metavar="{8,32}",
+                        help="store the full-precision layers (stem, classifier, excluded layers) as 8-bit "
+                             "per-row codes, or as they are (32, the default)")
+    parser.add_argument("--input-size", metavar="C,H,W",
+                        help="onnx: the input the graph is traced with (default: the run's data.image_size and "
+                             "in_chans); the batch size stays dynamic")
     parser.add_argument("--check", action="store_true", help="read an export back, verify it, print a summary")
     args = parser.parse_args(argv)
     try:
         if args.check:
             if args.out is not None:
                 parser.error("--check takes one file")
+            if (args.format or ("onnx" if args.source.endswith(".onnx") else "safetensors")) == "onnx":
+                from .onnx_export import check_onnx
+
+                info = check_onnx(args.source)
+                print(f"{args.source}: ok, onnxruntime runs it; opset {info['opset']}, input {_shape(info['input'])}, "
+                      f"{info['int8_weights']} int8 weights (DequantizeLinear), {info['qdq_inputs']} quantized "
+                      f"inputs, {os.path.getsize(args.source) / 1e6:.2f} MB")
+                return 0
             _, meta = read_packed(args.source)
             q = meta["quantizer"]
+            fp = f", {len(meta['fp_layers'])} full-precision layers at 8 bits" if meta["fp_layers"] else ""
             print(f"{args.source}: ok, {meta['model']['name']} with {len(meta['layers'])} {q['name']} layers "
-                  f"{q['params']}, {os.path.getsize(args.source) / 1e6:.2f} MB")
+                  f"{q['params']}{fp}, {os.path.getsize(args.source) / 1e6:.2f} MB")
             return 0
         if args.out is None:
             parser.error("the following arguments are required: out")
-        if not args.out.endswith(".safetensors"):
-            raise ExportError(f"out={args.out!r}; allowed: a path ending in .safetensors (the only format written)")
-        info = export_run(args.source, args.out, force=args.force)
+        keep_fp_bits = check_keep_fp_bits(args.keep_fp_bits, "--keep-fp-bits")
+        if _format_of(args.out, args.format) == "onnx":
+            from .onnx_export import export_run_onnx, parse_input_size
+
+            input_size = parse_input_size(args.input_size) if args.input_size is not None else None
+            info = export_run_onnx(args.source, args.out, force=args.force, keep_fp_bits=keep_fp_bits,
+                                   input_size=input_size)
+            checked = (f"onnxruntime max |logit difference| {info['max_abs_diff']:.2e}"
+                       if info["max_abs_diff"] is not None else "not checked: onnxruntime is not installed")
+            print(f"wrote {info['path']}: {info['int8_weights']} int8 weights (DequantizeLinear, axis 0), opset "
+                  f"{info['opset']}, input {_shape(info['input'])}, {info['bytes'] / 1e6:.2f} MB; {checked}")
+            return 0
+        if args.input_size is not None:
+            raise ExportError(f"--input-size={args.input_size!r}: only ONNX export traces an input; "
+                              f"allowed with an .onnx output or --format onnx")
+        info = export_run(args.source, args.out, force=args.force, keep_fp_bits=keep_fp_bits)
     except ExportError as exc:
         print(f"sqdist.export: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    fp = f", {info['fp_layers']} full-precision layers at 8 bits" if info["fp_layers"] else ""
     print(f"wrote {info['path']}: {info['layers']} {info['quantizer']} layers packed at "
-          f"{'/'.join(map(str, info['bits']))} bit(s), {info['bytes'] / 1e6:.2f} MB")
+          f"{'/'.join(map(str, info['bits']))} bit(s){fp}, {info['bytes'] / 1e6:.2f} MB")
     return 0
+
+
+FORMATS = ("safetensors", "onnx")
+
+
+def _shape(dims) -> str:
+    return f"({', '.join(map(str, dims))})"
+
+
+def _format_of(path: str, format: str | None) -> str:
+    """The export format: ``format`` when given, else from the suffix of ``path``."""
+    if format is not None:
+        return format
+    for name in FORMATS:
+        if path.endswith(f".{name}"):
+            return name
+    raise ExportError(f"out={path!r}; allowed: a path ending in .safetensors or .onnx, or pass --format "
+                      f"{{{','.join(FORMATS)}}}")
 
 
 if __name__ == "__main__":

@@ -322,3 +322,81 @@ def test_metadata_of_the_wrong_shape_is_a_clear_error(tmp_path):
     save_file(tensors, str(bad), metadata={**metadata, "layers": "{not json"})
     with pytest.raises(ExportError, match="metadata field 'layers' is not valid JSON"):
         load_quantized(bad)
+
+
+# ---------------------------------------------------------------- full-precision layers at 8 bits
+def with_8bit_full_precision_layers(model):
+    """``model`` with each layer it keeps full precision (stem, classifier) set to its 8-bit
+    per-row symmetric dequantized weight: what ``keep_fp_bits=8`` stores."""
+    quantized = {n for n, m in model.named_modules() if hasattr(m, "quantizer")}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in quantized:
+                w2d = m.weight.reshape(m.weight.shape[0], -1)
+                codes, scale = create_quantizer("kbit", bits=8).quantize_codes(w2d)
+                assert codes.abs().max() <= 127
+                m.weight.copy_((codes * scale[:, None]).reshape(m.weight.shape))
+    return model
+
+
+def test_keep_fp_bits_8_stores_stem_and_classifier_as_8bit_codes(tmp_path):
+    model, sq = small_model("twn")
+    model.train()
+    model(torch.randn(16, 1, 16, 16))  # move BatchNorm statistics off their defaults
+    model.eval()
+    fp32_path, int8_path = tmp_path / "fp32.safetensors", tmp_path / "int8.safetensors"
+    export_model(model, fp32_path, model_kwargs={"num_classes": 10, "in_chans": 1})
+    info = export_model(model, int8_path, model_kwargs={"num_classes": 10, "in_chans": 1}, keep_fp_bits=8)
+    kept = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in sq.layers]
+    assert kept and "fc" in kept and info["fp_layers"] == len(kept)
+
+    tensors = load_file(str(int8_path))
+    fc = model.fc.weight
+    assert "fc.weight" not in tensors
+    assert tensors["fc.weight.packed"].dtype == torch.uint8 and tensors["fc.weight.packed"].numel() == fc.numel()
+    assert tensors["fc.weight.scale"].shape == (fc.shape[0],)
+    meta = read_packed(int8_path)[1]
+    assert meta["fp_layers"] == kept and meta["format_version"] == 2
+    assert all(meta["packed"][n]["bits"] == 8 for n in kept)
+    saved = sum(model.get_submodule(n).weight.numel() for n in kept) * 3  # 4 bytes -> 1 byte each
+    assert fp32_path.stat().st_size - int8_path.stat().st_size > saved / 2  # less scales and metadata
+
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        full = model(x)
+        expected = with_8bit_full_precision_layers(model)(x)
+        logits = load_quantized(int8_path)(x)
+    assert (logits - expected).abs().max() <= 1e-5  # the model with its kept layers at 8 bits ...
+    assert (logits - full).abs().max() > 1e-5  # ... which is not quite the fp32 one
+    assert read_packed(fp32_path)[1]["fp_layers"] == []  # the default stores them as they are
+
+
+def test_keep_fp_bits_other_values_are_refused(tmp_path, run_main):
+    model, sq = small_model("bwn")
+    with pytest.raises(ExportError, match=r"keep_fp_bits=16; allowed: 8 or 32"):
+        export_model(model, tmp_path / "m.safetensors", model_kwargs={"num_classes": 10, "in_chans": 1},
+                     keep_fp_bits=16)
+    run = write_run(tmp_path / "run", model, sq, quantizer="bwn")
+    proc = run_main(run, tmp_path / "m.safetensors", "--keep-fp-bits", "4")
+    assert_one_line_error(proc, "--keep-fp-bits=4", "allowed: 8 or 32")
+    assert proc.returncode == 2 and not (tmp_path / "m.safetensors").exists()
+    ok = run_main(run, tmp_path / "m.safetensors", "--keep-fp-bits", "8")
+    assert ok.returncode == 0, ok.stderr
+    assert "full-precision layers at 8 bits" in ok.stdout
+
+
+# Written by format version 1 (sqdist before fp_layers: git 5d16ea0's export_model) from a TWN
+# resnet10t of the digits recipe's size; the logits file holds an input and the model's eval logits.
+V1_FILE = os.path.join(os.path.dirname(__file__), "data", "packed_v1_resnet10t.safetensors")
+
+
+def test_format_version_1_files_still_load(run_main):
+    expected = load_file(V1_FILE.replace(".safetensors", ".logits.safetensors"))
+    state, meta = read_packed(V1_FILE)
+    assert meta["format_version"] == 1 and meta["fp_layers"] == []
+    assert "fc.weight" in state and "fc.weight" not in meta["layers"]
+    with torch.no_grad():
+        logits = load_quantized(V1_FILE)(expected["input"])
+    assert (logits - expected["logits"]).abs().max() <= 1e-5
+    check = run_main("--check", V1_FILE)
+    assert check.returncode == 0 and "ok" in check.stdout

@@ -1,0 +1,267 @@
+"""ONNX export: int8 weight codes + DequantizeLinear, run by onnxruntime, same logits as sqdist's eval forward."""
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+from onnx import numpy_helper
+from safetensors.torch import load_file
+from torch import nn
+
+from sqdist import QuantConfig, SQConfig, create_quantizer, quantize_model
+from sqdist.export import ExportError, main
+from sqdist.onnx_export import OPSET, exact_session_options, export_onnx
+from sqdist.quantizers import TWN
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# one of each family; 32x32 inputs keep every export to a few seconds on a CPU
+FAMILIES = [
+    ("resnet10t", {}, "twn", {}),
+    ("mobilenetv3_small_050", {}, "bwn", {}),
+    ("test_vit", {"img_size": 32}, "kbit", {"bits": 4}),
+]
+
+
+def sq_model(name, kwargs=None, quantizer="twn", params=None, in_chans=3):
+    """A timm model with SQ layers at ratio 1, BatchNorm statistics moved off their defaults, in eval mode."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, in_chans=in_chans, **(kwargs or {}))
+    sq = quantize_model(model, QuantConfig(quantizer=quantizer, params=params or {}, sq=SQConfig(ratios=(1.0,))))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, in_chans, 32, 32))
+    return model.eval(), sq
+
+
+def onnxruntime_logits(path, x):
+    session = ort.InferenceSession(str(path), exact_session_options(), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input": x.numpy()})
+    return torch.from_numpy(logits)
+
+
+def int8_dequantized(graph):
+    """{codes initializer name: (codes, scale, DequantizeLinear node)} for every int8 initializer dequantized."""
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    out = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].dtype == np.int8:
+            out[node.input[0]] = (inits[node.input[0]], inits[node.input[1]], node)
+    return out
+
+
+def assert_codes_match(graph, model, layers):
+    """Each quantized layer's weight is in the graph as its int8 codes (per-row scales, axis 0), not as floats."""
+    dequantized = int8_dequantized(graph)
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    modules = dict(model.named_modules())
+    for name in layers:
+        codes, scale, node = dequantized[f"{name}.weight.codes"]
+        w = modules[name].weight.detach()
+        expected_codes, expected_scale = modules[name].quantizer.quantize_codes(w.reshape(w.shape[0], -1))
+        assert codes.shape == tuple(w.shape)
+        assert np.array_equal(codes.reshape(w.shape[0], -1), expected_codes.numpy().astype(np.int8))
+        assert np.array_equal(scale, expected_scale.numpy())
+        assert {a.name: a.i for a in node.attribute} == {"axis": 0}
+        assert f"{name}.weight" not in floats
+
+
+@pytest.mark.parametrize("name,kwargs,quantizer,params", FAMILIES)
+def test_model_families_match_the_eval_forward(tmp_path, name, kwargs, quantizer, params):
+    model, sq = sq_model(name, kwargs, quantizer, params)
+    path = tmp_path / f"{name}.onnx"
+    info = export_onnx(model, path, input_size=(3, 32, 32))
+    assert info["int8_weights"] == len(sq.layers) and info["max_abs_diff"] <= 1e-4
+
+    x = torch.randn(5, 3, 32, 32)  # traced with a batch of 2: the batch is dynamic
+    with torch.no_grad():
+        expected = model(x)
+    logits = onnxruntime_logits(path, x)
+    assert logits.shape == (5, 10)
+    assert (logits - expected).abs().max() <= 1e-4
+
+    graph_model = onnx.load(str(path))
+    assert [o.version for o in graph_model.opset_import if o.domain in ("", "ai.onnx")] == [OPSET]
+    dims = graph_model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    assert_codes_match(graph_model.graph, model, sq.layers)
+    assert len(int8_dequantized(graph_model.graph)) == len(sq.layers)  # stem and classifier stay float
+    meta = {p.key: json.loads(p.value) for p in graph_model.metadata_props}
+    assert meta["quantizer"]["name"] == quantizer and meta["sq"]["ratio"] == 1.0 and meta["keep_fp_bits"] == 32
+
+
+def with_8bit_full_precision_layers(model):
+    """``model`` with its full-precision Conv/Linear weights replaced by their 8-bit per-row dequantized values."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not hasattr(m, "quantizer"):
+                codes, scale = create_quantizer("kbit", bits=8).quantize_codes(m.weight.reshape(m.weight.shape[0], -1))
+                m.weight.copy_((codes * scale[:, None]).reshape(m.weight.shape))
+    return model
+
+
+def test_keep_fp_bits_8_makes_stem_and_classifier_int8_too(tmp_path):
+    model, sq = sq_model("resnet10t")
+    path = tmp_path / "m.onnx"
+    info = export_onnx(model, path, input_size=(3, 32, 32), keep_fp_bits=8)
+    dequantized = int8_dequantized(onnx.load(str(path)).graph)
+    assert info["int8_weights"] == len(dequantized) == len(sq.layers) + 2
+    assert {"conv1.0.weight.codes", "fc.weight.codes"} <= set(dequantized)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        full = model(x)
+        expected = with_8bit_full_precision_layers(model)(x)
+    logits = onnxruntime_logits(path, x)
+    assert (logits - expected).abs().max() <= 1e-4
+    assert (logits - full).abs().max() > 1e-4  # 8 bits are not fp32: the comparison above is the meaningful one
+
+
+class TWNWith4BitInputs(TWN):
+    """TWN weights and signed 4-bit inputs; the step is a power of two, so ``x / step`` is exact in both runtimes."""
+
+    step = 2.0 ** -3
+
+    def quantize_input(self, x):
+        return torch.clamp(torch.round(x / self.step), -8, 7) * self.step
+
+    def activation_qparams(self):
+        return self.step, 0, -8, 7
+
+
+def test_activation_quantizers_become_quantize_clip_dequantize(tmp_path):
+    model, sq = sq_model("resnet10t")
+    for layer in sq.layers.values():
+        layer.quantizer = TWNWith4BitInputs()
+    path = tmp_path / "m.onnx"
+    info = export_onnx(model, path, input_size=(3, 32, 32))
+    assert info["qdq_inputs"] == len(sq.layers)
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") == ops.count("Clip") == len(sq.layers)  # Clip: 4 of QuantizeLinear's 8 bits
+    assert len(int8_dequantized(graph)) == len(sq.layers)  # the weights are still int8 codes
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        weights_only = model.eval()
+        for layer in sq.layers.values():
+            layer.quantizer = TWN()
+        unquantized_inputs = weights_only(x)
+    logits = onnxruntime_logits(path, x)
+    assert (logits - expected).abs().max() <= 1e-4
+    assert (logits - unquantized_inputs).abs().max() > 1e-3  # the inputs really are quantized in the graph
+
+
+class TWNWithUndeclaredInputs(TWN):
+    def quantize_input(self, x):
+        return torch.round(x * 4) / 4
+
+
+def test_undeclared_activation_quantizer_is_refused(tmp_path):
+    model, sq = sq_model("resnet10t")
+    layer = next(iter(sq.layers))
+    sq.layers[layer].quantizer = TWNWithUndeclaredInputs()
+    with pytest.raises(ExportError, match=rf"layer {layer}: .* quantizes its input but has no activation_qparams"):
+        export_onnx(model, tmp_path / "m.onnx", input_size=(3, 32, 32))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_low_ratio_refused_from_python(tmp_path):
+    model = timm.create_model("resnet10t", num_classes=10)
+    quantize_model(model, QuantConfig(quantizer="twn", sq=SQConfig(ratios=(0.5, 1.0))))  # controller at 0.5
+    with pytest.raises(ExportError, match="SQ ratio is 0.5 < 1.0"):
+        export_onnx(model, tmp_path / "m.onnx", input_size=(3, 32, 32))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# ---------------------------------------------------------------- a trained run, through the CLI
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One epoch of recipes/digits_twn.yaml (TWN, SQ ratio 1 from the first step) in a run folder."""
+    from sqdist.config import load_recipe
+    from sqdist.train import train
+
+    run = tmp_path_factory.mktemp("digits") / "run"
+    recipe = load_recipe(os.path.join(ROOT, "recipes", "digits_twn.yaml"),
+                         ["train.epochs=1", f"run.dir={run}", "train.progress=false"])
+    summary = train(recipe)
+    return run, recipe, summary
+
+
+def cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.slow
+def test_trained_digits_run_exports_to_onnx(digits_run, tmp_path, capsys):
+    from sqdist.data import build_datasets
+    from sqdist.train import build_model
+
+    run, recipe, summary = digits_run
+    out = tmp_path / "digits_twn.onnx"
+    code, stdout, stderr = cli(capsys, run, out)
+    assert code == 0, stderr
+    assert "wrote" in stdout and "input (batch, 1, 8, 8)" in stdout and "onnxruntime max |logit difference|" in stdout
+
+    # sqdist's eval forward of the trained weights
+    model, sq = build_model(recipe)
+    model.load_state_dict(load_file(str(run / "final" / "model.safetensors")))
+    model.eval()
+    x, y = build_datasets(recipe)[1].tensors
+    with torch.no_grad():
+        expected = model(x)
+    logits = onnxruntime_logits(out, x)
+    assert (logits - expected).abs().max() <= 1e-4
+    accuracy = 100.0 * int((logits.argmax(1) == y).sum()) / len(y)
+    assert accuracy == pytest.approx(summary["final_accuracy"], abs=1e-9)  # the file scores what training reported
+
+    graph = onnx.load(str(out)).graph
+    layers = json.loads((run / "final" / "meta.json").read_text())["quant"]["layers"]
+    assert layers == list(sq.layers)
+    assert_codes_match(graph, model, layers)
+    ternary = [codes for codes, _, _ in int8_dequantized(graph).values()]
+    assert len(ternary) == len(layers) and all(set(np.unique(c)) <= {-1, 0, 1} for c in ternary)
+
+    code, stdout, _ = cli(capsys, "--check", out)
+    assert code == 0 and f"{len(layers)} int8 weights" in stdout
+
+
+@pytest.mark.slow
+def test_cli_refusals_are_one_line(digits_run, tmp_path, capsys):
+    run = digits_run[0]
+
+    def refused(*args, words):
+        code, stdout, stderr = cli(capsys, *args)
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+        for word in words:
+            assert word in lines[0], lines[0]
+
+    # a run that had not reached SQ ratio 1: refused unless --force
+    low = tmp_path / "low"
+    (low / "final").mkdir(parents=True)
+    (low / "final" / "model.safetensors").write_bytes((run / "final" / "model.safetensors").read_bytes())
+    meta = json.loads((run / "final" / "meta.json").read_text())
+    meta["sq"]["ratio"] = 0.875
+    (low / "final" / "meta.json").write_text(json.dumps(meta))
+    refused(low, tmp_path / "low.onnx", words=["sq.ratio=0.875", "--force"])
+    assert not (tmp_path / "low.onnx").exists()
+    code, _, stderr = cli(capsys, low, tmp_path / "low.onnx", "--force", "--input-size", "1,8,8")
+    assert code == 0 and (tmp_path / "low.onnx").exists(), stderr
+
+    refused(run, tmp_path / "m.pt", words=["out=", "allowed: a path ending in .safetensors or .onnx"])
+    refused(run, tmp_path / "m.onnx", "--input-size", "8,8", words=["--input-size='8,8'", "C,H,W"])
+    refused(run, tmp_path / "m.onnx", "--keep-fp-bits", "16", words=["--keep-fp-bits=16", "allowed: 8 or 32"])
+    refused(run, tmp_path / "m.safetensors", "--input-size", "1,8,8", words=["--input-size", "ONNX"])
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf")
+    refused("--check", bad, words=[str(bad), "not a valid ONNX model"])
+    # --format overrides the suffix
+    code, stdout, stderr = cli(capsys, run, tmp_path / "model.bin", "--format", "onnx")
+    assert code == 0, stderr
+    assert len(onnx.load(str(tmp_path / "model.bin")).graph.initializer) > 0
