@@ -144,6 +144,8 @@ def make_accelerator(recipe: dict):
     global _we_chose_deepspeed
     eng = recipe["engine"]
     cpu = not torch.cuda.is_available()
+    if cpu:  # Accelerate imports DeepSpeed, which warns on every start that it fell back to the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if eng["name"] == "ddp" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not _we_chose_deepspeed:
         # Accelerate would build a DeepSpeed engine from its own defaults (clipping at 1.0, no SQ ZeRO-3 path)
         raise RecipeError("engine.name='ddp' but the launcher asked for DeepSpeed (accelerate launch --use_deepspeed "
