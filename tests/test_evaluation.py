@@ -108,3 +108,18 @@ def test_recalibrated_statistics_are_identical_on_every_rank(tmp_path):
     torch.testing.assert_close(r0["var"], (solo[0].running_var + solo[1].running_var) / 2)
     assert not torch.allclose(solo[0].running_mean, solo[1].running_mean)  # the shards did differ
     assert r0["acc"] == r1["acc"] and (r0["acc"] * 7 / 100) == pytest.approx(round(r0["acc"] * 7 / 100))
+
+
+def test_checkpoint_can_be_read_without_its_weights(tmp_path):
+    """Under DeepSpeed each rank restores its own shards: the position and RNG states are
+    read from the checkpoint, the whole-model file is not."""
+    from sqdist.checkpoint import load_checkpoint, save_checkpoint
+
+    net = small_net()
+    folder = save_checkpoint(str(tmp_path), 7, model_state=net.state_dict(), optimizer_state={"state": {}, "param_groups": []},
+                             rank_state={"step": 7}, meta={"m": 1})
+    full = load_checkpoint(folder)
+    assert set(full["model"]) == set(net.state_dict()) and full["optimizer"] is not None
+    light = load_checkpoint(folder, weights=False)
+    assert light["model"] is None and light["optimizer"] is None
+    assert light["rank_state"] == {"step": 7} and light["meta"] == {"m": 1}
