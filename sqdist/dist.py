@@ -1,15 +1,17 @@
 """Distributed helpers: one SQ mask everywhere.
 
 Every rank draws masks with its own generator; :func:`broadcast_masks` replaces
-them with rank 0's, all layers packed to bits in a single collective.
+them with rank 0's, all layers packed to bits in a single collective. Packing,
+the collective and unpacking all run on the collective's device (the GPU under
+NCCL), so a step adds no device->host round trip and no host sync of its own.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
 def is_distributed() -> bool:
@@ -20,39 +22,81 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+@functools.lru_cache(maxsize=None)
+def _bit_shifts(device: torch.device) -> Tensor:
+    # made once per device, so packing never copies a constant from the host
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
 def pack_bits(mask: Tensor) -> Tensor:
-    """Flat bool tensor -> uint8 tensor of ceil(n / 8) bytes (little-endian bits)."""
+    """Flat bool tensor -> uint8 tensor of ceil(n / 8) bytes (little-endian bits), on ``mask``'s device."""
     flat = mask.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
+    return flat.view(-1, 8).bitwise_left_shift(_bit_shifts(flat.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: the first ``n`` bits as a flat bool tensor."""
-    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
+    """Inverse of :func:`pack_bits`: the first ``n`` bits as a flat bool tensor, on ``packed``'s device."""
+    bits = packed.reshape(-1, 1).bitwise_right_shift(_bit_shifts(packed.device)).bitwise_and(1).bool()
     return bits.reshape(-1)[:n]
 
 
-def _collective_device() -> torch.device:
-    backend = dist.get_backend()
-    if backend == "nccl":
+def _collective_device(like: torch.device) -> torch.device:
+    """Where the broadcast runs: CUDA under NCCL (unless gloo also serves ``like``, a CPU device), else the CPU."""
+    backend = str(dist.get_backend()).lower()  # "nccl", "gloo", or e.g. "cpu:gloo,cuda:nccl"
+    if "nccl" in backend and (like.type == "cuda" or "gloo" not in backend):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def broadcast_masks(masks: list[Tensor], src: int = 0) -> list[Tensor]:
+def masks_to(masks: list[Tensor], device: torch.device | str) -> list[Tensor]:
+    """``masks`` on ``device`` in one copy: one concatenation, one transfer, the results views of it.
+
+    A copy up to a GPU does not wait for the GPU (host memory is staged before the call
+    returns); a copy down to the host waits, as it must before the host reads it.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if all(m.device == device for m in masks):
+        return list(masks)
+    up = device.type == "cuda"
+    if any(m.device != masks[0].device for m in masks):
+        return [m.to(device, non_blocking=up) for m in masks]
+    flat = torch.cat([m.reshape(-1) for m in masks]).to(device, non_blocking=up)
+    return [part.view(m.shape) for part, m in zip(flat.split([m.numel() for m in masks]), masks)]
+
+
+def broadcast_masks(masks: list[Tensor], src: int = 0, device: torch.device | str | None = None) -> list[Tensor]:
     """Make every rank's masks equal to rank ``src``'s, in ONE broadcast.
 
     ``masks`` are bool tensors of any shapes, the same shapes on every rank.
-    Returns new tensors on the devices of the inputs. A no-op without a
-    process group of more than one rank.
+    Returns new tensors on ``device``, or by default each on its input's
+    device. Without a process group of more than one rank nothing is sent
+    (the masks only move to ``device`` when it is given).
+
+    The masks are packed 8 to a byte on the collective's device and unpacked
+    there: masks that already live there (CUDA masks under NCCL) never touch
+    the host, and host masks go up in one copy that does not wait for the GPU.
+    Only results asked for on the host come back down (a copy that must wait).
     """
-    if not masks or not is_distributed():
+    if not masks:
         return masks
+    if not is_distributed():
+        return masks if device is None else masks_to(masks, device)
     sizes = [m.numel() for m in masks]
-    packed = pack_bits(torch.cat([m.reshape(-1).cpu() for m in masks])).to(_collective_device())
+    where = _collective_device(masks[0].device)
+    same = all(m.device == masks[0].device for m in masks)
+    flat = torch.cat([m.reshape(-1) for m in (masks if same else masks_to(masks, where))])
+    (flat,) = masks_to([flat], where)  # one copy up (none when the masks live there)
+    packed = pack_bits(flat)
     dist.broadcast(packed, src=src)
-    flat = unpack_bits(packed.cpu(), sum(sizes))
-    return [part.reshape(m.shape).to(m.device) for part, m in zip(flat.split(sizes), masks)]
+    flat = unpack_bits(packed, sum(sizes))
+    if device is None and same:
+        device = masks[0].device
+    if device is not None:  # one copy for all (none when the collective's device is the one asked for)
+        (flat,) = masks_to([flat], device)
+        return [part.view(m.shape) for part, m in zip(flat.split(sizes), masks)]
+    return [part.view(m.shape).to(m.device) for part, m in zip(flat.split(sizes), masks)]
