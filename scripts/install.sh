@@ -8,7 +8,20 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${SQDIST_VENV:-$root/.venv}
 py=${PYTHON:-python3}
-stamp_src=$(cat "$root/pyproject.toml" "$root"/plugins/*/pyproject.toml "$root/scripts/install.sh" | sha256sum | cut -c1-16)
+# pyproject.toml names torch/torchvision ranges; the exact versions installed (CI runs on them) are in constraints.txt
+export PIP_CONSTRAINT="$root/scripts/constraints.txt"
+stamp_src=$(cat "$root/pyproject.toml" "$root"/plugins/*/pyproject.toml "$root/scripts/install.sh" "$root/scripts/constraints.txt" | sha256sum | cut -c1-16)
+
+# pip and setuptools print pages of deprecation notices while building the editable
+# installs; show a command's output only when it fails
+quietly() {
+  local log
+  log=$(mktemp)
+  if ! "$@" > "$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; echo "[install] failed: $*" >&2; return 1
+  fi
+  rm -f "$log"
+}
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "[install] creating venv $venv"
@@ -16,11 +29,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$(cat "$venv/.sqdist-deps" 2>/dev/null)" != "$stamp_src" ]; then
   echo "[install] installing dependencies (torch 2.14.1, timm, accelerate, deepspeed, wandb, ...)"
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e "$root[dev,deepspeed,wandb]" -e "$root/plugins/sqdist-pow2"
+  quietly "$venv/bin/python" -m pip install -q --upgrade pip
+  quietly "$venv/bin/python" -m pip install -q -e "$root[dev,deepspeed,wandb,onnx]" -e "$root/plugins/sqdist-pow2"
   echo "$stamp_src" > "$venv/.sqdist-deps"
 fi
-"$venv/bin/python" -m pip install -q --no-deps -e "$root" -e "$root/plugins/sqdist-pow2" 2>&1 | grep -v "^\s*$" | grep -iv "warning\|location\|\*\*\*\|!!\|setuptools\|folder\|import\|wheel\|strategy" || true
+quietly "$venv/bin/python" -m pip install -q --no-deps -e "$root" -e "$root/plugins/sqdist-pow2"
 # the compiled SQ kernels (csrc/): built once per source change into ~/.cache/sqdist/kernels
 # (~20 s on 2 cores; ~3 s when cached), so no test pays for the build; never required
 "$venv/bin/python" -m sqdist.kernels._build cpu > /dev/null || echo "[install] CPU SQ kernels not built: sqdist uses the PyTorch reference"
