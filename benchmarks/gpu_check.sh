@@ -1,63 +1,178 @@
 #!/usr/bin/env bash
-# GPU check of the fused SQ kernels, in one go: build the CUDA (and CPU) op, run
-# tests/test_kernels.py (the CUDA tests run only here), run the benchmark with --json.
-# Everything it writes goes under $OUT (default: ./gpu-check):
-#   build.log build_s.txt  tests.log junit.xml  bench.json bench.err  nvidia-smi.txt  summary.txt
-# Usage, from anywhere:  OUT=/some/dir bash benchmarks/gpu_check.sh
-# Python: $PYTHON, else $SQDIST_VENV/bin/python, else .venv/bin/python, else python3 (needs torch
-# with CUDA, timm and pytest; sqdist is imported from this checkout).
+# The GPU check (issue 17), in one go, in under 8 minutes; everything it keeps goes under $OUT:
+#   gpu.json       the summary: device, torch, test counts, every figure, each step's outcome
+#   gpu_check.log  one line per step, the table, and the tail of each failing step's log
+#   logs.tar.gz    every step's full log and raw output (junit, benchmark JSON, run summaries)
+# (three files: the device machine brings back at most eight.)
+#
+# Steps, each bounded by `timeout` and by what is left of the budget ($GPU_CHECK_BUDGET_S,
+# default 450 s), in the order of what matters most; a failing step is recorded and the
+# script goes on:
+#   env         python/torch/device (+ nvidia-smi)
+#   build_*     the CPU and the CUDA SQ ops (in parallel)
+#   tests       tests/test_kernels.py + tests/test_dist.py (junit), then every other test marked gpu
+#   kernels     benchmarks/kernels.py --device cuda --json: GB/s against the measured copy bandwidth
+#   throughput  benchmarks/throughput.py --json: resnet50, batch 128, 224x224, bf16, channels_last
+#   digits_*    recipes/digits_sq_twn.yaml with fused and with reference kernels (top-1, SQ share
+#               of the step time), then bf16, fp16 and the fp16 kill-and-resume side by side
+#   summary     $OUT/gpu.json (benchmarks/gpu_check.py summary)
+#
+# Usage, from anywhere:
+#   OUT=/some/dir bash benchmarks/gpu_check.sh                   # a CUDA machine; stops at once without one
+#   OUT=/tmp/x bash benchmarks/gpu_check.sh --cpu-dry-run        # the same steps on the CPU, tiny settings
+#                                                                # (or SQDIST_GPU_CHECK_CPU=1): tests the plumbing
+# Python: $PYTHON, else $SQDIST_VENV/bin/python, else .venv/bin/python, else python3 (torch, timm,
+# accelerate, safetensors, pytest; sqdist is imported from this checkout).
+# The committed copy of a real run's summary is benchmarks/results/gpu.json (copied from $OUT by hand).
 set -uo pipefail
+start_all=$(date +%s)
 root=$(cd "$(dirname "$0")/.." && pwd)
+dry=${SQDIST_GPU_CHECK_CPU:-0}
+for arg in "$@"; do
+  case $arg in
+    --cpu-dry-run) dry=1 ;;
+    *) echo "gpu_check.sh: unknown argument '$arg'; allowed: --cpu-dry-run" >&2; exit 2 ;;
+  esac
+done
+[ "$dry" = 0 ] || dry=1
 out=${OUT:-$root/gpu-check}
 mkdir -p "$out"
+work=$(mktemp -d "${TMPDIR:-/tmp}/sqdist-gpu-check.XXXXXX")
 py=${PYTHON:-}
 for cand in ${SQDIST_VENV:+"$SQDIST_VENV/bin/python"} "$root/.venv/bin/python" "$(command -v python3)"; do
   [ -z "$py" ] && [ -x "$cand" ] && py=$cand
 done
 cd "$root"
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export SQDIST_KERNEL_CACHE=${SQDIST_KERNEL_CACHE:-/tmp/sqdist-kernels}  # the .so files stay out of $OUT
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-status=0
-note() { echo "$*" | tee -a "$out/summary.txt"; }
-: > "$out/summary.txt"
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || note "nvidia-smi failed"
-if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$out/summary.txt"; then
-  note "FAIL: $py has no torch with a usable CUDA device"; exit 1
-fi
-"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" | tee -a "$out/summary.txt"
+export WANDB_MODE=offline WANDB_SILENT=true
+log=$out/gpu_check.log
+: > "$log"
+say() { echo "$*" | tee -a "$log"; }
 
-# 1. build both ops (timed; a second run finds them in the cache)
-start=$(date +%s)
-if "$py" -m sqdist.kernels._build cpu cuda > "$out/build.log" 2>&1; then
-  echo $(( $(date +%s) - start )) > "$out/build_s.txt"
-  note "build: ok in $(cat "$out/build_s.txt") s"
+budget=${GPU_CHECK_BUDGET_S:-450}  # seconds from the start; the summary's 30 s at most come on top
+reserve=20  # a killed step's 5 s grace, and the archive
+left() { echo $(( budget - reserve - ($(date +%s) - start_all) )); }
+
+# step NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, what is left), log to $work/NAME.log,
+# and append {"name", "rc", "seconds", "timed_out", "cap_s"} to $work/steps.jsonl.
+# With stdout_to=FILE set for the call, the command's stdout goes there (its stderr to the log);
+# ok_rc="0 5" counts those exit codes as success.
+step() {
+  local name=$1 cap=$2; shift 2
+  local avail; avail=$(left)
+  [ "$avail" -lt "$cap" ] && cap=$avail
+  if [ "$cap" -lt 5 ]; then
+    echo "{\"name\": \"$name\", \"skipped\": true, \"note\": \"out of time\"}" >> "$work/steps.jsonl"
+    say "[$name] skipped: out of time"
+    return 0
+  fi
+  local t0 rc; t0=$(date +%s.%N)
+  if [ -n "${stdout_to:-}" ]; then
+    timeout -k 5 "$cap" "$@" > "$stdout_to" 2> "$work/$name.log"
+  else
+    timeout -k 5 "$cap" "$@" > "$work/$name.log" 2>&1
+  fi
+  rc=$?
+  case " ${ok_rc:-0} " in *" $rc "*) [ $rc != 0 ] && echo "(exit code $rc counted as success)" >> "$work/$name.log"; rc=0 ;; esac
+  local secs; secs=$(awk "BEGIN {printf \"%.1f\", $(date +%s.%N) - $t0}")
+  local to=false; { [ $rc = 124 ] || [ $rc = 137 ]; } && to=true
+  echo "{\"name\": \"$name\", \"rc\": $rc, \"seconds\": $secs, \"timed_out\": $to, \"cap_s\": $cap}" >> "$work/steps.jsonl"
+  if [ $rc = 0 ]; then
+    say "[$name] ok in $secs s"
+  else
+    say "[$name] FAILED (rc $rc$([ $to = true ] && echo ", timed out after $cap s")) in $secs s; last lines:"
+    tail -n 15 "$work/$name.log" | sed 's/^/    /' | tee -a "$log"
+  fi
+}
+skip() { echo "{\"name\": \"$1\", \"skipped\": true, \"note\": \"$2\"}" >> "$work/steps.jsonl"; say "[$1] skipped: $2"; }
+
+# the summary, then the archive (no checkpoints or weights); exit 0 only when every step and test passed
+finish() {
+  timeout 30 "$py" benchmarks/gpu_check.py summary --work "$work" --out "$out/gpu.json" \
+    --mode "$([ $dry = 1 ] && echo cpu-dry-run || echo gpu)" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  tar -czf "$out/logs.tar.gz" --exclude='*/checkpoints' --exclude='*.safetensors' --exclude='*.pt' -C "$work" . \
+    2>/dev/null || say "could not archive $work"
+  say "total $(( $(date +%s) - start_all )) s; summary $out/gpu.json; logs $out/logs.tar.gz (work folder $work)"
+  return "$rc"
+}
+
+# ---- preflight: without CUDA stop at once (unless dry), saying why
+if [ "$dry" = 0 ]; then
+  nvidia-smi > "$work/nvidia-smi.txt" 2>&1 || say "nvidia-smi failed: $(head -c 300 "$work/nvidia-smi.txt")"
+  if ! timeout 60 "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
+    say "FAIL: $py has no torch with a usable CUDA device. On a CPU machine run: bash benchmarks/gpu_check.sh --cpu-dry-run"
+    exit 1
+  fi
+fi
+say "gpu_check: mode $([ $dry = 1 ] && echo cpu-dry-run || echo gpu), python $py, budget $budget s, work $work"
+
+# sizes: the real ones, or tiny ones for the CPU dry run
+recipe=recipes/digits_sq_twn.yaml
+if [ "$dry" = 1 ]; then
+  digits=(train.progress=false train.max_steps=12 train.log_every=4 train.bn_recalibrate=2)
+  mixed=(train.max_steps=4)  # bf16 convolutions crawl on a CPU
+  resume=(train.max_steps=16 train.checkpoint_every=4 train.log_every=4 train.bn_recalibrate=2)  # + fp32
+  kill_after=8
+  half=fp32  # the kill-and-resume's precision: fp16 needs a GPU, and bf16 convolutions crawl on a CPU
+  kern=(--device cpu --repeats 1 --warmup 1 --quantizers bwn,twn)  # kbit4: its CPU reference is slow
+  thru=(--device cpu --model resnet18 --batch 4 --image-size 32 --steps 2 --warmup 1 --dtype fp32)
 else
-  note "FAIL: build (see build.log)"; status=1
+  digits=(train.progress=false)  # the recipe as it is
+  mixed=()
+  resume=(train.max_steps=200 train.checkpoint_every=50 train.log_every=50 engine.mixed_precision=fp16)
+  kill_after=100
+  half=fp16
+  kern=(--device cuda --repeats 10)
+  thru=(--device cuda --model resnet50 --batch 128 --image-size 224 --steps 30 --warmup 10 --dtype bf16)
 fi
 
-# 2. the kernel tests, CUDA ones included
-if timeout 900 "$py" -m pytest -q -rs tests/test_kernels.py --junitxml="$out/junit.xml" > "$out/tests.log" 2>&1; then
-  note "tests: $(tail -n 1 "$out/tests.log")"
-else
-  note "FAIL: tests: $(tail -n 1 "$out/tests.log")"; status=1
-fi
+step env 60 "$py" benchmarks/gpu_check.py env --json "$work/env.json"
+say "$(cat "$work/env.json" 2>/dev/null | tr -d '\n' | cut -c1-400)"
 
-# 3. the benchmark: reference vs kernel on CPU and GPU, GB/s against the device's peak
-if timeout 900 "$py" benchmarks/kernels.py --json --repeats "${REPEATS:-10}" > "$out/bench.json" 2> "$out/bench.err"; then
-  note "bench: ok"
-  "$py" - "$out/bench.json" <<'PY' | tee -a "$out/summary.txt"
-import json, sys
-rep = json.load(open(sys.argv[1]))
-for dev, r in (rep.items() if "info" not in rep else [(rep["info"]["device"], rep)]):
-    for name, v in r.items():
-        if name != "info":
-            extra = f"  {v['gbps']:.0f}/{v['peak_gbps']:.0f} GB/s ({v['gbps'] / v['peak_gbps']:.0%})" if "gbps" in v else ""
-            print(f"{dev:5} {name:6} ref {v['reference_s'] * 1e3:9.2f} ms  kernel {v['kernel_s'] * 1e3:8.3f} ms  "
-                  f"{v['speedup']:6.1f}x{extra}")
-PY
+# ---- 1. build the ops (CPU and CUDA in parallel; the cache keeps them for the steps after)
+step build_cpu 120 "$py" -m sqdist.kernels._build cpu &
+if [ "$dry" = 0 ]; then
+  step build_cuda 240 "$py" -m sqdist.kernels._build cuda &
 else
-  note "FAIL: benchmark (see bench.err)"; status=1
+  skip build_cuda "cpu dry run"
 fi
-exit $status
+wait
+
+# ---- 2. tests: the kernel and broadcast tests (CUDA ones run here), then the rest marked gpu
+step tests 180 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_dist.py \
+  --junitxml="$work/junit-kernels.xml"
+ok_rc="0 5" step tests_gpu_marked 90 "$py" -m pytest -q -rs -p no:cacheprovider -m gpu tests \
+  --ignore=tests/test_kernels.py --ignore=tests/test_dist.py --junitxml="$work/junit-gpu.xml"  # 5: none collected
+
+# ---- 3. the SQ step against the copy bandwidth
+stdout_to=$work/kernels.json step kernels 120 "$py" benchmarks/kernels.py --json "${kern[@]}"
+
+# ---- 4. training throughput: FP, QAT, SQ (fused and reference)
+stdout_to=$work/throughput.json step throughput 180 "$py" benchmarks/throughput.py --json "${thru[@]}"
+
+# ---- 5. the digits recipe on one device: fused vs reference kernels (one at a time: timed)
+step digits_fused 120 env SQDIST_KERNELS=auto "$py" benchmarks/gpu_check.py train "$recipe" "${digits[@]}" \
+  run.dir="$work/runs/fused" --json "$work/digits_fused.json"
+step digits_reference 120 env SQDIST_KERNELS=reference "$py" benchmarks/gpu_check.py train "$recipe" "${digits[@]}" \
+  run.dir="$work/runs/reference" --json "$work/digits_reference.json"
+
+# ---- 6. mixed precision: bf16, fp16 and the fp16 kill-and-resume side by side (accuracy and bits, not time)
+step digits_bf16 150 "$py" benchmarks/gpu_check.py train "$recipe" "${digits[@]}" ${mixed[@]+"${mixed[@]}"} engine.mixed_precision=bf16 \
+  run.dir="$work/runs/bf16" --json "$work/digits_bf16.json" &
+if [ "$dry" = 0 ]; then
+  step digits_fp16 150 "$py" benchmarks/gpu_check.py train "$recipe" "${digits[@]}" engine.mixed_precision=fp16 \
+    run.dir="$work/runs/fp16" --json "$work/digits_fp16.json" &
+else
+  skip digits_fp16 "cpu dry run: fp16 needs a GPU"
+fi
+rt=$(( $(left) - 10 )); [ $rt -gt 170 ] && rt=170  # its own deadline, inside the step's: it still writes its JSON
+step "resume_$half" 180 "$py" benchmarks/gpu_check.py kill-resume "$recipe" "${resume[@]}" \
+  --work "$work/runs/resume" --kill-after $kill_after --timeout $rt \
+  --json "$work/resume_$half.json" &
+wait
+
+finish

@@ -8,8 +8,12 @@ without autograd. It runs through sqdist's own API, once with
 same process, interleaved repeat by repeat; the median of the repeats is reported.
 
 On a GPU, ``gbps`` is the bytes the step must move (read W twice: errors and
-hybrid; write W~ and the errors) over the kernel time, against ``peak_gbps``
-from the memory clock and bus width (and ``copy_gbps``, a large device copy).
+hybrid; write W~ and the errors) over the kernel step's wall time, and
+``device_gbps`` the same bytes over the time the GPU spent in kernels (summed
+from the profiler: the step without its launch overhead). Both are set against
+``copy_gbps``, a 1 GiB device-to-device ``copy_`` timed with CUDA events
+(bytes read plus written; ``of_copy`` and ``device_of_copy`` are the fractions),
+and against ``peak_gbps`` from the memory clock and bus width.
 
     python benchmarks/kernels.py                 # table, CPU (and CUDA when present)
     python benchmarks/kernels.py --json          # one JSON object
@@ -59,7 +63,7 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def bench(device: str, repeats: int, names: list[str]) -> dict:
+def bench(device: str, repeats: int, names: list[str], warmup: int = 3) -> dict:
     from sqdist import create_quantizer
 
     weights = resnet50_layers(device)
@@ -74,7 +78,7 @@ def bench(device: str, repeats: int, names: list[str]) -> dict:
         kind, params = QUANTIZERS[name]
         quantizers = [create_quantizer(kind, **params).to(device) for _ in weights]
         ref_t, ker_t = [], []
-        for _ in range(3):  # warm-up: the JIT build, and the allocator settling on its big blocks
+        for _ in range(max(1, warmup)):  # warm-up: the JIT build, and the allocator settling on its big blocks
             for mode in ("reference", device):
                 os.environ["SQDIST_KERNELS"] = mode
                 sq_step(quantizers, weights, masks)
@@ -88,6 +92,10 @@ def bench(device: str, repeats: int, names: list[str]) -> dict:
         res = {"reference_s": r, "kernel_s": k, "speedup": r / k}
         if device == "cuda":
             res["gbps"] = moved / k / 1e9
+            os.environ["SQDIST_KERNELS"] = device
+            busy = device_seconds(lambda: sq_step(quantizers, weights, masks), repeats)
+            if busy:
+                res.update(device_s=busy, device_gbps=moved / busy / 1e9)
         results[name] = res
     os.environ["SQDIST_KERNELS"] = "auto"
     info = {"device": device, "layers": len(weights), "weights": numel, "dtype": str(weights[0].dtype),
@@ -98,12 +106,47 @@ def bench(device: str, repeats: int, names: list[str]) -> dict:
     else:
         props = torch.cuda.get_device_properties(0)
         peak = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8 / 1e9
-        big = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-        copy_t = statistics.median(timed(lambda: big.clone(), "cuda") for _ in range(10))
-        info.update(gpu=props.name, peak_gbps=peak, copy_gbps=2 * big.numel() / copy_t / 1e9)
+        copy = copy_gbps()
+        info.update(gpu=props.name, peak_gbps=peak, copy_gbps=copy)
         for res in results.values():
-            res["peak_gbps"] = peak
+            res.update(peak_gbps=peak, copy_gbps=copy, of_copy=res["gbps"] / copy)
+            if "device_gbps" in res:
+                res["device_of_copy"] = res["device_gbps"] / copy
     return {"info": info, **results}
+
+
+def copy_gbps(nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second / 1e9): the median of
+    ``repeats`` ``dst.copy_(src)`` of ``nbytes`` (far larger than the L2), timed with CUDA events."""
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")  # not zeros: real data
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def device_seconds(fn, repeats: int) -> float | None:
+    """GPU time per call of ``fn`` spent in kernels and copies (the profiler's device events,
+    summed; launch gaps excluded), or None when the profiler gives no device events."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return busy_us / 1e6 / repeats if busy_us > 0 else None
 
 
 def _cpu_name() -> str:
@@ -123,13 +166,16 @@ def table(report: dict) -> str:
     else:
         head += f", {info['gpu']}, peak {info['peak_gbps']:.0f} GB/s, copy {info['copy_gbps']:.0f} GB/s"
     lines = [head, f"{'quantizer':<10}{'reference ms':>14}{'kernel ms':>11}{'speedup':>9}"
-             + (f"{'GB/s':>8}{'of peak':>9}" if info["device"] == "cuda" else "")]
+             + (f"{'GB/s':>8}{'of copy':>9}{'busy ms':>9}{'busy GB/s':>11}{'of copy':>9}"
+                if info["device"] == "cuda" else "")]
     for name, r in report.items():
         if name == "info":
             continue
         line = f"{name:<10}{r['reference_s'] * 1e3:>14.2f}{r['kernel_s'] * 1e3:>11.2f}{r['speedup']:>8.1f}x"
         if "gbps" in r:
-            line += f"{r['gbps']:>8.0f}{r['gbps'] / r['peak_gbps']:>8.0%}"
+            line += f"{r['gbps']:>8.0f}{r['of_copy']:>9.0%}"
+            if "device_gbps" in r:
+                line += f"{r['device_s'] * 1e3:>9.3f}{r['device_gbps']:>11.0f}{r['device_of_copy']:>9.0%}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -139,6 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                     help="all: cpu, and cuda when a GPU is present")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per quantizer and mode first")
     ap.add_argument("--quantizers", default="bwn,twn,kbit4", help="comma list of: " + ", ".join(QUANTIZERS))
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = ap.parse_args(argv)
@@ -156,7 +203,7 @@ def main(argv=None) -> int:
     if "cuda" in devices and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
-    reports = {d: bench(d, args.repeats, names) for d in devices}
+    reports = {d: bench(d, args.repeats, names, args.warmup) for d in devices}
     if args.json:
         # one device: {"info": ..., "<quantizer>": {...}}; both: {"cpu": {...}, "cuda": {...}}
         print(json.dumps(next(iter(reports.values())) if len(reports) == 1 else reports, indent=1))
