@@ -33,7 +33,7 @@ import torch
 from sqdist import QuantConfig, kernels, quantize_model
 from sqdist.quantizers import layer_errors
 
-QUANTIZERS = {"bwn": ("bwn", {}), "twn": ("twn", {}), "kbit4": ("kbit", {"bits": 4})}
+QUANTIZERS = {"bwn": ("bwn", {}), "twn": ("twn", {}), "kbit4": ("kbit", {"bits": 4, "scale": "max"})}  # max: the fused scale
 
 
 def resnet50_layers(device: str):

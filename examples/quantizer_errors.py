@@ -20,9 +20,13 @@ QUANTIZERS = [  # (name, params)
     ("bwn", {}),
     ("twn", {}),
     ("twn", {"threshold": "layer"}),
-    ("kbit", {"bits": 2}),
-    ("kbit", {"bits": 4}),
-    ("kbit", {"bits": 8}),
+    ("kbit", {"bits": 2, "scale": "max"}),
+    ("kbit", {"bits": 2, "scale": "mse"}),
+    ("kbit", {"bits": 4, "scale": "max"}),
+    ("kbit", {"bits": 4, "scale": "mse"}),
+    ("kbit", {"bits": 8, "scale": "max"}),
+    ("kbit", {"bits": 8, "scale": "mse"}),
+    ("kbit", {"bits": 2, "scale": "lsq"}),
     ("kbit_pow2", {"bits": 4}),
 ]
 

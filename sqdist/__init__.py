@@ -1,6 +1,8 @@
 """sqdist: low-bit networks trained with Stochastic Quantization, at cluster scale."""
 from .quantizers import BWN, TWN, KBit, Quantizer, quantization_error
-from .registry import create_quantizer, list_quantizers, register_quantizer
+from .registry import (create_activation_quantizer, create_quantizer, list_activation_quantizers, list_quantizers,
+                       register_activation_quantizer, register_quantizer)
+from .activations import LSQ, PACT, ActivationQuantizer, calibrate_activations
 from .sq import SQConfig, SQSelector, select, selection_probability
 from .nn import QuantConfig, SQController, quantize_model
 
@@ -9,6 +11,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BWN", "TWN", "KBit", "Quantizer", "quantization_error",
     "create_quantizer", "list_quantizers", "register_quantizer",
+    "ActivationQuantizer", "LSQ", "PACT", "calibrate_activations",
+    "create_activation_quantizer", "list_activation_quantizers", "register_activation_quantizer",
     "SQConfig", "SQSelector", "select", "selection_probability",
     "QuantConfig", "SQController", "quantize_model", "export_model", "load_quantized", "__version__",
 ]

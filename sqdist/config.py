@@ -33,6 +33,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "enabled": True,
         "name": "twn",             # a registered quantizer (sqdist.list_quantizers())
         "params": {},
+        "activations": {},         # {} (weights only) or {name: lsq|pact|..., bits: 2, ...}: the input of every
+                                   # quantized layer but the stem (sqdist.list_activation_quantizers())
         "include": ["*"],
         "exclude": [],
         "keep_stem_and_classifier": True,
@@ -176,7 +178,7 @@ def _set(recipe: dict, key: str, value: Any) -> None:
     if len(parts) < 2 or parts[0] not in DEFAULTS:
         raise RecipeError(f"unknown recipe key {key!r}; sections: {', '.join(DEFAULTS)}")
     section, name = parts[0], ".".join(parts[1:])
-    if len(parts) > 2 and parts[1] in ("kwargs", "params"):  # free-form mappings: model.kwargs.drop_rate=0.1
+    if len(parts) > 2 and parts[1] in ("kwargs", "params", "activations"):  # free-form: model.kwargs.drop_rate=0.1
         recipe[section].setdefault(parts[1], {})[".".join(parts[2:])] = value
         return
     if name not in DEFAULTS[section]:
@@ -282,6 +284,7 @@ def _validate_names(recipe: dict) -> None:
             create_quantizer(q["name"], **q["params"])
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"quant.params={q['params']!r}: {exc}") from None
+        _validate_activations(q["activations"])
     data = recipe["data"]
     if data["name"] == "folder":
         root = data["root"]
@@ -296,6 +299,36 @@ def _validate_names(recipe: dict) -> None:
     cfg = recipe["engine"]["config"]
     if cfg is not None and not os.path.isfile(cfg):
         raise RecipeError(f"engine.config={cfg!r}: no such DeepSpeed JSON file")
+
+
+def _validate_activations(act: dict) -> None:
+    from .registry import create_activation_quantizer, list_activation_quantizers
+
+    if not act:
+        return
+    names = ", ".join(list_activation_quantizers())
+    name = act.get("name")
+    if name is None:
+        raise RecipeError(f"quant.activations={act!r}: missing 'name'; allowed names: {names} (or {{}} for weights only)")
+    if name not in list_activation_quantizers():
+        raise RecipeError(f"quant.activations.name={name!r}: allowed: {names}")
+    try:
+        create_activation_quantizer(name, **{k: v for k, v in act.items() if k != "name"})
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"quant.activations={act!r}: {exc}") from None
+
+
+def bits_label(recipe: dict) -> str:
+    """Bits of weights and activations, ``W<w>A<a>`` (32 for full precision): ``W1A32``, ``W2A2``, ``W32A32``."""
+    from .registry import create_activation_quantizer, create_quantizer
+
+    q = recipe["quant"]
+    if not q["enabled"]:
+        return "W32A32"
+    w_bits = create_quantizer(q["name"], **q["params"]).bits
+    act = dict(q["activations"])
+    a_bits = create_activation_quantizer(act.pop("name"), **act).bits if act else 32
+    return f"W{w_bits}A{a_bits}"
 
 
 def dump_recipe(recipe: dict, path: str) -> None:

@@ -21,6 +21,9 @@ File layout. For a quantized layer ``L`` with weight of shape ``(m, ...)``:
   A code ``c`` is stored as ``c > 0`` when ``bits == 1`` (codes are +-1), else as
   ``c + L_max`` with ``L_max = 2^(bits-1) - 1`` (codes lie in ``[-L_max, L_max]``).
 - ``L.weight.scale``: ``(m,)`` per-row scales, the weight's dtype; ``Q = scale[:, None] * codes``.
+- ``L.input.scale``: float32 scalar, when the layer's input is quantized (an activation
+  quantizer, ``quant.activations``): the input is ``clamp(round(x / scale), qmin, qmax) * scale``
+  (zero point 0), ``qmin``/``qmax`` in the metadata field ``inputs`` (version 3).
 
 With ``keep_fp_bits=8`` the layers kept at full precision (the other Conv/Linear
 weights: stem, classifier, layers the recipe excludes) are stored the same way at 8 bits,
@@ -31,8 +34,10 @@ Every other ``state_dict`` entry (biases, full-precision layers at the default
 strings, JSON-encoded) holds ``format``, ``format_version``, ``sqdist_version``, ``model``
 (timm name and kwargs), ``quantizer`` (name and ``config()``), ``sq``, ``layers`` (the
 quantized layer names, in order), ``fp_layers`` (the full-precision layers stored at 8 bits,
-in order; version 2), ``packed`` (per packed layer: shape, bits, dtype) and ``crc32`` (per
-tensor, to catch corrupted bytes). Version 1 files (no ``fp_layers``) still load.
+in order; version 2), ``packed`` (per packed layer: shape, bits, dtype), ``inputs`` (per layer
+whose input is quantized: zero_point, qmin, qmax; version 3, written only when there is one,
+with ``activations``: the activation quantizer's name and ``config()``) and ``crc32`` (per
+tensor, to catch corrupted bytes). Version 1 and 2 files still load.
 """
 from __future__ import annotations
 
@@ -51,7 +56,8 @@ from torch import Tensor, nn
 
 FORMAT = "sqdist-packed"
 FORMAT_VERSION = 2  # 2: adds fp_layers (full-precision layers stored at 8 bits)
-READABLE_VERSIONS = (1, 2)
+INPUTS_VERSION = 3  # 3: adds inputs (quantized layer inputs); written only by files that have them
+READABLE_VERSIONS = (1, 2, 3)
 MAX_BITS = 8
 KEEP_FP_BITS = (8, 32)  # how the layers left full precision are stored: 8-bit per-row codes, or as they are
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -269,6 +275,9 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
                 raise ExportError(f"layer {name}, quantizer {qname!r}: {exc}") from None
             tensors[f"{name}.weight.scale"] = scale.detach().to(w.dtype).cpu().contiguous().clone()
             packed_meta[name] = {"shape": list(w.shape), "bits": bits, "dtype": _dtype_name(w.dtype)}
+        inputs = _input_qparams(layers)
+        for name, (scale, zero_point, qmin, qmax) in inputs.items():
+            tensors[f"{name}.input.scale"] = torch.tensor(scale, dtype=torch.float32)
         modules = dict(model.named_modules())
         for name in fp_layers:
             w = modules[name].weight.detach()
@@ -280,7 +289,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
     try:
         metadata = {
             "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(INPUTS_VERSION if inputs else FORMAT_VERSION),
             "sqdist_version": __version__,
             "model": json.dumps({"name": model_name, "kwargs": dict(model_kwargs or {})}),
             "quantizer": json.dumps({"name": qname, "params": qparams}),
@@ -288,6 +297,9 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
             "layers": json.dumps(list(layers)),
             "fp_layers": json.dumps(fp_layers),
             "packed": json.dumps(packed_meta),
+            **({"inputs": json.dumps({n: {"zero_point": zp, "qmin": lo, "qmax": hi}
+                                      for n, (_, zp, lo, hi) in inputs.items()}),
+                "activations": json.dumps(_activation_config(layers))} if inputs else {}),
             "crc32": json.dumps({k: _crc32(t) for k, t in tensors.items()}),
         }
     except TypeError as exc:
@@ -298,7 +310,27 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
     os.replace(tmp, path)
     return {"path": str(path), "bytes": path.stat().st_size, "layers": len(layers), "quantizer": qname,
             "bits": sorted({packed_meta[n]["bits"] for n in layers}), "fp_layers": len(fp_layers),
-            "keep_fp_bits": keep_fp_bits}
+            "keep_fp_bits": keep_fp_bits, "inputs": len(inputs)}
+
+
+def _input_qparams(layers: dict[str, nn.Module]) -> dict[str, tuple[float, int, int, int]]:
+    """Per SQ layer whose input is quantized: ``(scale, zero_point, qmin, qmax)``, from its activation
+    quantizer (``input_quantizer``) or a weight quantizer that declares one (see
+    :func:`sqdist.onnx_export.activation_qdq`)."""
+    from .onnx_export import activation_qdq
+
+    out = {}
+    for name, layer in layers.items():
+        source = getattr(layer, "input_quantizer", None)
+        act = activation_qdq(source if source is not None else layer.quantizer, name)
+        if act is not None:
+            out[name] = act
+    return out
+
+
+def _activation_config(layers: dict[str, nn.Module]) -> dict:
+    acts = [layer.input_quantizer for layer in layers.values() if getattr(layer, "input_quantizer", None) is not None]
+    return {"name": acts[0].quantizer_name, "params": acts[0].config()} if acts else {}
 
 
 # ---------------------------------------------------------------- run folders
@@ -327,7 +359,12 @@ def _read_meta(ckpt: Path) -> dict:
            "enabled": get("quant.enabled", bool), "sq": meta.get("sq") or {}}
     if out["enabled"]:
         out.update(quantizer=get("quant.name", str), params=get("quant.params", dict),
-                   layers=get("quant.layers", list), ratio=get("sq.ratio", (int, float)))
+                   layers=get("quant.layers", list), ratio=get("sq.ratio", (int, float)),
+                   activations=meta["quant"].get("activations") or {})
+        if not isinstance(out["activations"], dict):
+            raise ExportError(f"{meta_path}: quant.activations={out['activations']!r}; allowed: a dict")
+        if out["quantizer"] == "kbit" and "scale" not in out["params"]:
+            out["params"] = {**out["params"], "scale": "max"}  # runs from before kbit had a scale choice
     return out
 
 
@@ -404,15 +441,20 @@ def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module,
     except Exception as exc:  # unknown name or kwargs: timm raises several types
         raise ExportError(f"{meta['path']}: timm.create_model({meta['model_name']!r}, **{meta['model_kwargs']}) "
                           f"failed: {_one_line(exc)}") from None
+    act = {k: v for k, v in meta["activations"].items() if k not in ("name", "layers")}
     try:
-        quantize_model(model, QuantConfig(quantizer=meta["quantizer"], params=meta["params"],
-                                          include=tuple(meta["layers"]), keep_stem_and_classifier=False))
+        sq = quantize_model(model, QuantConfig(quantizer=meta["quantizer"], params=meta["params"],
+                                               include=tuple(meta["layers"]), keep_stem_and_classifier=False,
+                                               activations=meta["activations"].get("name"), activation_params=act))
     except ValueError as exc:
         raise ExportError(f"{meta['path']}: quant section rejected: {_one_line(exc)}") from None
     missing = sorted(set(meta["layers"]) - set(_sq_layers(model)))
     if missing:
         raise ExportError(f"{meta['path']}: quant.layers names {missing[0]!r}, which is not a Conv/Linear layer "
                           f"of {meta['model_name']}")
+    if meta["activations"] and list(sq.activation_quantizers) != list(meta["activations"].get("layers", [])):
+        raise ExportError(f"{meta['path']}: quant.activations.layers does not match the layers whose input "
+                          f"{meta['model_name']} quantizes ({list(sq.activation_quantizers)[:3]}...)")
     weights = ckpt / "model.safetensors"
     _load_strict(model, _load_safetensors(weights), str(weights))
     model.eval()
@@ -457,7 +499,8 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
 
     The state dict has the model's own keys; a packed layer's ``weight`` is
     ``scale[:, None] * codes`` reshaped to its stored shape. Quantizer state
-    (``<layer>.quantizer.*``) is dropped: the float model has no quantizers.
+    (``<layer>.quantizer.*``, ``<layer>.input_quantizer.*``) is dropped: the float model has no
+    quantizers; ``meta["inputs"]`` holds each quantized input's scale, zero point, qmin and qmax.
     Every problem raises :class:`ExportError` with one line naming ``path``.
     """
     path = str(path)
@@ -480,11 +523,14 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     kinds = {"model": dict, "quantizer": dict, "sq": dict, "layers": list, "packed": dict, "crc32": dict}
     if version >= 2:
         kinds["fp_layers"] = list
+    if version >= 3:
+        kinds.update(inputs=dict, activations=dict)
     meta = {k: _json_field(metadata, k, path) for k in kinds}
     for key, kind in kinds.items():
         if not isinstance(meta[key], kind):
             raise ExportError(f"{path}: metadata field {key!r} is a {type(meta[key]).__name__}; expected a {kind.__name__}")
     meta.setdefault("fp_layers", [])  # version 1: full-precision layers always stored as they are
+    meta.setdefault("inputs", {})  # versions 1, 2: no quantized inputs
     for key in ("layers", "fp_layers"):
         if not all(isinstance(name, str) for name in meta[key]):
             raise ExportError(f"{path}: metadata field {key!r} must list layer names (strings); corrupted")
@@ -514,7 +560,18 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
         if tuple(scale.shape) != (shape[0],):
             raise ExportError(f"{path}: layer {name!r}: scale has shape {tuple(scale.shape)}; expected ({shape[0]},)")
         state[f"{name}.weight"] = (codes.to(dtype).view(shape[0], -1) * scale.to(dtype)[:, None]).reshape(shape)
-    prefixes = tuple(f"{name}.quantizer." for name in layers)
+    for name, info in meta["inputs"].items():
+        scale = raw.pop(f"{name}.input.scale", None)
+        try:
+            zero_point, qmin, qmax = (int(info[k]) for k in ("zero_point", "qmin", "qmax"))
+        except (KeyError, TypeError, ValueError):
+            raise ExportError(f"{path}: inputs of layer {name!r}: {info!r}; expected zero_point, qmin, qmax") from None
+        if name not in layers or scale is None or scale.numel() != 1 or not float(scale) > 0 \
+                or not qmin <= zero_point <= qmax:
+            raise ExportError(f"{path}: quantized input of layer {name!r} is incomplete or invalid "
+                              f"(scale {None if scale is None else scale.tolist()}, qmin {qmin}, qmax {qmax})")
+        info.update(scale=float(scale), zero_point=zero_point, qmin=qmin, qmax=qmax)
+    prefixes = tuple(f"{name}.{part}." for name in layers for part in ("quantizer", "input_quantizer"))
     state.update({k: v for k, v in raw.items() if not k.startswith(prefixes)})
     return state, meta
 
@@ -527,8 +584,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     float model). Returned in eval mode on ``device``; its logits match the trained SQ
     model's eval (fully quantized) logits, exactly when the full-precision layers were
     stored as they are (``keep_fp_bits=32``); with ``keep_fp_bits=8`` those layers hold
-    their 8-bit dequantized weights. Activation quantization (``Quantizer.quantize_input``)
-    is not part of this format (the ONNX export carries it).
+    their 8-bit dequantized weights. A layer whose input was quantized (version 3) gets that
+    quantization back as its submodule ``input_quantizer`` (fixed scale, run by a forward pre-hook).
     """
     import timm
 
@@ -543,6 +600,16 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise ExportError(f"{path}: timm.create_model({model_info['name']!r}, **{model_info['kwargs']}) "
                           f"failed: {_one_line(exc)}") from None
     _load_strict(model, state, str(path))
+    if meta["inputs"]:
+        from .onnx_export import InputQuantizer, _quantize_input_hook
+
+        modules = dict(model.named_modules())
+        for name, info in meta["inputs"].items():
+            layer = modules.get(name)
+            if layer is None:
+                raise ExportError(f"{path}: quantized input of layer {name!r}, which {model_info['name']} does not have")
+            layer.input_quantizer = InputQuantizer(info["scale"], info["zero_point"], info["qmin"], info["qmax"])
+            layer.register_forward_pre_hook(_quantize_input_hook)
     return model.to(device).eval()
 
 
@@ -579,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             _, meta = read_packed(args.source)
             q = meta["quantizer"]
             fp = f", {len(meta['fp_layers'])} full-precision layers at 8 bits" if meta["fp_layers"] else ""
+            fp += f", {len(meta['inputs'])} quantized inputs" if meta["inputs"] else ""
             print(f"{args.source}: ok, {meta['model']['name']} with {len(meta['layers'])} {q['name']} layers "
                   f"{q['params']}{fp}, {os.path.getsize(args.source) / 1e6:.2f} MB")
             return 0
@@ -604,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sqdist.export: error: {exc}", file=sys.stderr)
         return 2
     fp = f", {info['fp_layers']} full-precision layers at 8 bits" if info["fp_layers"] else ""
+    fp += f", {info['inputs']} quantized inputs" if info["inputs"] else ""
     print(f"wrote {info['path']}: {info['layers']} {info['quantizer']} layers packed at "
           f"{'/'.join(map(str, info['bits']))} bit(s){fp}, {info['bytes'] / 1e6:.2f} MB")
     return 0

@@ -20,23 +20,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dist as sqdist_dist
+from .activations import ActivationQuantizer
 from .quantizers import Quantizer, layer_errors, quantization_error
-from .registry import create_quantizer
+from .registry import create_activation_quantizer, create_quantizer
 from .sq import SQConfig, SQSelector
 
 
 class SQLayer:
-    """Mixin of the SQ layers: builds the weight the forward uses."""
+    """Mixin of the SQ layers: builds the weight the forward uses and quantizes its input."""
 
     quantizer: Quantizer
+    input_quantizer: ActivationQuantizer | None
     sq_mask: Tensor | None
     _sq: "SQController | None"
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """The layer's input as the layer sees it: through the activation quantizer, if any."""
+        x = self.quantizer.quantize_input(x)
+        act = getattr(self, "input_quantizer", None)
+        return x if act is None else act(x)
 
     def sq_weight(self) -> Tensor:
         w = self.weight
         ctl = self._sq
         ratio = 1.0 if ctl is None else ctl.selector.ratio
         if ratio <= 0.0:
+            if self.training and torch.is_grad_enabled() and self.quantizer.learns:
+                # nothing quantized, but the quantizer's parameters stay in the graph (zero
+                # gradient): DDP and ZeRO expect a gradient for every parameter
+                return self.quantizer.hybrid(w, torch.zeros(w.shape[0], dtype=torch.bool, device=w.device))
             return w
         if ratio >= 1.0 or not self.training:
             return self.quantizer(w)  # straight-through
@@ -49,22 +61,22 @@ class SQLayer:
 
 class SQConv1d(SQLayer, nn.Conv1d):
     def forward(self, x):
-        return self._conv_forward(self.quantizer.quantize_input(x), self.sq_weight(), self.bias)
+        return self._conv_forward(self.quantize_input(x), self.sq_weight(), self.bias)
 
 
 class SQConv2d(SQLayer, nn.Conv2d):
     def forward(self, x):
-        return self._conv_forward(self.quantizer.quantize_input(x), self.sq_weight(), self.bias)
+        return self._conv_forward(self.quantize_input(x), self.sq_weight(), self.bias)
 
 
 class SQConv3d(SQLayer, nn.Conv3d):
     def forward(self, x):
-        return self._conv_forward(self.quantizer.quantize_input(x), self.sq_weight(), self.bias)
+        return self._conv_forward(self.quantize_input(x), self.sq_weight(), self.bias)
 
 
 class SQLinear(SQLayer, nn.Linear):
     def forward(self, x):
-        return F.linear(self.quantizer.quantize_input(x), self.sq_weight(), self.bias)
+        return F.linear(self.quantize_input(x), self.sq_weight(), self.bias)
 
 
 SQ_CLASSES: dict[type, type] = {nn.Conv1d: SQConv1d, nn.Conv2d: SQConv2d, nn.Conv3d: SQConv3d, nn.Linear: SQLinear}
@@ -85,6 +97,10 @@ class QuantConfig:
         broadcast: make rank 0's masks every rank's (off only to show why it is needed).
         draw_in_forward: draw each layer's mask inside its forward (DeepSpeed ZeRO-3,
             where the full weight exists only there) instead of in ``draw_masks``.
+        activations: registered activation quantizer name (``sqdist.list_activation_quantizers()``)
+            for the input of every quantized layer except the model's stem (its input is
+            the image), or None (weights only).
+        activation_params: keyword parameters of that activation quantizer (``bits``, ...).
     """
 
     quantizer: str = "twn"
@@ -95,6 +111,8 @@ class QuantConfig:
     sq: SQConfig = SQConfig()
     broadcast: bool = True
     draw_in_forward: bool = False
+    activations: str | None = None
+    activation_params: Mapping = field(default_factory=dict)
 
 
 class SQController:
@@ -122,6 +140,12 @@ class SQController:
     @property
     def ratio(self) -> float:
         return self.selector.ratio
+
+    @property
+    def activation_quantizers(self) -> dict[str, ActivationQuantizer]:
+        """The activation quantizers of the SQ layers that have one, by layer name."""
+        return {name: layer.input_quantizer for name, layer in self.layers.items()
+                if getattr(layer, "input_quantizer", None) is not None}
 
     @property
     def stage(self) -> int:
@@ -226,6 +250,17 @@ def _stem_and_classifier(model: nn.Module, candidates: list[str]) -> set[str]:
     return names
 
 
+def _stem(model: nn.Module, candidates: list[str]) -> str | None:
+    """The layer that reads the model's input (timm's ``first_conv``; else the first candidate)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    first = cfg.get("first_conv")
+    for v in ([first] if isinstance(first, str) else list(first or [])):
+        for n in candidates:
+            if n == v or n == f"{v}.conv" or n.startswith(f"{v}."):
+                return n
+    return candidates[0] if candidates else None
+
+
 def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQController:
     """Make ``model``'s Conv/Linear weights quantized and SQ-selected, in place.
 
@@ -233,11 +268,17 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
     The model's class is unchanged, and so are its ``state_dict`` keys unless a
     quantizer has state of its own: each quantized layer holds its quantizer as the
     submodule ``quantizer``, so a quantizer's parameters and buffers add keys
-    ``<layer>.quantizer.<name>`` (none for BWN, TWN and k-bit).
+    ``<layer>.quantizer.<name>`` (none for BWN, TWN and k-bit with a fixed scale), and
+    with ``config.activations`` its activation quantizer as ``input_quantizer``
+    (``<layer>.input_quantizer.<name>``; calibrate it before training, see
+    :func:`sqdist.calibrate_activations`).
     """
     candidates = [n for n, m in model.named_modules() if isinstance(m, tuple(SQ_CLASSES))]
     kept_fp = _stem_and_classifier(model, candidates) if config.keep_stem_and_classifier else set()
     create_quantizer(config.quantizer, **dict(config.params))  # fail early on bad names / params
+    if config.activations is not None:
+        create_activation_quantizer(config.activations, **dict(config.activation_params))
+    stem = _stem(model, candidates)
     layers: dict[str, SQLayer] = {}
     skipped = []
     for name, module in model.named_modules():
@@ -254,6 +295,10 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
         module.__class__ = sq_cls  # same object, same Parameters: optimizers and engines keep working
         module.quantizer = create_quantizer(config.quantizer, **dict(config.params)).to(module.weight.device)
         module.quantizer.calibrate(module.weight.detach())  # a no-op unless the quantizer has state to set
+        module.input_quantizer = None
+        if config.activations is not None and name != stem:  # the stem's input is the image: never quantized
+            module.input_quantizer = create_activation_quantizer(
+                config.activations, **dict(config.activation_params)).to(module.weight.device)
         module.sq_mask = None
         module.sq_name = name  # for per-layer logs from inside the forward (ZeRO-3 draws)
         module._sq = None

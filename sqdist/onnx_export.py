@@ -154,8 +154,8 @@ def deployable(model: nn.Module, keep_fp_bits: int = 32) -> nn.Module:
 
     Each SQ layer becomes its plain class again (``nn.Conv2d``, ``nn.Linear``, ...) with its
     weight parametrized as :class:`WeightFromCodes` (int8 codes from the quantizer's
-    ``quantize_codes`` times the per-row scale) and, when its quantizer declares one, an
-    :class:`InputQuantizer` on its input. With ``keep_fp_bits=8`` the full-precision
+    ``quantize_codes`` times the per-row scale) and, when its activation quantizer
+    (``input_quantizer``) or its weight quantizer declares one, an :class:`InputQuantizer` on its input. With ``keep_fp_bits=8`` the full-precision
     Conv/Linear layers get 8-bit per-row codes too (:func:`sqdist.export.int8_rows`).
     """
     from .nn import SQ_CLASSES
@@ -178,7 +178,8 @@ def deployable(model: nn.Module, keep_fp_bits: int = 32) -> nn.Module:
             quantizer = layer.quantizer
             qname = getattr(quantizer, "quantizer_name", "?")
             bits = _check_bits(getattr(quantizer, "bits", None), f"quantizer {qname!r} of layer {name}")
-            act = activation_qdq(quantizer, name)
+            source = getattr(layer, "input_quantizer", None)  # an activation quantizer (quant.activations)
+            act = activation_qdq(quantizer if source is None else source, name)
             w = layer.weight.detach()
             codes, scale = quantizer.quantize_codes(w.reshape(w.shape[0], -1))
             if tuple(scale.shape) != (w.shape[0],):
@@ -187,8 +188,9 @@ def deployable(model: nn.Module, keep_fp_bits: int = 32) -> nn.Module:
             codes = checked_codes(codes, bits, f"layer {name}, quantizer {qname!r}").reshape(w.shape)
             layer.__class__ = plain[type(layer)]
             del layer.quantizer
-            for attr in ("sq_mask", "sq_name", "_sq", "_sq_mask_step"):
+            for attr in ("sq_mask", "sq_name", "_sq", "_sq_mask_step", "input_quantizer"):
                 layer.__dict__.pop(attr, None)
+            layer._modules.pop("input_quantizer", None)  # the training module; InputQuantizer replaces it
             parametrize.register_parametrization(layer, "weight", WeightFromCodes(codes, scale))
             if act is not None:
                 layer.input_quantizer = InputQuantizer(*act)

@@ -4,9 +4,12 @@ Every quantizer maps a weight seen as a matrix ``(m, n)`` (row ``i`` is output
 channel ``i`` flattened) to integer ``codes`` ``(m, n)`` and a per-row ``scale``
 ``(m,)``; the quantized weight is ``Q = scale[:, None] * codes``. The pure-PyTorch
 functions ``*_reference`` below are the ground truth that the fused kernels in
-``csrc/`` are tested against.
+``csrc/`` are tested against. A quantizer may learn (k-bit's ``scale="lsq"``):
+see :class:`Quantizer` for how learned state is trained.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +54,72 @@ def kbit_reference(w: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
     return codes.to(w.dtype), scale.to(w.dtype)
 
 
+MSE_GRID = (32, 16)  # kbit scale="mse": coarse candidates in (0, 1] x max-scale, then finer ones around the best
+
+
+def kbit_mse_reference(w: Tensor, bits: int = 4, grid: tuple[int, int] = MSE_GRID) -> tuple[Tensor, Tensor]:
+    """Symmetric uniform k-bit whose per-row scale minimizes ``||w_i - Q_i||_2``, by a short search.
+
+    ``w`` (m, n) -> (``codes`` (m, n), ``scale`` (m,)). Candidates are ``a * max|w_i| / L``:
+    first ``a = 1/G, 2/G, ..., 1`` (``G = grid[0]``), then ``grid[1] + 1`` values spaced
+    ``1/(G * grid[1])`` around each row's best. ``a = 1`` (:func:`kbit_reference`'s scale)
+    is a candidate, so the L2 error is never above the max scale's.
+    """
+    levels = 2 ** (bits - 1) - 1
+    top = w.abs().amax(dim=1) / levels
+    safe = torch.where(top > 0, top, torch.ones_like(top)).float()
+    wf = w.float()
+    coarse, fine = grid
+    a = torch.arange(1, coarse + 1, dtype=torch.float32, device=w.device).div(coarse).expand(w.shape[0], -1)
+    best = _best_ratio(wf, safe, a, levels)
+    steps = torch.arange(-(fine // 2), fine // 2 + 1, dtype=torch.float32, device=w.device) / (coarse * fine)
+    a = (best[:, None] + steps).clamp(1.0 / (coarse * fine), 1.0)
+    a = torch.cat([best[:, None], a], dim=1)  # the coarse winner first: ties keep it
+    scale = safe * _best_ratio(wf, safe, a, levels)
+    codes = torch.clamp(torch.round(wf / scale[:, None]), -levels, levels)
+    scale = torch.where(top > 0, scale, torch.zeros_like(scale))
+    return codes.to(w.dtype), scale.to(w.dtype)
+
+
+def _best_ratio(w: Tensor, safe: Tensor, ratios: Tensor, levels: int) -> Tensor:
+    """Per row, the ratio ``ratios[i, j]`` whose scale ``safe_i * ratios[i, j]`` has the least
+    squared error (the first one on a tie); ``w`` (m, n), ``ratios`` (m, k) -> (m,)."""
+    m, k = ratios.shape
+    chunk = max(1, (1 << 20) // max(w.numel(), 1))  # candidates at once: temporaries of ~4 MB
+    errors = []
+    for j in range(0, k, chunk):
+        s = (safe[:, None] * ratios[:, j:j + chunk]).T[:, :, None]  # (c, m, 1)
+        q = torch.div(w, s).round_().clamp_(-levels, levels).mul_(s).sub_(w)  # Q - w, (c, m, n)
+        errors.append(q.square_().sum(dim=2).T)  # (m, c)
+    best = torch.cat(errors, dim=1).argmin(dim=1)  # argmin returns the first minimum
+    return ratios.gather(1, best[:, None]).squeeze(1)
+
+
+def round_pass(x: Tensor) -> Tensor:
+    """``round(x)`` whose gradient is 1 (LSQ's ``roundpass``, a straight-through round)."""
+    return (torch.round(x) - x).detach() + x
+
+
+def grad_scale(x: Tensor, factor: float) -> Tensor:
+    """``x`` whose gradient is multiplied by ``factor`` (LSQ's ``gradscale``)."""
+    scaled = x * factor
+    return (x - scaled).detach() + scaled
+
+
+def lsq_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_factor: float) -> Tensor:
+    """LSQ fake quantization (Esser et al., ICLR 2020): ``round(clip(x / s, qmin, qmax)) * s``.
+
+    ``x`` any shape, ``step`` the learned step size ``s`` (shape (1,)). Gradients are the paper's:
+    ``d/dx = 1`` where ``qmin < x/s < qmax`` and 0 outside; ``d/ds = round(x/s) - x/s`` inside,
+    ``qmin`` / ``qmax`` outside, times ``grad_factor`` (the paper's ``g = 1/sqrt(N * Q_P)``).
+    """
+    s = grad_scale(step, grad_factor)
+    v = x / s
+    inside = (v > qmin) & (v < qmax)
+    v = torch.where(inside, v, v.detach().clamp(qmin, qmax))  # outside: the constant bound
+    return round_pass(v) * s
+
+
 def quantization_error(w: Tensor, q: Tensor, granularity: str = "channel") -> Tensor:
     """Normalized L1 error of ``q`` against ``w`` (both (m, n)).
 
@@ -72,10 +141,35 @@ def quantization_error(w: Tensor, q: Tensor, granularity: str = "channel") -> Te
 class Quantizer(nn.Module):
     """Base class of weight quantizers.
 
-    Subclasses implement :meth:`quantize_codes`; everything else follows. A quantizer is a
-    ``Module`` so that it may hold learnable state of its own (registered parameters
-    are trained with the model) and may override :meth:`calibrate` or :meth:`quantize_input`
-    (activation quantization; identity by default).
+    Subclasses implement :meth:`quantize_codes`; everything else follows: :meth:`quantize`
+    (``Q`` without gradient: SQ's selection error, export), :meth:`error`, and the training
+    forward :meth:`forward` / :meth:`hybrid`.
+
+    **Learned state.** A quantizer is a ``Module``: ``quantize_model`` makes it the layer's
+    submodule ``quantizer``, so its ``nn.Parameter`` s are in ``model.parameters()``, the
+    optimizer, DDP's and DeepSpeed's gradient reductions and the checkpoints, under
+    ``<layer>.quantizer.<name>``. As soon as one of them requires a gradient, the training
+    forward is :meth:`fake_quantize`, whose default makes the *codes* straight-through
+    constants and the *scale* differentiable::
+
+        Q = codes.detach() * scale[:, None] + (W - W.detach())
+
+    (the value is ``codes * scale``; ``W`` gets its gradient unchanged, plus what flows
+    through ``scale`` if the scale depends on ``W``). So the minimal learned method only
+    overrides ``quantize_codes`` and returns a scale computed from its own parameter;
+    that parameter then gets its gradient. A method with a gradient rule of its own (LSQ:
+    the step size sees the rounding error, the weight gradient is zero where clipped)
+    overrides :meth:`fake_quantize` as well. Initial values that depend on the weight
+    are set in :meth:`calibrate` (called once per layer by ``quantize_model``; a
+    checkpoint's values replace them on resume). SQ works as for BWN/TWN: the selection
+    error comes from ``quantize`` with the current parameters, and the hybrid weight takes
+    its quantized rows from ``fake_quantize`` (the parameters learn from those rows only).
+
+    Without trainable parameters nothing of the quantizer is in the graph (``W`` gets a
+    pure straight-through gradient), and the compiled op computes it where one does
+    (:meth:`fused_spec`). A layer's *input* is quantized by an activation quantizer
+    (:mod:`sqdist.activations`), a separate module; :meth:`quantize_input` is for a method
+    whose input rule belongs to its weight rule.
 
     Attributes:
         bits: bits per weight in the packed export format.
@@ -94,6 +188,19 @@ class Quantizer(nn.Module):
             codes, scale = self.quantize_codes(w)
             return codes * scale[:, None], scale
 
+    def fake_quantize(self, w: Tensor) -> Tensor:
+        """Training forward of a quantizer with trainable parameters: ``w`` (m, n) -> ``Q`` (m, n).
+
+        Default: codes straight through, scale differentiable (see the class docstring).
+        """
+        codes, scale = self.quantize_codes(w)
+        return codes.detach() * scale[:, None] + (w - w.detach())
+
+    @property
+    def learns(self) -> bool:
+        """True when the quantizer has a parameter that requires a gradient."""
+        return any(p.requires_grad for p in self.parameters())
+
     def error(self, w: Tensor, granularity: str = "channel") -> Tensor:
         """Normalized L1 quantization error of ``w`` (m, n): (m,) or (m, n)."""
         with torch.no_grad():
@@ -104,13 +211,16 @@ class Quantizer(nn.Module):
         return quantization_error(w, q, granularity)
 
     def forward(self, weight: Tensor) -> Tensor:
-        """Quantized ``weight`` (any shape, dim 0 = rows); gradient passes straight through."""
+        """Quantized ``weight`` (any shape, dim 0 = rows); gradient straight through to ``weight``
+        and, when the quantizer learns, to its parameters (:meth:`fake_quantize`)."""
         fused = self._fused_hybrid(weight, None)
         if fused is not None:
             return fused
         w2d = weight.reshape(weight.shape[0], -1)
+        if torch.is_grad_enabled() and self.learns:
+            return self.fake_quantize(w2d).reshape(weight.shape)
         q, _ = self.quantize(w2d)
-        return weight + (q.reshape(weight.shape) - weight).detach()
+        return q.reshape(weight.shape) + (weight - weight.detach())  # exactly Q; the gradient to W is 1
 
     def hybrid(self, weight: Tensor, mask: Tensor | None = None) -> Tensor:
         """SQ hybrid weight ``where(mask, q(W), W)`` (any shape, dim 0 = rows), straight through.
@@ -132,20 +242,23 @@ class Quantizer(nn.Module):
         return None
 
     # what a subclass may redefine and still be what the fused op computes: nothing of these
-    _FUSED_METHODS = ("quantize_codes", "quantize", "error", "forward", "hybrid")
+    _FUSED_METHODS = ("quantize_codes", "quantize", "fake_quantize", "error", "forward", "hybrid")
 
     def _spec(self) -> dict | None:
         """``fused_spec()`` when the compiled op computes exactly this class, else None.
 
         The class that defines ``fused_spec`` vouches for its own math; a subclass that
         redefines any method on the quantize/error/forward path is not that math any more,
-        so it always runs its own code (whatever ``SQDIST_KERNELS`` says).
+        so it always runs its own code (whatever ``SQDIST_KERNELS`` says). Nor is a quantizer
+        with trainable parameters: the op has no gradient for them.
         """
         cls = type(self)
         owner = next((c for c in cls.__mro__ if "fused_spec" in c.__dict__), None)
         if owner is None or owner is Quantizer:
             return None
         if any(getattr(cls, name) is not getattr(owner, name) for name in self._FUSED_METHODS):
+            return None
+        if self.learns:
             return None
         return self.fused_spec()
 
@@ -166,10 +279,15 @@ class Quantizer(nn.Module):
         return kernels.hybrid_weight(weight, mask=mask, **spec)
 
     def calibrate(self, weight: Tensor) -> None:
-        """Optional: set internal state from a weight before training (no-op here)."""
+        """Optional: set learned state from the layer's weight (any shape, dim 0 = rows) before
+        training; ``quantize_model`` calls it once per layer (no-op here)."""
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        """Optional activation quantization; identity for weight-only quantizers."""
+        """Optional quantization of the layer's input that belongs to this weight rule; identity here.
+
+        Plain activation quantization is a separate module (``quant.activations``,
+        :mod:`sqdist.activations`), paired with any weight quantizer.
+        """
         return x
 
     def config(self) -> dict:
@@ -252,24 +370,60 @@ class TWN(Quantizer):
 
 @register_quantizer("kbit")
 class KBit(Quantizer):
-    """Symmetric uniform k-bit weights, ``2^(k-1) - 1`` positive levels, per-row scale.
+    """Symmetric uniform k-bit weights: codes in ``[-L, L]``, ``L = 2^(k-1) - 1``, ``Q = scale * codes``.
 
     Args:
         bits: 2..8.
+        scale: how the scale is chosen.
+
+            - ``"mse"`` (default): per row, the scale with the least ``||W_i - Q_i||_2``,
+              found by a short grid search (:func:`kbit_mse_reference`); never worse than
+              ``max`` in that error, and at 2 bits far better (``max`` zeroes every weight
+              below half the row maximum).
+            - ``"max"``: per row ``max |W_i| / L``: no weight is clipped; the compiled op
+              computes it (fast path).
+            - ``"lsq"``: one learned step size per layer (LSQ, Esser et al., ICLR 2020),
+              initialized to ``2 mean|W| / sqrt(L)``, with gradient scale
+              ``1 / sqrt(numel(W) * L)``; ``Q = round(clip(W / s, -L, L)) * s``. The levels
+              are k-bit's symmetric ones (what the packed format stores); LSQ's paper gives
+              signed data one more negative level (``-2^(k-1)``).
     """
 
-    def __init__(self, bits: int = 4):
+    SCALES = ("mse", "max", "lsq")
+
+    def __init__(self, bits: int = 4, scale: str = "mse"):
         super().__init__()
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
             raise ValueError(f"kbit bits={bits!r}; allowed: an integer from 2 to 8")
-        self.bits = bits
+        if scale not in self.SCALES:
+            raise ValueError(f"kbit scale={scale!r}; allowed: {', '.join(repr(v) for v in self.SCALES)}")
+        self.bits, self.scale = bits, scale
+        self.levels = 2 ** (bits - 1) - 1
+        if scale == "lsq":
+            self.step = nn.Parameter(torch.tensor([1.0]))  # (1,), set from the weight by calibrate()
 
     def quantize_codes(self, w):
+        if self.scale == "lsq":
+            step = self.step.to(w.dtype)
+            codes = torch.clamp(torch.round(w / step), -self.levels, self.levels)
+            return codes, step.expand(w.shape[0])
+        if self.scale == "mse":
+            return kbit_mse_reference(w, self.bits)
         fused = self._fused([w], codes=True, scales=True)
         return (fused.codes[0], fused.scales[0]) if fused is not None else kbit_reference(w, self.bits)
 
+    def fake_quantize(self, w):
+        if self.scale != "lsq":
+            return super().fake_quantize(w)
+        return lsq_quantize(w, self.step, -self.levels, self.levels, 1.0 / math.sqrt(w.numel() * self.levels))
+
+    def calibrate(self, weight):
+        if self.scale == "lsq":
+            with torch.no_grad():
+                self.step.fill_(2 * weight.abs().float().mean() / math.sqrt(self.levels))
+
     def fused_spec(self):
-        return {"kind": "kbit", "bits": self.bits}
+        return {"kind": "kbit", "bits": self.bits} if self.scale == "max" else None
 
     def config(self):
-        return {"bits": self.bits}
+        return {"bits": self.bits, "scale": self.scale}

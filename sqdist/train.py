@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from . import __version__
 from . import dist as sqdist_dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_state_dict
-from .config import RecipeError, dump_recipe, load_recipe
+from .activations import ActivationQuantizer, calibrate_activations
+from .config import RecipeError, bits_label, dump_recipe, load_recipe
 from .data import EpochBatches, build_datasets, eval_batches, loader
 from .nn import QuantConfig, SQController, quantize_model
 from .sq import SQConfig
@@ -49,11 +50,13 @@ def build_model(recipe: dict, rank: int = 0) -> tuple[torch.nn.Module, SQControl
     sq_config = SQConfig(ratios=tuple(s["ratios"]), stage_length=s["stage_length"], unit=s["unit"],
                          probability=s["probability"], granularity=s["granularity"], variant=s["variant"],
                          seed=s["seed"] + rank)  # ranks draw differently; the broadcast makes them agree
+    act = dict(q["activations"])
     try:
         controller = quantize_model(model, QuantConfig(
             quantizer=q["name"], params=dict(q["params"]), include=tuple(q["include"]), exclude=tuple(q["exclude"]),
             keep_stem_and_classifier=q["keep_stem_and_classifier"], sq=sq_config, broadcast=s["broadcast"],
-            draw_in_forward=recipe["engine"]["name"] == "deepspeed" and recipe["engine"]["zero_stage"] == 3))
+            draw_in_forward=recipe["engine"]["name"] == "deepspeed" and recipe["engine"]["zero_stage"] == 3,
+            activations=act.pop("name", None), activation_params=act))
     except ValueError as exc:
         if "no layer matched" not in str(exc):
             raise
@@ -73,10 +76,18 @@ def model_meta(recipe: dict, controller: SQController | None, trained: tuple[int
     """
     q = recipe["quant"]
     stage, ratio = trained if trained is not None else ((controller.stage, controller.ratio) if controller else (0, 0.0))
+    params, activations = q["params"], {}
+    if controller is not None:  # as built, defaults included: a later default cannot change what a run means
+        params = {**q["params"], **next(iter(controller.layers.values())).quantizer.config()}
+        acts = controller.activation_quantizers
+        if acts:
+            first = next(iter(acts.values()))
+            activations = {"name": first.quantizer_name, **first.config(), "layers": list(acts)}
     return {
         "model": {"name": recipe["model"]["name"], "kwargs": recipe["model"]["kwargs"]},
-        "quant": {"enabled": controller is not None, "name": q["name"], "params": q["params"],
-                  "layers": list(controller.layers) if controller else []},
+        "quant": {"enabled": controller is not None, "name": q["name"], "params": params,
+                  "layers": list(controller.layers) if controller else [], "activations": activations,
+                  "bits": bits_label(recipe)},
         "sq": {"ratio": ratio if controller else 0.0, "stage": stage if controller else 0},
         "sqdist_version": __version__,
     }
@@ -104,6 +115,30 @@ def lr_factor(step: int, recipe: dict, steps_per_epoch: int, total_steps: int) -
     if sched["name"] == "step":
         return sched["gamma"] ** sum(progress >= m for m in sched["milestones"])
     return 1.0
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """timm's parameter groups (no weight decay on biases, norms and scalars), except that the
+    parameters of activation quantizers whose method decays them (``weight_decay = True``,
+    PACT: the paper's L2 regularization of alpha) are in the decayed group."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, weight_decay,
+                                       no_weight_decay_list=getattr(model, "no_weight_decay", lambda: set())())
+    wanted = {id(p) for m in model.modules() if isinstance(m, ActivationQuantizer) and m.weight_decay
+              for p in m.parameters(recurse=False) if p.requires_grad}
+    moved = [p for g in groups if g["weight_decay"] == 0 for p in g["params"] if id(p) in wanted]
+    if not moved or not weight_decay:
+        return groups
+    for g in groups:
+        if g["weight_decay"] == 0:
+            g["params"] = [p for p in g["params"] if id(p) not in wanted]
+    decayed = next((g for g in groups if g["weight_decay"] == weight_decay), None)
+    if decayed is None:
+        decayed = {"params": [], "weight_decay": weight_decay}
+        groups.append(decayed)
+    decayed["params"] += moved
+    return [g for g in groups if g["params"]]
 
 
 def reset_optimizer_state(optimizer) -> None:
@@ -256,9 +291,17 @@ def setup(recipe: dict) -> Run:
     train_set, test_set = build_datasets(recipe)
     model, sq = build_model(recipe, rank)
     model.to(accelerator.device)
+    if sq is not None and sq.activation_quantizers:
+        # every rank the same batch (rank 0's first of a one-process run): the same initial step sizes
+        first = EpochBatches(len(train_set), recipe["data"]["batch_size"], tcfg["seed"], 0, 1).batches(0)[:1]
+        x, _ = next(iter(loader(train_set, first, 0, seed=tcfg["seed"], epoch=0)))
+        calibrate_activations(model, x.to(accelerator.device))
     o = recipe["optim"]
     opt_kwargs = {"momentum": o["momentum"]} if o["name"] in ("sgd", "momentum", "nesterov") else {}
-    optimizer = create_optimizer_v2(model, opt=o["name"], lr=o["lr"], weight_decay=o["weight_decay"], **opt_kwargs)
+    groups = (lambda m: optimizer_param_groups(m, o["weight_decay"])) \
+        if any(isinstance(m, ActivationQuantizer) and m.weight_decay for m in model.modules()) else None
+    optimizer = create_optimizer_v2(model, opt=o["name"], lr=o["lr"], weight_decay=o["weight_decay"],
+                                    param_group_fn=groups, **opt_kwargs)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads the scheduled ones
 
     grad_accum = recipe["engine"]["grad_accum"]
@@ -381,7 +424,8 @@ def finish(run: Run, final_acc: float, seconds: float) -> dict:
     summary = {"final_accuracy": final_acc, "total_steps": run.step, "resumed_from_step": run.resumed_from,
                "stages": run.stages, "seconds": round(seconds, 2), "world_size": run.accelerator.num_processes,
                "model": recipe["model"]["name"], "quantizer": recipe["quant"]["name"] if sq else None,
-               "sq_ratio": run.trained[1] if sq else 0.0}
+               "activations": (recipe["quant"]["activations"].get("name") if sq else None) or None,
+               "bits": bits_label(recipe), "sq_ratio": run.trained[1] if sq else 0.0}
     final_state = engine.full_state_dict(run.accelerator, run.model)  # collective under DeepSpeed: fp32, consolidated
     if run.accelerator.is_main_process:
         run_dir = recipe["run"]["dir"]
@@ -396,7 +440,7 @@ def finish(run: Run, final_acc: float, seconds: float) -> dict:
         os.replace(tmp, os.path.join(run_dir, "summary.json"))
         run.tracker.summary(summary)
         run.tracker.close()
-        print(f"final top-1 accuracy: {final_acc:.2f}%  ({run.step} steps, run folder {run_dir})")
+        print(f"final top-1 accuracy: {final_acc:.2f}%  ({summary['bits']}, {run.step} steps, run folder {run_dir})")
     run.accelerator.wait_for_everyone()
     return summary
 

@@ -333,7 +333,7 @@ def with_8bit_full_precision_layers(model):
         for name, m in model.named_modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in quantized:
                 w2d = m.weight.reshape(m.weight.shape[0], -1)
-                codes, scale = create_quantizer("kbit", bits=8).quantize_codes(w2d)
+                codes, scale = create_quantizer("kbit", bits=8, scale="max").quantize_codes(w2d)
                 assert codes.abs().max() <= 127
                 m.weight.copy_((codes * scale[:, None]).reshape(m.weight.shape))
     return model

@@ -173,7 +173,7 @@ def test_non_contiguous_weights(device):
     w4d = base.permute(0, 3, 1, 2)  # an (m, c, kh, kw) weight in channels-last memory
     assert not w4d.is_contiguous()
     w2d = w4d.reshape(64, -1)
-    for quantizer, ref in ((BWN(), bwn_reference), (KBit(4), lambda w: kbit_reference(w, 4))):
+    for quantizer, ref in ((BWN(), bwn_reference), (KBit(4, scale="max"), lambda w: kbit_reference(w, 4))):
         codes, scale = ref(w2d)
         got_codes, got_scale = quantizer.quantize_codes(w4d[:, :, :, :].reshape(64, -1))
         assert torch.equal(got_codes, codes)
@@ -290,7 +290,7 @@ def test_hybrid_gradient_is_straight_through(device):
     w = weight((6, 2, 3, 3), device=device).requires_grad_()
     g = torch.randn(6, 2, 3, 3, device=device)
     mask = torch.tensor([True, False, True, True, False, False], device=device)
-    for quantizer in (BWN(), TWN(threshold="layer"), KBit(3)):
+    for quantizer in (BWN(), TWN(threshold="layer"), KBit(3, scale="max")):
         w.grad = None
         out = quantizer.hybrid(w, mask)
         assert out.grad_fn is not None and "HybridWeight" in type(out.grad_fn).__name__
@@ -363,7 +363,7 @@ def test_layer_errors_groups_layers_and_respects_overrides():
 
     from sqdist.quantizers import layer_errors
 
-    qs = [BWN(), TWN(), KBit(4), TWN(), HalfScaleTWN(), TWN(threshold="layer")]
+    qs = [BWN(), TWN(), KBit(4, scale="max"), TWN(), HalfScaleTWN(), TWN(threshold="layer")]
     ws = [weight((8 + i, 20 + 3 * i), seed=i) for i in range(len(qs))]
     got = layer_errors(qs, ws)
     for q, w, e in zip(qs, ws, got):

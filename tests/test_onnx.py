@@ -99,7 +99,7 @@ def with_8bit_full_precision_layers(model):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) and not hasattr(m, "quantizer"):
-                codes, scale = create_quantizer("kbit", bits=8).quantize_codes(m.weight.reshape(m.weight.shape[0], -1))
+                codes, scale = create_quantizer("kbit", bits=8, scale="max").quantize_codes(m.weight.reshape(m.weight.shape[0], -1))
                 m.weight.copy_((codes * scale[:, None]).reshape(m.weight.shape))
     return model
 

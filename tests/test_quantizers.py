@@ -8,7 +8,7 @@ import torch
 
 import sqdist
 from sqdist import BWN, KBit, TWN, create_quantizer, quantization_error
-from sqdist.quantizers import bwn_reference, kbit_reference, twn_reference, twn_threshold
+from sqdist.quantizers import bwn_reference, kbit_mse_reference, kbit_reference, twn_reference, twn_threshold
 
 W = torch.tensor([[1.0, -2.0, 3.0, -4.0],
                   [0.1, -0.2, 0.9, -1.0]])
@@ -54,23 +54,23 @@ def test_twn_layer_threshold_is_the_authors_form():
 
 
 @pytest.mark.parametrize("bits, scale, q_row, error", [
-    # L = 2^(k-1) - 1 levels each side, scale = max|w| / L, codes = round(w / scale)
+    # scale="max": L = 2^(k-1) - 1 levels each side, scale = max|w| / L, codes = round(w / scale)
     (2, 2.0, [0.0, -2.0, 2.0, 0.0], 1.8 / 4.2),
     (3, 2.0 / 3, [0.0, -4.0 / 3, 2.0, -2.0 / 3], (0.3 + 0.4 / 3 + 0.1 / 3) / 4.2),
     (4, 2.0 / 7, [2.0 / 7, -8.0 / 7, 2.0, -4.0 / 7], 0.2 / 4.2),
 ])
 def test_kbit_hand_examples(bits, scale, q_row, error):
     w = torch.tensor([[0.3, -1.2, 2.0, -0.7]])
-    q, s = quantize("kbit", w, bits=bits)
+    q, s = quantize("kbit", w, bits=bits, scale="max")
     torch.testing.assert_close(s, torch.tensor([scale]))
     torch.testing.assert_close(q, torch.tensor([q_row]))
-    torch.testing.assert_close(KBit(bits).error(w), torch.tensor([error]))
+    torch.testing.assert_close(KBit(bits, scale="max").error(w), torch.tensor([error]))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_kbit_codes_are_integers_in_range(bits):
     w = torch.randn(16, 27)
-    codes, scale = KBit(bits).quantize_codes(w)
+    codes, scale = KBit(bits, scale="max").quantize_codes(w)
     levels = 2 ** (bits - 1) - 1
     assert torch.equal(codes, codes.round())
     assert codes.abs().max() == levels  # the largest |w| of each row maps to the top level
@@ -79,7 +79,10 @@ def test_kbit_codes_are_integers_in_range(bits):
 
 def test_kbit_error_falls_with_bits():
     w = torch.randn(32, 64)
-    errors = [KBit(b).error(w).mean().item() for b in (2, 4, 8)]
+    errors = [KBit(b, scale).error(w).mean().item() for b in (2, 4, 8) for scale in ("max", "mse")]
+    errors = errors[::2] + errors[1::2]  # max 2, 4, 8, then mse 2, 4, 8
+    assert errors[0] > errors[1] > errors[2] and errors[3] > errors[4] > errors[5]
+    errors = errors[3:]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.02
 
@@ -113,7 +116,8 @@ def test_bwn_zero_weight_is_not_called_exact(kernels, monkeypatch):
 
 
 @pytest.mark.parametrize("name, params", [("bwn", {}), ("twn", {}), ("twn", {"threshold": "layer"}),
-                                          ("kbit", {"bits": 2}), ("kbit", {"bits": 8}), ("kbit_pow2", {"bits": 4})])
+                                          ("kbit", {"bits": 2}), ("kbit", {"bits": 8}), ("kbit", {"bits": 4, "scale": "max"}),
+                                          ("kbit_pow2", {"bits": 4})])
 def test_forward_is_q_with_straight_through_gradient(name, params, monkeypatch):
     quantizer = create_quantizer(name, **params)
     w = torch.randn(8, 3, 3, 3, requires_grad=True)  # a conv weight: rows are output channels
@@ -121,7 +125,8 @@ def test_forward_is_q_with_straight_through_gradient(name, params, monkeypatch):
     monkeypatch.setenv("SQDIST_KERNELS", "reference")  # the expected value: the pure-PyTorch reference
     q, _ = quantizer.quantize(w.detach().reshape(8, -1))
     reference = {"bwn": lambda x: bwn_reference(x), "twn": lambda x: twn_reference(x, **params),
-                 "kbit": lambda x: kbit_reference(x, **params)}.get(name)
+                 "kbit": lambda x: (kbit_reference if params.get("scale") == "max" else kbit_mse_reference)(
+                     x, params["bits"])}.get(name)
     if reference is not None:  # a built-in: also against the reference function itself
         codes, scale = reference(w.detach().reshape(8, -1))
         torch.testing.assert_close(q, codes * scale[:, None])
@@ -176,7 +181,7 @@ def test_pow2_plugin_scale_is_a_power_of_two_that_does_not_saturate():
 
 
 def test_config_rebuilds_the_same_quantizer():
-    for q in (BWN(), TWN(0.6, "layer"), KBit(3)):
+    for q in (BWN(), TWN(0.6, "layer"), KBit(3), KBit(2, "lsq")):
         again = create_quantizer(q.quantizer_name, **q.config())
         assert type(again) is type(q) and again.config() == q.config()
     assert sqdist.TWN(0.6, "layer").extra_repr() == "delta=0.6, threshold='layer'"
