@@ -175,12 +175,15 @@ class SQController:
         shapes = [e.shape for e in errors.values()]
         # one device->host copy for all layers; the draw runs on the CPU generator
         flat = torch.cat([e.reshape(-1) for e in errors.values()]).cpu()
-        masks = [self.selector.draw(e.reshape(s)) for e, s in zip(flat.split([s.numel() for s in shapes]), shapes)]
-        if self.config.broadcast:
-            masks = sqdist_dist.broadcast_masks(masks)
-        for (name, layer), e, mask in zip(self.layers.items(), errors.values(), masks):
+        host_errors = flat.split([s.numel() for s in shapes])
+        masks = [self.selector.draw(e.reshape(s)) for e, s in zip(host_errors, shapes)]
+        # all masks to the weights' device in one copy (under NCCL: unpacked there, never via the host)
+        device = next(iter(self.layers.values())).weight.device
+        masks = sqdist_dist.broadcast_masks(masks, device=device) if self.config.broadcast \
+            else sqdist_dist.masks_to(masks, device)
+        for (name, layer), e, mask in zip(self.layers.items(), host_errors, masks):
             layer.sq_mask = _layer_mask(mask, layer)
-            self.last_errors[name] = _mean_error(e)
+            self.last_errors[name] = _mean_error(e)  # from the host copy: no sync per layer
 
     @torch.no_grad()
     def draw_for_layer(self, layer: SQLayer) -> None:
