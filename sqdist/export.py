@@ -195,6 +195,15 @@ def _crc32(t: Tensor) -> int:
     return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+def _save_atomic(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file under a temporary name and rename it into place (a crash leaves no half file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     for name, d in _DTYPES.items():
         if d == dtype:
@@ -304,10 +313,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
         }
     except TypeError as exc:
         raise ExportError(f"model_kwargs or quantizer config cannot be stored as JSON: {exc}") from None
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    path = _save_atomic(tensors, path, metadata)
     return {"path": str(path), "bytes": path.stat().st_size, "layers": len(layers), "quantizer": qname,
             "bits": sorted({packed_meta[n]["bits"] for n in layers}), "fp_layers": len(fp_layers),
             "keep_fp_bits": keep_fp_bits, "inputs": len(inputs)}

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..export import ExportError, _crc32, _json_field, _load_strict, _one_line
+from ..export import ExportError, _crc32, _json_field, _load_strict, _one_line, _save_atomic
 from .layers import compress_layer_, compressed_layers
 from .pq import index_bits, reconstruct
 
@@ -133,10 +132,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
         }
     except TypeError as exc:
         raise CompressError(f"model_kwargs or settings cannot be stored as JSON: {exc}") from None
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    path = _save_atomic(tensors, path, metadata)
     return {"path": str(path), "bytes": path.stat().st_size, "layers": len(layers), "accounting": size_report(model)}
 
 
