@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs sqdist, its example plugin and the dev/test extras into a venv.
+# Installs sqdist, its plugin packages (plugins/*) and the dev/test extras into a venv.
 #   SQDIST_VENV   where the venv lives (default: .venv in the checkout)
 # The third-party packages are installed once per venv (keyed on the files that
 # list them); sqdist itself is re-installed (editable, no deps) every time, so a
@@ -23,6 +23,10 @@ quietly() {
   rm -f "$log"
 }
 
+# every plugin package under plugins/ (sqdist-pow2, sqdist-slb, ...), editable
+plugins=()
+for p in "$root"/plugins/*/pyproject.toml; do plugins+=(-e "$(dirname "$p")"); done
+
 if [ ! -x "$venv/bin/python" ]; then
   echo "[install] creating venv $venv"
   "$py" -m venv "$venv"
@@ -30,10 +34,10 @@ fi
 if [ "$(cat "$venv/.sqdist-deps" 2>/dev/null)" != "$stamp_src" ]; then
   echo "[install] installing dependencies (torch 2.14.1, timm, accelerate, deepspeed, wandb, ...)"
   quietly "$venv/bin/python" -m pip install -q --upgrade pip
-  quietly "$venv/bin/python" -m pip install -q -e "$root[dev,deepspeed,wandb,onnx]" -e "$root/plugins/sqdist-pow2"
+  quietly "$venv/bin/python" -m pip install -q -e "$root[dev,deepspeed,wandb,onnx]" "${plugins[@]}"
   echo "$stamp_src" > "$venv/.sqdist-deps"
 fi
-quietly "$venv/bin/python" -m pip install -q --no-deps -e "$root" -e "$root/plugins/sqdist-pow2"
+quietly "$venv/bin/python" -m pip install -q --no-deps -e "$root" "${plugins[@]}"
 # the compiled SQ kernels (csrc/): built once per source change into ~/.cache/sqdist/kernels
 # (~20 s on 2 cores; ~3 s when cached), so no test pays for the build; never required
 "$venv/bin/python" -m sqdist.kernels._build cpu > /dev/null || echo "[install] CPU SQ kernels not built: sqdist uses the PyTorch reference"

@@ -33,6 +33,7 @@ from .activations import ActivationQuantizer, calibrate_activations
 from .config import RecipeError, bits_label, dump_recipe, load_recipe
 from .data import EpochBatches, build_datasets, eval_batches, loader
 from .nn import QuantConfig, SQController, quantize_model
+from .quantizers import Quantizer
 from .sq import SQConfig
 from .tracking import Tracker
 
@@ -236,6 +237,40 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---------------------------------------------------------------- quantizer hooks
+# A quantizer (weight or activation) may define any of these methods; the trainer calls
+# them on every quantizer module that has them, so a method with a schedule, a loss term
+# or per-layer statistics needs no trainer of its own (the SLB and SRQ plugins use them):
+#   set_progress(step, total_steps, steps_per_epoch)  before every optimizer step (and
+#       before each evaluation, with the steps trained): a schedule as a pure function of
+#       the step, so a resumed run continues it exactly.
+#   regularization() -> Tensor | None  added to the loss of every micro-batch.
+#   recalibrate_bn_after_epoch(epoch) -> bool  after epoch ``epoch`` (0-based) ends: when
+#       any layer's quantizer says so, BN statistics are re-estimated (train.bn_recalibrate
+#       batches, at least 1) for the network as evaluated.
+#   metrics() -> dict[str, float]  logged as ``quant/<module>/<key>`` with each log line.
+# ``bits`` (an int, possibly changing during training) is read at the end of the run:
+# summary.json gets ``layer_bits`` {layer: bits} and ``avg_weight_bits`` (weighted by the
+# number of weights) for every quantized run.
+def quantizer_modules(net: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every weight and activation quantizer in ``net``, in module order."""
+    return [(n, m) for n, m in net.named_modules() if isinstance(m, (Quantizer, ActivationQuantizer))]
+
+
+def call_hooks(run: "Run", hook: str, *args) -> list:
+    """``module.hook(*args)`` for every quantizer module that defines ``hook``; their results."""
+    return [getattr(m, hook)(*args) for _, m in run.quantizers if hasattr(m, hook)]
+
+
+def layer_bits(sq: SQController) -> dict:
+    """``{"layer_bits": {layer: bits}, "avg_weight_bits": mean bits weighted by weights}``."""
+    bits = {name: int(layer.quantizer.bits) for name, layer in sq.layers.items()}
+    sizes = {name: layer.weight.numel() for name, layer in sq.layers.items()}
+    total = sum(sizes.values())
+    avg = sum(bits[n] * sizes[n] for n in bits) / total if total else 0.0
+    return {"layer_bits": bits, "avg_weight_bits": round(avg, 4)}
+
+
 # ---------------------------------------------------------------- the run
 @dataclass
 class Run:
@@ -259,6 +294,7 @@ class Run:
     stages: list = field(default_factory=list)
     trained: tuple[int, float] = (0, 0.0)  # (stage, ratio) of the last step trained
     resumed_from: int | None = None
+    quantizers: list = field(default_factory=list)  # quantizer_modules(net), for the hooks
 
     @property
     def deepspeed(self) -> bool:
@@ -330,6 +366,7 @@ def setup(recipe: dict) -> Run:
     run = Run(recipe, accelerator, model, optimizer, sq, train_set, test_set, sampler,
               Tracker(run_dir, recipe, active=accelerator.is_main_process), base_lrs, steps_per_epoch, total_steps,
               trained=(sq.stage, sq.ratio) if sq else (0, 0.0))
+    run.quantizers = quantizer_modules(run.net)
     if state is not None:
         rs = state["rank_state"]
         run.step, run.epoch, run.batch_in_epoch, run.stages = rs["step"], rs["epoch"], rs["batch_in_epoch"], list(rs["stages"])
@@ -351,9 +388,13 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
             run.sq.draw_masks()
         for group, base in zip(optimizer.param_groups, run.base_lrs):
             group["lr"] = base * lr_factor(run.step, recipe, run.steps_per_epoch, run.total_steps)
+        call_hooks(run, "set_progress", run.step, run.total_steps, run.steps_per_epoch)
     with run.accelerator.accumulate(run.model):
         logits = run.model(x)
         loss = F.cross_entropy(logits, y)
+        terms = [t for t in call_hooks(run, "regularization") if t is not None]
+        if terms:
+            loss = loss + torch.stack([t.reshape(()) for t in terms]).sum()
         run.accelerator.backward(loss)
         clip = recipe["engine"]["gradient_clipping"]
         if clip and run.accelerator.sync_gradients:
@@ -373,6 +414,9 @@ def log_step(run: Run, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor
                         "sq/quantized_fraction": sum(fractions.values()) / len(fractions),
                         **{f"sq/error/{k}": v for k, v in sq.mean_errors().items()},
                         **{f"sq/quantized/{k}": v for k, v in fractions.items()}})
+    for name, m in run.quantizers:
+        if hasattr(m, "metrics"):
+            metrics.update({f"quant/{name}/{k}": float(v) for k, v in m.metrics().items()})
     run.tracker.log(metrics, run.step)
 
 
@@ -402,6 +446,7 @@ def stage_eval(run: Run, label: str) -> float:
 
     acc_ = run.accelerator
     net, tcfg = run.net, run.recipe["train"]
+    call_hooks(run, "set_progress", run.step, run.total_steps, run.steps_per_epoch)
     if run.deepspeed:  # DeepSpeed leaves BN statistics per rank: evaluate rank 0's everywhere
         engine.broadcast_buffers(net)
     if tcfg["bn_recalibrate"] and run.sq is not None:
@@ -425,7 +470,8 @@ def finish(run: Run, final_acc: float, seconds: float) -> dict:
                "stages": run.stages, "seconds": round(seconds, 2), "world_size": run.accelerator.num_processes,
                "model": recipe["model"]["name"], "quantizer": recipe["quant"]["name"] if sq else None,
                "activations": (recipe["quant"]["activations"].get("name") if sq else None) or None,
-               "bits": bits_label(recipe), "sq_ratio": run.trained[1] if sq else 0.0}
+               "bits": bits_label(recipe), "sq_ratio": run.trained[1] if sq else 0.0,
+               **(layer_bits(sq) if sq else {})}
     final_state = engine.full_state_dict(run.accelerator, run.model)  # collective under DeepSpeed: fp32, consolidated
     if run.accelerator.is_main_process:
         run_dir = recipe["run"]["dir"]
@@ -485,6 +531,10 @@ def train(recipe: dict, on_step=None) -> dict:
             if run.batch_in_epoch == usable:  # the epoch is done: count it before any checkpoint
                 run.epoch, run.batch_in_epoch = run.epoch + 1, 0
                 new_stage = (sq.advance("epoch") if sq is not None else False) or new_stage
+                if any(call_hooks(run, "recalibrate_bn_after_epoch", run.epoch - 1)):
+                    recalibrate_bn(run.net, run.train_set, run.sampler.batches(0), device,
+                                   max(1, tcfg["bn_recalibrate"]), workers, seed=tcfg["seed"])
+                    run.model.train()
             if new_stage:
                 stage_eval(run, "stage-end")
                 if recipe["sq"]["restart_per_stage"]:

@@ -321,3 +321,59 @@ def test_restart_per_stage_starts_each_stage_with_a_fresh_optimizer(tiny_recipe,
     assert (len(stage_change["state"]) == 0) == restart
 
 
+
+
+# ---------------------------------------------------------------- quantizer hooks
+def test_quantizer_hooks_schedule_loss_term_bn_and_metrics(tmp_path):
+    """A quantizer's set_progress / regularization / recalibrate_bn_after_epoch / metrics / bits
+    are called by the trainer (the SLB and SRQ plugins rely on them)."""
+    from sqdist import registry
+    from sqdist.quantizers import BWN
+    from sqdist.train import train
+
+    calls = {"progress": [], "epochs": []}
+
+    class Hooked(BWN):
+        bits = 1
+
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(1))
+
+        def quantize_codes(self, w):
+            codes, scale = super().quantize_codes(w)
+            return codes, scale * self.gain
+
+        def set_progress(self, step, total, per_epoch):
+            calls["progress"].append((step, total, per_epoch))
+
+        def regularization(self):
+            return 2.0 * (self.gain - 2.0) ** 2  # pulls gain (from 1) to 2: only the loss term can do that
+
+        def recalibrate_bn_after_epoch(self, epoch):
+            calls["epochs"].append(epoch)
+            return epoch == 0
+
+        def metrics(self):
+            return {"gain": float(self.gain.detach())}
+
+    registry._QUANTIZERS["hooked_test"] = Hooked
+    try:
+        recipe = load_recipe(None, ["model.name=resnet10t", "model.kwargs={num_classes: 10, in_chans: 1}",
+                                    "data.image_size=8", "data.batch_size=128", "quant.name=hooked_test",
+                                    "train.epochs=2", "train.progress=false", "train.log_every=5",
+                                    "optim.weight_decay=0", f"run.dir={tmp_path / 'run'}"])
+        summary = train(recipe)
+    finally:
+        del registry._QUANTIZERS["hooked_test"]
+    steps = summary["total_steps"]
+    layers = len(summary["layer_bits"])
+    assert layers > 0 and set(summary["layer_bits"].values()) == {1} and summary["avg_weight_bits"] == 1.0
+    # before every optimizer step (with the steps done so far) and before each evaluation
+    done = [c[0] for c in calls["progress"]]
+    assert sorted(set(done)) == list(range(steps + 1)) and all(done.count(s) % layers == 0 for s in set(done))
+    assert calls["progress"][-1] == (steps, steps, steps // 2)
+    assert calls["epochs"] == [0] * layers + [1] * layers
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    gains = [v for l in lines for k, v in l.items() if k.startswith("quant/") and k.endswith("/gain")]
+    assert len(gains) >= 2 and abs(gains[-1] - 2.0) < 0.3  # the loss term was trained
