@@ -20,6 +20,11 @@ File layout. For a quantized layer ``L`` with weight of shape ``(m, ...)``:
   least significant bit first, packed densely (``ceil(numel * bits / 8)`` bytes).
   A code ``c`` is stored as ``c > 0`` when ``bits == 1`` (codes are +-1), else as
   ``c + L_max`` with ``L_max = 2^(bits-1) - 1`` (codes lie in ``[-L_max, L_max]``).
+- A quantizer whose codes are not the symmetric range (a codebook of integer codes:
+  SLB's ``{-3, -1, 1, 3}``, ESB's non-uniform levels, an asymmetric grid) defines
+  ``code_levels()``: the sorted list of at most ``2^bits`` distinct integer codes it emits
+  (int8 range). Its layer then stores each code's *index* in that list (``bits`` bits, same
+  packing) and the list in ``packed[L]["levels"]`` (version 4, written only when a layer has one).
 - ``L.weight.scale``: ``(m,)`` per-row scales, the weight's dtype; ``Q = scale[:, None] * codes``.
 - ``L.input.scale``: float32 scalar, when the layer's input is quantized (an activation
   quantizer, ``quant.activations``): the input is ``clamp(round(x / scale), qmin, qmax) * scale``
@@ -57,7 +62,8 @@ from torch import Tensor, nn
 FORMAT = "sqdist-packed"
 FORMAT_VERSION = 2  # 2: adds fp_layers (full-precision layers stored at 8 bits)
 INPUTS_VERSION = 3  # 3: adds inputs (quantized layer inputs); written only by files that have them
-READABLE_VERSIONS = (1, 2, 3)
+LEVELS_VERSION = 4  # 4: adds packed[L]["levels"] (codes stored as indices into a codebook)
+READABLE_VERSIONS = (1, 2, 3, 4)
 MAX_BITS = 8
 KEEP_FP_BITS = (8, 32)  # how the layers left full precision are stored: 8-bit per-row codes, or as they are
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -79,10 +85,27 @@ def _check_bits(bits, where: str) -> int:
     return bits
 
 
-def checked_codes(codes: Tensor, bits: int, where: str) -> Tensor:
+def code_levels(quantizer, bits: int, where: str) -> list[int] | None:
+    """The quantizer's codebook (``code_levels()``), checked: sorted distinct ints in int8, at most
+    ``2^bits`` of them; None when it has none (codes are the symmetric range of ``bits``)."""
+    fn = getattr(quantizer, "code_levels", None)
+    if fn is None:
+        return None
+    levels = fn()
+    ok = (isinstance(levels, (list, tuple)) and 0 < len(levels) <= 2 ** bits
+          and all(isinstance(v, int) and not isinstance(v, bool) and -128 <= v <= 127 for v in levels)
+          and list(levels) == sorted(set(levels)))
+    if not ok:
+        raise ExportError(f"{where}: code_levels()={levels!r}; allowed: sorted distinct integers in [-128, 127], "
+                          f"at most 2^{bits} of them")
+    return list(levels)
+
+
+def checked_codes(codes: Tensor, bits: int, where: str, levels: list[int] | None = None) -> Tensor:
     """``codes`` as int8 on the CPU, after checking they are integers that fit ``bits``.
 
     ``bits == 1``: codes must be +-1; otherwise in ``[-L_max, L_max]`` (:func:`code_offset`).
+    With a codebook ``levels`` (:func:`code_levels`), every code must be one of them.
     """
     c = codes.detach().cpu()
     if c.is_floating_point():
@@ -91,7 +114,10 @@ def checked_codes(codes: Tensor, bits: int, where: str) -> Tensor:
     else:
         c = c.long()  # abs() of int8 -128 would wrap
     limit = code_offset(bits)
-    if bits == 1:
+    if levels is not None:
+        bad = ~torch.isin(c.long(), torch.tensor(levels, dtype=torch.long))
+        allowed = f"the quantizer's code_levels() {levels}"
+    elif bits == 1:
         bad = (c != 1) & (c != -1)
         allowed = "-1 or +1"
     else:
@@ -113,6 +139,27 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     c = checked_codes(codes, bits, "pack_codes").reshape(-1)
     limit = code_offset(bits)
     fields = (c > 0).to(torch.uint8) if bits == 1 else (c.to(torch.int16) + limit).to(torch.uint8)  # range checked
+    return pack_fields(fields, bits)
+
+
+def pack_indexed(codes: Tensor, levels: list[int], bits: int) -> Tensor:
+    """Pack ``codes`` (each one of ``levels``) as their indices into ``levels``, ``bits`` bits each."""
+    _check_bits(bits, "pack_indexed")
+    c = checked_codes(codes, bits, "pack_indexed", levels).reshape(-1).long()
+    table = torch.tensor(levels, dtype=torch.long)
+    return pack_fields(torch.searchsorted(table, c).to(torch.uint8), bits)
+
+
+def unpack_indexed(packed: Tensor, levels: list[int], bits: int, numel: int) -> Tensor:
+    """Inverse of :func:`pack_indexed`: int8 codes ``(numel,)``."""
+    fields = unpack_fields(packed, bits, numel)
+    if bool((fields >= len(levels)).any()):
+        raise ExportError(f"packed codes: an index exceeds the {len(levels)} code levels (corrupted data)")
+    return torch.tensor(levels, dtype=torch.int8)[fields.long()]
+
+
+def pack_fields(fields: Tensor, bits: int) -> Tensor:
+    """uint8 ``fields`` (n,), each below ``2^bits``, packed densely, least significant bit first."""
     if bits == 8:
         return fields.contiguous()
     planes = (fields[:, None] >> torch.arange(bits, dtype=torch.uint8)) & 1  # (n, bits), LSB first
@@ -131,6 +178,17 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
     code maps to (a corrupted file).
     """
     _check_bits(bits, "unpack_codes")
+    fields = unpack_fields(packed, bits, numel)
+    limit = code_offset(bits)
+    if bits == 1:
+        return fields.to(torch.int8) * 2 - 1
+    if bool((fields > 2 * limit).any()):
+        raise ExportError(f"packed codes: a {bits}-bit field exceeds {2 * limit} (corrupted data)")
+    return (fields.to(torch.int16) - limit).to(torch.int8)
+
+
+def unpack_fields(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of :func:`pack_fields`: uint8 ``(numel,)``; checks the byte count and the padding."""
     expected = math.ceil(numel * bits / 8)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
         raise ExportError(f"packed codes: expected uint8 of {expected} bytes for {numel} x {bits} bits, "
@@ -145,12 +203,7 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
         fields = torch.zeros(numel, dtype=torch.uint8)
         for j in range(bits):
             fields |= planes[:, j] << j
-    limit = code_offset(bits)
-    if bits == 1:
-        return fields.to(torch.int8) * 2 - 1
-    if bool((fields > 2 * limit).any()):
-        raise ExportError(f"packed codes: a {bits}-bit field exceeds {2 * limit} (corrupted data)")
-    return (fields.to(torch.int16) - limit).to(torch.int8)
+    return fields
 
 
 # ---------------------------------------------------------------- export
@@ -278,12 +331,15 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
             if tuple(scale.shape) != (w.shape[0],):
                 raise ExportError(f"quantizer {qname!r} returned scale of shape {tuple(scale.shape)} for layer "
                                   f"{name}; expected ({w.shape[0]},)")
+            levels = code_levels(layer.quantizer, bits, f"layer {name}, quantizer {qname!r}")
             try:
-                tensors[f"{name}.weight.packed"] = pack_codes(codes, bits)
+                tensors[f"{name}.weight.packed"] = (pack_codes(codes, bits) if levels is None
+                                                    else pack_indexed(codes, levels, bits))
             except ExportError as exc:
                 raise ExportError(f"layer {name}, quantizer {qname!r}: {exc}") from None
             tensors[f"{name}.weight.scale"] = scale.detach().to(w.dtype).cpu().contiguous().clone()
-            packed_meta[name] = {"shape": list(w.shape), "bits": bits, "dtype": _dtype_name(w.dtype)}
+            packed_meta[name] = {"shape": list(w.shape), "bits": bits, "dtype": _dtype_name(w.dtype),
+                                 **({"levels": levels} if levels is not None else {})}
         inputs = _input_qparams(layers)
         for name, (scale, zero_point, qmin, qmax) in inputs.items():
             tensors[f"{name}.input.scale"] = torch.tensor(scale, dtype=torch.float32)
@@ -295,10 +351,12 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
             tensors[f"{name}.weight.scale"] = scale.cpu().contiguous().clone()
             packed_meta[name] = {"shape": list(w.shape), "bits": 8, "dtype": _dtype_name(w.dtype)}
 
+    version = (LEVELS_VERSION if any("levels" in v for v in packed_meta.values())
+               else INPUTS_VERSION if inputs else FORMAT_VERSION)
     try:
         metadata = {
             "format": FORMAT,
-            "format_version": str(INPUTS_VERSION if inputs else FORMAT_VERSION),
+            "format_version": str(version),
             "sqdist_version": __version__,
             "model": json.dumps({"name": model_name, "kwargs": dict(model_kwargs or {})}),
             "quantizer": json.dumps({"name": qname, "params": qparams}),
@@ -308,7 +366,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
             "packed": json.dumps(packed_meta),
             **({"inputs": json.dumps({n: {"zero_point": zp, "qmin": lo, "qmax": hi}
                                       for n, (_, zp, lo, hi) in inputs.items()}),
-                "activations": json.dumps(_activation_config(layers))} if inputs else {}),
+                "activations": json.dumps(_activation_config(layers) if inputs else {})}
+               if inputs or version == LEVELS_VERSION else {}),
             "crc32": json.dumps({k: _crc32(t) for k, t in tensors.items()}),
         }
     except TypeError as exc:
@@ -560,7 +619,12 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
         try:
             shape, bits, dtype = [int(s) for s in info["shape"]], info["bits"], _DTYPES[info["dtype"]]
             numel = math.prod(shape)
-            codes = unpack_codes(packed, bits, numel)
+            levels = info.get("levels")
+            if levels is not None and (version < LEVELS_VERSION or not isinstance(levels, list) or not levels
+                                       or not all(isinstance(v, int) and -128 <= v <= 127 for v in levels)
+                                       or len(levels) > 2 ** bits):
+                raise ValueError(f"levels={levels!r}: expected at most 2^{bits} integers in [-128, 127]")
+            codes = unpack_codes(packed, bits, numel) if levels is None else unpack_indexed(packed, levels, bits, numel)
         except (KeyError, TypeError, ValueError) as exc:
             raise ExportError(f"{path}: layer {name!r}: {_one_line(exc)}") from None
         if tuple(scale.shape) != (shape[0],):

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .export import (ExportError, _check_bits, _one_line, _sq_layers, check_keep_fp_bits, check_ratio,
-                     checked_codes, full_precision_layers, int8_rows, load_run)
+                     checked_codes, code_levels, full_precision_layers, int8_rows, load_run)
 
 OPSET = 17  # per-axis DequantizeLinear needs 13; LayerNormalization (ViT) is a single node from 17
 INPUT, OUTPUT = "input", "logits"
@@ -185,7 +185,8 @@ def deployable(model: nn.Module, keep_fp_bits: int = 32) -> nn.Module:
             if tuple(scale.shape) != (w.shape[0],):
                 raise ExportError(f"quantizer {qname!r} returned scale of shape {tuple(scale.shape)} for layer "
                                   f"{name}; expected ({w.shape[0]},)")
-            codes = checked_codes(codes, bits, f"layer {name}, quantizer {qname!r}").reshape(w.shape)
+            where = f"layer {name}, quantizer {qname!r}"
+            codes = checked_codes(codes, bits, where, code_levels(quantizer, bits, where)).reshape(w.shape)
             layer.__class__ = plain[type(layer)]
             del layer.quantizer
             for attr in ("sq_mask", "sq_name", "_sq", "_sq_mask_step", "input_quantizer"):

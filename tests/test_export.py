@@ -400,3 +400,85 @@ def test_format_version_1_files_still_load(run_main):
     assert (logits - expected["logits"]).abs().max() <= 1e-5
     check = run_main("--check", V1_FILE)
     assert check.returncode == 0 and "ok" in check.stdout
+
+
+# ---------------------------------------------------------------- codebook layers (code_levels)
+class _OddLevels(sqdist.Quantizer):
+    """2 bits, codes {-3, -1, 1, 3}: no symmetric 2-bit range holds them (a codebook layer)."""
+
+    bits = 2
+    quantizer_name = "odd_levels_test"
+
+    def quantize_codes(self, w):
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 3
+        codes = (torch.clamp(torch.floor(w / scale[:, None] / 2), -2, 1) * 2 + 1)  # nearest odd in [-3, 3]
+        return codes, scale
+
+    def code_levels(self):
+        return [-3, -1, 1, 3]
+
+
+@pytest.fixture
+def registered():
+    """Registers test quantizer classes by name for one test."""
+    from sqdist import registry
+
+    added = []
+
+    def add(cls):
+        registry._QUANTIZERS[cls.quantizer_name] = cls
+        added.append(cls.quantizer_name)
+        return cls.quantizer_name
+
+    yield add
+    for name in added:
+        registry._QUANTIZERS.pop(name, None)
+
+
+def test_codebook_layers_pack_indices_and_load_back(tmp_path, registered):
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    sq = quantize_model(model, QuantConfig(quantizer=registered(_OddLevels), sq=SQConfig(ratios=(1.0,))))
+    model.eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(ExportError, match="does not fit"):  # without its codebook no 2-bit field holds 3
+        pack_codes(torch.tensor([3.0, -1.0]), 2)
+    info = export_model(model, tmp_path / "m.safetensors", model_name="test_resnet",
+                        model_kwargs={"num_classes": 10, "in_chans": 1})
+    state, meta = read_packed(tmp_path / "m.safetensors")
+    assert meta["format_version"] == 4 and info["bits"] == [2]
+    first = next(iter(sq.layers))
+    assert meta["packed"][first]["levels"] == [-3, -1, 1, 3]
+    raw = load_file(str(tmp_path / "m.safetensors"))
+    numel = sq.layers[first].weight.numel()
+    assert raw[f"{first}.weight.packed"].numel() == math.ceil(numel * 2 / 8)  # 2 bits per weight
+    loaded = load_quantized(tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert (loaded(x) - expected).abs().max() <= 1e-5
+    rows = sq.layers[first].weight.shape[0]
+    codes = set((state[f"{first}.weight"].reshape(rows, -1) / raw[f"{first}.weight.scale"][:, None]).round().unique().tolist())
+    assert codes <= {-3.0, -1.0, 1.0, 3.0} and len(codes) > 2
+
+
+def test_codebook_codes_outside_the_levels_are_refused(tmp_path, registered):
+    from sqdist.export import pack_indexed, unpack_indexed
+
+    packed = pack_indexed(torch.tensor([-3, 3, 1, -1, 3]), [-3, -1, 1, 3], 2)
+    assert unpack_indexed(packed, [-3, -1, 1, 3], 2, 5).tolist() == [-3, 3, 1, -1, 3]
+    with pytest.raises(ExportError, match="code_levels"):
+        pack_indexed(torch.tensor([-3, 2]), [-3, -1, 1, 3], 2)
+    with pytest.raises(ExportError, match="exceeds the 3 code levels"):
+        unpack_indexed(pack_indexed(torch.tensor([3]), [-3, -1, 1, 3], 2), [-3, -1, 1], 2, 1)
+
+    class Bad(_OddLevels):
+        quantizer_name = "bad_levels_test"
+
+        def code_levels(self):
+            return [3, -3]  # not sorted
+
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    quantize_model(model, QuantConfig(quantizer=registered(Bad), sq=SQConfig(ratios=(1.0,))))
+    with pytest.raises(ExportError, match=r"code_levels\(\)=\[3, -3\]"):
+        export_model(model, tmp_path / "m.safetensors", model_name="test_resnet")
