@@ -28,6 +28,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "eval_batch_size": 256,
         "workers": 0,
         "test_fraction": 0.25,     # digits only: fixed stratified split
+        "holdout_fraction": 0.0,   # > 0: evaluate on this fraction of the training split, held out of training
+                                   # (stratified, fixed), not on the test set: for tuning hyperparameters
     },
     "quant": {
         "enabled": True,
@@ -109,6 +111,7 @@ RANGES = {
     "data.eval_batch_size": (1, None, (True, False)),
     "data.workers": (0, None, (True, False)),
     "data.test_fraction": (0, 1, (False, False)),
+    "data.holdout_fraction": (0, 1, (True, False)),
     "sq.stage_length": (1, None, (True, False)),
     "sq.seed": (0, None, (True, False)),
     "optim.lr": (0, None, (False, False)),

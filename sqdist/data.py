@@ -51,11 +51,29 @@ def load_folder_split(root: str, image_size: int, in_chans: int = 3) -> tuple[Da
 
 
 def build_datasets(recipe: dict) -> tuple[Dataset, Dataset]:
+    """(train, evaluation) sets; with ``data.holdout_fraction`` the evaluation set is a held-out
+    part of the training split (see :func:`hold_out`), and the test set is not used."""
     data = recipe["data"]
     in_chans = int(recipe["model"]["kwargs"].get("in_chans", 3))
     if data["name"] == "digits":
-        return load_digits_split(data["image_size"], data["test_fraction"], in_chans)
-    return load_folder_split(data["root"], data["image_size"], in_chans)
+        train, test = load_digits_split(data["image_size"], data["test_fraction"], in_chans)
+    else:
+        train, test = load_folder_split(data["root"], data["image_size"], in_chans)
+    return hold_out(train, data["holdout_fraction"]) if data["holdout_fraction"] else (train, test)
+
+
+def hold_out(train: Dataset, fraction: float) -> tuple[Dataset, Dataset]:
+    """Split ``train`` into (kept, held out): ``fraction`` of it, stratified by label, fixed (seed 1)."""
+    from sklearn.model_selection import train_test_split
+    from torch.utils.data import Subset
+
+    if isinstance(train, TensorDataset):
+        labels = train.tensors[1]
+    else:  # timm's ImageDataset over a folder: (path, class) samples
+        labels = torch.as_tensor([target for _, target in train.reader.samples])
+    idx = torch.arange(len(labels)).numpy()
+    keep, held = train_test_split(idx, test_size=fraction, random_state=1, stratify=labels.numpy())
+    return Subset(train, sorted(keep.tolist())), Subset(train, sorted(held.tolist()))
 
 
 @dataclass

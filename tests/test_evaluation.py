@@ -123,3 +123,20 @@ def test_checkpoint_can_be_read_without_its_weights(tmp_path):
     light = load_checkpoint(folder, weights=False)
     assert light["model"] is None and light["optimizer"] is None
     assert light["rank_state"] == {"step": 7} and light["meta"] == {"m": 1}
+
+
+def test_holdout_fraction_evaluates_on_part_of_the_training_split():
+    from sqdist.config import load_recipe
+    from sqdist.data import build_datasets
+
+    base = ["data.image_size=8", "model.kwargs={num_classes: 10, in_chans: 1}"]
+    train, test = build_datasets(load_recipe(None, base))
+    kept, held = build_datasets(load_recipe(None, base + ["data.holdout_fraction=0.2"]))
+    assert len(kept) + len(held) == len(train) and abs(len(held) - 0.2 * len(train)) <= 1
+    as_set = lambda ds: {tuple(ds[i][0].flatten().tolist()) for i in range(len(ds))}  # noqa: E731
+    assert as_set(kept).isdisjoint(as_set(held))  # held-out images are not trained on
+    assert as_set(held) <= as_set(train) and as_set(held).isdisjoint(as_set(test))  # and the test set is not used
+    labels = [int(held[i][1]) for i in range(len(held))]
+    assert all(abs(labels.count(c) - len(held) / 10) <= 3 for c in range(10))  # stratified
+    again, _ = build_datasets(load_recipe(None, base + ["data.holdout_fraction=0.2"]))
+    assert kept.indices == again.indices  # fixed
