@@ -28,41 +28,14 @@ import contextlib
 import hashlib
 import io
 import json
-import math
-import os
-import shutil
 import sys
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from digits_common import ROOT, export_bytes, pool_map, stats, train_job
+
 TRAINED = {"FP": "digits_fp", "BWN": "digits_bwn", "TWN": "digits_twn",
            "SQ-BWN": "digits_sq_bwn", "SQ-TWN": "digits_sq_twn"}
-
-
-def train_job(job: dict) -> dict:
-    """Train one digits run in this process (one thread); returns {summary, run_dir}."""
-    import torch
-
-    torch.set_num_threads(1)
-    from sqdist.config import load_recipe
-    from sqdist.train import train
-
-    recipe = load_recipe(str(ROOT / "recipes" / f"{TRAINED[job['method']]}.yaml"), job["overrides"])
-    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    run_dir = Path(job["runs"]) / f"{job['method']}_s{job['seed']}_{digest}"
-    recipe["run"]["dir"] = str(run_dir)
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists() and not job["fresh"]:
-        return {"summary": json.loads(summary_path.read_text()), "run_dir": str(run_dir), "cached": True}
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    with contextlib.redirect_stdout(io.StringIO()):
-        summary = train(recipe)
-    return {"summary": summary, "run_dir": str(run_dir), "cached": False}
 
 
 def compress_job(job: dict) -> dict:
@@ -83,29 +56,6 @@ def compress_job(job: dict) -> dict:
         (out.with_suffix(".seconds")).write_text(f"{time.time() - t0:.1f}")
     _, _, meta = read_compressed(out)
     return {**meta["results"], "bytes": out.stat().st_size, "seconds": float(out.with_suffix(".seconds").read_text())}
-
-
-def export_bytes(run_dir: str) -> int:
-    """Bytes of ``python -m sqdist.export RUN OUT.safetensors`` (packed weights; stem and classifier fp32)."""
-    from sqdist.export import export_run
-
-    with tempfile.TemporaryDirectory() as folder:
-        return export_run(run_dir, os.path.join(folder, "out.safetensors"))["bytes"]
-
-
-def stats(values: list[float]) -> dict:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": round(mean, 3), "std": round(std, 3), "min": round(min(values), 3), "max": round(max(values), 3),
-            "runs": [round(v, 3) for v in values]}
-
-
-def pool_map(fn, jobs: list[dict], workers: int) -> list:
-    if workers == 1:
-        return [fn(j) for j in jobs]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(fn, jobs))
 
 
 def main() -> None:
@@ -138,8 +88,8 @@ def main() -> None:
             extra = [] if method == "FP" else [f"sq.seed={seed}"]
             if method.startswith("SQ"):
                 extra += [f"sq.stage_length={args.epochs // 4}", "sq.unit=epoch", "sq.restart_per_stage=true"]
-            jobs.append({"method": method, "seed": seed, "overrides": common + extra, "runs": args.runs,
-                         "fresh": args.fresh})
+            jobs.append({"method": method, "recipe": TRAINED[method], "name": method, "seed": seed,
+                         "overrides": common + extra, "runs": args.runs, "fresh": args.fresh})
     trained = pool_map(train_job, jobs, args.workers)
     acc = {m: [] for m in TRAINED}
     fp_runs = {}

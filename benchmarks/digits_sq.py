@@ -27,19 +27,13 @@ data order. Runs go to ``benchmarks/out/digits_sq_runs/<run>/``; a run whose
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import io
 import json
-import math
-import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from digits_common import ROOT, paired, pool_map, stats, train_job
+
 RECIPES = {"FP": "digits_fp", "BWN": "digits_bwn", "TWN": "digits_twn", "SQ-BWN": "digits_sq_bwn", "SQ-TWN": "digits_sq_twn"}
 METHODS = ["FP", "BWN", "SQ-BWN", "TWN", "SQ-TWN"]
 PAIRS = [("SQ-BWN", "BWN"), ("SQ-TWN", "TWN")]
@@ -70,50 +64,9 @@ def plan(seeds: int, epochs_per_stage: int, extra: list[str] = (), sq_extra: lis
 
 def run_one(job: dict) -> dict:
     """Train one run in this process (one thread); returns its summary (read back when cached)."""
-    import torch
-
-    torch.set_num_threads(1)  # 2 runs at once on 2 cores beat one run on 2 threads by far
-    from sqdist.config import load_recipe
-    from sqdist.train import train
-
-    recipe = load_recipe(str(ROOT / "recipes" / f"{RECIPES[job['method']]}.yaml"), job["overrides"])
-    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    run_dir = Path(job["out"]) / f"{job['method']}_e{job['epochs']}_s{job['seed']}_{digest}"
-    recipe["run"]["dir"] = str(run_dir)
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists() and not job["fresh"]:
-        return {**json.loads(summary_path.read_text()), "cached": True}
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    with contextlib.redirect_stdout(io.StringIO()):  # the trainer's one-line "final top-1" per run
-        summary = train(recipe)
-    return summary
-
-
-def _t95(n: int) -> float:
-    """Two-sided 95% Student t quantile for n - 1 degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
-
-
-def stats(values: list[float]) -> dict:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": round(mean, 3), "std": round(std, 3), "runs": [round(v, 3) for v in values]}
-
-
-def paired(a: list[float], b: list[float]) -> dict:
-    """a - b per seed: mean, std, the 95% interval of the mean, and a paired t-test p-value."""
-    from scipy.stats import ttest_rel
-
-    d = [x - y for x, y in zip(a, b)]
-    out = stats(d)
-    half = _t95(len(d)) * out["std"] / math.sqrt(len(d))
-    out["ci95"] = [round(out["mean"] - half, 3), round(out["mean"] + half, 3)]
-    out["p"] = float(f"{ttest_rel(a, b).pvalue:.3g}") if len(d) > 1 and out["std"] > 0 else None
-    return out
+    res = train_job({**job, "recipe": RECIPES[job["method"]], "name": f"{job['method']}_e{job['epochs']}",
+                     "runs": job["out"]})
+    return {**res["summary"], "cached": res["cached"]}
 
 
 def collect(jobs: list[dict], summaries: list[dict], epochs_per_stage: int) -> tuple[dict, dict]:
@@ -232,14 +185,10 @@ def main() -> None:
     for j in jobs:
         j.update(out=args.runs, fresh=args.fresh)
     t0 = time.time()
-    if args.workers == 1:
-        summaries = [run_one(j) for j in jobs]
-    else:
-        # longest runs first, so the two workers finish together
-        order = sorted(range(len(jobs)), key=lambda i: -jobs[i]["epochs"])
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            done = dict(zip(order, pool.map(run_one, [jobs[i] for i in order])))
-        summaries = [done[i] for i in range(len(jobs))]
+    # longest runs first, so the two workers finish together
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i]["epochs"])
+    done = dict(zip(order, pool_map(run_one, [jobs[i] for i in order], args.workers)))
+    summaries = [done[i] for i in range(len(jobs))]
     meta["wall_seconds"] = round(time.time() - t0, 1)
     meta["train_seconds"] = round(sum(s["seconds"] for s in summaries), 1)  # cached runs included
     meta["runs"], meta["runs_cached"] = len(summaries), sum(bool(s.get("cached")) for s in summaries)

@@ -17,19 +17,12 @@ the same recipe is read back (``--fresh`` retrains). One thread per run, ``--wor
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import io
 import json
-import math
-import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from digits_common import ROOT, pool_map, stats, train_job
 KBIT = "quant.name=kbit"
 # label -> (recipe, overrides, what the weights and the activations are)
 ROWS = {
@@ -64,30 +57,8 @@ def plan(seeds: int, epochs: int, rows: list[str], extra: list[str] = ()) -> lis
 
 def run_one(job: dict) -> dict:
     """Train one run in this process (one thread); returns its summary (read back when cached)."""
-    import torch
-
-    torch.set_num_threads(1)
-    from sqdist.config import load_recipe
-    from sqdist.train import train
-
-    recipe = load_recipe(str(ROOT / "recipes" / f"{job['recipe']}.yaml"), job["overrides"])
-    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    run_dir = Path(job["out"]) / f"{job['label'].replace(' ', '_')}_s{job['seed']}_{digest}"
-    recipe["run"]["dir"] = str(run_dir)
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists() and not job["fresh"]:
-        return {**json.loads(summary_path.read_text()), "cached": True}
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    with contextlib.redirect_stdout(io.StringIO()):  # the trainer's one-line "final top-1" per run
-        return train(recipe)
-
-
-def stats(values: list[float]) -> dict:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": round(mean, 3), "std": round(std, 3), "runs": [round(v, 3) for v in values]}
+    res = train_job({**job, "name": job["label"], "runs": job["out"]})
+    return {**res["summary"], "cached": res["cached"]}
 
 
 def table(results: dict, meta: dict) -> str:
@@ -145,11 +116,7 @@ def main() -> None:
     for j in jobs:
         j.update(out=args.runs, fresh=args.fresh)
     t0 = time.time()
-    if args.workers == 1:
-        summaries = [run_one(j) for j in jobs]
-    else:
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            summaries = list(pool.map(run_one, jobs))
+    summaries = pool_map(run_one, jobs, args.workers)
     meta["wall_seconds"] = round(time.time() - t0, 1)
     meta["train_seconds"] = round(sum(s["seconds"] for s in summaries), 1)  # cached runs included
     meta["runs"], meta["runs_cached"] = len(summaries), sum(bool(s.get("cached")) for s in summaries)

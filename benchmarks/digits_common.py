@@ -1,0 +1,139 @@
+"""What the digits benchmarks share: train a recipe once per (overrides, seed) with a cache,
+the file size of its export, and the statistics of paired seeds.
+
+A run lives in ``<runs>/<name>_s<seed>_<digest>/`` where ``digest`` hashes the full recipe
+(after overrides and defaults), so a run is retrained only when its recipe changes.
+``cache`` lists other benchmarks' run folders searched for the same digest first (a run
+trained by ``wa_bits.py`` is read back by ``leaderboard.py``). Runs use one thread each.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "out"
+# recipe keys added after runs were cached, and their default: left out of the digest at the
+# default, so those runs stay valid
+LATER_DEFAULTS = {("data", "holdout_fraction"): 0.0}
+
+
+def recipe_digest(recipe: dict) -> str:
+    r = json.loads(json.dumps(recipe))
+    for (section, key), default in LATER_DEFAULTS.items():
+        if r.get(section, {}).get(key) == default:
+            del r[section][key]
+    return hashlib.sha1(json.dumps(r, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def load(recipe: str, overrides: list[str]) -> dict:
+    """``recipes/<recipe>.yaml`` with ``overrides`` (a path works too)."""
+    from sqdist.config import load_recipe
+
+    path = recipe if os.path.sep in recipe else str(ROOT / "recipes" / f"{recipe}.yaml")
+    return load_recipe(path, list(overrides))
+
+
+def train_job(job: dict) -> dict:
+    """Train ``job`` in this process (one thread), or read it back; returns {summary, run_dir, cached}.
+
+    ``job``: ``recipe`` (stem), ``overrides``, ``name`` (folder prefix), ``seed``, ``runs``
+    (folder of run folders), optional ``fresh`` (retrain) and ``cache`` (more folders to search).
+    """
+    import torch
+
+    torch.set_num_threads(1)  # 2 runs at once on 2 cores beat one run on 2 threads by far
+    from sqdist.train import train
+
+    recipe = load(job["recipe"], job["overrides"])
+    digest = recipe_digest(recipe)
+    leaf = f"{job['name'].replace(' ', '_')}_s{job['seed']}_{digest}"
+    run_dir = Path(job["runs"]) / leaf
+    if not job.get("fresh"):
+        for folder in [job["runs"], *job.get("cache", ())]:
+            for found in sorted(Path(folder).glob(f"*_s{job['seed']}_{digest}")):
+                if (found / "summary.json").exists() and (found / "final" / "model.safetensors").exists():
+                    return {"summary": json.loads((found / "summary.json").read_text()), "run_dir": str(found),
+                            "cached": True}
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    recipe["run"]["dir"] = str(run_dir)
+    with contextlib.redirect_stdout(io.StringIO()):  # the trainer's one-line "final top-1" per run
+        summary = train(recipe)
+    return {"summary": summary, "run_dir": str(run_dir), "cached": False}
+
+
+def safe_job(fn, job: dict) -> dict:
+    """``fn(job)``; a failure becomes ``{"error": one line}`` so one broken row does not stop a table."""
+    try:
+        return fn(job)
+    except BaseException as exc:  # noqa: BLE001 - reported per row
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
+
+
+def _safe_train(job: dict) -> dict:
+    return safe_job(train_job, job)
+
+
+def pool_map(fn, jobs: list[dict], workers: int) -> list:
+    """``[fn(j) for j in jobs]`` on ``workers`` spawned processes (in order)."""
+    if workers == 1 or len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(fn, jobs))
+
+
+def train_all(jobs: list[dict], workers: int, keep_going: bool = False) -> list[dict]:
+    """Train every job (longest first, so the workers finish together); results in job order."""
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].get("cost", 1))
+    fn = _safe_train if keep_going else train_job
+    done = dict(zip(order, pool_map(fn, [jobs[i] for i in order], workers)))
+    return [done[i] for i in range(len(jobs))]
+
+
+def export_bytes(run_dir: str, keep_fp_bits: int = 32) -> int:
+    """Bytes of ``python -m sqdist.export RUN OUT.safetensors`` (packed weights)."""
+    from sqdist.export import export_run
+
+    with tempfile.TemporaryDirectory() as folder:
+        return export_run(run_dir, os.path.join(folder, "out.safetensors"), keep_fp_bits=keep_fp_bits)["bytes"]
+
+
+# ---------------------------------------------------------------- statistics
+def t95(n: int) -> float:
+    """Two-sided 95% Student t quantile for n - 1 degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
+
+
+def stats(values: list[float]) -> dict:
+    """mean, sample std, min, max, the 95% CI of the mean, and the values."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = t95(n) * std / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": round(mean, 3), "std": round(std, 3), "min": round(min(values), 3), "max": round(max(values), 3),
+            "ci95": [round(mean - half, 3), round(mean + half, 3)] if n > 1 else None,
+            "runs": [round(v, 3) for v in values]}
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """a - b per seed: mean, std, the 95% interval of the mean, and a paired t-test p-value."""
+    from scipy.stats import ttest_rel
+
+    d = [x - y for x, y in zip(a, b)]
+    out = stats(d)
+    out["p"] = float(f"{ttest_rel(a, b).pvalue:.3g}") if len(d) > 1 and out["std"] > 0 else None
+    return out
