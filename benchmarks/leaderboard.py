@@ -1,0 +1,370 @@
+"""One leaderboard for every method: digits top-1 against the size of the exported file.
+
+    python benchmarks/leaderboard.py                   # 10 seeds x 10 epochs, every row: table, JSON, plot
+    python benchmarks/leaderboard.py --quick --json    # smoke test (CI): 2 seeds, 2 epochs, 5 rows
+    python benchmarks/leaderboard.py --rows FP,TWN,SQ-TWN --seeds 20
+
+The setting of ``benchmarks/digits_sq.py``: its narrow resnet10t (channels 4-32) on 8x8
+digits, SGD lr 0.05, cosine, weight decay 5e-4, batch 64, BN re-estimated on 10 batches
+before the evaluation; the stem conv and the classifier stay full precision. Every row
+trains the same epochs (compute matched; SQ's four stages split that one schedule), except
+the rows marked ``paper``: SQ's own protocol, four full runs of E epochs from the last
+weights (4x the steps). Seed ``s`` sets ``train.seed`` (and ``sq.seed``): rows are paired by
+seed, and each quantized row gets the paired difference against the plain method of its bits
+(``base``).
+
+Per row: top-1 mean, std and 95% CI over the seeds; the paired difference; the bytes of
+the file ``python -m sqdist.export`` writes for seed 0's run (packed codes, stem and
+classifier fp32; FP: the run's ``final/model.safetensors``; PQ rows: the file
+``python -m sqdist.compress`` writes); and the time of one training step against FP's,
+measured after all training in this process, one thread, on the same batch.
+
+A method is one line of ``ROWS``; a row whose quantizer is not installed, or whose runs fail,
+is printed with that status instead of numbers. Runs are cached by recipe under ``--runs``
+(and read back from the other digits benchmarks' run folders).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from digits_common import OUT, ROOT, export_bytes, load, paired, pool_map, safe_job, stats, train_all
+
+KBIT = "quant.name=kbit"
+SQ_STEPS = "sq.unit=step"  # compute-matched SQ: the four stages split one schedule (stage length set in plan())
+
+
+@dataclass
+class Row:
+    """A leaderboard row: a recipe and its overrides (or a compression of the FP run)."""
+
+    recipe: str
+    overrides: list = field(default_factory=list)
+    base: str | None = None          # the plain method of the same bits: paired difference against it
+    what: str = ""                   # weights / activations, in words
+    needs: tuple = ()                # ("quantizer", name) / ("activation", name) that must be registered
+    protocol: str = "matched"        # matched | paper (SQ's protocol, 4x the steps)
+    compress: str | None = None      # PQ block size ("small" | "large"): compress seed s's FP run
+
+
+# One line per method. Plugin rows come from plugins/sqdist-{slb,esb,srq}.
+ROWS = {
+    "FP": Row("digits_fp", what="fp32"),
+    "kbit8": Row("digits_bwn", [KBIT, "quant.params={bits: 8}"], "FP", "k-bit 8, mse scale"),
+    "kbit6": Row("digits_bwn", [KBIT, "quant.params={bits: 6}"], "FP", "k-bit 6, mse scale"),
+    "kbit4": Row("digits_bwn", [KBIT, "quant.params={bits: 4}"], "FP", "k-bit 4, mse scale"),
+    "kbit3": Row("digits_bwn", [KBIT, "quant.params={bits: 3}"], "FP", "k-bit 3, mse scale"),
+    "kbit2": Row("digits_bwn", [KBIT, "quant.params={bits: 2, scale: mse}"], "FP", "k-bit 2 (ternary), mse scale"),
+    "kbit2 LSQ step": Row("digits_bwn", [KBIT, "quant.params={bits: 2, scale: lsq}"], "kbit2",
+                          "k-bit 2, learned step (LSQ)"),
+    "TWN": Row("digits_twn", [], "kbit2", "TWN (ternary)"),
+    "BWN": Row("digits_bwn", [], None, "BWN (binary)"),
+    "SQ-TWN": Row("digits_sq_twn", [SQ_STEPS], "TWN", "SQ over TWN"),
+    "SQ-BWN": Row("digits_sq_bwn", [SQ_STEPS], "BWN", "SQ over BWN"),
+    "SQ-kbit2": Row("digits_sq_twn", [SQ_STEPS, KBIT, "quant.params={bits: 2, scale: mse}"], "kbit2",
+                    "SQ over k-bit 2"),
+    "SQ-kbit2 LSQ step": Row("digits_sq_twn", [SQ_STEPS, KBIT, "quant.params={bits: 2, scale: lsq}"], "kbit2 LSQ step",
+                             "SQ over k-bit 2 with a learned step"),
+    "SQ-TWN (paper)": Row("digits_sq_twn", [], "TWN", "SQ over TWN, 4 runs of E epochs", protocol="paper"),
+    "SQ-BWN (paper)": Row("digits_sq_bwn", [], "BWN", "SQ over BWN, 4 runs of E epochs", protocol="paper"),
+    "W1A2 LSQ": Row("digits_bwn", ["quant.activations={name: lsq, bits: 2}"], None, "BWN / LSQ 2"),
+    "W2A2 LSQ": Row("digits_w2a2", [], None, "k-bit 2 LSQ step / LSQ 2"),
+    "W2A2 PACT": Row("digits_w2a2", ["quant.activations={name: pact, bits: 2, alpha: calibrate}"], "W2A2 LSQ",
+                     "k-bit 2 LSQ step / PACT 2 (alpha from data)"),
+    "W3A3 LSQ": Row("digits_w2a2", ["quant.params={bits: 3, scale: lsq}", "quant.activations={name: lsq, bits: 3}"],
+                    None, "k-bit 3 LSQ step / LSQ 3"),
+    "W4A4 LSQ": Row("digits_w2a2", ["quant.params={bits: 4, scale: lsq}", "quant.activations={name: lsq, bits: 4}"],
+                    None, "k-bit 4 LSQ step / LSQ 4"),
+    "SLB W1": Row("digits_slb", ["quant.params={bits: 1}"], "BWN", "SLB 1 bit", needs=(("quantizer", "slb"),)),
+    "SLB W2": Row("digits_slb", ["quant.params={bits: 2}"], "kbit2", "SLB 2 bits", needs=(("quantizer", "slb"),)),
+    "ESB W3": Row("digits_esb", ["quant.params={bits: 3, linear_bits: 1}"], "kbit3", "ESB 3 bits, m=1",
+                  needs=(("quantizer", "esb"),)),
+    "ESB W4": Row("digits_esb", ["quant.params={bits: 4, linear_bits: 1}"], "kbit4", "ESB 4 bits, m=1",
+                  needs=(("quantizer", "esb"),)),
+    "SQ-ESB W4": Row("digits_sq_twn", [SQ_STEPS, "quant.name=esb", "quant.params={bits: 4, linear_bits: 1}"], "ESB W4",
+                     "SQ over ESB 4 bits", needs=(("quantizer", "esb"),)),
+    "SRQ W2A2": Row("digits_srq_w2a2", [], "W2A2 LSQ", "SRQ 2 / SRQ 2", needs=(("quantizer", "srq"),)),
+    "SRQ W3A3": Row("digits_srq_w2a2", [], "W3A3 LSQ", "SRQ 3 / SRQ 3", needs=(("quantizer", "srq"),)),
+    "SRQ+DropBits W2A2": Row("digits_srq_w2a2", [], "W2A2 LSQ", "SRQ 2 + DropBits / SRQ 2",
+                             needs=(("quantizer", "srq"),)),
+    "SRQ learned widths": Row("digits_srq_learned_bits", [], None, "SRQ, learned bits per layer",
+                              needs=(("quantizer", "srq"),)),
+    "PQ small blocks": Row("digits_fp", [], "FP", "And the Bit Goes Down, small blocks", compress="small"),
+    "PQ large blocks": Row("digits_fp", [], "FP", "And the Bit Goes Down, large blocks", compress="large"),
+}
+QUICK_ROWS = ["FP", "BWN", "TWN", "SQ-TWN", "kbit4"]
+
+
+def steps_per_epoch(recipe: dict) -> int:
+    from sqdist.data import build_datasets
+
+    train_set, _ = build_datasets(recipe)
+    return len(train_set) // recipe["data"]["batch_size"]
+
+
+def missing(row: Row) -> str | None:
+    """Why the row cannot run here (a quantizer or recipe that is not installed), or None."""
+    import sqdist
+
+    for kind, name in row.needs:
+        names = sqdist.list_quantizers() if kind == "quantizer" else sqdist.list_activation_quantizers()
+        if name not in names:
+            return f"not available: {kind} {name!r} is not installed"
+    if not (ROOT / "recipes" / f"{row.recipe}.yaml").exists():
+        return f"not available: recipes/{row.recipe}.yaml does not exist"
+    return None
+
+
+def plan(rows: list[str], seeds: int, epochs: int, per_epoch: int, runs: str, fresh: bool) -> list[dict]:
+    """Training jobs: one per (row, seed); a PQ row trains (reads back) the FP run it compresses."""
+    jobs = []
+    stage = math.ceil(epochs * per_epoch / 4)  # compute-matched SQ: 4 stages in one run of `epochs`
+    for label in rows:
+        row = ROWS[label]
+        for seed in range(seeds):
+            common = [f"train.seed={seed}", "train.progress=false", "track.wandb=false"]
+            if row.protocol == "paper":
+                extra = [f"train.epochs={4 * epochs}", f"sq.seed={seed}", f"sq.stage_length={epochs}", "sq.unit=epoch",
+                         "sq.restart_per_stage=true"]
+            else:
+                extra = [f"train.epochs={epochs}"]
+                if SQ_STEPS in row.overrides:
+                    extra += [f"sq.seed={seed}", f"sq.stage_length={stage}", "sq.restart_per_stage=false"]
+            overrides = common + row.overrides + extra
+            name = "FP" if row.compress else label
+            jobs.append({"label": label, "seed": seed, "recipe": row.recipe, "overrides": overrides, "name": name,
+                         "runs": runs, "fresh": fresh, "cost": 4 if row.protocol == "paper" else 1,
+                         "cache": [str(OUT / "wa_bits_runs"), str(OUT / "digits_sq_runs")]})
+    return jobs
+
+
+def compress_one(job: dict) -> dict:
+    from compress_digits import compress_job
+
+    return compress_job(job)
+
+
+def _safe_compress(job: dict) -> dict:
+    return safe_job(compress_one, job)
+
+
+def compress_flags(blocks: str, fp_steps: int, quick: bool) -> list[str]:
+    """``sqdist.compress`` as ``benchmarks/compress_digits.py`` runs it (fine-tuned: layer and global)."""
+    em, layer = (10, 5) if quick else (100, 20)
+    return ["--blocks", blocks, "--em-iters", str(em), "train.bn_recalibrate=10", "--layer-steps", str(layer),
+            "--layer-lr", "0.01", "--finetune-steps", str(fp_steps), "--lr", "0.05"]
+
+
+def step_seconds(recipe: dict, steps: int) -> float:
+    """Median seconds of one training step (masks, forward, backward, optimizer) on one thread."""
+    import torch
+
+    from sqdist.data import loader
+    from sqdist.train import setup, train_step
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        recipe = json.loads(json.dumps(recipe))
+        recipe["run"]["dir"] = folder
+        recipe["track"]["wandb"] = False
+        run = setup(recipe)
+        x, y = next(iter(loader(run.train_set, run.sampler.batches(0)[:1], 0, seed=0)))
+        run.model.train()
+        times = []
+        for i in range(steps + 3):
+            run.step = i
+            t0 = time.perf_counter()
+            train_step(run, x, y)
+            times.append(time.perf_counter() - t0)
+        run.tracker.close()
+    times = sorted(times[3:])
+    return times[len(times) // 2]
+
+
+def collect(rows: list[str], jobs: list[dict], results: list[dict], compressed: dict, seeds: int) -> dict:
+    """Per row: status, top-1 statistics, size, bits (no paired differences yet)."""
+    out = {}
+    for label in rows:
+        row = ROWS[label]
+        mine = [(j, r) for j, r in zip(jobs, results) if j["label"] == label]
+        errors = [r["error"] for _, r in mine if "error" in r]
+        entry = {"method": label, "what": row.what, "protocol": row.protocol, "base": row.base, "seeds": seeds}
+        if row.compress:
+            cres = compressed.get(label, [])
+            errors += [r["error"] for r in cres if "error" in r]
+        if errors:
+            out[label] = {**entry, "status": f"failed: {errors[0]}"}
+            continue
+        summaries = {j["seed"]: r["summary"] for j, r in mine}
+        run0 = next(r["run_dir"] for j, r in mine if j["seed"] == 0)
+        if row.compress:
+            top1 = [r["top1"] for r in compressed[label]]
+            size = compressed[label][0]["bytes"]
+            bits = "PQ"
+        else:
+            top1 = [summaries[s]["final_accuracy"] for s in range(seeds)]
+            fp = not load(row.recipe, [])["quant"]["enabled"]
+            size = (Path(run0) / "final" / "model.safetensors").stat().st_size if fp else export_bytes(run0)
+            bits = summaries[0].get("bits") or "W32A32"
+            if summaries[0].get("avg_weight_bits") is not None and len(set(summaries[0]["layer_bits"].values())) > 1:
+                bits += f" (avg {summaries[0]['avg_weight_bits']:.2f} bits)"
+        out[label] = {**entry, "status": "ok", "bits": bits, "top1": stats(top1), "top1_mean": round(sum(top1) / len(top1), 3),
+                      "size_bytes": int(size), "cached_runs": sum(bool(r.get("cached")) for _, r in mine)}
+    for label, entry in out.items():
+        base = entry["base"]
+        if entry["status"] == "ok" and base in out and out[base]["status"] == "ok":
+            entry["vs_base"] = paired(entry["top1"]["runs"], out[base]["top1"]["runs"])
+    return out
+
+
+def table(out: dict, meta: dict) -> str:
+    fp = out.get("FP", {})
+    lines = ["| method | W/A | protocol | top-1 mean ± std | 95% CI | vs base: paired diff [95% CI] | file bytes | "
+             "smaller than FP | step time / FP | status |",
+             "|---|---|---|---:|---|---|---:|---:|---:|---|"]
+    for label, e in out.items():
+        if e["status"] != "ok":
+            lines.append(f"| {label} | | {e['protocol']} | | | | | | | {e['status']} |")
+            continue
+        t = e["top1"]
+        ci = f"[{t['ci95'][0]:.2f}, {t['ci95'][1]:.2f}]" if t["ci95"] else ""
+        d = e.get("vs_base")
+        diff = f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] vs {e['base']}" if d and d["ci95"] else ""
+        smaller = f"{fp['size_bytes'] / e['size_bytes']:.2f}x" if fp.get("status") == "ok" else ""
+        ratio = f"{e['step_ratio']:.2f}" if e.get("step_ratio") else "n/a"
+        protocol = "paper (4x steps)" if e["protocol"] == "paper" else "matched"
+        lines.append(f"| {label} | {e['bits']} | {protocol} | {t['mean']:.2f} ± {t['std']:.2f} | {ci} | {diff} | "
+                     f"{e['size_bytes']:,} | {smaller} | {ratio} | ok |")
+    return "\n".join(lines)
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The points no other point beats on both size (smaller) and top-1 (higher), by size."""
+    front, best = [], -1.0
+    for p in sorted(points, key=lambda p: (p[0], -p[1])):
+        if p[1] > best:
+            front.append(p)
+            best = p[1]
+    return front
+
+
+def plot(out: dict, path: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [(e["size_bytes"], e["top1"]["mean"], label, e) for label, e in out.items() if e["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    for size, mean, label, e in ok:
+        marker = "s" if e["protocol"] == "paper" else ("D" if "A" in e["bits"] and not e["bits"].endswith("A32") else "o")
+        ax.errorbar(size, mean, yerr=e["top1"]["std"], fmt=marker, capsize=3, ms=5, alpha=0.85)
+        ax.annotate(label, (size, mean), textcoords="offset points", xytext=(4, 3), fontsize=6.5)
+    front = pareto([(s, m, label) for s, m, label, _ in ok])
+    if front:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1, ls="--",
+                label="Pareto front (smaller and more accurate)")
+    ax.set_xscale("log")
+    ax.set_xlabel("exported file size (bytes, log scale)")
+    ax.set_ylabel("digits test top-1 (%), mean ± std over seeds")
+    ax.set_title(f"Every method on digits: {meta['seeds']} seeds x {meta['epochs']} epochs "
+                 "(circles: weights only, diamonds: W/A, squares: SQ paper protocol)", fontsize=8.5)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=10, help="seeds per row (default 10)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of every run; SQ paper rows: 4x (default 10)")
+    parser.add_argument("--rows", default=None, help="comma list of rows (default: all); allowed: " + ", ".join(ROWS))
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: 2 seeds, 2 epochs, rows {','.join(QUICK_ROWS)}, 10 timed steps")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--workers", type=int, default=2, help="runs trained at once, one thread each (default 2)")
+    parser.add_argument("--timed-steps", type=int, default=30, help="steps timed per row (median; default 30)")
+    parser.add_argument("--out", default=str(OUT / "leaderboard"), help="folder of table.md, results.json, leaderboard.png")
+    parser.add_argument("--runs", default=str(OUT / "leaderboard_runs"), help="run folders (cached by recipe)")
+    parser.add_argument("--fresh", action="store_true", help="retrain runs that are cached")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.epochs, args.timed_steps = 2, 2, 10
+    for name in ("seeds", "epochs", "workers", "timed_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected an integer >= 1")
+    rows = QUICK_ROWS if args.quick and args.rows is None else (
+        list(ROWS) if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()])
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown or not rows:
+        parser.error(f"--rows: {unknown[0] if unknown else '(empty)'!r} is not a row; allowed: {', '.join(ROWS)}")
+
+    t0 = time.time()
+    probe = load("digits_fp", [])
+    per_epoch = steps_per_epoch(probe)
+    status = {label: missing(ROWS[label]) for label in rows}
+    runnable = [label for label in rows if status[label] is None]
+    jobs = plan(runnable, args.seeds, args.epochs, per_epoch, args.runs, args.fresh)
+    results = train_all(jobs, args.workers, keep_going=True)
+
+    compressed: dict[str, list] = {}
+    cjobs = []
+    for label in runnable:
+        row = ROWS[label]
+        if not row.compress:
+            continue
+        for j, r in zip(jobs, results):
+            if j["label"] == label and "error" not in r:
+                flags = compress_flags(row.compress, r["summary"]["total_steps"], args.quick)
+                tag = hashlib.sha1(json.dumps(flags).encode()).hexdigest()[:8]
+                cjobs.append({"label": label, "seed": j["seed"], "run_dir": r["run_dir"], "flags": flags,
+                              "fresh": args.fresh, "out": str(Path(r["run_dir"]) / f"pq_{row.compress}_{tag}.safetensors")})
+    for cj, cr in zip(cjobs, pool_map(_safe_compress, cjobs, args.workers)):
+        compressed.setdefault(cj["label"], []).append(cr)
+
+    out = collect(runnable, jobs, results, compressed, args.seeds)
+    timing_runs = {label: next(j for j in jobs if j["label"] == label) for label in runnable
+                   if out[label]["status"] == "ok" and not ROWS[label].compress}
+    if "FP" in timing_runs:  # time per step, after all training, one row after another
+        seconds = {label: step_seconds(load(j["recipe"], j["overrides"]), args.timed_steps)
+                   for label, j in timing_runs.items()}
+        for label, s in seconds.items():
+            out[label]["step_seconds"] = round(s, 5)
+            out[label]["step_ratio"] = round(s / seconds["FP"], 3)
+    ordered = {}
+    for label in rows:
+        ordered[label] = out.get(label) or {"method": label, "what": ROWS[label].what, "protocol": ROWS[label].protocol,
+                                            "base": ROWS[label].base, "status": status[label]}
+    meta = {"seeds": args.seeds, "epochs": args.epochs, "steps_per_epoch": per_epoch,
+            "model": f"{probe['model']['name']} {probe['model']['kwargs']}", "image_size": probe["data"]["image_size"],
+            "optim": f"{probe['optim']['name']} lr {probe['optim']['lr']}, {probe['sched']['name']} schedule",
+            "bn_recalibrate": probe["train"]["bn_recalibrate"], "timed_steps": args.timed_steps,
+            "runs": len(jobs) + len(cjobs), "runs_cached": sum(bool(r.get("cached")) for r in results),
+            "wall_seconds": round(time.time() - t0, 1), "command": " ".join(["python benchmarks/leaderboard.py", *sys.argv[1:]])}
+    text = table(ordered, meta)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows_json = [{k: v for k, v in e.items()} for e in ordered.values()]
+    (folder / "results.json").write_text(json.dumps({"rows": rows_json, "meta": meta}, indent=1))
+    (folder / "table.md").write_text(text + "\n")
+    plot(ordered, folder / "leaderboard.png", meta)
+    if args.json:
+        print(json.dumps({"rows": rows_json, "meta": meta}))
+        return
+    print(text)
+    print(f"\nplot: {folder / 'leaderboard.png'}; wall {meta['wall_seconds']} s; {meta['runs']} runs "
+          f"({meta['runs_cached']} read back from the cache)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
