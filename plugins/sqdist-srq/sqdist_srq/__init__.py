@@ -1,0 +1,347 @@
+"""Semi-Relaxed Quantization (SRQ) with DropBits, and learned per-layer bit widths.
+
+Lee, Yun, Hwang, Yang, *Semi-Relaxed Quantization with DropBits* (arXiv 1911.12990), on
+Relaxed Quantization (RQ, Louizos et al., arXiv 1810.01875). Two quantizers, each reachable
+by name through an entry point (``pyproject.toml``):
+
+- ``srq`` (weights, :class:`SRQWeight`): one learned grid step ``alpha`` and noise scale
+  ``sigma`` per layer; optionally DropBits and a learned bit width per layer.
+- ``srq`` (activations, :class:`SRQActivation`): the same rule on a layer's input.
+
+In units of the grid step ``s`` (``u = x / s``, ``tau = sigma / s``) a grid code ``i`` in
+``[qmin, qmax]`` has the RQ probability (logistic noise on ``x``, the interval of width ``s``
+around ``i``, normalized over the grid)::
+
+    pi_i ∝ sigmoid((i + 1/2 - u) / tau) - sigmoid((i - 1/2 - u) / tau)
+
+and SRQ's multi-class straight-through estimator takes the code of highest probability
+forward (``argmax pi = clamp(round(u), qmin, qmax)``: equal intervals of a symmetric unimodal
+density) and differentiates through ``pi`` backward::
+
+    y = s * (c + E - stopgrad(E)),  c = argmax_i pi_i,  E = sum_i i * pi_i
+
+so ``alpha``, ``sigma`` and ``x`` get gradients through ``pi`` (``alpha`` also through ``s * c``).
+See README.md for DropBits, the learned widths and what was chosen where the paper was not read.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from sqdist import ActivationQuantizer, Quantizer
+from sqdist.quantizers import grad_scale
+
+EPS = 1e-12  # normalizer floor: far outside the grid every pi underflows to 0 (then E = 0, no gradient)
+
+
+# ---------------------------------------------------------------- the estimator
+def srq_probabilities(u: Tensor, tau: Tensor | float, qmin: int, qmax: int) -> Tensor:
+    """RQ's categorical ``pi`` over the codes ``qmin..qmax`` for ``u = x / s`` (any shape) and
+    ``tau = sigma / s``: shape ``(*u.shape, qmax - qmin + 1)``, each row summing to 1 (or 0 far off the grid)."""
+    codes = torch.arange(qmin, qmax + 1, dtype=u.dtype, device=u.device)
+    d = (codes - u.unsqueeze(-1)).abs()  # the logistic is symmetric: the mass of [i-1/2, i+1/2] depends on |i - u|
+    p = torch.sigmoid((0.5 - d) / tau) - torch.sigmoid((-0.5 - d) / tau)  # both arguments <= 1/2/tau: no 1 - 1 cancellation
+    return p / (p.sum(dim=-1, keepdim=True) + EPS)
+
+
+def srq_codes(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """``(c, E)`` in units of ``step``: ``c = argmax pi = clamp(round(x / step), qmin, qmax)`` (no
+    gradient) and ``E = sum_i i pi_i`` (differentiable in ``x``, ``step`` and ``sigma``)."""
+    u = x / step
+    c = torch.clamp(torch.round(u.detach()), qmin, qmax)
+    pi = srq_probabilities(u, sigma.abs() / step + EPS, qmin, qmax)
+    e = (pi * torch.arange(qmin, qmax + 1, dtype=pi.dtype, device=pi.device)).sum(dim=-1)
+    return c, e
+
+
+def srq_value(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int) -> Tensor:
+    """SRQ's straight-through output: value ``step * c`` (a grid point), gradient through ``pi``."""
+    c, e = srq_codes(x, step, sigma, qmin, qmax)
+    return step * (c + (e - e.detach()))
+
+
+def drop_counts(shape, p: float, limit: int, generator: torch.Generator, device) -> Tensor:
+    """DropBits: how many low bits each element drops, ``P(j >= k) = p^k`` (truncated at ``limit``)."""
+    u = torch.rand(shape, generator=generator, device=device).clamp_(min=1e-12)
+    return torch.floor(torch.log(u) / math.log(p)).clamp_(0, limit).to(torch.int64)
+
+
+# ---------------------------------------------------------------- shared: reproducible draws
+_ROUND = {"step": None, "next": 0}  # salts are handed out in module order at the first set_progress of a run
+
+
+class _Stochastic:
+    """Per-step randomness of one quantizer: a generator seeded from ``(seed, step, salt, call)``.
+
+    ``salt`` is the quantizer's position among the SRQ modules in the trainer's first
+    ``set_progress`` round (module order: the same on every rank and after a resume), ``call``
+    counts forwards since the last ``set_progress`` (micro-batches of one step differ). So every
+    rank draws the same DropBits masks, and a resumed run draws what the uninterrupted one did.
+    """
+
+    def _init_stochastic(self, seed: int):
+        self.seed, self._step, self._salt, self._calls = seed, 0, 0, 0
+        self._salted = False
+
+    def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        if not self._salted:
+            if _ROUND["step"] != step:
+                _ROUND.update(step=step, next=0)
+            self._salt, self._salted = _ROUND["next"], True
+            _ROUND["next"] += 1
+        self._step, self._calls = int(step), 0
+
+    def _generator(self, device) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(hash((self.seed, self._step, self._salt, self._calls)) & (2 ** 63 - 1))
+        self._calls += 1
+        return g
+
+
+def _check(name: str, key: str, value, ok: bool, allowed: str):
+    if not ok:
+        raise ValueError(f"{name} {key}={value!r}; allowed: {allowed}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_common(name, bits, drop_prob, drop_min_bits, sigma_init, seed, min_bits=2):
+    _check(name, "bits", bits, _is_int(bits) and min_bits <= bits <= 8, f"an integer from {min_bits} to 8")
+    _check(name, "drop_prob", drop_prob, _is_number(drop_prob) and 0 <= drop_prob < 1, "a number in [0, 1)")
+    _check(name, "drop_min_bits", drop_min_bits, _is_int(drop_min_bits) and 1 <= drop_min_bits <= bits,
+           f"an integer from 1 to bits ({bits})")
+    _check(name, "sigma_init", sigma_init, _is_number(sigma_init) and sigma_init > 0, "a number > 0 (sigma / alpha)")
+    _check(name, "seed", seed, _is_int(seed) and seed >= 0, "an integer >= 0")
+
+
+# ---------------------------------------------------------------- weights
+# learned-width weight quantizers alive in this process: the regularizer's parameter-weighted average is over them
+_LEARNED_WIDTHS: "weakref.WeakSet[SRQWeight]" = weakref.WeakSet()
+
+
+class SRQWeight(Quantizer, _Stochastic):
+    """SRQ weights: grid ``alpha * i``, ``i`` in ``[-2^(b-1), 2^(b-1) - 1]``, one ``alpha`` and
+    ``sigma`` per layer (``(1,)`` parameters, ``<layer>.quantizer.alpha`` / ``.sigma``).
+
+    Args:
+        bits: the grid's bit width ``B`` (2..8); with ``learn_bits`` the widest a layer may get.
+        drop_prob: DropBits' ``p`` (0: off). In training each weight drops ``j`` low bits with
+            ``P(j >= k) = p^k``: it is quantized on the grid of ``w - j`` bits (same range, step
+            ``alpha * 2^(B - w + j)``). Never below ``drop_min_bits``.
+        drop_min_bits: the narrowest grid DropBits may leave (1..bits).
+        learn_bits: learn the layer's width in ``[min_bits, bits]`` (parameter ``soft_bits``, see README).
+        min_bits: the narrowest learned width (2..bits-1).
+        bit_reg: the regularizer's weight ``lambda`` (>= 0).
+        target_bits: the target average width, weighted by the layers' weight counts.
+        sigma_init: ``sigma`` starts at ``sigma_init * alpha`` (1/3).
+        seed: seeds DropBits' and the width's per-step draws.
+
+    ``bits`` is the layer's current integer width (``bits`` itself without ``learn_bits``).
+    """
+
+    def __init__(self, bits: int = 2, drop_prob: float = 0.0, drop_min_bits: int = 1, learn_bits: bool = False,
+                 min_bits: int = 2, bit_reg: float = 0.0, target_bits: float | None = None,
+                 sigma_init: float = 1 / 3, seed: int = 0):
+        super().__init__()
+        name = "srq"
+        _check_common(name, bits, drop_prob, drop_min_bits, sigma_init, seed)
+        _check(name, "learn_bits", learn_bits, isinstance(learn_bits, bool), "true or false")
+        if learn_bits:
+            _check(name, "min_bits", min_bits, _is_int(min_bits) and 2 <= min_bits < bits,
+                   f"an integer from 2 to bits - 1 ({bits - 1}) (learn_bits needs bits >= 3)")
+            _check(name, "bit_reg", bit_reg, _is_number(bit_reg) and bit_reg >= 0, "a number >= 0")
+            _check(name, "target_bits", target_bits,
+                   target_bits is None and bit_reg == 0 or _is_number(target_bits) and min_bits <= target_bits <= bits,
+                   f"a number from min_bits ({min_bits}) to bits ({bits}) (required when bit_reg > 0)")
+        self.max_bits, self.drop_prob, self.drop_min_bits = bits, float(drop_prob), drop_min_bits
+        self.learn_bits, self.min_bits = learn_bits, min_bits
+        self.bit_reg = float(bit_reg) if learn_bits else 0.0
+        self.target_bits = None if target_bits is None or not learn_bits else float(target_bits)
+        self.sigma_init = float(sigma_init)
+        self._init_stochastic(seed)
+        self.alpha = nn.Parameter(torch.tensor([1.0]))  # (1,): the grid step at ``bits``; set by calibrate()
+        self.sigma = nn.Parameter(torch.tensor([self.sigma_init]))  # (1,): logistic noise scale
+        if learn_bits:
+            self.soft_bits = nn.Parameter(torch.tensor([float(bits)]))  # (1,): the width, relaxed
+        self.numel = 0  # the layer's weight count, from calibrate (the regularizer's weighting)
+
+    # ------------------------------------------------------------ the grid at a width
+    def _range(self, width: int) -> tuple[int, int]:
+        return -(2 ** (width - 1)), 2 ** (width - 1) - 1
+
+    def _clamped_bits(self) -> Tensor:
+        b = self.soft_bits
+        return b + (b.clamp(self.min_bits, self.max_bits) - b).detach()  # value clamped, gradient 1 everywhere
+
+    @property
+    def bits(self) -> int:
+        """The current integer width (what export packs and summary.json reports)."""
+        if not self.learn_bits:
+            return self.max_bits
+        return int(math.floor(float(self.soft_bits.detach().clamp(self.min_bits, self.max_bits)) + 0.5))
+
+    def code_levels(self) -> list[int]:
+        lo, hi = self._range(self.bits)  # RQ's grid is not the symmetric range: export stores indices into it
+        return list(range(lo, hi + 1))
+
+    def quantize_codes(self, w):
+        width = self.bits
+        step = (self.alpha * 2.0 ** (self.max_bits - width)).to(w.dtype)
+        lo, hi = self._range(width)
+        codes = torch.clamp(torch.round(w / step), lo, hi)
+        return codes, step.expand(w.shape[0])
+
+    def calibrate(self, weight):
+        w = weight.detach().float().reshape(-1)
+        self.numel = w.numel()
+        with torch.no_grad():
+            self.alpha.fill_(_mse_step(w, *self._range(self.max_bits)))
+            self.sigma.fill_(self.sigma_init * float(self.alpha))
+        if self.learn_bits:
+            _LEARNED_WIDTHS.add(self)
+
+    # ------------------------------------------------------------ training
+    def _value_at(self, w: Tensor, width: int, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """SRQ output on the ``width``-bit sub-grid (step ``alpha * 2^(B - width)``)."""
+        lo, hi = self._range(width)
+        return srq_value(w, alpha * 2.0 ** (self.max_bits - width), sigma, lo, hi)
+
+    def fake_quantize(self, w):
+        g = 1.0 / math.sqrt(w.numel() * (2 ** (self.max_bits - 1)))  # LSQ's gradient scale, for alpha and sigma
+        alpha, sigma = grad_scale(self.alpha, g).to(w.dtype), grad_scale(self.sigma, g).to(w.dtype)
+        if not self.training:
+            return self._value_at(w, self.bits, alpha, sigma)
+        values: dict[int, Tensor] = {}
+
+        def value(v: int) -> Tensor:
+            if v not in values:
+                values[v] = self._value_at(w, v, alpha, sigma)
+            return values[v]
+
+        generator, soft = None, None
+        if self.learn_bits:
+            b = self._clamped_bits()
+            lo = min(int(math.floor(float(b.detach()))), self.max_bits - 1)
+            f = b - lo  # in [0, 1]: the probability that an element trains at lo + 1 bits
+            generator = self._generator(w.device)
+            width = lo + (torch.rand(w.shape, generator=generator, device=w.device) < f.detach()).to(torch.int64)
+            # the width's gradient: d/df of (1 - f) y_lo + f y_hi with the values held fixed
+            soft = ((1 - f) * value(lo).detach() + f * value(lo + 1).detach()).to(w.dtype)
+        else:
+            width = torch.full(w.shape, self.max_bits, dtype=torch.int64, device=w.device)
+        if self.drop_prob > 0:
+            generator = generator or self._generator(w.device)
+            drop = drop_counts(w.shape, self.drop_prob, self.max_bits, generator, w.device)
+            floor = torch.minimum(width, torch.full_like(width, self.drop_min_bits))
+            width = torch.maximum(width - drop, floor)
+        present = torch.unique(width).tolist()
+        if len(present) == 1:
+            y = value(present[0])
+        else:
+            y = torch.zeros_like(w)
+            for v in present:
+                y = torch.where(width == v, value(v), y)
+        return y if soft is None else y + (soft - soft.detach())
+
+    # ------------------------------------------------------------ trainer hooks
+    def expected_bits(self) -> Tensor:
+        """The width in training, ``E[width] = soft_bits`` clamped to ``[min_bits, bits]`` (1,)."""
+        return self._clamped_bits() if self.learn_bits else torch.tensor([float(self.max_bits)])
+
+    def regularization(self):
+        """This layer's share of ``bit_reg * max(0, avg - target_bits)``, ``avg`` the weight-count
+        weighted mean of ``E[width]`` over the learned-width layers (the shares sum to it)."""
+        if not (self.learn_bits and self.bit_reg > 0 and self.training and self.numel):
+            return None
+        layers = [q for q in _LEARNED_WIDTHS if q.training and q.numel and q.target_bits == self.target_bits]
+        total = sum(q.numel for q in layers)
+        avg = sum(q.numel * float(q.expected_bits().detach()) for q in layers) / total
+        if avg <= self.target_bits:
+            return self.soft_bits.sum() * 0.0  # keeps the graph (and the parameter's gradient, 0) the same
+        # no push at or below min_bits (the forward's clamp passes every gradient, so the task loss
+        # can still lift a layer that sits at the bottom)
+        bits = self._clamped_bits()
+        bits = torch.where(self.soft_bits > self.min_bits, bits, bits.detach())
+        return (self.bit_reg * self.numel / total * (bits - self.target_bits)).sum()
+
+    def metrics(self):
+        out = {"bits": float(self.bits)}
+        if self.learn_bits:
+            out["soft_bits"] = float(self.soft_bits.detach())
+        return out
+
+    def config(self):
+        return {"bits": self.max_bits, "drop_prob": self.drop_prob, "drop_min_bits": self.drop_min_bits,
+                "learn_bits": self.learn_bits, "min_bits": self.min_bits,
+                "bit_reg": self.bit_reg, "target_bits": self.target_bits, "sigma_init": self.sigma_init,
+                "seed": self.seed}
+
+
+def _mse_step(w: Tensor, qmin: int, qmax: int, candidates: int = 64) -> float:
+    """The grid step with the least ``||w - Q||_2`` over ``t * max|w| / qmax``, ``t`` in (0, 1]."""
+    top = float(w.abs().max())
+    if top == 0:
+        return 1.0
+    steps = torch.linspace(1.0 / candidates, 1.0, candidates, dtype=w.dtype) * top / max(qmax, 1)
+    errors = [float((torch.clamp(torch.round(w / s), qmin, qmax) * s - w).square().sum()) for s in steps]
+    return float(steps[min(range(len(errors)), key=errors.__getitem__)])
+
+
+# ---------------------------------------------------------------- activations
+class SRQActivation(ActivationQuantizer, _Stochastic):
+    """SRQ on a layer's input, per tensor: codes ``[-2^(b-1), 2^(b-1) - 1]`` (signed) or
+    ``[0, 2^b - 1]`` (unsigned), step ``alpha`` and noise ``sigma`` learned (``(1,)`` each).
+
+    ``alpha`` starts at LSQ's ``2 mean|x| / sqrt(qmax)`` on the calibration batch, ``sigma`` at
+    ``sigma_init * alpha``. DropBits as for weights (``drop_prob``, ``drop_min_bits``). The eval
+    forward is ``clamp(round(x / alpha), qmin, qmax) * alpha``, SRQ's argmax, which export stores.
+    """
+
+    def __init__(self, bits: int = 2, signed: str | bool = "auto", drop_prob: float = 0.0, drop_min_bits: int = 1,
+                 sigma_init: float = 1 / 3, seed: int = 0):
+        _check_common("srq", bits, drop_prob, drop_min_bits, sigma_init, seed)
+        super().__init__(bits, signed)
+        self.drop_prob, self.drop_min_bits, self.sigma_init = float(drop_prob), drop_min_bits, float(sigma_init)
+        self._init_stochastic(seed)
+        self.alpha = nn.Parameter(torch.tensor([1.0]))
+        self.sigma = nn.Parameter(torch.tensor([self.sigma_init]))
+
+    def levels(self, signed):
+        return (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1) if signed else (0, 2 ** self.bits - 1)
+
+    def scale(self):
+        return self.alpha
+
+    def init_from(self, x):
+        self.alpha.fill_(max(2 * float(x.abs().float().mean()) / math.sqrt(self.qmax), 1e-8))
+        self.sigma.fill_(self.sigma_init * float(self.alpha))
+
+    def fake_quantize(self, x):
+        features = x[0].numel() if x.dim() > 1 else x.numel()
+        g = 1.0 / math.sqrt(features * self.qmax)
+        alpha, sigma = grad_scale(self.alpha, g).to(x.dtype), grad_scale(self.sigma, g).to(x.dtype)
+        if self.drop_prob == 0:
+            return srq_value(x, alpha, sigma, self.qmin, self.qmax)
+        drop = drop_counts(x.shape, self.drop_prob, self.bits - self.drop_min_bits, self._generator(x.device), x.device)
+        y = torch.zeros_like(x)
+        for j in torch.unique(drop).tolist():  # j dropped bits: the (bits - j)-bit sub-grid, same range
+            lo, hi = self.levels(self._signed) if j == 0 else _sub_range(self.bits - j, self._signed)
+            y = torch.where(drop == j, srq_value(x, alpha * 2.0 ** j, sigma, lo, hi), y)
+        return y
+
+    def config(self):
+        return {**super().config(), "drop_prob": self.drop_prob, "drop_min_bits": self.drop_min_bits,
+                "sigma_init": self.sigma_init, "seed": self.seed}
+
+
+def _sub_range(width: int, signed: bool) -> tuple[int, int]:
+    return (-(2 ** (width - 1)), 2 ** (width - 1) - 1) if signed else (0, 2 ** width - 1)
