@@ -284,9 +284,15 @@ def _validate_names(recipe: dict) -> None:
         if q["name"] not in list_quantizers():
             raise RecipeError(f"quant.name={q['name']!r}: allowed: {', '.join(list_quantizers())}")
         try:
-            create_quantizer(q["name"], **q["params"])
+            quantizer = create_quantizer(q["name"], **q["params"])
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"quant.params={q['params']!r}: {exc}") from None
+        from .nn import check_sq_ratios
+
+        try:
+            check_sq_ratios(quantizer, q["name"], recipe["sq"]["ratios"])
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
         _validate_activations(q["activations"])
     data = recipe["data"]
     if data["name"] == "folder":

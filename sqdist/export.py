@@ -492,6 +492,7 @@ def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module,
     import timm
 
     from .nn import QuantConfig, quantize_model
+    from .sq import SQConfig
 
     ckpt = resolve_checkpoint(source)
     meta = _read_meta(ckpt)
@@ -510,6 +511,7 @@ def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module,
     try:
         sq = quantize_model(model, QuantConfig(quantizer=meta["quantizer"], params=meta["params"],
                                                include=tuple(meta["layers"]), keep_stem_and_classifier=False,
+                                               sq=SQConfig(ratios=(1.0,)),  # evaluated fully quantized
                                                activations=meta["activations"].get("name"), activation_params=act))
     except ValueError as exc:
         raise ExportError(f"{meta['path']}: quant section rejected: {_one_line(exc)}") from None

@@ -264,6 +264,13 @@ def _stem(model: nn.Module, candidates: list[str]) -> str | None:
     return candidates[0] if candidates else None
 
 
+def check_sq_ratios(quantizer: Quantizer, name: str, ratios) -> None:
+    """Refuse SQ ratios below 1 for a quantizer that keeps no full-precision weight (``uses_weight`` False)."""
+    if not quantizer.uses_weight and min(ratios) < 1.0:
+        raise ValueError(f"sq.ratios={list(ratios)}: quantizer {name!r} has no full-precision weight for the rows "
+                         f"SQ leaves unquantized; allowed: [1.0]")
+
+
 def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQController:
     """Make ``model``'s Conv/Linear weights quantized and SQ-selected, in place.
 
@@ -278,7 +285,8 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
     """
     candidates = [n for n, m in model.named_modules() if isinstance(m, tuple(SQ_CLASSES))]
     kept_fp = _stem_and_classifier(model, candidates) if config.keep_stem_and_classifier else set()
-    create_quantizer(config.quantizer, **dict(config.params))  # fail early on bad names / params
+    probe = create_quantizer(config.quantizer, **dict(config.params))  # fail early on bad names / params
+    check_sq_ratios(probe, config.quantizer, config.sq.ratios)
     if config.activations is not None:
         create_activation_quantizer(config.activations, **dict(config.activation_params))
     stem = _stem(model, candidates)
@@ -298,6 +306,8 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
         module.__class__ = sq_cls  # same object, same Parameters: optimizers and engines keep working
         module.quantizer = create_quantizer(config.quantizer, **dict(config.params)).to(module.weight.device)
         module.quantizer.calibrate(module.weight.detach())  # a no-op unless the quantizer has state to set
+        if not module.quantizer.uses_weight:  # its own parameters are the weight: W gets no gradient
+            module.weight.requires_grad_(False)
         module.input_quantizer = None
         if config.activations is not None and name != stem:  # the stem's input is the image: never quantized
             module.input_quantizer = create_activation_quantizer(

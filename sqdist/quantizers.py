@@ -177,6 +177,11 @@ class Quantizer(nn.Module):
 
     bits: int = 32
     quantizer_name: str = "?"
+    #: False for a quantizer whose quantized weight does not depend on the layer's weight after
+    #: :meth:`calibrate` (SLB: learned logits over levels *are* the weight). ``quantize_model`` then
+    #: freezes the layer's weight (``requires_grad=False``: no gradient, not in the optimizer, so
+    #: DDP and ZeRO see no unused parameter) and refuses SQ ratios below 1 (no full-precision row to keep).
+    uses_weight: bool = True
 
     def quantize_codes(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """``w`` (m, n) -> (``codes`` (m, n) integer-valued, ``scale`` (m,))."""

@@ -33,13 +33,17 @@ def test_plugin_quantizer_is_covered():
 @pytest.mark.parametrize("name,params", quantizer_cases())
 @pytest.mark.parametrize("shape", ODD_SHAPES)
 def test_pack_unpack_round_trip(name, params, shape):
+    from sqdist.export import pack_indexed, unpack_indexed
+
     q = create_quantizer(name, **params)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0] * 31 + shape[1]))
+    q.calibrate(w)  # a quantizer with state from the weight (SLB's logits) needs it; a no-op for most
     codes, scale = q.quantize_codes(w)
-    packed = pack_codes(codes, q.bits)
+    levels = getattr(q, "code_levels", lambda: None)()  # a codebook quantizer stores indices into its levels
+    packed = pack_codes(codes, q.bits) if levels is None else pack_indexed(codes, levels, q.bits)
     assert packed.dtype == torch.uint8
     assert packed.numel() == math.ceil(w.numel() * q.bits / 8)  # dense: no per-row padding
-    back = unpack_codes(packed, q.bits, w.numel())
+    back = unpack_codes(packed, q.bits, w.numel()) if levels is None else unpack_indexed(packed, levels, q.bits, w.numel())
     assert torch.equal(back.to(codes.dtype).view(shape), codes)
     assert torch.allclose(back.float().view(shape) * scale[:, None], q.quantize(w)[0], rtol=0, atol=0)
 
