@@ -1,0 +1,237 @@
+"""ESB: Elastic Significant Bit quantization (Gong et al., IEEE TPDS 2022, arXiv 2109.03513).
+
+Values with ``m + 1`` significant bits: for ``b`` bits and ``m`` "linear" bits the level set is
+``{0} ∪ ±{k 2^-m} ∪ ±{2^n (1 + j 2^-m)}`` (``k = 1 .. 2^m - 1``, ``j = 0 .. 2^m - 1``,
+``n = 0, 1, ...``), the ``2^b - 1`` smallest such values, times a per-row scale ``s``. ``b = 4,
+m = 1`` gives ``s {0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6}``; ``m = 0`` powers of two; ``m >= b - 2``
+a uniform grid. The scale is ``s = alpha std(W_i)``; ``alpha`` is fitted per row to the weights
+by least squares (never worse than the authors' fixed table, which is a candidate).
+
+Two quantizers, reachable by name through entry points: ``esb`` (weights, straight-through
+gradient to ``W``) and ``esb`` in ``sqdist.activation_quantizers`` (a layer's input on the same
+level set with a learned step, LSQ-style). The reference code is the authors'
+``autoqnn/quantizers/esb.py`` (GongCheng1919/autoqnn-pytorch); the README next to this package
+lists where this one differs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from sqdist import ActivationQuantizer, Quantizer
+from sqdist.quantizers import grad_scale
+
+# The authors' fixed alpha (autoqnn esb.py ``alpha_list``): ALPHA_TABLE[b - 2][m], None where they have none
+ALPHA_TABLE = [[1.2240],
+               [0.5181, 1.3015],
+               [0.0381, 0.4871, 1.4136],
+               [None, 0.0391, 0.4828, 1.5460],
+               [None, None, 0.0406, 0.4997, 1.6878],
+               [None, None, None, 0.0409, 0.5247, 1.8324],
+               [None, None, None, None, 0.0412, 0.5527, 1.9757]]
+FIT_GRID = (32, 16)  # candidate scales a * max|W_i| / top level: a = 1/32 .. 1.25 coarse, then 17 finer ones
+
+
+def esb_levels(bits: int, linear_bits: int) -> list[float]:
+    """The ``2^(bits-1) - 1`` positive ESB levels, increasing (in units of the scale ``s``)."""
+    m, count = linear_bits, 2 ** (bits - 1) - 1
+    pos = [k / 2 ** m for k in range(1, 2 ** m)]
+    n = 0
+    while len(pos) < count:
+        pos += [2 ** n * (1 + j / 2 ** m) for j in range(2 ** m)]
+        n += 1
+    return pos[:count]
+
+
+def esb_code_levels(bits: int, linear_bits: int) -> list[int]:
+    """All ``2^bits - 1`` integer codes, sorted: the levels times ``2^linear_bits``."""
+    pos = [int(round(v * 2 ** linear_bits)) for v in esb_levels(bits, linear_bits)]
+    return [-c for c in reversed(pos)] + [0] + pos
+
+
+def table_alpha(bits: int, linear_bits: int) -> float | None:
+    """The authors' fixed ``alpha`` for ``(bits, linear_bits)``, or None where their table has none."""
+    row = ALPHA_TABLE[bits - 2] if 0 <= bits - 2 < len(ALPHA_TABLE) else []
+    return row[linear_bits] if linear_bits < len(row) else None
+
+
+def check_bits(owner: str, bits, linear_bits, max_code: int = 127) -> None:
+    """``bits`` 2..8, ``linear_bits`` 0..bits-1, and the largest integer code within ``max_code``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{owner} bits={bits!r}; allowed: an integer from 2 to 8")
+    if isinstance(linear_bits, bool) or not isinstance(linear_bits, int) or not 0 <= linear_bits <= bits - 1:
+        raise ValueError(f"{owner} linear_bits={linear_bits!r}; allowed: an integer from 0 to bits - 1 = {bits - 1}")
+    top = esb_code_levels(bits, linear_bits)[-1]
+    if top > max_code:
+        ok = [m for m in range(bits) if esb_code_levels(bits, m)[-1] <= max_code]
+        raise ValueError(f"{owner} linear_bits={linear_bits!r}: with bits={bits} the largest level is {top} / "
+                         f"2^{linear_bits}, beyond an int8 code; allowed with bits={bits}: linear_bits in {ok}")
+
+
+def project(v: Tensor, levels: Tensor) -> Tensor:
+    """Each entry of ``v`` (any shape) to the nearest of ``{0, ±levels}`` (``levels`` positive, increasing)."""
+    grid = torch.cat([levels.new_zeros(1), levels])
+    mids = (grid[1:] + grid[:-1]) / 2
+    return torch.sign(v) * grid[torch.bucketize(v.abs().contiguous(), mids)]
+
+
+def esb_fit_scale(w: Tensor, levels: Tensor, extra: Tensor | None = None, grid: tuple[int, int] = FIT_GRID) -> Tensor:
+    """Per row of ``w`` (m, n), the scale ``s`` (m,) with the least ``||w_i - s P(w_i / s)||_2``.
+
+    Candidates ``a max|w_i| / levels[-1]``: ``a = 1/G .. 1.25`` (``G = grid[0]``), then
+    ``grid[1] + 1`` values spaced ``1/(G grid[1])`` around the best; ``extra`` (m,), e.g. the
+    authors' ``alpha std(w_i)``, is a candidate too, so the fit is never worse than it.
+    """
+    wf = w.float()
+    top = wf.abs().amax(dim=1) / levels[-1]
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    coarse, fine = grid
+    a = torch.arange(1, int(1.25 * coarse) + 1, dtype=torch.float32, device=w.device) / coarse
+    cands = safe[:, None] * a
+    best = _best(wf, cands, levels)
+    steps = torch.arange(-(fine // 2), fine // 2 + 1, dtype=torch.float32, device=w.device) / (coarse * fine)
+    around = best[:, None] + safe[:, None] * steps
+    cands = torch.cat([best[:, None], around.clamp(min=1e-30)], dim=1)
+    if extra is not None:
+        cands = torch.cat([extra.float()[:, None].clamp(min=1e-30), cands], dim=1)  # first: ties keep it
+    s = _best(wf, cands, levels)
+    return torch.where(top > 0, s, torch.zeros_like(s))
+
+
+def _best(w: Tensor, cands: Tensor, levels: Tensor) -> Tensor:
+    """Per row, the candidate scale ``cands[i, j]`` with the least squared error (first on a tie)."""
+    chunk = max(1, (1 << 20) // max(w.numel(), 1))  # temporaries of ~4 MB
+    errors = []
+    lv = levels.to(w.device)
+    for j in range(0, cands.shape[1], chunk):
+        s = cands[:, j:j + chunk].T[:, :, None]  # (c, m, 1)
+        errors.append((project(w / s, lv) * s - w).square().sum(dim=2).T)  # (m, c)
+    return cands.gather(1, torch.cat(errors, dim=1).argmin(dim=1, keepdim=True)).squeeze(1)
+
+
+def _alpha_option(owner, alpha, bits, linear_bits):
+    if alpha in ("fit", "table"):
+        if alpha == "table" and table_alpha(bits, linear_bits) is None:
+            raise ValueError(f"{owner} alpha='table': the authors' table has no entry for bits={bits}, "
+                             f"linear_bits={linear_bits}; allowed: 'fit' or a number > 0")
+        return alpha
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0:
+        return float(alpha)
+    raise ValueError(f"{owner} alpha={alpha!r}; allowed: 'fit', 'table' or a number > 0")
+
+
+class ESB(Quantizer):
+    """ESB weights: per row ``Q_i = s_i P(W_i / s_i)``, ``P`` the nearest of ``{0, ±esb_levels}``.
+
+    Export: integer codes (levels times ``2^linear_bits``, :meth:`code_levels`), scale
+    ``s_i / 2^linear_bits``. Nothing is learned; the training forward is straight through
+    (``dQ/dW = 1``), so SQ applies as for TWN.
+
+    Args:
+        bits: 2..8 (``2^bits - 1`` levels).
+        linear_bits: ``m``, 0..bits-1 (``m + 1`` significant bits); the largest code must fit int8.
+        alpha: ``"fit"`` (default): ``s_i`` of least squared error for row ``i``, recomputed from
+            the current weights at every quantization (:func:`esb_fit_scale`, the table's scale
+            among the candidates); ``"table"``: the authors' fixed ``alpha std(W_i)``; a number:
+            that ``alpha`` times ``std(W_i)``.
+    """
+
+    def __init__(self, bits: int = 4, linear_bits: int = 1, alpha: float | str = "fit"):
+        super().__init__()
+        check_bits("esb", bits, linear_bits)
+        self.bits, self.linear_bits = bits, linear_bits
+        self.alpha = _alpha_option("esb", alpha, bits, linear_bits)
+        self.register_buffer("levels", torch.tensor(esb_levels(bits, linear_bits)), persistent=False)
+
+    def scale(self, w: Tensor) -> Tensor:
+        """Per-row scale ``s`` (m,) of ``w`` (m, n), in level units."""
+        std = w.float().std(dim=1, unbiased=False) if w.shape[1] > 1 else w.float().abs()[:, 0]
+        table = table_alpha(self.bits, self.linear_bits)
+        if self.alpha == "fit":
+            return esb_fit_scale(w, self.levels, None if table is None else table * std)
+        return (table if self.alpha == "table" else self.alpha) * std
+
+    def quantize_codes(self, w):
+        with torch.no_grad():
+            s = self.scale(w.detach())
+            safe = torch.where(s > 0, s, torch.ones_like(s))
+            codes = project(w.detach().float() / safe[:, None], self.levels) * 2 ** self.linear_bits
+            codes = torch.where(s[:, None] > 0, codes.round(), torch.zeros_like(codes))
+        return codes.to(w.dtype), (s / 2 ** self.linear_bits).to(w.dtype)
+
+    def code_levels(self) -> list[int]:
+        return esb_code_levels(self.bits, self.linear_bits)
+
+    def config(self):
+        return {"bits": self.bits, "linear_bits": self.linear_bits, "alpha": self.alpha}
+
+
+class ESBActivation(ActivationQuantizer):
+    """A layer's input on the ESB level set, with a learned step ``s`` (one per layer), LSQ-style.
+
+    ``x_q = s P(clip(x / s, lo, hi))``, ``P`` the nearest ESB level: unsigned (after a ReLU)
+    ``{0} ∪ the 2^bits - 1 smallest positive ESB values``, signed ``{0, ±esb_levels}``. Gradients
+    as LSQ's: ``dx_q/dx = 1`` inside ``[lo, hi]``, 0 outside; ``dx_q/ds = P(v) - v`` inside and the
+    bound outside, times ``1 / sqrt(N hi)``. ``s`` starts at the least-squares scale on the
+    calibration batch (:func:`esb_fit_scale` on the batch as one row). The eval forward is the
+    same projection. Export: refused (the packed format and ONNX hold uniform inputs only).
+
+    Args:
+        bits: 2..8; linear_bits: 0..bits-1 (the largest code must fit uint8 unsigned, int8 signed).
+    """
+
+    def __init__(self, bits: int = 4, linear_bits: int = 1, signed: str | bool = "auto"):
+        super().__init__(bits, signed)
+        check_bits("esb activations", bits, linear_bits)
+        check_bits("esb activations", bits + 1, linear_bits, max_code=255)  # unsigned: twice the positive levels
+        self.linear_bits = linear_bits
+        self.step = nn.Parameter(torch.tensor([1.0]))
+        self.register_buffer("unsigned_levels", torch.tensor(esb_levels(bits + 1, linear_bits)), persistent=False)
+        self.register_buffer("signed_levels", torch.tensor(esb_levels(bits, linear_bits)), persistent=False)
+
+    def _levels(self) -> Tensor:
+        return self.signed_levels if self._signed else self.unsigned_levels
+
+    def levels(self, signed):
+        top = (esb_levels(self.bits, self.linear_bits) if signed else esb_levels(self.bits + 1, self.linear_bits))[-1]
+        code = int(round(top * 2 ** self.linear_bits))
+        return (-code, code) if signed else (0, code)
+
+    def scale(self):
+        return self.step
+
+    def init_from(self, x):
+        flat = x.detach().float().reshape(1, -1)
+        s = esb_fit_scale(flat, self._levels().to(flat.device))
+        self.step.fill_(float(s[0]) if float(s[0]) > 0 else 1.0)
+
+    def _project(self, x: Tensor, step: Tensor) -> Tensor:
+        levels = self._levels().to(x.device)
+        lo = -float(levels[-1]) if self._signed else 0.0
+        v = x / step
+        inside = (v > lo) & (v < float(levels[-1]))
+        v = torch.where(inside, v, v.detach().clamp(lo, float(levels[-1])))
+        return (project(v.detach(), levels) - v).detach() + v  # projection straight through
+
+    def fake_quantize(self, x):
+        features = x[0].numel() if x.dim() > 1 else x.numel()
+        s = grad_scale(self.step, 1.0 / math.sqrt(features * float(self._levels()[-1])))
+        return self._project(x, s) * s
+
+    def forward(self, x):
+        if self.observing or (self.training and torch.is_grad_enabled()) or not self._calibrated:
+            return super().forward(x)
+        with torch.no_grad():
+            s = self.step.float()
+            return (self._project(x.float(), s) * s).to(x.dtype)
+
+    def activation_qparams(self):
+        from sqdist.export import ExportError
+
+        raise ExportError("esb activations are non-uniform; the packed format and ONNX hold uniform "
+                          "quantized inputs only; allowed: export with a uniform activation quantizer (lsq, pact)")
+
+    def config(self):
+        return {**super().config(), "linear_bits": self.linear_bits}

@@ -1,0 +1,205 @@
+"""SLB: Searching for Low-Bit Weights (Yang et al., NeurIPS 2020, arXiv 2009.08695).
+
+Each weight chooses one of ``n = 2^b`` levels ``v`` (``linspace(-1, 1, n)``: ``{-1, +1}`` for
+b = 1), and the choice is learned: the quantizer holds logits ``A`` of shape
+``W.shape + (n,)``. Training uses the exact expectation ``W = sum_j softmax(T A)_j v_j``
+(no straight-through estimator); the inverse temperature ``T`` grows during training so the
+softmax turns into the argmax, which evaluation (and training after the annealing ends) uses.
+There is no scale: the BatchNorm after the layer absorbs it. The reference followed is
+MindSpore golden-stick (``mindspore_gs/quantization/slb/``); the README next to this package
+lists the choices made here.
+
+Memory: the logits are ``n`` times the weights (and so are their gradient, the optimizer's
+state and the softmax kept for the backward): :meth:`SLB.calibrate` refuses a layer that
+cannot fit, with one line.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor, nn
+
+from sqdist import Quantizer
+from sqdist.config import RecipeError
+
+BITS = (1, 2, 3, 4)
+# bytes per logit while training: the logit, its gradient, two Adam moments, the softmax kept for backward
+TRAIN_COPIES = 5
+
+
+def slb_levels(bits: int) -> Tensor:
+    """The ``2^bits`` levels, ``linspace(-1, 1, 2^bits)`` (``{-1, +1}`` for 1 bit), shape (n,).
+
+    Computed as ``codes * (1 / (n - 1))`` in float32, exactly what export's ``codes * scale`` gives.
+    """
+    n = 2 ** bits
+    return torch.tensor(slb_code_levels(bits), dtype=torch.float32) * torch.tensor(1.0 / (n - 1))
+
+
+def slb_code_levels(bits: int) -> list[int]:
+    """Integer codes of the levels: ``v_j = code_j / (n - 1)``, odd integers ``-(n-1) .. n-1``."""
+    n = 2 ** bits
+    return [2 * j - (n - 1) for j in range(n)]
+
+
+def temperature(step: int, total_steps: int, steps_per_epoch: int, t0: float = 1.0, t_start: float = 0.2,
+                t_end: float = 0.6, factor: float = 1.2) -> tuple[float, bool]:
+    """``(T, hard)`` for optimizer step ``step`` (0-based), golden-stick's ``TemperatureScheduler``.
+
+    With ``E`` epochs, ``start = int(E t_start)``, ``end = int(E t_end)`` and ``e`` the 1-based
+    epoch of the step: ``T = t0`` while ``e <= start``, then ``t0 factor^(min(e, end) - start)``;
+    ``hard`` (argmax in training too) once ``e >= end``. A pure function of the step: a resumed
+    run continues the schedule exactly.
+    """
+    steps_per_epoch = max(1, steps_per_epoch)
+    epochs = max(1, math.ceil(total_steps / steps_per_epoch))
+    epoch = step // steps_per_epoch + 1
+    start, end = int(epochs * t_start), int(epochs * t_end)
+    t = t0 * factor ** (min(epoch, end) - start) if epoch > start else t0
+    return t, epoch >= end
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on ``device`` (CUDA: ``mem_get_info``; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _number(name, value, low, high, low_open=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        raise ValueError(f"slb {name}={value!r}; allowed: a number in {'(' if low_open else '['}{low}, {high}]")
+    return float(value)
+
+
+class SLB(Quantizer):
+    """SLB weights: learned logits ``A`` (``W.shape + (2^bits,)``) over the levels :func:`slb_levels`.
+
+    Forward (training): ``W = sum_j softmax(T A)_j v_j``, ``v`` the levels; after the annealing
+    (``hard``) and in eval: ``W = v[argmax_j A_j]``. Export: codes :func:`slb_code_levels`, scale
+    ``1 / (n - 1)`` per row. The layer's own weight only initializes ``A`` (:meth:`calibrate`);
+    it is frozen (``uses_weight = False``), and SQ ratios below 1 are refused.
+
+    Args:
+        bits: 1..4 (``2^bits`` logits per weight).
+        t0, t_start, t_end, factor: the inverse temperature schedule (:func:`temperature`);
+            golden-stick's defaults 1.0, 0.2, 0.6, 1.2 (the authors' README: factor 1.03-1.06,
+            start 0.3-0.4, end 0.9).
+        init: ``"weight"`` (default): logits from the layer's initial weight, so that
+            ``argmax`` is its nearest level and the expectation follows it (see :meth:`calibrate`);
+            ``"random"``: standard normal logits (golden-stick draws them He-normal).
+    """
+
+    uses_weight = False
+
+    def __init__(self, bits: int = 1, t0: float = 1.0, t_start: float = 0.2, t_end: float = 0.6,
+                 factor: float = 1.2, init: str = "weight"):
+        super().__init__()
+        if isinstance(bits, bool) or bits not in BITS:
+            raise ValueError(f"slb bits={bits!r}; allowed: 1, 2, 3, 4")
+        if init not in ("weight", "random"):
+            raise ValueError(f"slb init={init!r}; allowed: 'weight', 'random'")
+        self.bits, self.init = bits, init
+        self.t0 = _number("t0", t0, 0.0, 1e6, low_open=True)
+        self.t_start = _number("t_start", t_start, 0.0, 1.0)
+        self.t_end = _number("t_end", t_end, 0.0, 1.0)
+        if self.t_end < self.t_start:
+            raise ValueError(f"slb t_end={t_end!r}; allowed: a number in [t_start={t_start!r}, 1]")
+        self.factor = _number("factor", factor, 1.0, 1e3)
+        self.register_buffer("levels", slb_levels(bits), persistent=False)  # (n,)
+        self.logits = nn.Parameter(torch.zeros(0))  # W.shape + (n,), set by calibrate()
+        self.temperature, self.hard = self.t0, False
+        self._epochs: int | None = None
+
+    # ------------------------------------------------------------ schedule (sqdist.train hooks)
+    def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        self.temperature, self.hard = temperature(step, total_steps, steps_per_epoch, self.t0, self.t_start,
+                                                  self.t_end, self.factor)
+        self._epochs = max(1, math.ceil(total_steps / max(1, steps_per_epoch)))
+
+    def recalibrate_bn_after_epoch(self, epoch: int) -> bool:
+        """After each epoch past ``t_start`` (golden-stick's BNCalibrationCallback): BN for the argmax net."""
+        return self._epochs is not None and epoch + 1 > int(self._epochs * self.t_start)
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, float]:
+        """Temperature, hard phase, and the mean probability of the chosen level (1.0: fully decided)."""
+        if self.logits.numel() == 0:
+            return {}
+        confidence = torch.softmax(self.temperature * self.logits.float(), dim=-1).amax(dim=-1).mean()
+        return {"temperature": self.temperature, "hard": float(self.hard), "confidence": float(confidence)}
+
+    # ------------------------------------------------------------ quantizer
+    def calibrate(self, weight: Tensor) -> None:
+        """Create the logits from the layer's initial weight ``W`` (any shape, dim 0 = rows).
+
+        ``init="weight"``: each row is normalized, ``x = W_i / s_i`` clipped to [-1, 1] with
+        ``s_i = mean |W_i|`` at 1 bit (BWN's scale) and ``max |W_i|`` above (the levels span the
+        row), and ``A_j = -(x - v_j)^2 / (2 tau^2)`` with ``tau`` half the level spacing. So the
+        argmax is the level nearest to ``x`` and, at ``T = 1``, the expectation follows ``x``
+        smoothly (1 bit: ``tanh(x)``): training starts from the initialization the model was
+        designed with (He/timm), up to the scale the next BN absorbs, not from noise.
+        Refuses (one line) a layer whose logits cannot be trained in the memory free on the
+        weight's device (on the GPU where CUDA is available).
+        """
+        n = 2 ** self.bits
+        device = weight.device
+        target = torch.device("cuda", torch.cuda.current_device()) \
+            if device.type == "cpu" and torch.cuda.is_available() else device
+        need = TRAIN_COPIES * weight.numel() * n * 4
+        free = free_bytes(target)
+        if need > free:
+            raise RecipeError(
+                f"slb bits={self.bits}: a layer of {weight.numel()} weights needs {n} logits per weight, "
+                f"~{need / 2**30:.2f} GiB to train (logits, gradient, optimizer state, softmax), more than the "
+                f"{free / 2**30:.2f} GiB free on {target}; allowed: fewer bits, or fewer quantized layers (quant.exclude)")
+        w = weight.detach().float().reshape(weight.shape[0], -1)
+        with torch.no_grad():
+            if self.init == "random":
+                logits = torch.randn(*w.shape, n, device=device)
+            else:
+                s = w.abs().mean(dim=1) if self.bits == 1 else w.abs().amax(dim=1)
+                s = torch.where(s > 0, s, torch.ones_like(s))
+                x = (w / s[:, None]).clamp(-1.0, 1.0)
+                tau = 1.0 / (n - 1)
+                logits = -(x[..., None] - self.levels.to(device)).square() / (2 * tau * tau)
+        self.logits = nn.Parameter(logits.reshape(*weight.shape, n).to(weight.dtype))
+
+    def _logits2d(self, rows: int) -> Tensor:
+        if self.logits.numel() == 0:
+            raise RuntimeError("slb: no logits; call calibrate(weight) first (quantize_model does)")
+        return self.logits.reshape(rows, -1, self.logits.shape[-1])
+
+    def quantize_codes(self, w):
+        """Codes of the argmax levels (odd integers, :func:`slb_code_levels`), scale ``1 / (n - 1)``."""
+        idx = self._logits2d(w.shape[0]).argmax(dim=-1)
+        n = 2 ** self.bits
+        codes = (2 * idx - (n - 1)).to(w.dtype)
+        return codes, torch.full((w.shape[0],), 1.0 / (n - 1), dtype=w.dtype, device=w.device)
+
+    def fake_quantize(self, w):
+        """Training: the expectation under ``softmax(T A)``; after annealing (or in eval) the argmax,
+        with the logits kept in the graph at zero gradient (DDP and ZeRO expect every parameter)."""
+        logits = self._logits2d(w.shape[0])
+        if self.hard or not self.training:
+            return self.levels.to(w.dtype)[logits.argmax(dim=-1)] + 0.0 * logits.sum()
+        p = torch.softmax(self.temperature * logits, dim=-1)
+        return (p * self.levels.to(p.dtype)).sum(dim=-1).to(w.dtype)
+
+    def code_levels(self) -> list[int]:
+        return slb_code_levels(self.bits)
+
+    def config(self):
+        return {"bits": self.bits, "t0": self.t0, "t_start": self.t_start, "t_end": self.t_end,
+                "factor": self.factor, "init": self.init}

@@ -1,0 +1,153 @@
+"""ESB plugin (plugins/sqdist-esb): level sets, the fitted scale against the authors' table,
+straight-through gradients, SQ, the activation quantizer, export."""
+import pytest
+import timm
+import torch
+from torch import nn
+
+import sqdist
+from sqdist import QuantConfig, SQConfig, create_activation_quantizer, create_quantizer, load_quantized, quantize_model
+from sqdist.export import ExportError, export_model
+
+sqdist_esb = pytest.importorskip("sqdist_esb")
+
+
+def test_registered_through_the_entry_points():
+    assert "esb" in sqdist.list_quantizers() and "esb" in sqdist.list_activation_quantizers()
+    assert type(create_quantizer("esb")).__module__ == "sqdist_esb"
+
+
+@pytest.mark.parametrize("bits, m, positive", [
+    (2, 0, [1]),                                   # ternary
+    (3, 0, [1, 2, 4]),                             # powers of two
+    (3, 1, [0.5, 1, 1.5]),
+    (4, 0, [1, 2, 4, 8, 16, 32, 64]),
+    (4, 1, [0.5, 1, 1.5, 2, 3, 4, 6]),             # the paper's example
+    (4, 2, [0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75]),  # m >= b - 2: uniform
+    (5, 2, [0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7]),
+    (5, 3, [k / 8 for k in range(1, 16)]),
+])
+def test_level_sets(bits, m, positive):
+    assert sqdist_esb.esb_levels(bits, m) == positive
+    codes = sqdist_esb.esb_code_levels(bits, m)
+    assert len(codes) == 2 ** bits - 1 and codes == sorted(codes)
+    assert codes == sorted([-round(v * 2 ** m) for v in positive] + [0] + [round(v * 2 ** m) for v in positive])
+
+
+def test_every_row_lies_on_its_scaled_level_set():
+    q = create_quantizer("esb", bits=4, linear_bits=1)
+    w = torch.randn(16, 75, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 16)[:, None]
+    levels = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    levels = torch.cat([-levels, levels])
+    codes, scale = q.quantize_codes(w)
+    Q, _ = q.quantize(w)
+    s = scale * 2  # the scale of the level set (export's scale is s / 2^linear_bits)
+    for i in range(16):
+        assert torch.isclose(Q[i][:, None], s[i] * levels[None], rtol=1e-6, atol=0).any(dim=1).all()
+    assert set(codes.unique().long().tolist()) <= set(q.code_levels())
+    assert len(codes.unique()) > 8  # the non-uniform levels are used
+
+
+def rows(kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        return torch.randn(32, 144, generator=g)
+    if kind == "laplace":
+        u = torch.rand(32, 144, generator=g) - 0.5
+        return -torch.sign(u) * torch.log1p(-2 * u.abs())
+    if kind == "uniform":
+        return torch.rand(32, 144, generator=g) * 2 - 1
+    w = torch.randn(32, 144, generator=g)
+    w[:, 0] *= 10  # one outlier per row
+    return w
+
+
+@pytest.mark.parametrize("bits, m", [(2, 0), (3, 0), (3, 1), (4, 0), (4, 1), (4, 2), (5, 2), (5, 3)])
+@pytest.mark.parametrize("kind", ["normal", "laplace", "uniform", "outlier"])
+def test_fitted_scale_is_never_worse_than_the_authors_table(bits, m, kind):
+    w = rows(kind)
+    fit = create_quantizer("esb", bits=bits, linear_bits=m)
+    table = create_quantizer("esb", bits=bits, linear_bits=m, alpha="table")
+    err_fit = (fit.quantize(w)[0] - w).square().sum(1)
+    err_table = (table.quantize(w)[0] - w).square().sum(1)
+    assert (err_fit <= err_table * (1 + 1e-6)).all()  # per row
+    assert err_fit.sum() < err_table.sum() or kind == "normal"  # and strictly better somewhere off-Gaussian
+
+
+def test_table_scale_is_alpha_times_row_std():
+    w = rows("normal")
+    q = create_quantizer("esb", bits=4, linear_bits=1, alpha="table")
+    assert torch.allclose(q.quantize_codes(w)[1] * 2, 0.4871 * w.std(dim=1, unbiased=False))
+    fixed = create_quantizer("esb", bits=4, linear_bits=1, alpha=0.5)
+    assert torch.allclose(fixed.quantize_codes(w)[1] * 2, 0.5 * w.std(dim=1, unbiased=False))
+
+
+def test_gradient_to_the_weight_is_straight_through_and_sq_applies():
+    q = create_quantizer("esb", bits=3, linear_bits=0)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    out = q(w)
+    (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+    assert torch.equal(w.grad, torch.arange(w.numel(), dtype=torch.float32).reshape(w.shape))
+    mask = torch.tensor([True, False] * 3)
+    hybrid = q.hybrid(w.detach(), mask)
+    assert torch.equal(hybrid[1::2], w.detach()[1::2])
+    assert torch.equal(hybrid[0::2], q.quantize(w.detach().reshape(6, -1))[0].reshape(6, 4, 3, 3)[0::2])
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"bits": 9}, "esb bits=9; allowed: an integer from 2 to 8"),
+    ({"bits": 4, "linear_bits": 4}, "esb linear_bits=4; allowed: an integer from 0 to bits - 1 = 3"),
+    ({"bits": 5, "linear_bits": 0}, "esb linear_bits=0: with bits=5 the largest level is 16384 / 2^0, beyond an "
+                                    "int8 code; allowed with bits=5: linear_bits in [2, 3, 4]"),
+    ({"bits": 4, "linear_bits": 3, "alpha": "table"}, "esb alpha='table': the authors' table has no entry for "
+                                                      "bits=4, linear_bits=3; allowed: 'fit' or a number > 0"),
+    ({"alpha": -1}, "esb alpha=-1; allowed: 'fit', 'table' or a number > 0"),
+])
+def test_bad_parameters_name_the_key_and_what_is_allowed(params, expected):
+    with pytest.raises(ValueError) as exc:
+        create_quantizer("esb", **params)
+    assert str(exc.value) == expected
+
+
+def test_activation_quantizer_uses_the_level_set_and_learns_its_step():
+    act = create_activation_quantizer("esb", bits=3, linear_bits=1)
+    x = torch.relu(torch.randn(8, 4, 5, 5))
+    act.calibrate(x)
+    assert act.qmin == 0 and act.qmax == 12  # unsigned: 0 and 7 positive levels, up to 6 = 12 / 2
+    act.train()
+    xr = x.clone().requires_grad_(True)
+    y = act(xr)
+    y.sum().backward()
+    assert act.step.grad is not None and act.step.grad.abs() > 0
+    assert xr.grad is not None
+    act.eval()
+    with torch.no_grad():
+        v = act(x) / act.step
+    levels = torch.tensor([0] + sqdist_esb.esb_levels(4, 1))
+    assert torch.isclose(v.reshape(-1, 1), levels[None], atol=1e-5).any(dim=1).all()
+    assert torch.allclose(act(x), y.detach())
+    with pytest.raises(ExportError, match="esb activations are non-uniform"):
+        act.activation_qparams()
+
+
+@pytest.mark.parametrize("bits, m", [(3, 0), (4, 1)])
+def test_export_then_load_gives_the_quantized_logits(tmp_path, bits, m):
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    sq = quantize_model(model, QuantConfig(quantizer="esb", params={"bits": bits, "linear_bits": m},
+                                           sq=SQConfig(ratios=(1.0,))))
+    model.train()
+    model(torch.randn(16, 1, 16, 16))
+    model.eval()
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    info = export_model(model, tmp_path / "m.safetensors", model_kwargs={"num_classes": 10, "in_chans": 1})
+    assert info["bits"] == [bits] and info["layers"] == len(sq.layers)
+    loaded = load_quantized(tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert (loaded(x) - expected).abs().max() <= 1e-5
+    modules = dict(loaded.named_modules())
+    for name, layer in sq.layers.items():
+        w = layer.weight.reshape(layer.weight.shape[0], -1)
+        assert torch.equal(modules[name].weight.reshape(w.shape), layer.quantizer.quantize(w)[0])
