@@ -145,6 +145,15 @@ def test_learned_widths_move_under_the_regularizer():
     assert small.metrics()["bits"] == 4.0 and large.metrics()["soft_bits"] < 3.5
 
 
+def test_learned_width_never_drifts_out_of_its_range():
+    from sqdist_srq import ClampInward
+
+    b = torch.tensor([1.5, 1.5, 4.5, 4.5, 3.0], requires_grad=True)
+    ClampInward.apply(b, 2.0, 4.0).mul(torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0])).sum().backward()
+    # below 2: a positive gradient (descent lowers b further) is cut, a negative one (back up) passes; above 4 the mirror
+    assert b.grad.tolist() == [0.0, -1.0, 0.0, 1.0, 1.0]
+
+
 def _tiny_model(**params):
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=10, in_chans=1)

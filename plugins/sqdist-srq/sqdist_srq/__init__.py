@@ -123,6 +123,24 @@ def _check_common(name, bits, drop_prob, drop_min_bits, sigma_init, seed, min_bi
     _check(name, "seed", seed, _is_int(seed) and seed >= 0, "an integer >= 0")
 
 
+class ClampInward(torch.autograd.Function):
+    """``clamp(b, lo, hi)`` whose gradient is 1, except that outside ``[lo, hi]`` a gradient that
+    would move ``b`` further out is 0: a learned width cannot drift away from its range (and then
+    take many steps to come back), yet is never stuck outside it."""
+
+    @staticmethod
+    def forward(ctx, b, lo, hi):
+        ctx.save_for_backward(b)
+        ctx.lo, ctx.hi = lo, hi
+        return b.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (b,) = ctx.saved_tensors
+        outward = ((b < ctx.lo) & (grad > 0)) | ((b > ctx.hi) & (grad < 0))  # a descent step moves by -grad
+        return torch.where(outward, torch.zeros_like(grad), grad), None, None
+
+
 # ---------------------------------------------------------------- weights
 # learned-width weight quantizers alive in this process: the regularizer's parameter-weighted average is over them
 _LEARNED_WIDTHS: "weakref.WeakSet[SRQWeight]" = weakref.WeakSet()
@@ -179,8 +197,7 @@ class SRQWeight(Quantizer, _Stochastic):
         return -(2 ** (width - 1)), 2 ** (width - 1) - 1
 
     def _clamped_bits(self) -> Tensor:
-        b = self.soft_bits
-        return b + (b.clamp(self.min_bits, self.max_bits) - b).detach()  # value clamped, gradient 1 everywhere
+        return ClampInward.apply(self.soft_bits, float(self.min_bits), float(self.max_bits))
 
     @property
     def bits(self) -> int:
@@ -267,11 +284,7 @@ class SRQWeight(Quantizer, _Stochastic):
         avg = sum(q.numel * float(q.expected_bits().detach()) for q in layers) / total
         if avg <= self.target_bits:
             return self.soft_bits.sum() * 0.0  # keeps the graph (and the parameter's gradient, 0) the same
-        # no push at or below min_bits (the forward's clamp passes every gradient, so the task loss
-        # can still lift a layer that sits at the bottom)
-        bits = self._clamped_bits()
-        bits = torch.where(self.soft_bits > self.min_bits, bits, bits.detach())
-        return (self.bit_reg * self.numel / total * (bits - self.target_bits)).sum()
+        return (self.bit_reg * self.numel / total * (self.expected_bits() - self.target_bits)).sum()
 
     def metrics(self):
         out = {"bits": float(self.bits)}
