@@ -319,8 +319,11 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
     fp_layers = list(full_precision_layers(model)) if keep_fp_bits == 8 else []
     packed_keys = {f"{name}.weight" for name in [*layers, *fp_layers]}
     tensors: dict[str, Tensor] = {}
+    # a quantizer's own state (learned steps, SLB's 2^b logits per weight) is folded into the codes, scales and
+    # input scales below; the loader ignores it, so it is not written
+    quantizer_state = tuple(f"{name}.{part}." for name in layers for part in ("quantizer", "input_quantizer"))
     for key, value in model.state_dict().items():
-        if key not in packed_keys:
+        if key not in packed_keys and not key.startswith(quantizer_state):
             tensors[key] = value.detach().cpu().contiguous().clone()  # clone: safetensors refuses shared storage
     packed_meta: dict[str, dict] = {}
     with torch.no_grad():
