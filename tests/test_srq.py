@@ -33,6 +33,7 @@ def test_registered_for_weights_and_activations():
 @pytest.mark.parametrize("params, message", [
     ({"bits": 1}, r"srq bits=1; allowed: an integer from 2 to 8"),
     ({"drop_prob": 1.0}, r"srq drop_prob=1.0; allowed: a number in \[0, 1\)"),
+    ({"drop_schedule": "cosine"}, r"srq drop_schedule='cosine'; allowed: 'constant', 'linear'"),
     ({"bits": 2, "learn_bits": True}, r"srq min_bits=2; allowed: .*learn_bits needs bits >= 3"),
     ({"bits": 4, "learn_bits": True, "bit_reg": 1.0}, r"srq target_bits=None; allowed: a number from min_bits"),
 ])
@@ -123,6 +124,12 @@ def test_dropbits_coarsens_the_grid_reproducibly():
     assert not torch.equal(q.fake_quantize(w) / alpha, y1)
     q.eval()
     assert torch.equal(q.fake_quantize(w) / alpha, fine)  # no DropBits outside training
+    q = SRQWeight(bits=3, drop_prob=0.5, drop_schedule="linear")
+    q.calibrate(w)
+    q.set_progress(25, 100, 10)
+    assert q.current_drop_prob() == 0.375
+    q.set_progress(100, 100, 10)
+    assert torch.equal(q.fake_quantize(w) / q.alpha.detach(), fine) and q._calls == 0  # decayed to 0: no draw
 
 
 def test_learned_widths_move_under_the_regularizer():
@@ -205,19 +212,24 @@ train: {epochs: 1, max_steps: 3, progress: false, log_every: 1}
 """
 
 
-def _train_two(tmp_path, engine):
-    (tmp_path / "tiny.yaml").write_text(TINY)
-    out = tmp_path / "params.json"
+def _launch(tmp_path, worker, out, engine):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(29500 + (os.getpid() + 7 * len(engine)) % 1000),
-           os.path.join(ROOT, "tests", "workers", "learned_worker.py"), str(tmp_path / "tiny.yaml"), str(out),
+           "--main_process_port", str(29500 + (os.getpid() + 7 * len(engine) + len(worker)) % 1000),
+           os.path.join(ROOT, "tests", "workers", worker), str(tmp_path / "tiny.yaml"), str(out),
            f"run.dir={tmp_path / 'run'}", f"engine.name={engine}", "engine.zero_stage=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    steps = json.loads(open(f"{out}.rank1").read())
+    return json.loads(open(f"{out}.rank1").read())
+
+
+def _train_two(tmp_path, engine):
+    """Three steps on two processes: every quantizer parameter moves and stays equal on the ranks;
+    the widths reach summary.json and the metrics log."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    steps = _launch(tmp_path, "learned_worker.py", tmp_path / "params.json", engine)
     assert [r["step"] for r in steps] == [1, 2, 3]
-    assert all(r["params_equal_rank0"] for r in steps)  # DropBits draws agree on the ranks, so do the parameters
+    assert all(r["params_equal_rank0"] for r in steps)
     names = list(steps[0]["params"])
     for suffix in (".quantizer.alpha", ".quantizer.sigma", ".quantizer.soft_bits", ".input_quantizer.alpha"):
         moved = [n for n in names if n.endswith(suffix) and steps[0]["params"][n] != steps[-1]["params"][n]]
@@ -232,6 +244,16 @@ def _train_two(tmp_path, engine):
 @pytest.mark.slow
 def test_two_process_train(tmp_path):
     _train_two(tmp_path, "ddp")
+
+
+@pytest.mark.slow
+def test_dropbits_draws_agree_on_two_processes(tmp_path):
+    """The ranks' global RNGs are seeded differently (seed + rank); DropBits' per-step generators
+    are not, so both ranks coarsen the same weights every step."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    steps = _launch(tmp_path, "srq_worker.py", tmp_path / "draws.json", "ddp")
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(r["draws"] > 0 for r in steps)
+    assert all(r["draws_equal_rank0"] and r["params_equal_rank0"] for r in steps)
 
 
 @pytest.mark.slow

@@ -82,9 +82,17 @@ class _Stochastic:
     rank draws the same DropBits masks, and a resumed run draws what the uninterrupted one did.
     """
 
-    def _init_stochastic(self, seed: int):
-        self.seed, self._step, self._salt, self._calls = seed, 0, 0, 0
+    def _init_stochastic(self, seed: int, drop_prob: float, drop_schedule: str):
+        self.seed, self._step, self._total, self._salt, self._calls = seed, 0, 0, 0, 0
+        self.drop_prob, self.drop_schedule = float(drop_prob), drop_schedule
         self._salted = False
+
+    def current_drop_prob(self) -> float:
+        """DropBits' ``p`` at this step: ``drop_prob``, or with ``drop_schedule="linear"``
+        ``drop_prob * (1 - step / total_steps)`` (the last steps train the grid that is evaluated)."""
+        if self.drop_schedule == "linear" and self._total > 0:
+            return self.drop_prob * max(0.0, 1.0 - self._step / self._total)
+        return self.drop_prob
 
     def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         if not self._salted:
@@ -92,7 +100,7 @@ class _Stochastic:
                 _ROUND.update(step=step, next=0)
             self._salt, self._salted = _ROUND["next"], True
             _ROUND["next"] += 1
-        self._step, self._calls = int(step), 0
+        self._step, self._total, self._calls = int(step), int(total_steps), 0
 
     def _generator(self, device) -> torch.Generator:
         g = torch.Generator(device=device)
@@ -114,7 +122,12 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check_common(name, bits, drop_prob, drop_min_bits, sigma_init, seed, min_bits=2):
+DROP_SCHEDULES = ("constant", "linear")
+
+
+def _check_common(name, bits, drop_prob, drop_min_bits, sigma_init, seed, drop_schedule, min_bits=2):
+    _check(name, "drop_schedule", drop_schedule, drop_schedule in DROP_SCHEDULES,
+           ", ".join(repr(v) for v in DROP_SCHEDULES))
     _check(name, "bits", bits, _is_int(bits) and min_bits <= bits <= 8, f"an integer from {min_bits} to 8")
     _check(name, "drop_prob", drop_prob, _is_number(drop_prob) and 0 <= drop_prob < 1, "a number in [0, 1)")
     _check(name, "drop_min_bits", drop_min_bits, _is_int(drop_min_bits) and 1 <= drop_min_bits <= bits,
@@ -156,6 +169,7 @@ class SRQWeight(Quantizer, _Stochastic):
             ``P(j >= k) = p^k``: it is quantized on the grid of ``w - j`` bits (same range, step
             ``alpha * 2^(B - w + j)``). Never below ``drop_min_bits``.
         drop_min_bits: the narrowest grid DropBits may leave (1..bits).
+        drop_schedule: ``"constant"`` (``p`` throughout) or ``"linear"`` (``p`` decays to 0 at the last step).
         learn_bits: learn the layer's width in ``[min_bits, bits]`` (parameter ``soft_bits``, see README).
         min_bits: the narrowest learned width (2..bits-1).
         bit_reg: the regularizer's weight ``lambda`` (>= 0).
@@ -166,12 +180,12 @@ class SRQWeight(Quantizer, _Stochastic):
     ``bits`` is the layer's current integer width (``bits`` itself without ``learn_bits``).
     """
 
-    def __init__(self, bits: int = 2, drop_prob: float = 0.0, drop_min_bits: int = 1, learn_bits: bool = False,
-                 min_bits: int = 2, bit_reg: float = 0.0, target_bits: float | None = None,
+    def __init__(self, bits: int = 2, drop_prob: float = 0.0, drop_min_bits: int = 1, drop_schedule: str = "constant",
+                 learn_bits: bool = False, min_bits: int = 2, bit_reg: float = 0.0, target_bits: float | None = None,
                  sigma_init: float = 1 / 3, seed: int = 0):
         super().__init__()
         name = "srq"
-        _check_common(name, bits, drop_prob, drop_min_bits, sigma_init, seed)
+        _check_common(name, bits, drop_prob, drop_min_bits, sigma_init, seed, drop_schedule)
         _check(name, "learn_bits", learn_bits, isinstance(learn_bits, bool), "true or false")
         if learn_bits:
             _check(name, "min_bits", min_bits, _is_int(min_bits) and 2 <= min_bits < bits,
@@ -180,12 +194,12 @@ class SRQWeight(Quantizer, _Stochastic):
             _check(name, "target_bits", target_bits,
                    target_bits is None and bit_reg == 0 or _is_number(target_bits) and min_bits <= target_bits <= bits,
                    f"a number from min_bits ({min_bits}) to bits ({bits}) (required when bit_reg > 0)")
-        self.max_bits, self.drop_prob, self.drop_min_bits = bits, float(drop_prob), drop_min_bits
+        self.max_bits, self.drop_min_bits = bits, drop_min_bits
         self.learn_bits, self.min_bits = learn_bits, min_bits
         self.bit_reg = float(bit_reg) if learn_bits else 0.0
         self.target_bits = None if target_bits is None or not learn_bits else float(target_bits)
         self.sigma_init = float(sigma_init)
-        self._init_stochastic(seed)
+        self._init_stochastic(seed, drop_prob, drop_schedule)
         self.alpha = nn.Parameter(torch.tensor([1.0]))  # (1,): the grid step at ``bits``; set by calibrate()
         self.sigma = nn.Parameter(torch.tensor([self.sigma_init]))  # (1,): logistic noise scale
         if learn_bits:
@@ -255,9 +269,10 @@ class SRQWeight(Quantizer, _Stochastic):
             soft = ((1 - f) * value(lo).detach() + f * value(lo + 1).detach()).to(w.dtype)
         else:
             width = torch.full(w.shape, self.max_bits, dtype=torch.int64, device=w.device)
-        if self.drop_prob > 0:
+        p = self.current_drop_prob()
+        if p > 0:
             generator = generator or self._generator(w.device)
-            drop = drop_counts(w.shape, self.drop_prob, self.max_bits, generator, w.device)
+            drop = drop_counts(w.shape, p, self.max_bits, generator, w.device)
             floor = torch.minimum(width, torch.full_like(width, self.drop_min_bits))
             width = torch.maximum(width - drop, floor)
         present = torch.unique(width).tolist()
@@ -294,7 +309,7 @@ class SRQWeight(Quantizer, _Stochastic):
 
     def config(self):
         return {"bits": self.max_bits, "drop_prob": self.drop_prob, "drop_min_bits": self.drop_min_bits,
-                "learn_bits": self.learn_bits, "min_bits": self.min_bits,
+                "drop_schedule": self.drop_schedule, "learn_bits": self.learn_bits, "min_bits": self.min_bits,
                 "bit_reg": self.bit_reg, "target_bits": self.target_bits, "sigma_init": self.sigma_init,
                 "seed": self.seed}
 
@@ -315,16 +330,16 @@ class SRQActivation(ActivationQuantizer, _Stochastic):
     ``[0, 2^b - 1]`` (unsigned), step ``alpha`` and noise ``sigma`` learned (``(1,)`` each).
 
     ``alpha`` starts at LSQ's ``2 mean|x| / sqrt(qmax)`` on the calibration batch, ``sigma`` at
-    ``sigma_init * alpha``. DropBits as for weights (``drop_prob``, ``drop_min_bits``). The eval
+    ``sigma_init * alpha``. DropBits as for weights (``drop_prob``, ``drop_min_bits``, ``drop_schedule``). The eval
     forward is ``clamp(round(x / alpha), qmin, qmax) * alpha``, SRQ's argmax, which export stores.
     """
 
     def __init__(self, bits: int = 2, signed: str | bool = "auto", drop_prob: float = 0.0, drop_min_bits: int = 1,
-                 sigma_init: float = 1 / 3, seed: int = 0):
-        _check_common("srq", bits, drop_prob, drop_min_bits, sigma_init, seed)
+                 drop_schedule: str = "constant", sigma_init: float = 1 / 3, seed: int = 0):
+        _check_common("srq", bits, drop_prob, drop_min_bits, sigma_init, seed, drop_schedule)
         super().__init__(bits, signed)
-        self.drop_prob, self.drop_min_bits, self.sigma_init = float(drop_prob), drop_min_bits, float(sigma_init)
-        self._init_stochastic(seed)
+        self.drop_min_bits, self.sigma_init = drop_min_bits, float(sigma_init)
+        self._init_stochastic(seed, drop_prob, drop_schedule)
         self.alpha = nn.Parameter(torch.tensor([1.0]))
         self.sigma = nn.Parameter(torch.tensor([self.sigma_init]))
 
@@ -342,9 +357,10 @@ class SRQActivation(ActivationQuantizer, _Stochastic):
         features = x[0].numel() if x.dim() > 1 else x.numel()
         g = 1.0 / math.sqrt(features * self.qmax)
         alpha, sigma = grad_scale(self.alpha, g).to(x.dtype), grad_scale(self.sigma, g).to(x.dtype)
-        if self.drop_prob == 0:
+        p = self.current_drop_prob()
+        if p == 0:
             return srq_value(x, alpha, sigma, self.qmin, self.qmax)
-        drop = drop_counts(x.shape, self.drop_prob, self.bits - self.drop_min_bits, self._generator(x.device), x.device)
+        drop = drop_counts(x.shape, p, self.bits - self.drop_min_bits, self._generator(x.device), x.device)
         y = torch.zeros_like(x)
         for j in torch.unique(drop).tolist():  # j dropped bits: the (bits - j)-bit sub-grid, same range
             lo, hi = self.levels(self._signed) if j == 0 else _sub_range(self.bits - j, self._signed)
@@ -353,7 +369,7 @@ class SRQActivation(ActivationQuantizer, _Stochastic):
 
     def config(self):
         return {**super().config(), "drop_prob": self.drop_prob, "drop_min_bits": self.drop_min_bits,
-                "sigma_init": self.sigma_init, "seed": self.seed}
+                "drop_schedule": self.drop_schedule, "sigma_init": self.sigma_init, "seed": self.seed}
 
 
 def _sub_range(width: int, signed: bool) -> tuple[int, int]:
