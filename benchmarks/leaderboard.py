@@ -82,14 +82,14 @@ ROWS = {
                     None, "k-bit 3 LSQ step / LSQ 3"),
     "W4A4 LSQ": Row("digits_w2a2", ["quant.params={bits: 4, scale: lsq}", "quant.activations={name: lsq, bits: 4}"],
                     None, "k-bit 4 LSQ step / LSQ 4"),
-    "SLB W1": Row("digits_slb", ["quant.params={bits: 1}"], "BWN", "SLB 1 bit", needs=(("quantizer", "slb"),)),
-    "SLB W2": Row("digits_slb", ["quant.params={bits: 2}"], "kbit2", "SLB 2 bits", needs=(("quantizer", "slb"),)),
-    "ESB W3": Row("digits_esb", ["quant.params={bits: 3, linear_bits: 1}"], "kbit3", "ESB 3 bits, m=1",
-                  needs=(("quantizer", "esb"),)),
-    "ESB W4": Row("digits_esb", ["quant.params={bits: 4, linear_bits: 1}"], "kbit4", "ESB 4 bits, m=1",
-                  needs=(("quantizer", "esb"),)),
+    "SLB W1": Row("digits_slb", [], "BWN", "SLB 1 bit (AdamW, its recipe's schedule)", needs=(("quantizer", "slb"),)),
+    "SLB W2": Row("digits_slb", ["quant.params.bits=2"], "kbit2", "SLB 2 bits", needs=(("quantizer", "slb"),)),
+    "ESB W3": Row("digits_esb", ["quant.params.bits=3"], "kbit3", "ESB 3 bits, m=1", needs=(("quantizer", "esb"),)),
+    "ESB W4": Row("digits_esb", [], "kbit4", "ESB 4 bits, m=1", needs=(("quantizer", "esb"),)),
     "SQ-ESB W4": Row("digits_sq_twn", [SQ_STEPS, "quant.name=esb", "quant.params={bits: 4, linear_bits: 1}"], "ESB W4",
                      "SQ over ESB 4 bits", needs=(("quantizer", "esb"),)),
+    "ESB W4A4": Row("digits_esb", ["quant.activations={name: esb, bits: 4, linear_bits: 1}"], "W4A4 LSQ",
+                    "ESB 4 / ESB 4", needs=(("quantizer", "esb"), ("activation", "esb"))),
     "SRQ W2A2": Row("digits_srq_w2a2", [], "W2A2 LSQ", "SRQ 2 / SRQ 2", needs=(("quantizer", "srq"),)),
     "SRQ W3A3": Row("digits_srq_w2a2", [], "W3A3 LSQ", "SRQ 3 / SRQ 3", needs=(("quantizer", "srq"),)),
     "SRQ+DropBits W2A2": Row("digits_srq_w2a2", [], "W2A2 LSQ", "SRQ 2 + DropBits / SRQ 2",
@@ -211,15 +211,19 @@ def collect(rows: list[str], jobs: list[dict], results: list[dict], compressed: 
         else:
             top1 = [summaries[s]["final_accuracy"] for s in range(seeds)]
             fp = not load(row.recipe, [])["quant"]["enabled"]
-            size = (Path(run0) / "final" / "model.safetensors").stat().st_size if fp else export_bytes(run0)
+            try:
+                size = (Path(run0) / "final" / "model.safetensors").stat().st_size if fp else export_bytes(run0)
+            except ValueError as exc:  # ExportError: a method the packed format cannot hold (the row keeps its top-1)
+                size, entry["export_error"] = None, str(exc).splitlines()[0][:200]
             bits = summaries[0].get("bits") or "W32A32"
             if summaries[0].get("avg_weight_bits") is not None and len(set(summaries[0]["layer_bits"].values())) > 1:
                 bits += f" (avg {summaries[0]['avg_weight_bits']:.2f} bits)"
-        out[label] = {**entry, "status": "ok", "bits": bits, "top1": stats(top1), "top1_mean": round(sum(top1) / len(top1), 3),
-                      "size_bytes": int(size), "cached_runs": sum(bool(r.get("cached")) for _, r in mine)}
+        out[label] = {**entry, "status": "ok" if size else "ok, no export", "bits": bits, "top1": stats(top1),
+                      "top1_mean": round(sum(top1) / len(top1), 3), "size_bytes": int(size) if size else None,
+                      "cached_runs": sum(bool(r.get("cached")) for _, r in mine)}
     for label, entry in out.items():
         base = entry["base"]
-        if entry["status"] == "ok" and base in out and out[base]["status"] == "ok":
+        if "top1" in entry and base in out and "top1" in out[base]:
             entry["vs_base"] = paired(entry["top1"]["runs"], out[base]["top1"]["runs"])
     return out
 
@@ -230,18 +234,19 @@ def table(out: dict, meta: dict) -> str:
              "smaller than FP | step time / FP | status |",
              "|---|---|---|---:|---|---|---:|---:|---:|---|"]
     for label, e in out.items():
-        if e["status"] != "ok":
+        if "top1" not in e:
             lines.append(f"| {label} | | {e['protocol']} | | | | | | | {e['status']} |")
             continue
         t = e["top1"]
         ci = f"[{t['ci95'][0]:.2f}, {t['ci95'][1]:.2f}]" if t["ci95"] else ""
         d = e.get("vs_base")
         diff = f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] vs {e['base']}" if d and d["ci95"] else ""
-        smaller = f"{fp['size_bytes'] / e['size_bytes']:.2f}x" if fp.get("status") == "ok" else ""
+        smaller = f"{fp['size_bytes'] / e['size_bytes']:.2f}x" if fp.get("status") == "ok" and e["size_bytes"] else ""
+        size = f"{e['size_bytes']:,}" if e["size_bytes"] else "n/a"
         ratio = f"{e['step_ratio']:.2f}" if e.get("step_ratio") else "n/a"
         protocol = "paper (4x steps)" if e["protocol"] == "paper" else "matched"
         lines.append(f"| {label} | {e['bits']} | {protocol} | {t['mean']:.2f} ± {t['std']:.2f} | {ci} | {diff} | "
-                     f"{e['size_bytes']:,} | {smaller} | {ratio} | ok |")
+                     f"{size} | {smaller} | {ratio} | {e['status']}" + (f": {e['export_error']}" if e.get("export_error") else "") + " |")
     return "\n".join(lines)
 
 
@@ -261,7 +266,7 @@ def plot(out: dict, path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [(e["size_bytes"], e["top1"]["mean"], label, e) for label, e in out.items() if e["status"] == "ok"]
+    ok = [(e["size_bytes"], e["top1"]["mean"], label, e) for label, e in out.items() if e.get("size_bytes")]
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     for size, mean, label, e in ok:
         marker = "s" if e["protocol"] == "paper" else ("D" if "A" in e["bits"] and not e["bits"].endswith("A32") else "o")
@@ -333,7 +338,7 @@ def main() -> None:
 
     out = collect(runnable, jobs, results, compressed, args.seeds)
     timing_runs = {label: next(j for j in jobs if j["label"] == label) for label in runnable
-                   if out[label]["status"] == "ok" and not ROWS[label].compress}
+                   if "top1" in out[label] and not ROWS[label].compress}
     if "FP" in timing_runs:  # time per step, after all training, one row after another
         seconds = {label: step_seconds(load(j["recipe"], j["overrides"]), args.timed_steps)
                    for label, j in timing_runs.items()}
