@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     ax.bar(range(len(names)), [bits[n] for n in names], color="tab:blue", label="bits (exported)")
     if soft:
         ax.plot([i for i, n in enumerate(names) if n in soft], [soft[n] for n in names if n in soft], "o",
-                color="tab:orange", label="soft_bits (relaxed, last step)")
+                color="tab:orange", label="soft_bits (relaxed, last logged step, before the clamp to [min_bits, bits])")
     ax.axhline(summary["avg_weight_bits"], color="black", linestyle="--",
                label=f"average, weighted by weights: {summary['avg_weight_bits']:.2f}")
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
