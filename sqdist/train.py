@@ -246,12 +246,15 @@ def set_rng_state(state: dict) -> None:
 #       the step, so a resumed run continues it exactly.
 #   regularization() -> Tensor | None  added to the loss of every micro-batch.
 #   recalibrate_bn_after_epoch(epoch) -> bool  after epoch ``epoch`` (0-based) ends: when
-#       any layer's quantizer says so, BN statistics are re-estimated (train.bn_recalibrate
-#       batches, at least 1) for the network as evaluated.
+#       any layer's quantizer says so, BN statistics are re-estimated for the network as
+#       evaluated, on train.bn_recalibrate batches (HOOK_BN_BATCHES when that is 0).
 #   metrics() -> dict[str, float]  logged as ``quant/<module>/<key>`` with each log line.
 # ``bits`` (an int, possibly changing during training) is read at the end of the run:
 # summary.json gets ``layer_bits`` {layer: bits} and ``avg_weight_bits`` (weighted by the
 # number of weights) for every quantized run.
+HOOK_BN_BATCHES = 50  # batches for a hook's BN re-estimation when train.bn_recalibrate is 0 (not 1: too noisy)
+
+
 def quantizer_modules(net: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every weight and activation quantizer in ``net``, in module order."""
     return [(n, m) for n, m in net.named_modules() if isinstance(m, (Quantizer, ActivationQuantizer))]
@@ -533,7 +536,7 @@ def train(recipe: dict, on_step=None) -> dict:
                 new_stage = (sq.advance("epoch") if sq is not None else False) or new_stage
                 if any(call_hooks(run, "recalibrate_bn_after_epoch", run.epoch - 1)):
                     recalibrate_bn(run.net, run.train_set, run.sampler.batches(0), device,
-                                   max(1, tcfg["bn_recalibrate"]), workers, seed=tcfg["seed"])
+                                   tcfg["bn_recalibrate"] or HOOK_BN_BATCHES, workers, seed=tcfg["seed"])
                     run.model.train()
             if new_stage:
                 stage_eval(run, "stage-end")

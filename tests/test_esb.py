@@ -151,3 +151,12 @@ def test_export_then_load_gives_the_quantized_logits(tmp_path, bits, m):
     for name, layer in sq.layers.items():
         w = layer.weight.reshape(layer.weight.shape[0], -1)
         assert torch.equal(modules[name].weight.reshape(w.shape), layer.quantizer.quantize(w)[0])
+
+
+def test_esb_activations_at_8_bits_and_unsigned_code_limit():
+    import sqdist
+
+    q = sqdist.create_activation_quantizer("esb", bits=8, linear_bits=7)  # the widest: its unsigned codes fit uint8
+    assert q.bits == 8
+    with pytest.raises(ValueError, match=r"esb activations linear_bits=1: with bits=8 .*allowed with bits=8"):
+        sqdist.create_activation_quantizer("esb", bits=8, linear_bits=1)

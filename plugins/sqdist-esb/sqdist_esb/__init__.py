@@ -185,7 +185,12 @@ class ESBActivation(ActivationQuantizer):
     def __init__(self, bits: int = 4, linear_bits: int = 1, signed: str | bool = "auto"):
         super().__init__(bits, signed)
         check_bits("esb activations", bits, linear_bits)
-        check_bits("esb activations", bits + 1, linear_bits, max_code=255)  # unsigned: twice the positive levels
+        top = esb_code_levels(bits + 1, linear_bits)[-1]  # unsigned: the 2^bits - 1 smallest positive levels
+        if top > 255:
+            ok = [m for m in range(bits) if esb_code_levels(bits + 1, m)[-1] <= 255]
+            raise ValueError(f"esb activations linear_bits={linear_bits!r}: with bits={bits} the largest unsigned "
+                             f"level is {top} / 2^{linear_bits}, beyond a uint8 code; allowed with bits={bits}: "
+                             f"linear_bits in {ok}")
         self.linear_bits = linear_bits
         self.step = nn.Parameter(torch.tensor([1.0]))
         self.register_buffer("unsigned_levels", torch.tensor(esb_levels(bits + 1, linear_bits)), persistent=False)
