@@ -282,6 +282,11 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
     with ``config.activations`` its activation quantizer as ``input_quantizer``
     (``<layer>.input_quantizer.<name>``; calibrate it before training, see
     :func:`sqdist.calibrate_activations`).
+
+    Once every layer is quantized (and its weight quantizer calibrated), a weight or
+    activation quantizer that defines ``on_model_quantized(name, layers)`` gets it called
+    with its layer's name and this model's SQ layers (``{name: layer}``, module order): see
+    :class:`sqdist.Quantizer`.
     """
     candidates = [n for n, m in model.named_modules() if isinstance(m, tuple(SQ_CLASSES))]
     kept_fp = _stem_and_classifier(model, candidates) if config.keep_stem_and_classifier else set()
@@ -320,4 +325,8 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
         warnings.warn("sqdist: left full precision (layer type not supported): " + ", ".join(skipped))
     if not layers:
         raise ValueError(f"quantize_model: no layer matched include={list(config.include)} exclude={list(config.exclude)}")
+    for name, layer in layers.items():  # the optional hook: a quantizer that needs its model's other layers or its name
+        for q in (layer.quantizer, layer.input_quantizer):
+            if q is not None and hasattr(q, "on_model_quantized"):
+                q.on_model_quantized(name, layers)
     return SQController(layers, config)

@@ -171,6 +171,17 @@ class Quantizer(nn.Module):
     (:mod:`sqdist.activations`), a separate module; :meth:`quantize_input` is for a method
     whose input rule belongs to its weight rule.
 
+    **Model hook (optional).** A quantizer whose method spans its model's layers (a regularizer
+    on the model's average width) or needs a per-layer value that is the same in every
+    process (a seed) may define ``on_model_quantized(name, layers)``: ``quantize_model`` calls
+    it once, after all layers are quantized and calibrated, on every weight and activation
+    quantizer that has it, with the layer's name and the model's SQ layers ``{name: layer}``
+    in module order (``SQController.layers``). No registry outside the model is needed, so
+    two models in one process never see each other. A quantizer that keeps references to
+    other quantizers must not register them as submodules (they would appear twice in
+    ``state_dict``): a plain tuple attribute is not tracked by ``nn.Module``, and
+    ``copy.deepcopy`` of the whole model maps it onto the copies.
+
     Attributes:
         bits: bits per weight in the packed export format.
     """

@@ -290,3 +290,37 @@ def test_quantizer_with_learnable_state_is_calibrated_and_trained():
     model(torch.randn(5, 4)).sum().backward()
     assert layer.quantizer.log_scale.grad is not None and layer.quantizer.log_scale.grad != 0
     assert "2.quantizer.log_scale" in dict(model.named_parameters())
+
+
+def test_on_model_quantized_hook_sees_this_model_only():
+    """A quantizer defining on_model_quantized(name, layers) gets its layer's name and its own model's
+    SQ layers, once, after all layers are quantized and calibrated; a second model has its own."""
+    import sqdist
+
+    @sqdist.register_quantizer("test_model_hook")
+    class Hooked(sqdist.Quantizer):
+        bits = 1
+
+        def calibrate(self, weight):
+            self.calibrated = True
+
+        def quantize_codes(self, w):
+            return torch.sign(w), w.abs().mean(dim=1)
+
+        def on_model_quantized(self, name, layers):
+            assert all(layer.quantizer.calibrated for layer in layers.values())
+            self.seen = (name, tuple(layers))
+            self.group = tuple(layer.quantizer for layer in layers.values())  # a tuple: not a submodule
+
+    def build():
+        model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+        return model, quantize_model(model, QuantConfig("test_model_hook", keep_stem_and_classifier=False))
+
+    model, sq = build()
+    other, _ = build()
+    assert [layer.quantizer.seen for layer in sq.layers.values()] == [(n, ("0", "1", "2", "3")) for n in "0123"]
+    assert model[1].quantizer.group == tuple(model[i].quantizer for i in range(4))  # not the other model's
+    assert not set(model[1].quantizer.group) & {other[i].quantizer for i in range(4)}
+    assert list(model[1].quantizer.state_dict()) == [] and len(list(model.modules())) == 9
+    copied = copy.deepcopy(model)
+    assert copied[1].quantizer.group == tuple(copied[i].quantizer for i in range(4))
