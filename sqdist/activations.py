@@ -177,9 +177,11 @@ class PACT(ActivationQuantizer):
     rounding is straight through, so ``dy_q/dx = 1`` on ``[0, alpha)`` and 0 elsewhere,
     ``dy_q/dalpha = 1`` where ``x >= alpha`` and 0 elsewhere. ``alpha`` starts at ``alpha``
     (10, the paper's initial value) and takes the optimizer's weight decay (the paper's L2
-    regularization of alpha, with the weights' decay). Nothing clips an input below 10, so
-    from there only the weight decay moves alpha; on a short schedule ``alpha="calibrate"``
-    starts it where LSQ starts its range: ``Q_P * 2 mean|x| / sqrt(Q_P)`` on the calibration
+    regularization of alpha, with the weights' decay). Few inputs reach 10, so alpha moves
+    by those few (their summed gradients can be large) and by the weight decay; an SGD step
+    can carry it across 0, so the clipping value used is ``|alpha|`` (a negative alpha would
+    clip every input to a negative constant: the layer goes dead). On a short schedule
+    ``alpha="calibrate"`` starts it where LSQ starts its range: ``Q_P * 2 mean|x| / sqrt(Q_P)`` on the calibration
     batch (``Q_P`` the top code). The paper defines PACT after a
     ReLU; for a signed input sqdist clips symmetrically, ``clip(x, -alpha, alpha)`` with codes
     ``-(2^(b-1) - 1) .. 2^(b-1) - 1`` and ``dy_q/dalpha = -1`` where ``x <= -alpha``.
@@ -200,17 +202,19 @@ class PACT(ActivationQuantizer):
         return (-(2 ** (self.bits - 1) - 1), 2 ** (self.bits - 1) - 1) if signed else (0, 2 ** self.bits - 1)
 
     def scale(self):
-        return self.alpha / self.qmax
+        return self.alpha.abs() / self.qmax
 
     def init_from(self, x):
         if self.alpha_init == "calibrate":
             self.alpha.fill_(2 * x.abs().float().mean() * math.sqrt(self.qmax))
 
     def fake_quantize(self, x):
-        alpha = self.alpha.to(x.dtype)
+        # the clipping value is |alpha|: an SGD step that crosses 0 would otherwise clip every
+        # input to a negative constant (seen with alpha=10 at lr 0.05: the layer went dead)
+        alpha = self.alpha.abs().to(x.dtype)
         low = -alpha if self._signed else torch.zeros_like(alpha)
         y = torch.where(x >= alpha, alpha, torch.where(x <= low, low, x))  # d/dalpha: 1 above, -1 below (signed)
-        step = (self.alpha / self.qmax).detach()
+        step = (alpha / self.qmax).detach()
         return y + (torch.round(y.detach() / step) * step - y.detach())  # rounding straight through
 
     def config(self):

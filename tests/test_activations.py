@@ -369,3 +369,22 @@ def test_runs_from_before_the_kbit_scale_choice_export_with_the_max_scale(tmp_pa
         "quant": {"enabled": True, "name": "kbit", "params": {"bits": 4}, "layers": ["layer1.0.conv1"]}}))
     meta = _read_meta(tmp_path)
     assert meta["params"] == {"bits": 4, "scale": "max"} and meta["activations"] == {}
+
+
+def test_pact_clips_at_the_absolute_value_of_alpha():
+    """An optimizer step can carry alpha below 0; the layer must not go dead (every input clipped to -|alpha|)."""
+    from sqdist import create_activation_quantizer
+
+    x = torch.linspace(0, 3, 31)[None, :]
+    outs = []
+    for alpha in (2.0, -2.0):
+        q = create_activation_quantizer("pact", bits=2)
+        q.init_from(x)
+        q._signed = False
+        q._calibrated = True
+        with torch.no_grad():
+            q.alpha.fill_(alpha)
+        q.train()
+        outs.append(q.fake_quantize(x.clone().requires_grad_()))
+        assert float(q.scale()) == pytest.approx(2.0 / 3)
+    assert torch.equal(outs[0], outs[1]) and float(outs[1].min()) == 0.0 and float(outs[1].max()) == 2.0

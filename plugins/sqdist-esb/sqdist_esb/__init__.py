@@ -205,7 +205,7 @@ class ESBActivation(ActivationQuantizer):
         return (-code, code) if signed else (0, code)
 
     def scale(self):
-        return self.step
+        return self.step.abs()
 
     def init_from(self, x):
         flat = x.detach().float().reshape(1, -1)
@@ -222,14 +222,16 @@ class ESBActivation(ActivationQuantizer):
 
     def fake_quantize(self, x):
         features = x[0].numel() if x.dim() > 1 else x.numel()
-        s = grad_scale(self.step, 1.0 / math.sqrt(features * float(self._levels()[-1])))
+        # the step is |step|: an SGD step across 0 would otherwise send every input of an unsigned
+        # layer to 0 (3 of 10 digits W4A4 seeds went dead before this)
+        s = grad_scale(self.step.abs(), 1.0 / math.sqrt(features * float(self._levels()[-1])))
         return self._project(x, s) * s
 
     def forward(self, x):
         if self.observing or (self.training and torch.is_grad_enabled()) or not self._calibrated:
             return super().forward(x)
         with torch.no_grad():
-            s = self.step.float()
+            s = self.step.float().abs()
             return (self._project(x.float(), s) * s).to(x.dtype)
 
     def activation_qparams(self):
