@@ -170,10 +170,10 @@ def test_esb_activation_step_is_used_as_its_absolute_value():
     outs = []
     for step in (0.1, -0.1):
         q = sqdist.create_activation_quantizer("esb", bits=4, linear_bits=1)
-        q.init_from(x)
-        q._signed, q._calibrated = False, True
         with torch.no_grad():
+            q.init_from(x)
             q.step.fill_(step)
+        q._signed, q._calibrated = False, True
         q.train()
         outs.append(q.fake_quantize(x))
         assert float(q.scale()) == pytest.approx(0.1)
