@@ -78,6 +78,8 @@ ROWS = {
     "W2A2 LSQ": Row("digits_w2a2", [], None, "k-bit 2 LSQ step / LSQ 2"),
     "W2A2 PACT": Row("digits_w2a2", ["quant.activations={name: pact, bits: 2, alpha: calibrate}"], "W2A2 LSQ",
                      "k-bit 2 LSQ step / PACT 2 (alpha from data)"),
+    "W2A2 PACT alpha=10": Row("digits_w2a2", ["quant.activations={name: pact, bits: 2}"], "W2A2 LSQ",
+                              "k-bit 2 LSQ step / PACT 2 (alpha from the paper's 10)"),
     "W3A3 LSQ": Row("digits_w2a2", ["quant.params={bits: 3, scale: lsq}", "quant.activations={name: lsq, bits: 3}"],
                     None, "k-bit 3 LSQ step / LSQ 3"),
     "W4A4 LSQ": Row("digits_w2a2", ["quant.params={bits: 4, scale: lsq}", "quant.activations={name: lsq, bits: 4}"],
