@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -36,6 +37,9 @@ def test_registered_for_weights_and_activations():
     ({"drop_schedule": "cosine"}, r"srq drop_schedule='cosine'; allowed: 'constant', 'linear'"),
     ({"bits": 2, "learn_bits": True}, r"srq min_bits=2; allowed: .*learn_bits needs bits >= 3"),
     ({"bits": 4, "learn_bits": True, "bit_reg": 1.0}, r"srq target_bits=None; allowed: a number from min_bits"),
+    ({"bits": 4, "bit_reg": 3.0}, r"srq bit_reg=3.0 needs learn_bits=true; allowed with learn_bits=false: 0.0"),
+    ({"bits": 4, "target_bits": 3.0}, r"srq target_bits=3.0 needs learn_bits=true; allowed with learn_bits=false: None"),
+    ({"bits": 4, "learn_bits": False, "min_bits": 3}, r"srq min_bits=3 needs learn_bits=true; allowed with .*: 2 "),
 ])
 def test_bad_parameters_name_the_key(params, message):
     with pytest.raises(ValueError, match=message):
@@ -50,6 +54,40 @@ def test_pi_matches_hand_worked_values():
     torch.testing.assert_close(pi[0], torch.tensor([0.118851, 0.236466, 0.337188, 0.307495]), atol=2e-6, rtol=0)
     y = srq_value(torch.tensor([0.15], requires_grad=True), torch.tensor([0.5]), torch.tensor([0.5]), -2, 1)
     assert float(y.detach()) == 0.0  # the argmax: code 0 (probability 0.337), not the expectation -0.1667
+    # an element far from the grid: still a distribution (the noise mass that lands in the grid), not 0/0
+    far = srq_probabilities(torch.tensor([40.0]), 1 / 3, -2, 1)[0]
+    assert torch.isfinite(far).all() and abs(float(far.sum()) - 1) < 1e-6 and int(far.argmax()) == 3
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+def test_no_gradient_far_outside_the_grid(bits, signed):
+    """Beyond the grid the output is clipped and x gets (almost) no gradient, at any distance: the
+    old p / (sum p + 1e-12) gave dy/dx = -0.84 at 9 steps above a 2-bit unsigned grid."""
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    for sigma in (1 / 3, 0.1, 1.0):
+        x = torch.tensor([qmax + 9.0, qmax + 12.0, qmax + 30.0, qmax + 1e4,
+                          qmin - 9.0, qmin - 12.0, qmin - 1e4, qmax + 2.0, qmin - 2.0], requires_grad=True)
+        y = srq_value(x, torch.tensor([1.0]), torch.tensor([sigma]), qmin, qmax)
+        y.sum().backward()
+        assert y.detach().tolist() == [qmax] * 4 + [qmin] * 3 + [qmax, qmin]
+        assert torch.isfinite(x.grad).all() and x.grad[:7].abs().max() < 1e-3, (sigma, x.grad)
+        assert (x.grad[7:] > -1e-4).all()  # nearer: the true (wide-noise) gradient, not of the wrong sign (beyond rounding)
+    x = torch.tensor([12.0], requires_grad=True)  # the reviewer's case: 2-bit unsigned, alpha 1, sigma 1/3
+    srq_value(x, torch.tensor([1.0]), torch.tensor([1 / 3]), 0, 3).sum().backward()
+    assert abs(float(x.grad)) < 1e-5
+
+
+def test_low_precision_input_uses_float32_probabilities():
+    x = torch.linspace(-3, 3, 101)
+    for dtype in (torch.bfloat16, torch.float16):
+        xl = x.to(dtype).requires_grad_()
+        y = srq_value(xl, torch.tensor([0.5]), torch.tensor([0.2]), -4, 3)
+        y.sum().backward()
+        assert y.dtype == dtype and torch.isfinite(xl.grad.float()).all()
+        ref = x.to(dtype).float().requires_grad_()
+        srq_value(ref, torch.tensor([0.5]), torch.tensor([0.2]), -4, 3).sum().backward()
+        torch.testing.assert_close(xl.grad.float(), ref.grad, atol=1e-2, rtol=1e-2)
 
 
 def test_forward_is_always_a_grid_point_and_the_argmax():
@@ -92,18 +130,26 @@ def test_gradients_reach_alpha_sigma_weight_and_width():
 
 
 def test_drop_probability_zero_changes_nothing():
+    """DropBits on, its probability decayed to 0 (linear schedule at the last step): the DropBits code
+    runs (a draw is made) and gives the outputs and gradients of DropBits off, weights and inputs."""
     torch.manual_seed(0)
     w = torch.randn(8, 30)
-    outs = []
-    for q in (SRQWeight(bits=3), SRQWeight(bits=3, drop_prob=0.0, drop_min_bits=1, seed=5)):
-        q.calibrate(w)
-        wg = w.clone().requires_grad_()
-        y = q.fake_quantize(wg)
-        y.square().sum().backward()
-        outs.append((y.detach(), wg.grad, q.alpha.grad, q.sigma.grad))
-        assert q._calls == 0  # no draw at all
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    x = torch.randn(4, 30).relu()
+    for make in (lambda **kw: SRQWeight(bits=3, **kw), lambda **kw: SRQActivation(bits=3, **kw)):
+        outs = []
+        for q in (make(), make(drop_prob=0.5, drop_schedule="linear", drop_min_bits=1, seed=5)):
+            q.calibrate(w if isinstance(q, SRQWeight) else x)
+            q.set_progress(100, 100, 10)
+            assert q.current_drop_prob() == 0.0
+            t = (w if isinstance(q, SRQWeight) else x).clone().requires_grad_()
+            y = q.fake_quantize(t)
+            y.square().sum().backward()
+            outs.append((y.detach(), t.grad, q.alpha.grad, q.sigma.grad))
+            assert q._calls == (1 if q.drop_prob > 0 else 0)  # with DropBits on, its path ran
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+    from sqdist_srq import drop_counts
+    assert not drop_counts((1000,), 0.0, 3, torch.Generator(), "cpu").any()
 
 
 def test_dropbits_coarsens_the_grid_reproducibly():
@@ -129,7 +175,7 @@ def test_dropbits_coarsens_the_grid_reproducibly():
     q.set_progress(25, 100, 10)
     assert q.current_drop_prob() == 0.375
     q.set_progress(100, 100, 10)
-    assert torch.equal(q.fake_quantize(w) / q.alpha.detach(), fine) and q._calls == 0  # decayed to 0: no draw
+    assert torch.equal(q.fake_quantize(w) / q.alpha.detach(), fine)  # decayed to 0: nothing dropped
 
 
 def test_learned_widths_move_under_the_regularizer():
@@ -140,16 +186,22 @@ def test_learned_widths_move_under_the_regularizer():
         SRQWeight(bits=4, learn_bits=True, min_bits=2, bit_reg=1.0, target_bits=3.0)
     small.calibrate(torch.randn(8, 10))
     large.calibrate(torch.randn(32, 90))
+    layers = {"a": SimpleNamespace(quantizer=small), "b": SimpleNamespace(quantizer=large)}  # as quantize_model's hook
+    for name, layer in layers.items():
+        layer.quantizer.on_model_quantized(name, layers)
     assert (small.bits, large.bits) == (4, 4)
     opt = torch.optim.SGD([small.soft_bits, large.soft_bits], lr=0.1)
     for _ in range(60):
         opt.zero_grad()
-        sum(q.regularization() for q in (small, large)).backward()
+        assert large.regularization() is None  # the whole term comes from the group's first layer
+        small.regularization().backward()
         opt.step()
     avg = (80 * float(small.expected_bits()) + 2880 * float(large.expected_bits())) / 2960
     assert 2.9 < avg <= 3.05
     assert large.bits == 3 and small.bits == 4 and float(small.soft_bits) > float(large.soft_bits)
     assert small.metrics()["bits"] == 4.0 and large.metrics()["soft_bits"] < 3.5
+    assert small.metrics()["avg_bits"] == (80 * 4 + 2880 * 3) / 2960 and abs(small.metrics()["avg_soft_bits"] - avg) < 1e-6
+    assert "avg_bits" not in large.metrics()
 
 
 def test_learned_width_never_drifts_out_of_its_range():
@@ -161,13 +213,59 @@ def test_learned_width_never_drifts_out_of_its_range():
     assert b.grad.tolist() == [0.0, -1.0, 0.0, 1.0, 1.0]
 
 
-def _tiny_model(**params):
+def _tiny_model(act=None, **params):
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
-    sq = quantize_model(model, QuantConfig("srq", params, activations="srq", activation_params={"bits": 3},
+    sq = quantize_model(model, QuantConfig("srq", params, activations="srq", activation_params=act or {"bits": 3},
                                            sq=SQConfig(ratios=(1.0,))))
     calibrate_activations(model, torch.randn(8, 1, 16, 16))
     return model, sq
+
+
+def _reg_grads(sq):
+    """The model's summed regularizer and each layer's soft_bits gradient from it."""
+    quantizers = [layer.quantizer for layer in sq.layers.values()]
+    for q in quantizers:
+        q.soft_bits.grad = None
+    terms = [t for t in (q.regularization() for q in quantizers) if t is not None]
+    assert len(terms) == 1
+    sum(terms).backward()
+    return float(sum(terms)), [float(q.soft_bits.grad) for q in quantizers]
+
+
+def test_a_second_model_in_the_process_is_independent_of_the_first():
+    """Benchmark workers train many models in one process: a model's DropBits draws and its width
+    regularizer must not depend on models built (and still alive) before it."""
+    params = dict(bits=4, learn_bits=True, min_bits=2, bit_reg=1.0, target_bits=3.0, drop_prob=0.3)
+    x = torch.randn(8, 1, 16, 16)
+
+    def run(model, sq):
+        model.train()
+        for _, m in model.named_modules():
+            if hasattr(m, "set_progress"):
+                m.set_progress(5, 100, 10)
+        out = model(x).detach()  # with gradients on: the training forward, DropBits on weights and inputs
+        with torch.no_grad():
+            draws = [layer.quantizer.fake_quantize(layer.weight.reshape(layer.weight.shape[0], -1))
+                     for layer in sq.layers.values()]
+        return out, draws
+
+    act = {"bits": 3, "drop_prob": 0.3}
+    first, first_sq = _tiny_model(act, **params)
+    out1, draws1 = run(first, first_sq)
+    reg1, grads1 = _reg_grads(first_sq)
+    for layer in first_sq.layers.values():  # the first model's widths go down: its average is no one else's
+        layer.quantizer.soft_bits.data.fill_(2.0)
+    second, second_sq = _tiny_model(act, **params)
+    out2, draws2 = run(second, second_sq)
+    assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(draws1, draws2))
+    reg2, grads2 = _reg_grads(second_sq)
+    assert reg2 == reg1 == 1.0 and grads2 == grads1  # avg 4 over the second model only: 1.0 * (4 - 3)
+    sizes = [layer.weight.numel() for layer in second_sq.layers.values()]
+    assert grads2 == pytest.approx([n / sum(sizes) for n in sizes])
+    assert sum(1 for k in second.state_dict() if k.endswith("soft_bits")) == len(sizes)  # each quantizer once
+    salts = [m._salt for _, m in second.named_modules() if hasattr(m, "_salt")]
+    assert len(set(salts)) == len(salts)  # every quantizer draws its own masks
 
 
 def test_export_round_trip_at_mixed_widths(tmp_path):

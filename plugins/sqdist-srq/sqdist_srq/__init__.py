@@ -26,7 +26,7 @@ See README.md for DropBits, the learned widths and what was chosen where the pap
 from __future__ import annotations
 
 import math
-import weakref
+import zlib
 
 import torch
 from torch import Tensor, nn
@@ -34,25 +34,39 @@ from torch import Tensor, nn
 from sqdist import ActivationQuantizer, Quantizer
 from sqdist.quantizers import grad_scale
 
-EPS = 1e-12  # normalizer floor: far outside the grid every pi underflows to 0 (then E = 0, no gradient)
+TAU_FLOOR = 1e-12  # tau = sigma / s is floored: sigma = 0 gives a one-hot pi, not a division by 0
 
 
 # ---------------------------------------------------------------- the estimator
+def srq_logits(u: Tensor, tau: Tensor | float, qmin: int, qmax: int) -> Tensor:
+    """``log pi_i`` up to a constant per element, for the codes ``qmin..qmax``: shape ``(*u.shape, n)``.
+
+    With ``a = (1/2 - d)/tau``, ``b = (-1/2 - d)/tau`` (``d = |i - u|``: the logistic is symmetric),
+    ``sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(b - a))`` and ``b - a = -1/tau``
+    is the same for every code, so ``log pi_i = logsigmoid(a) + logsigmoid(-b) + const``: no
+    difference of two sigmoids, no underflow however far ``u`` is from the grid."""
+    codes = torch.arange(qmin, qmax + 1, dtype=u.dtype, device=u.device)
+    d = (codes - u.unsqueeze(-1)).abs()
+    return nn.functional.logsigmoid((0.5 - d) / tau) + nn.functional.logsigmoid((0.5 + d) / tau)
+
+
 def srq_probabilities(u: Tensor, tau: Tensor | float, qmin: int, qmax: int) -> Tensor:
     """RQ's categorical ``pi`` over the codes ``qmin..qmax`` for ``u = x / s`` (any shape) and
-    ``tau = sigma / s``: shape ``(*u.shape, qmax - qmin + 1)``, each row summing to 1 (or 0 far off the grid)."""
-    codes = torch.arange(qmin, qmax + 1, dtype=u.dtype, device=u.device)
-    d = (codes - u.unsqueeze(-1)).abs()  # the logistic is symmetric: the mass of [i-1/2, i+1/2] depends on |i - u|
-    p = torch.sigmoid((0.5 - d) / tau) - torch.sigmoid((-0.5 - d) / tau)  # both arguments <= 1/2/tau: no 1 - 1 cancellation
-    return p / (p.sum(dim=-1, keepdim=True) + EPS)
+    ``tau = sigma / s``: shape ``(*u.shape, qmax - qmin + 1)``, each row summing to 1. Far outside
+    the grid ``pi`` no longer depends on ``u`` (the noise mass that lands in the grid, a geometric
+    tail toward the nearest end): ``x`` gets no gradient there, like LSQ's clipping."""
+    return torch.softmax(srq_logits(u, tau, qmin, qmax), dim=-1)
 
 
 def srq_codes(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
     """``(c, E)`` in units of ``step``: ``c = argmax pi = clamp(round(x / step), qmin, qmax)`` (no
-    gradient) and ``E = sum_i i pi_i`` (differentiable in ``x``, ``step`` and ``sigma``)."""
-    u = x / step
+    gradient) and ``E = sum_i i pi_i`` (differentiable in ``x``, ``step`` and ``sigma``). Computed in
+    float32 at least (a bfloat16 or float16 input: ``pi``'s logits and softmax would lose too much)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    step, sigma = step.to(dtype), sigma.to(dtype)
+    u = x.to(dtype) / step
     c = torch.clamp(torch.round(u.detach()), qmin, qmax)
-    pi = srq_probabilities(u, sigma.abs() / step + EPS, qmin, qmax)
+    pi = srq_probabilities(u, sigma.abs() / step + TAU_FLOOR, qmin, qmax)
     e = (pi * torch.arange(qmin, qmax + 1, dtype=pi.dtype, device=pi.device)).sum(dim=-1)
     return c, e
 
@@ -60,32 +74,40 @@ def srq_codes(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int) -> t
 def srq_value(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int) -> Tensor:
     """SRQ's straight-through output: value ``step * c`` (a grid point), gradient through ``pi``."""
     c, e = srq_codes(x, step, sigma, qmin, qmax)
-    return step * (c + (e - e.detach()))
+    return (step.to(e.dtype) * (c + (e - e.detach()))).to(x.dtype)
 
 
 def drop_counts(shape, p: float, limit: int, generator: torch.Generator, device) -> Tensor:
-    """DropBits: how many low bits each element drops, ``P(j >= k) = p^k`` (truncated at ``limit``)."""
+    """DropBits: how many low bits each element drops, ``P(j >= k) = p^k`` (truncated at ``limit``);
+    all 0 (nothing drawn) at ``p = 0``."""
+    if p <= 0:
+        return torch.zeros(shape, dtype=torch.int64, device=device)
     u = torch.rand(shape, generator=generator, device=device).clamp_(min=1e-12)
     return torch.floor(torch.log(u) / math.log(p)).clamp_(0, limit).to(torch.int64)
 
 
+def name_salt(name: str) -> int:
+    """A quantizer's salt from its module name (CRC32: the same in every process, unlike ``hash(str)``)."""
+    return zlib.crc32(name.encode())
+
+
 # ---------------------------------------------------------------- shared: reproducible draws
-_ROUND = {"step": None, "next": 0}  # salts are handed out in module order at the first set_progress of a run
-
-
 class _Stochastic:
     """Per-step randomness of one quantizer: a generator seeded from ``(seed, step, salt, call)``.
 
-    ``salt`` is the quantizer's position among the SRQ modules in the trainer's first
-    ``set_progress`` round (module order: the same on every rank and after a resume), ``call``
-    counts forwards since the last ``set_progress`` (micro-batches of one step differ). So every
-    rank draws the same DropBits masks, and a resumed run draws what the uninterrupted one did.
+    ``salt`` is the CRC32 of the quantizer's module name in its model (``<layer>.quantizer``,
+    ``<layer>.input_quantizer``), set by ``quantize_model``'s ``on_model_quantized`` hook (0 for
+    a quantizer used on its own), ``step`` comes from the trainer's ``set_progress`` and ``call``
+    counts forwards since then (micro-batches of one step differ). So every rank draws the same
+    DropBits masks, a resumed run draws what the uninterrupted one did, and a model draws the
+    same whatever ran before it in the process. ``seed`` is the quantizer's parameter, not
+    ``train.seed`` (the quantizer does not see the recipe): runs that differ only in
+    ``train.seed`` draw the same DropBits masks (their data order and initial weights differ).
     """
 
     def _init_stochastic(self, seed: int, drop_prob: float, drop_schedule: str):
         self.seed, self._step, self._total, self._salt, self._calls = seed, 0, 0, 0, 0
         self.drop_prob, self.drop_schedule = float(drop_prob), drop_schedule
-        self._salted = False
 
     def current_drop_prob(self) -> float:
         """DropBits' ``p`` at this step: ``drop_prob``, or with ``drop_schedule="linear"``
@@ -95,11 +117,6 @@ class _Stochastic:
         return self.drop_prob
 
     def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
-        if not self._salted:
-            if _ROUND["step"] != step:
-                _ROUND.update(step=step, next=0)
-            self._salt, self._salted = _ROUND["next"], True
-            _ROUND["next"] += 1
         self._step, self._total, self._calls = int(step), int(total_steps), 0
 
     def _generator(self, device) -> torch.Generator:
@@ -155,10 +172,6 @@ class ClampInward(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- weights
-# learned-width weight quantizers alive in this process: the regularizer's parameter-weighted average is over them
-_LEARNED_WIDTHS: "weakref.WeakSet[SRQWeight]" = weakref.WeakSet()
-
-
 class SRQWeight(Quantizer, _Stochastic):
     """SRQ weights: grid ``alpha * i``, ``i`` in ``[-2^(b-1), 2^(b-1) - 1]``, one ``alpha`` and
     ``sigma`` per layer (``(1,)`` parameters, ``<layer>.quantizer.alpha`` / ``.sigma``).
@@ -175,9 +188,12 @@ class SRQWeight(Quantizer, _Stochastic):
         bit_reg: the regularizer's weight ``lambda`` (>= 0).
         target_bits: the target average width, weighted by the layers' weight counts.
         sigma_init: ``sigma`` starts at ``sigma_init * alpha`` (1/3).
-        seed: seeds DropBits' and the width's per-step draws.
+        seed: seeds DropBits' and the width's per-step draws (not ``train.seed``: see ``_Stochastic``).
 
+    ``min_bits``, ``bit_reg`` and ``target_bits`` other than their defaults need ``learn_bits``.
     ``bits`` is the layer's current integer width (``bits`` itself without ``learn_bits``).
+    The learned-width layers of one model form a group (``quantize_model``'s
+    ``on_model_quantized`` hook); the regularizer is over the group only.
     """
 
     def __init__(self, bits: int = 2, drop_prob: float = 0.0, drop_min_bits: int = 1, drop_schedule: str = "constant",
@@ -187,6 +203,11 @@ class SRQWeight(Quantizer, _Stochastic):
         name = "srq"
         _check_common(name, bits, drop_prob, drop_min_bits, sigma_init, seed, drop_schedule)
         _check(name, "learn_bits", learn_bits, isinstance(learn_bits, bool), "true or false")
+        if not learn_bits:  # these would be ignored: refuse rather than train something else than asked
+            for key, value, default in (("min_bits", min_bits, 2), ("bit_reg", bit_reg, 0.0), ("target_bits", target_bits, None)):
+                if value != default or (default is None) != (value is None):
+                    raise ValueError(f"{name} {key}={value!r} needs learn_bits=true; allowed with learn_bits=false: "
+                                     f"{default!r} (the default)")
         if learn_bits:
             _check(name, "min_bits", min_bits, _is_int(min_bits) and 2 <= min_bits < bits,
                    f"an integer from 2 to bits - 1 ({bits - 1}) (learn_bits needs bits >= 3)")
@@ -205,6 +226,8 @@ class SRQWeight(Quantizer, _Stochastic):
         if learn_bits:
             self.soft_bits = nn.Parameter(torch.tensor([float(bits)]))  # (1,): the width, relaxed
         self.numel = 0  # the layer's weight count, from calibrate (the regularizer's weighting)
+        self._group = (self,)  # the learned-width SRQ layers of this model, set by on_model_quantized (a plain
+        # tuple, not submodules: nn.Module does not track it, state_dict has each quantizer once)
 
     # ------------------------------------------------------------ the grid at a width
     def _range(self, width: int) -> tuple[int, int]:
@@ -237,8 +260,14 @@ class SRQWeight(Quantizer, _Stochastic):
         with torch.no_grad():
             self.alpha.fill_(_mse_step(w, *self._range(self.max_bits)))
             self.sigma.fill_(self.sigma_init * float(self.alpha))
+
+    def on_model_quantized(self, name: str, layers: dict) -> None:
+        """``quantize_model``'s hook: the DropBits salt from the module name, and the group of this
+        model's learned-width SRQ layers (module order; the first returns the regularizer)."""
+        self._salt = name_salt(f"{name}.quantizer")
         if self.learn_bits:
-            _LEARNED_WIDTHS.add(self)
+            self._group = tuple(layer.quantizer for layer in layers.values()
+                                if isinstance(layer.quantizer, SRQWeight) and layer.quantizer.learn_bits)
 
     # ------------------------------------------------------------ training
     def _value_at(self, w: Tensor, width: int, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -269,10 +298,9 @@ class SRQWeight(Quantizer, _Stochastic):
             soft = ((1 - f) * value(lo).detach() + f * value(lo + 1).detach()).to(w.dtype)
         else:
             width = torch.full(w.shape, self.max_bits, dtype=torch.int64, device=w.device)
-        p = self.current_drop_prob()
-        if p > 0:
+        if self.drop_prob > 0:  # DropBits on (its scheduled p may have decayed to 0: then nothing is dropped)
             generator = generator or self._generator(w.device)
-            drop = drop_counts(w.shape, p, self.max_bits, generator, w.device)
+            drop = drop_counts(w.shape, self.current_drop_prob(), self.max_bits, generator, w.device)
             floor = torch.minimum(width, torch.full_like(width, self.drop_min_bits))
             width = torch.maximum(width - drop, floor)
         present = torch.unique(width).tolist()
@@ -289,22 +317,31 @@ class SRQWeight(Quantizer, _Stochastic):
         """The width in training, ``E[width] = soft_bits`` clamped to ``[min_bits, bits]`` (1,)."""
         return self._clamped_bits() if self.learn_bits else torch.tensor([float(self.max_bits)])
 
+    def _average(self, soft: bool = True):
+        """The group's weight-count weighted mean width: of ``E[width]`` (a differentiable (1,)
+        tensor) or, ``soft=False``, of the integer widths (a float)."""
+        members = [q for q in self._group if q.numel]
+        total = sum(q.numel for q in members)
+        if soft:
+            return sum(q.numel * q.expected_bits() for q in members) / total
+        return sum(q.numel * q.bits for q in members) / total
+
     def regularization(self):
-        """This layer's share of ``bit_reg * max(0, avg - target_bits)``, ``avg`` the weight-count
-        weighted mean of ``E[width]`` over the learned-width layers (the shares sum to it)."""
-        if not (self.learn_bits and self.bit_reg > 0 and self.training and self.numel):
+        """``bit_reg * max(0, avg - target_bits)``, ``avg`` the weight-count weighted mean of
+        ``E[width]`` over this model's learned-width layers, returned whole by the group's first
+        layer (None from the others): computed once per micro-batch, no host sync, and every
+        layer's ``soft_bits`` gets ``bit_reg * n_l / N`` while ``avg > target_bits``."""
+        if not (self.learn_bits and self.bit_reg > 0 and self.training and self.numel) or self._group[0] is not self:
             return None
-        layers = [q for q in _LEARNED_WIDTHS if q.training and q.numel and q.target_bits == self.target_bits]
-        total = sum(q.numel for q in layers)
-        avg = sum(q.numel * float(q.expected_bits().detach()) for q in layers) / total
-        if avg <= self.target_bits:
-            return self.soft_bits.sum() * 0.0  # keeps the graph (and the parameter's gradient, 0) the same
-        return (self.bit_reg * self.numel / total * (self.expected_bits() - self.target_bits)).sum()
+        return self.bit_reg * torch.relu(self._average() - self.target_bits).sum()
 
     def metrics(self):
         out = {"bits": float(self.bits)}
         if self.learn_bits:
             out["soft_bits"] = float(self.soft_bits.detach())
+            if self._group[0] is self and self.numel:  # the model's averages, once (the group's first layer)
+                out["avg_bits"] = float(self._average(soft=False))
+                out["avg_soft_bits"] = float(self._average().detach())
         return out
 
     def config(self):
@@ -343,6 +380,10 @@ class SRQActivation(ActivationQuantizer, _Stochastic):
         self.alpha = nn.Parameter(torch.tensor([1.0]))
         self.sigma = nn.Parameter(torch.tensor([self.sigma_init]))
 
+    def on_model_quantized(self, name: str, layers: dict) -> None:
+        """``quantize_model``'s hook: the DropBits salt from the module name."""
+        self._salt = name_salt(f"{name}.input_quantizer")
+
     def levels(self, signed):
         return (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1) if signed else (0, 2 ** self.bits - 1)
 
@@ -357,10 +398,10 @@ class SRQActivation(ActivationQuantizer, _Stochastic):
         features = x[0].numel() if x.dim() > 1 else x.numel()
         g = 1.0 / math.sqrt(features * self.qmax)
         alpha, sigma = grad_scale(self.alpha, g).to(x.dtype), grad_scale(self.sigma, g).to(x.dtype)
-        p = self.current_drop_prob()
-        if p == 0:
+        if self.drop_prob == 0 or not self.training:  # DropBits off (its scheduled p may decay to 0: then on, dropping nothing)
             return srq_value(x, alpha, sigma, self.qmin, self.qmax)
-        drop = drop_counts(x.shape, p, self.bits - self.drop_min_bits, self._generator(x.device), x.device)
+        drop = drop_counts(x.shape, self.current_drop_prob(), self.bits - self.drop_min_bits,
+                           self._generator(x.device), x.device)
         y = torch.zeros_like(x)
         for j in torch.unique(drop).tolist():  # j dropped bits: the (bits - j)-bit sub-grid, same range
             lo, hi = self.levels(self._signed) if j == 0 else _sub_range(self.bits - j, self._signed)
