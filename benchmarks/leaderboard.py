@@ -263,29 +263,41 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
     return front
 
 
-def plot(out: dict, path: Path, meta: dict) -> None:
+def plot(out: dict, path: Path, meta: dict, floor: float = 60.0) -> None:
+    """Top-1 (mean ± std) against file size, one legend entry per row, the Pareto front drawn;
+    rows below ``floor`` are named under the plot instead of stretching the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [(e["size_bytes"], e["top1"]["mean"], label, e) for label, e in out.items() if e.get("size_bytes")]
-    fig, ax = plt.subplots(figsize=(8.5, 5.5))
-    for size, mean, label, e in ok:
-        marker = "s" if e["protocol"] == "paper" else ("D" if "A" in e["bits"] and not e["bits"].endswith("A32") else "o")
-        ax.errorbar(size, mean, yerr=e["top1"]["std"], fmt=marker, capsize=3, ms=5, alpha=0.85)
-        ax.annotate(label, (size, mean), textcoords="offset points", xytext=(4, 3), fontsize=6.5)
+    shown = [p for p in ok if p[1] >= floor]
+    below = [p for p in ok if p[1] < floor]
+    colors = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors
+    fig, ax = plt.subplots(figsize=(11, 6.2))
+    for i, (size, mean, label, e) in enumerate(shown):
+        marker = "s" if e["protocol"] == "paper" else ("D" if not e["bits"].split(" ")[0].endswith("A32") else "o")
+        ax.errorbar(size, mean, yerr=e["top1"]["std"], fmt=marker, capsize=2, ms=5, color=colors[i % len(colors)],
+                    label=f"{label} ({e['bits']}): {mean:.1f}")
     front = pareto([(s, m, label) for s, m, label, _ in ok])
     if front:
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1, ls="--",
-                label="Pareto front (smaller and more accurate)")
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1.2, ls="--",
+                label="Pareto front: " + " > ".join(p[2] for p in front))
+    matched = pareto([(s, m, label) for s, m, label, e in ok if e["protocol"] == "matched"])
+    if matched != front:
+        ax.step([p[0] for p in matched], [p[1] for p in matched], where="post", color="gray", lw=1, ls=":",
+                label="same compute only: " + " > ".join(p[2] for p in matched))
     ax.set_xscale("log")
+    ax.set_ylim(bottom=floor)
     ax.set_xlabel("exported file size (bytes, log scale)")
     ax.set_ylabel("digits test top-1 (%), mean ± std over seeds")
-    ax.set_title(f"Every method on digits: {meta['seeds']} seeds x {meta['epochs']} epochs "
-                 "(circles: weights only, diamonds: W/A, squares: SQ paper protocol)", fontsize=8.5)
+    note = "; ".join(f"{label} {mean:.1f}%" for _, mean, label, _ in below)
+    ax.set_title(f"Every method on digits, {meta['seeds']} seeds x {meta['epochs']} epochs: circles weights only, "
+                 "diamonds W/A, squares SQ's paper protocol (4x steps)"
+                 + (f"\nbelow the axis: {note}" if note else ""), fontsize=8.5)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=6.3, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
