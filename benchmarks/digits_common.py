@@ -110,6 +110,22 @@ def export_bytes(run_dir: str, keep_fp_bits: int = 32) -> int:
         return export_run(run_dir, os.path.join(folder, "out.safetensors"), keep_fp_bits=keep_fp_bits)["bytes"]
 
 
+def check_counts(parser, args, names: tuple[str, ...]) -> None:
+    """``parser.error`` (one line, exit 2) unless every ``args.<name>`` is an integer >= 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected an integer >= 1")
+
+
+def save_results(folder: str | Path, text: str, payload: dict) -> Path:
+    """``table.md`` (``text``) and ``results.json`` (``payload``) in ``folder`` (made if missing)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "table.md").write_text(text + "\n")
+    (folder / "results.json").write_text(json.dumps(payload, indent=1))
+    return folder
+
+
 # ---------------------------------------------------------------- statistics
 def t95(n: int) -> float:
     """Two-sided 95% Student t quantile for n - 1 degrees of freedom."""

@@ -35,7 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from digits_common import OUT, ROOT, export_bytes, load, paired, pool_map, safe_job, stats, train_all
+from digits_common import (OUT, ROOT, check_counts, export_bytes, load, paired, pool_map, safe_job, save_results, stats,
+                           train_all)
 
 KBIT = "quant.name=kbit"
 SQ_STEPS = "sq.unit=step"  # compute-matched SQ: the four stages split one schedule (stage length set in plan())
@@ -319,9 +320,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.timed_steps = 2, 2, 10
-    for name in ("seeds", "epochs", "workers", "timed_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected an integer >= 1")
+    check_counts(parser, args, ("seeds", "epochs", "workers", "timed_steps"))
     rows = QUICK_ROWS if args.quick and args.rows is None else (
         list(ROWS) if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()])
     unknown = [r for r in rows if r not in ROWS]
@@ -371,11 +370,8 @@ def main() -> None:
             "runs": len(jobs) + len(cjobs), "runs_cached": sum(bool(r.get("cached")) for r in results),
             "wall_seconds": round(time.time() - t0, 1), "command": " ".join(["python benchmarks/leaderboard.py", *sys.argv[1:]])}
     text = table(ordered, meta)
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows_json = [{k: v for k, v in e.items()} for e in ordered.values()]
-    (folder / "results.json").write_text(json.dumps({"rows": rows_json, "meta": meta}, indent=1))
-    (folder / "table.md").write_text(text + "\n")
+    rows_json = list(ordered.values())
+    folder = save_results(args.out, text, {"rows": rows_json, "meta": meta})
     plot(ordered, folder / "leaderboard.png", meta)
     if args.json:
         print(json.dumps({"rows": rows_json, "meta": meta}))

@@ -28,9 +28,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from digits_common import OUT, ROOT, paired, stats, train_all
+from digits_common import OUT, ROOT, paired, save_results, stats, train_all
 
 KBIT = "quant.name=kbit"
 BITS = (8, 6, 4)
@@ -148,10 +147,7 @@ def main() -> None:
             lines.append(f"| {label} | {d['mean']:+.2f} | {ci} | {p} | {d['verdict']} |")
         lines.append("")
     text = "\n".join(lines)
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps({"regimes": results, "meta": meta}, indent=1))
-    (folder / "table.md").write_text(text + "\n")
+    save_results(args.out, text, {"regimes": results, "meta": meta})
     if args.json:
         print(json.dumps({"regimes": results, "meta": meta}))
         return

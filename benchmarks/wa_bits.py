@@ -20,9 +20,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from digits_common import ROOT, pool_map, stats, train_job
+from digits_common import ROOT, check_counts, pool_map, save_results, stats, train_job
 KBIT = "quant.name=kbit"
 # label -> (recipe, overrides, what the weights and the activations are)
 ROWS = {
@@ -92,9 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs = 2, 1
-    for name in ("seeds", "epochs", "workers"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name}={getattr(args, name)}: expected an integer >= 1")
+    check_counts(parser, args, ("seeds", "epochs", "workers"))
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
@@ -127,10 +124,7 @@ def main() -> None:
     results = {label: {"bits": bits_label(recipes[label]), "weights": ROWS[label][2], "activations": ROWS[label][3],
                        **stats([acc[label][s] for s in range(args.seeds)])} for label in rows}
     text = table(results, meta)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({"rows": results, "meta": meta}, indent=1))
+    save_results(args.out, text, {"rows": results, "meta": meta})
     if args.json:
         print(json.dumps({"rows": results, "meta": meta}))
         return
