@@ -32,22 +32,22 @@ def _kernel_build_options() -> dict:
         print("sqdist: SQDIST_BUILD_EXT is set but torch is not importable here (install with "
               "--no-build-isolation); the kernels will be JIT-built on first use", file=sys.stderr)
         return {}
-    # sqdist/kernels/_build.py holds the flags and the source hash; load it without importing sqdist
-    spec = importlib.util.spec_from_file_location("_sqdist_kernel_build", ROOT / "sqdist" / "kernels" / "_build.py")
+    # sqdist/quant/kernels/_build.py holds the flags and the source hash; load it without importing sqdist
+    spec = importlib.util.spec_from_file_location("_sqdist_kernel_build", ROOT / "sqdist" / "quant" / "kernels" / "_build.py")
     kb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kb)
     csrc = ROOT / "csrc"
-    out_dir = ROOT / "sqdist" / "kernels"
+    out_dir = ROOT / "sqdist" / "quant" / "kernels"
 
     def ext(backend):
         key = kb.source_hash(backend)
         sources = [str((csrc / s).relative_to(ROOT)) for s in kb.SOURCES[backend]]
         cxx = [*kb.CFLAGS, f"-DSQDIST_SOURCE_HASH={key}"]
         if backend == "cpu":
-            e = cpp_extension.CppExtension("sqdist.kernels._sq_cpu", sources, include_dirs=[str(csrc)],
+            e = cpp_extension.CppExtension("sqdist.quant.kernels._sq_cpu", sources, include_dirs=[str(csrc)],
                                            extra_compile_args=cxx, extra_link_args=list(kb.LDFLAGS))
         else:
-            e = cpp_extension.CUDAExtension("sqdist.kernels._sq_cuda", sources, include_dirs=[str(csrc)],
+            e = cpp_extension.CUDAExtension("sqdist.quant.kernels._sq_cuda", sources, include_dirs=[str(csrc)],
                                             extra_compile_args={"cxx": cxx, "nvcc": list(kb.NVCC_FLAGS)},
                                             extra_link_args=list(kb.LDFLAGS))
         e.sqdist_stamp = (out_dir / f"_sq_{backend}.hash", key)

@@ -38,7 +38,7 @@ MIB = 1024 * 1024
 def measure(name: str, blocks: str, folder: str, seed: int = 0) -> dict:
     import timm
 
-    from sqdist.checkpoint import save_state_dict
+    from sqdist.train.checkpoint import save_state_dict
     from sqdist.compress import CompressConfig, compress_layer_, plan_layers, save_compressed, size_report
 
     model = timm.create_model(name, pretrained=False)

@@ -134,9 +134,9 @@ step env 60 "$py" benchmarks/gpu_check.py env --json "$work/env.json"
 say "$(cat "$work/env.json" 2>/dev/null | tr -d '\n' | cut -c1-400)"
 
 # ---- 1. build the ops (CPU and CUDA in parallel; the cache keeps them for the steps after)
-step build_cpu 120 "$py" -m sqdist.kernels._build cpu &
+step build_cpu 120 "$py" -m sqdist.quant.kernels._build cpu &
 if [ "$dry" = 0 ]; then
-  step build_cuda 240 "$py" -m sqdist.kernels._build cuda &
+  step build_cuda 240 "$py" -m sqdist.quant.kernels._build cuda &
 else
   skip build_cuda "cpu dry run"
 fi

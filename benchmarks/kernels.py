@@ -31,7 +31,7 @@ import time
 import torch
 
 from sqdist import QuantConfig, kernels, quantize_model
-from sqdist.quantizers import layer_errors
+from sqdist.quant.weights import layer_errors
 
 QUANTIZERS = {"bwn": ("bwn", {}), "twn": ("twn", {}), "kbit4": ("kbit", {"bits": 4, "scale": "max"})}  # max: the fused scale
 

@@ -40,5 +40,5 @@ fi
 quietly "$venv/bin/python" -m pip install -q --no-deps -e "$root" "${plugins[@]}"
 # the compiled SQ kernels (csrc/): built once per source change into ~/.cache/sqdist/kernels
 # (~20 s on 2 cores; ~3 s when cached), so no test pays for the build; never required
-"$venv/bin/python" -m sqdist.kernels._build cpu > /dev/null || echo "[install] CPU SQ kernels not built: sqdist uses the PyTorch reference"
+"$venv/bin/python" -m sqdist.quant.kernels._build cpu > /dev/null || echo "[install] CPU SQ kernels not built: sqdist uses the PyTorch reference"
 echo "[install] ready: $venv"

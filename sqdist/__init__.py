@@ -1,12 +1,11 @@
 """sqdist: low-bit networks trained with Stochastic Quantization, at cluster scale."""
-from .quantizers import BWN, TWN, KBit, Quantizer, quantization_error
-from .registry import (create_activation_quantizer, create_quantizer, list_activation_quantizers, list_quantizers,
-                       register_activation_quantizer, register_quantizer)
-from .activations import LSQ, PACT, ActivationQuantizer, calibrate_activations
+from ._version import __version__
+from .quant.weights import BWN, TWN, KBit, Quantizer, quantization_error
+from .quant.registry import (create_activation_quantizer, create_quantizer, list_activation_quantizers,
+                             list_quantizers, register_activation_quantizer, register_quantizer)
+from .quant.activations import LSQ, PACT, ActivationQuantizer, calibrate_activations
 from .sq import SQConfig, SQSelector, select, selection_probability
 from .nn import QuantConfig, SQController, quantize_model
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BWN", "TWN", "KBit", "Quantizer", "quantization_error",
@@ -18,7 +17,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # lazy, so `python -m sqdist.export` does not import sqdist.export twice
+def __getattr__(name):  # lazy: `import sqdist` does not load the export code (safetensors, the file format)
     if name in ("export_model", "load_quantized"):
         from . import export
 

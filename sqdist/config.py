@@ -265,7 +265,7 @@ def validate(recipe: dict) -> None:
 def _validate_names(recipe: dict) -> None:
     import timm
 
-    from .registry import create_quantizer, list_quantizers
+    from .quant.registry import create_quantizer, list_quantizers
 
     name = recipe["model"]["name"]
     if not timm.is_model(name):
@@ -311,7 +311,7 @@ def _validate_names(recipe: dict) -> None:
 
 
 def _validate_activations(act: dict) -> None:
-    from .registry import create_activation_quantizer, list_activation_quantizers
+    from .quant.registry import create_activation_quantizer, list_activation_quantizers
 
     if not act:
         return
@@ -329,7 +329,7 @@ def _validate_activations(act: dict) -> None:
 
 def bits_label(recipe: dict) -> str:
     """Bits of weights and activations, ``W<w>A<a>`` (32 for full precision): ``W1A32``, ``W2A2``, ``W32A32``."""
-    from .registry import create_activation_quantizer, create_quantizer
+    from .quant.registry import create_activation_quantizer, create_quantizer
 
     q = recipe["quant"]
     if not q["enabled"]:

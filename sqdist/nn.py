@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dist as sqdist_dist
-from .activations import ActivationQuantizer
-from .quantizers import Quantizer, layer_errors, quantization_error
-from .registry import create_activation_quantizer, create_quantizer
+from .quant.activations import ActivationQuantizer
+from .quant.weights import Quantizer, layer_errors, quantization_error
+from .quant.registry import create_activation_quantizer, create_quantizer
 from .sq import SQConfig, SQSelector
 
 

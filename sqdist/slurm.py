@@ -16,7 +16,7 @@ and the log path (``--dry-run`` prints the script instead). The job:
 - on CPU nodes (``--gpus-per-node 0``) starts one process per node; training
   then uses ``Accelerator(cpu=True)`` and gloo;
 - is requeueable and asks for SIGUSR1 before its time limit (see
-  :mod:`sqdist.preempt`); the requeued run resumes from the last checkpoint
+  :mod:`sqdist.train.preempt`); the requeued run resumes from the last checkpoint
   and appends to the same log.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ from sqdist import (LSQ, PACT, ActivationQuantizer, QuantConfig, SQConfig, calib
                     create_activation_quantizer, list_activation_quantizers, quantize_model,
                     register_activation_quantizer)
 from sqdist.config import RecipeError, bits_label, load_recipe
-from sqdist.registry import ACTIVATION_ENTRY_POINT_GROUP
+from sqdist.quant.registry import ACTIVATION_ENTRY_POINT_GROUP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,7 +213,7 @@ def test_activation_quantizers_are_registered_by_name_and_from_plugins():
     q = create_activation_quantizer("test_halfstep", bits=2)
     q.calibrate(torch.ones(1, 2))
     assert torch.equal(q.eval()(torch.tensor([0.2, 0.8, 5.0])), torch.tensor([0.0, 1.0, 1.0]))
-    with pytest.raises(ValueError, match=r"activation quantizer name 'lsq' is already registered by sqdist.activations.LSQ"):
+    with pytest.raises(ValueError, match=r"activation quantizer name 'lsq' is already registered by sqdist.quant.activations.LSQ"):
         register_activation_quantizer("lsq")(HalfStep)
     with pytest.raises(ValueError, match=r"unknown activation quantizer 'lqs'; allowed: act_pow2, .*lsq, pact"):
         create_activation_quantizer("lqs")
@@ -336,7 +336,7 @@ def test_weight_only_export_stays_version_2(tmp_path):
 
 def test_onnx_export_carries_the_activation_quantizers(tmp_path):
     pytest.importorskip("onnxruntime")
-    from sqdist.onnx_export import export_onnx
+    from sqdist.export import export_onnx
 
     model, sq = w2a2_model()
     info = export_onnx(model, tmp_path / "w2a2.onnx", input_size=(1, 8, 8))
@@ -362,7 +362,7 @@ def test_trained_w2a2_run_exports_and_reloads_with_the_same_logits(tmp_path):
 
 
 def test_runs_from_before_the_kbit_scale_choice_export_with_the_max_scale(tmp_path):
-    from sqdist.export import _read_meta
+    from sqdist.export.run import _read_meta
 
     (tmp_path / "meta.json").write_text(json.dumps({
         "model": {"name": "resnet10t", "kwargs": {}}, "sq": {"ratio": 1.0},

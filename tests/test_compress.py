@@ -245,7 +245,7 @@ def test_corrupted_file_is_refused(tmp_path, capsys):
 @pytest.fixture
 def fp_run(tmp_path):
     """A finished full-precision digits run (random weights: compression does not care)."""
-    from sqdist.checkpoint import save_state_dict
+    from sqdist.train.checkpoint import save_state_dict
     from sqdist.config import dump_recipe, load_recipe
     from sqdist.train import build_model, model_meta
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from sqdist.config import RecipeError, load_recipe
-from sqdist.engine import deepspeed_config
+from sqdist.train.engine import deepspeed_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = """
@@ -120,7 +120,7 @@ class NotATensor:
 
 
 def test_deepspeed_checkpoint_with_foreign_objects_is_refused_before_deepspeed_loads_it(tmp_path):
-    from sqdist.engine import _check_safe_to_load
+    from sqdist.train.engine import _check_safe_to_load
 
     torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19.8"}, tmp_path / "mp_rank_00_model_states.pt")
     _check_safe_to_load(str(tmp_path))  # tensors and containers: fine

@@ -113,7 +113,7 @@ def test_recalibrated_statistics_are_identical_on_every_rank(tmp_path):
 def test_checkpoint_can_be_read_without_its_weights(tmp_path):
     """Under DeepSpeed each rank restores its own shards: the position and RNG states are
     read from the checkpoint, the whole-model file is not."""
-    from sqdist.checkpoint import load_checkpoint, save_checkpoint
+    from sqdist.train.checkpoint import load_checkpoint, save_checkpoint
 
     net = small_net()
     folder = save_checkpoint(str(tmp_path), 7, model_state=net.state_dict(), optimizer_state={"state": {}, "param_groups": []},

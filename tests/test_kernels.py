@@ -1,4 +1,4 @@
-"""The fused SQ kernels (csrc/) against the PyTorch references in sqdist.quantizers.
+"""The fused SQ kernels (csrc/) against the PyTorch references in sqdist.quant.weights.
 
 fp32: codes and masks exactly, scales / Q / errors within 1e-6 relative.
 bf16 / fp16: the kernels compute in fp32, so codes and scales are held to the
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from sqdist import BWN, KBit, TWN, QuantConfig, SQConfig, kernels, quantize_model
-from sqdist.kernels import _build
-from sqdist.quantizers import bwn_reference, kbit_reference, quantization_error, twn_reference, twn_threshold
+from sqdist.quant.kernels import _build
+from sqdist.quant.weights import bwn_reference, kbit_reference, quantization_error, twn_reference, twn_threshold
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(
@@ -237,9 +237,9 @@ def test_failed_build_warns_once_and_uses_the_reference(tmp_path):
         import warnings, torch
         warnings.simplefilter("always")
         from sqdist import TWN
-        from sqdist.kernels import _build
+        from sqdist.quant.kernels import _build
         _build.prebuilt = lambda backend: None  # ignore an install-time build: exercise the JIT path
-        from sqdist.quantizers import twn_reference
+        from sqdist.quant.weights import twn_reference
         w = torch.randn(6, 10)
         q = TWN()
         for _ in range(3):
@@ -361,7 +361,7 @@ def test_layer_errors_groups_layers_and_respects_overrides():
             codes, scale = twn_reference(w, self.delta, self.threshold)
             return codes, scale / 2
 
-    from sqdist.quantizers import layer_errors
+    from sqdist.quant.weights import layer_errors
 
     qs = [BWN(), TWN(), KBit(4, scale="max"), TWN(), HalfScaleTWN(), TWN(threshold="layer")]
     ws = [weight((8 + i, 20 + 3 * i), seed=i) for i in range(len(qs))]

@@ -14,7 +14,7 @@ from torch import nn
 
 import sqdist
 from sqdist import BWN, KBit, TWN, QuantConfig, Quantizer, SQConfig, quantize_model
-from sqdist.quantizers import kbit_mse_reference, kbit_reference, quantization_error
+from sqdist.quant.weights import kbit_mse_reference, kbit_reference, quantization_error
 
 
 class ScaledSign(Quantizer):

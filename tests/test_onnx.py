@@ -14,8 +14,8 @@ from torch import nn
 
 from sqdist import QuantConfig, SQConfig, create_quantizer, quantize_model
 from sqdist.export import ExportError, main
-from sqdist.onnx_export import OPSET, exact_session_options, export_onnx
-from sqdist.quantizers import TWN
+from sqdist.export import OPSET, exact_session_options, export_onnx
+from sqdist.quant.weights import TWN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import torch
 
 import sqdist
 from sqdist import BWN, KBit, TWN, create_quantizer, quantization_error
-from sqdist.quantizers import bwn_reference, kbit_mse_reference, kbit_reference, twn_reference, twn_threshold
+from sqdist.quant.weights import bwn_reference, kbit_mse_reference, kbit_reference, twn_reference, twn_threshold
 
 W = torch.tensor([[1.0, -2.0, 3.0, -4.0],
                   [0.1, -0.2, 0.9, -1.0]])
@@ -155,7 +155,7 @@ class NoisyTWN(TWN):
 def test_a_subclass_that_overrides_its_math_runs_its_own_code(kernels, monkeypatch):
     """The fused op computes BWN/TWN/k-bit exactly; a subclass overriding forward, quantize,
     hybrid or error is no longer that math, whatever SQDIST_KERNELS says."""
-    from sqdist.quantizers import layer_errors
+    from sqdist.quant.weights import layer_errors
 
     monkeypatch.setenv("SQDIST_KERNELS", kernels)
     w = torch.randn(6, 10)

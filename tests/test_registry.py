@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sqdist import QuantConfig, Quantizer, SQConfig, create_quantizer, list_quantizers, quantize_model, register_quantizer
-from sqdist.registry import ENTRY_POINT_GROUP, quantizer_params
+from sqdist.quant.registry import ENTRY_POINT_GROUP, quantizer_params
 
 
 @register_quantizer("test_halfmax_sign")
@@ -78,7 +78,7 @@ def test_bad_value_names_parameter_value_and_allowed(name, params, message):
 
 
 def test_a_name_cannot_be_taken_twice():
-    with pytest.raises(ValueError, match=r"quantizer name 'twn' is already registered by sqdist.quantizers.TWN"):
+    with pytest.raises(ValueError, match=r"quantizer name 'twn' is already registered by sqdist.quant.weights.TWN"):
         register_quantizer("twn")(type("OtherTWN", (Quantizer,), {}))
 
 
@@ -121,6 +121,6 @@ def test_plugin_reusing_a_builtin_name_is_skipped_with_a_warning(tmp_path, monke
     assert "clash_plugin:MyTernary" in {ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
     with pytest.warns(UserWarning, match=r"quantizer plugin 'twn' \(clash_plugin:MyTernary\) skipped: the name is "
-                                         r"already registered by sqdist.quantizers.TWN"):
+                                         r"already registered by sqdist.quant.weights.TWN"):
         registry._load_entry_points()
-    assert type(create_quantizer("twn")).__module__ == "sqdist.quantizers"
+    assert type(create_quantizer("twn")).__module__ == "sqdist.quant.weights"

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from ..config import RecipeError
-from ..export import ExportError, _load_safetensors, _load_strict, _one_line, _read_meta, resolve_checkpoint
+from ..export.format import ExportError, _load_safetensors, _load_strict, _one_line
+from ..export.run import _read_meta, resolve_checkpoint
 from .file import CompressError, apply_compressed_, load_compressed, read_compressed, save_compressed
 from .layers import compressed_layers, round_codebooks_
 from .pq import BLOCKS, MAX_CODEBOOK
@@ -150,9 +151,9 @@ def run(args, on_stage=None) -> int:
     """The command, on every rank. ``on_stage(stage, model)`` is called on every rank after
     compression (``"compressed"``) and at the end (``"final"``)."""
     from ..data import EpochBatches, build_datasets
-    from ..engine import make_accelerator
-    from ..tracking import Tracker
-    from ..train import evaluate, recalibrate_bn
+    from ..train.engine import make_accelerator
+    from ..train.tracking import Tracker
+    from ..train.evaluation import evaluate, recalibrate_bn
 
     config = _validate(args)
     ckpt = resolve_checkpoint(args.source)

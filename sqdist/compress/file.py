@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from ..export import ExportError, _crc32, _json_field, _load_strict, _one_line, _save_atomic
+from ..export.format import ExportError, _crc32, _json_field, _load_strict, _one_line, _save_atomic
 from .layers import compress_layer_, compressed_layers
 from .pq import index_bits, reconstruct
 
@@ -104,7 +104,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
     Returns:
         ``{"path", "bytes", "layers", "accounting"}`` (``accounting``: :func:`size_report`).
     """
-    from .. import __version__
+    from .._version import __version__
 
     layers = compressed_layers(model)
     if not layers:

@@ -40,125 +40,27 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .export import (ExportError, _check_bits, _one_line, _sq_layers, check_keep_fp_bits, check_ratio,
-                     checked_codes, code_levels, full_precision_layers, int8_rows, load_run)
+from .._version import __version__
+from .deployable import _sq_layers, check_ratio, deployable_layers
+from .format import ExportError, _one_line, check_keep_fp_bits
+from .qdq import InputQuantizer, WeightFromCodes, _quantize_input_hook
+from .run import load_run
 
 OPSET = 17  # per-axis DequantizeLinear needs 13; LayerNormalization (ViT) is a single node from 17
 INPUT, OUTPUT = "input", "logits"
 TOLERANCE = 1e-4  # onnxruntime against torch, relative to max(1, max |logit|)
 
 
-# ---------------------------------------------------------------- graph pieces
-class _DequantizeRows(torch.autograd.Function):
-    """int8 ``codes`` (m, ...) times per-row ``scale`` (m,): the weight; ONNX ``DequantizeLinear`` (axis 0)."""
-
-    @staticmethod
-    def forward(ctx, codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-        return codes.to(scale.dtype) * scale.view(-1, *([1] * (codes.dim() - 1)))
-
-    @staticmethod
-    def symbolic(g, codes, scale, zero_point):
-        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
-
-
-class _FakeQuantize(torch.autograd.Function):
-    """Per-tensor affine quantization of an activation.
-
-    ONNX: ``QuantizeLinear`` [-> ``Clip``] -> ``DequantizeLinear``."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-        zp = zero_point.to(x.dtype)
-        q = torch.clamp(torch.round(x / scale) + zp, qmin, qmax)  # round half to even, as QuantizeLinear
-        return (q - zp) * scale
-
-    @staticmethod
-    def symbolic(g, x, scale, zero_point, qmin, qmax):
-        q = g.op("QuantizeLinear", x, scale, zero_point)
-        dtype = torch.int8 if qmin < 0 else torch.uint8
-        info = torch.iinfo(dtype)
-        if (qmin, qmax) != (info.min, info.max):  # fewer than 8 bits: QuantizeLinear saturates at 8
-            q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype)),
-                     g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype)))
-        return g.op("DequantizeLinear", q, scale, zero_point)
-
-
-class WeightFromCodes(nn.Module):
-    """Parametrization: the layer's weight is ``scale[:, None] * codes`` (its stored value is not used)."""
-
-    def __init__(self, codes: Tensor, scale: Tensor):
-        super().__init__()
-        self.register_buffer("codes", codes.to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.float32))
-        self.register_buffer("zero_point", torch.zeros(scale.shape, dtype=torch.int8))
-
-    def forward(self, _original: Tensor) -> Tensor:
-        return _DequantizeRows.apply(self.codes, self.scale, self.zero_point)
-
-
-class InputQuantizer(nn.Module):
-    """Per-tensor activation quantization of a layer's input, as declared by ``activation_qparams()``."""
-
-    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int):
-        super().__init__()
-        dtype = torch.int8 if qmin < 0 else torch.uint8
-        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
-        self.register_buffer("zero_point", torch.tensor(int(zero_point), dtype=dtype))
-        self.qmin, self.qmax = int(qmin), int(qmax)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _FakeQuantize.apply(x, self.scale, self.zero_point, self.qmin, self.qmax)
-
-
-def _quantize_input_hook(module: nn.Module, args: tuple) -> tuple:
-    return (module.input_quantizer(args[0]), *args[1:])
-
-
-def activation_qdq(quantizer: nn.Module, where: str) -> tuple[float, int, int, int] | None:
-    """How ``quantizer`` quantizes its layer's input: ``(scale, zero_point, qmin, qmax)``, or None.
-
-    The hook: a quantizer that quantizes activations defines ``activation_qparams()``
-    returning None or ``(scale, zero_point, qmin, qmax)``, per tensor, the input being
-    ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale`` with
-    ``qmin..qmax`` inside int8 (``qmin < 0``) or uint8; e.g. 4-bit signed is ``(s, 0, -8, 7)``.
-    A quantizer that overrides ``quantize_input`` without declaring it cannot be written
-    faithfully and is refused.
-    """
-    from .quantizers import Quantizer
-
-    declare = getattr(quantizer, "activation_qparams", None)
-    qparams = declare() if callable(declare) else None
-    if qparams is None:
-        if type(quantizer).quantize_input is not Quantizer.quantize_input:
-            raise ExportError(f"layer {where}: quantizer {getattr(quantizer, 'quantizer_name', '?')!r} quantizes "
-                              f"its input but has no activation_qparams(); ONNX export needs (scale, zero_point, "
-                              f"qmin, qmax) to write it as QuantizeLinear/DequantizeLinear")
-        return None
-    try:
-        scale, zero_point, qmin, qmax = qparams
-        scale = float(scale.item() if isinstance(scale, Tensor) else scale)
-        zero_point, qmin, qmax = (int(v.item() if isinstance(v, Tensor) else v) for v in (zero_point, qmin, qmax))
-    except (TypeError, ValueError, RuntimeError):
-        raise ExportError(f"layer {where}: activation_qparams() returned {qparams!r}; allowed: None or "
-                          f"(scale, zero_point, qmin, qmax), per tensor") from None
-    if not (-128 <= qmin < qmax <= 127 or 0 <= qmin < qmax <= 255) or not qmin <= zero_point <= qmax \
-            or not scale > 0:
-        raise ExportError(f"layer {where}: activation_qparams() returned scale={scale}, zero_point={zero_point}, "
-                          f"qmin={qmin}, qmax={qmax}; allowed: scale > 0, qmin <= zero_point <= qmax, "
-                          f"qmin..qmax inside int8 [-128, 127] or uint8 [0, 255]")
-    return scale, zero_point, qmin, qmax
-
-
 def deployable(model: nn.Module, keep_fp_bits: int = 32) -> nn.Module:
     """A float32 CPU copy of SQ ``model`` in eval mode, built for export; ``model`` is left as it is.
 
     Each SQ layer becomes its plain class again (``nn.Conv2d``, ``nn.Linear``, ...) with its
-    weight parametrized as :class:`WeightFromCodes` (int8 codes from the quantizer's
-    ``quantize_codes`` times the per-row scale) and, when its activation quantizer
-    (``input_quantizer``) or its weight quantizer declares one, an :class:`InputQuantizer` on its input. With ``keep_fp_bits=8`` the full-precision
-    Conv/Linear layers get 8-bit per-row codes too (:func:`sqdist.export.int8_rows`).
+    weight parametrized as :class:`~sqdist.export.qdq.WeightFromCodes` (the int8 codes times the
+    per-row scale of its :class:`~sqdist.export.deployable.DeployableLayer`) and, when that says its
+    input is quantized, an :class:`~sqdist.export.qdq.InputQuantizer` on its input. With
+    ``keep_fp_bits=8`` the full-precision Conv/Linear layers get their 8-bit per-row codes too.
     """
-    from .nn import SQ_CLASSES
+    from ..nn import SQ_CLASSES
 
     keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
     plain = {sq_cls: base for base, sq_cls in SQ_CLASSES.items()}
@@ -172,34 +74,21 @@ def deployable(model: nn.Module, keep_fp_bits: int = 32) -> nn.Module:
         for name, layer in layers.items():
             layer._sq = controllers[name]
     net = net.cpu().float().eval()
-    kept = full_precision_layers(net) if keep_fp_bits == 8 else {}  # before SQ layers turn plain
+    described = deployable_layers(net, keep_fp_bits)  # before SQ layers turn plain
+    modules = dict(net.named_modules())
     with torch.no_grad():
-        for name, layer in _sq_layers(net).items():
-            quantizer = layer.quantizer
-            qname = getattr(quantizer, "quantizer_name", "?")
-            bits = _check_bits(getattr(quantizer, "bits", None), f"quantizer {qname!r} of layer {name}")
-            source = getattr(layer, "input_quantizer", None)  # an activation quantizer (quant.activations)
-            act = activation_qdq(quantizer if source is None else source, name)
-            w = layer.weight.detach()
-            codes, scale = quantizer.quantize_codes(w.reshape(w.shape[0], -1))
-            if tuple(scale.shape) != (w.shape[0],):
-                raise ExportError(f"quantizer {qname!r} returned scale of shape {tuple(scale.shape)} for layer "
-                                  f"{name}; expected ({w.shape[0]},)")
-            where = f"layer {name}, quantizer {qname!r}"
-            codes = checked_codes(codes, bits, where, code_levels(quantizer, bits, where)).reshape(w.shape)
-            layer.__class__ = plain[type(layer)]
-            del layer.quantizer
-            for attr in ("sq_mask", "sq_name", "_sq", "_sq_mask_step", "input_quantizer"):
-                layer.__dict__.pop(attr, None)
-            layer._modules.pop("input_quantizer", None)  # the training module; InputQuantizer replaces it
-            parametrize.register_parametrization(layer, "weight", WeightFromCodes(codes, scale))
-            if act is not None:
-                layer.input_quantizer = InputQuantizer(*act)
+        for name, d in described.items():
+            layer = modules[name]
+            if d.quantizer is not None:  # an SQ layer: back to its plain class
+                layer.__class__ = plain[type(layer)]
+                del layer.quantizer
+                for attr in ("sq_mask", "sq_name", "_sq", "_sq_mask_step", "input_quantizer"):
+                    layer.__dict__.pop(attr, None)
+                layer._modules.pop("input_quantizer", None)  # the training module; InputQuantizer replaces it
+            parametrize.register_parametrization(layer, "weight", WeightFromCodes(d.codes, d.scale))
+            if d.input is not None:
+                layer.input_quantizer = InputQuantizer(*d.input)
                 layer.register_forward_pre_hook(_quantize_input_hook)
-        for layer in kept.values():
-            codes, scale = int8_rows(layer.weight)
-            codes = codes.reshape(layer.weight.shape)
-            parametrize.register_parametrization(layer, "weight", WeightFromCodes(codes, scale))
     return net
 
 
@@ -324,8 +213,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
         ``{"path", "bytes", "opset", "input", "int8_weights", "qdq_inputs", "max_abs_diff"}``
         (``max_abs_diff`` None when not checked).
     """
-    from . import __version__
-
     onnx = _require_onnx()
     keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
     sq_ratio = check_ratio(model, sq_ratio, force)

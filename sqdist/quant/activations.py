@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .quantizers import lsq_quantize
+from .weights import lsq_quantize
 from .registry import register_activation_quantizer
 
 class ActivationQuantizer(nn.Module):

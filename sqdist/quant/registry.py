@@ -4,7 +4,7 @@ Weights: ``@register_quantizer``, ``create_quantizer``, ``list_quantizers``; plu
 through the entry-point group ``sqdist.quantizers``. Activations (the input of a
 quantized layer): ``@register_activation_quantizer``, ``create_activation_quantizer``,
 ``list_activation_quantizers``; plugins through ``sqdist.activation_quantizers``.
-Built-ins register themselves on import; a plugin's entry point (``name =
+Built-ins register themselves on import (``sqdist.quant`` imports them); a plugin's entry point (``name =
 "pkg.module:Class"``) is loaded lazily the first time a name is looked up or the list
 is asked for.
 """
@@ -36,12 +36,12 @@ def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type], 
 
 
 def register_quantizer(name: str) -> Callable[[type], type]:
-    """Class decorator: make a :class:`~sqdist.quantizers.Quantizer` reachable by ``name``."""
+    """Class decorator: make a :class:`~sqdist.quant.weights.Quantizer` reachable by ``name``."""
     return _register(_QUANTIZERS, "quantizer", name)
 
 
 def register_activation_quantizer(name: str) -> Callable[[type], type]:
-    """Class decorator: make an :class:`~sqdist.activations.ActivationQuantizer` reachable by ``name``."""
+    """Class decorator: make an :class:`~sqdist.quant.activations.ActivationQuantizer` reachable by ``name``."""
     return _register(_ACTIVATION_QUANTIZERS, "activation quantizer", name)
 
 
@@ -75,8 +75,6 @@ def _load_activation_entry_points() -> None:
     global _activation_entry_points_loaded
     if not _activation_entry_points_loaded:
         _activation_entry_points_loaded = True
-        from . import activations  # noqa: F401  (the built-ins register on import)
-
         _load_group(ACTIVATION_ENTRY_POINT_GROUP, _ACTIVATION_QUANTIZERS, "activation quantizer")
 
 

@@ -168,7 +168,7 @@ class Quantizer(nn.Module):
     Without trainable parameters nothing of the quantizer is in the graph (``W`` gets a
     pure straight-through gradient), and the compiled op computes it where one does
     (:meth:`fused_spec`). A layer's *input* is quantized by an activation quantizer
-    (:mod:`sqdist.activations`), a separate module; :meth:`quantize_input` is for a method
+    (:mod:`sqdist.quant.activations`), a separate module; :meth:`quantize_input` is for a method
     whose input rule belongs to its weight rule.
 
     **Model hook (optional).** A quantizer whose method spans its model's layers (a regularizer
@@ -302,7 +302,7 @@ class Quantizer(nn.Module):
         """Optional quantization of the layer's input that belongs to this weight rule; identity here.
 
         Plain activation quantization is a separate module (``quant.activations``,
-        :mod:`sqdist.activations`), paired with any weight quantizer.
+        :mod:`sqdist.quant.activations`), paired with any weight quantizer.
         """
         return x
 

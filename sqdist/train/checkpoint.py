@@ -20,7 +20,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import dist as sqdist_dist
+from .. import dist as sqdist_dist
 
 
 def _barrier():

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from .config import RecipeError
+from ..config import RecipeError
 
 _we_chose_deepspeed = False  # ACCELERATE_USE_DEEPSPEED was set by make_accelerator, not by the launcher
 DEEPSPEED_SUBDIR = "deepspeed"  # inside a checkpoint folder: DeepSpeed's own checkpoint

@@ -24,7 +24,7 @@ class Tracker:
             os.environ.setdefault("WANDB_DIR", run_dir)
             import wandb
 
-            from .config import bits_label
+            from ..config import bits_label
 
             name = f"{os.path.basename(os.path.normpath(run_dir))}-{bits_label(recipe)}"  # e.g. digits_w2a2-W2A2
             self.wandb = wandb.init(project=recipe["track"]["project"], entity=recipe["track"]["entity"],

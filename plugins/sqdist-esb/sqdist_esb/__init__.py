@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from sqdist import ActivationQuantizer, Quantizer
-from sqdist.quantizers import grad_scale
+from sqdist.quant.weights import grad_scale
 
 # The authors' fixed alpha (autoqnn esb.py ``alpha_list``): ALPHA_TABLE[b - 2][m], None where they have none
 ALPHA_TABLE = [[1.2240],

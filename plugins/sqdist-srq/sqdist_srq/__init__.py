@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from sqdist import ActivationQuantizer, Quantizer
-from sqdist.quantizers import grad_scale
+from sqdist.quant.weights import grad_scale
 
 TAU_FLOOR = 1e-12  # tau = sigma / s is floored: sigma = 0 gives a one-hot pi, not a division by 0
 

@@ -4,7 +4,7 @@ One compiled op per device, ``torch.ops.sqdist_cpu.quantize`` (C++/OpenMP) and
 ``torch.ops.sqdist_cuda.quantize`` (sm_80/sm_90), computes for every row of a
 list of ``(m, n)`` weights, in one pass over memory after the per-row statistics:
 the codes, the scale, ``Q``, the hybrid weight ``where(mask, Q, W)`` and the
-normalized L1 error. The pure-PyTorch references in :mod:`sqdist.quantizers`
+normalized L1 error. The pure-PyTorch references in :mod:`sqdist.quant.weights`
 stay the ground truth (``tests/test_kernels.py`` holds the kernels to them).
 
 ``SQDIST_KERNELS`` (default ``auto``), read at every call:
@@ -14,7 +14,7 @@ stay the ground truth (``tests/test_kernels.py`` holds the kernels to them).
 - ``auto``: the compiled op of the tensor's device (cpu or cuda) when it is available.
 
 The compiled ops come from an install-time build or are JIT-built once into a
-cache (see :mod:`sqdist.kernels._build`). When one cannot be built or loaded,
+cache (see :mod:`sqdist.quant.kernels._build`). When one cannot be built or loaded,
 sqdist warns once and uses the reference: the kernels are never required.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-CSRC = HERE.parents[1] / "csrc"
+CSRC = HERE.parents[2] / "csrc"
 CUDA_ARCH_LIST = "8.0;9.0"
 
 SOURCES = {
@@ -148,7 +148,7 @@ def _registered(ns: str) -> bool:
         return False
 
 
-if __name__ == "__main__":  # python -m sqdist.kernels._build cpu|cuda|all
+if __name__ == "__main__":  # python -m sqdist.quant.kernels._build cpu|cuda|all
     targets = sys.argv[1:] or ["cpu"]
     for b in (["cpu", "cuda"] if targets == ["all"] else targets):
         print(build(b, verbose="-v" in os.environ.get("SQDIST_BUILD_FLAGS", "")))
