@@ -61,7 +61,8 @@ class Clock:
 def timed_train(recipe_path: str, overrides: list[str], warm_steps: int = 5) -> dict:
     import torch
 
-    from sqdist import engine, kernels
+    from sqdist.quant import kernels
+    from sqdist.train import engine
     from sqdist import nn as sq_nn
     from sqdist import train as sq_train
     from sqdist.config import load_recipe

@@ -30,7 +30,8 @@ import time
 
 import torch
 
-from sqdist import QuantConfig, kernels, quantize_model
+from sqdist import QuantConfig, quantize_model
+from sqdist.quant import kernels
 from sqdist.quant.weights import layer_errors
 
 QUANTIZERS = {"bwn": ("bwn", {}), "twn": ("twn", {}), "kbit4": ("kbit", {"bits": 4, "scale": "max"})}  # max: the fused scale

@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         except Exception as exc:  # one failing configuration must not lose the others' numbers
             results[name] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
     os.environ.pop("SQDIST_KERNELS", None)
-    from sqdist import kernels
+    from sqdist.quant import kernels
 
     info = {"model": args.model, "batch": args.batch, "image_size": args.image_size, "dtype": args.dtype,
             "steps": args.steps, "warmup": args.warmup, "device": device.type, "torch": torch.__version__,

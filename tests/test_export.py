@@ -425,7 +425,7 @@ class _OddLevels(sqdist.Quantizer):
 @pytest.fixture
 def registered():
     """Registers test quantizer classes by name for one test."""
-    from sqdist import registry
+    from sqdist.quant import registry
 
     added = []
 

@@ -21,7 +21,8 @@ import textwrap
 import pytest
 import torch
 
-from sqdist import BWN, KBit, TWN, QuantConfig, SQConfig, kernels, quantize_model
+from sqdist import BWN, KBit, TWN, QuantConfig, SQConfig, quantize_model
+from sqdist.quant import kernels
 from sqdist.quant.kernels import _build
 from sqdist.quant.weights import bwn_reference, kbit_reference, quantization_error, twn_reference, twn_threshold
 

@@ -111,7 +111,7 @@ def test_user_quantizer_works_end_to_end_in_quantize_model():
 def test_plugin_reusing_a_builtin_name_is_skipped_with_a_warning(tmp_path, monkeypatch):
     """A real installed distribution (a .dist-info folder on sys.path) whose entry point
     claims the name 'twn': the built-in keeps it, and the user is told why the plugin is not used."""
-    from sqdist import registry
+    from sqdist.quant import registry
 
     info = tmp_path / "clash_plugin-0.1.dist-info"
     info.mkdir()

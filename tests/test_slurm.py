@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqdist import preempt
+from sqdist.train import preempt
 from sqdist.slurm import SubmitError, SubmitSpec, render, time_to_seconds
 from sqdist.slurm import main as slurm_main
 
@@ -144,7 +144,7 @@ def test_handler_sets_a_flag_and_keeps_the_process_alive():
 def test_handler_works_under_a_launcher_that_ignores_sigusr1():
     """The job's launchers ignore SIGUSR1 and their children inherit that; install() must undo it."""
     child = ("import os, signal, sys\n"
-             "from sqdist import preempt\n"
+             "from sqdist.train import preempt\n"
              "assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN\n"
              "h = preempt.install()\n"
              "os.kill(os.getpid(), signal.SIGUSR1)\n"

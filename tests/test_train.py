@@ -327,7 +327,7 @@ def test_restart_per_stage_starts_each_stage_with_a_fresh_optimizer(tiny_recipe,
 def test_quantizer_hooks_schedule_loss_term_bn_and_metrics(tmp_path):
     """A quantizer's set_progress / regularization / recalibrate_bn_after_epoch / metrics / bits
     are called by the trainer (the SLB and SRQ plugins rely on them)."""
-    from sqdist import registry
+    from sqdist.quant import registry
     from sqdist.quant.weights import BWN
     from sqdist.train import train
 

@@ -32,9 +32,10 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
         force: export even when ``sq_ratio < 1`` (the packed model then differs from the
             hybrid one the last training stage used).
         sq: extra SQ state recorded in the metadata (e.g. ``{"ratio": 1.0, "stage": 3}``).
-        keep_fp_bits: how the layers left full precision (:func:`full_precision_layers`) are
-            stored: 32 (default) as they are, 8 as per-row symmetric 8-bit codes + scales
-            (:func:`int8_rows`; about 4x smaller, the logits move slightly).
+        keep_fp_bits: how the layers left full precision
+            (:func:`~sqdist.export.deployable.full_precision_layers`) are stored: 32 (default)
+            as they are, 8 as per-row symmetric 8-bit codes + scales
+            (:func:`~sqdist.export.deployable.int8_rows`; about 4x smaller, the logits move slightly).
 
     Returns:
         ``{"path", "bytes", "layers", "quantizer", "bits", "fp_layers", "keep_fp_bits"}``
