@@ -1,0 +1,19 @@
+"""Post-training quantization of a full-precision network: GPTQ and round-to-nearest.
+
+- :mod:`.gptq`: one weight matrix on the quantizer's fixed per-row grid (GPTQ's column-wise
+  rounding with error compensation, or the quantizer applied once);
+- :mod:`.walk`: the walk over a network (each layer on the inputs of the partly quantized
+  network, as ``sqdist.compress`` walks it), ending in SQ layers that ``sqdist.export`` packs.
+
+Command line: ``python -m sqdist.ptq RUN OUT.safetensors --bits 3`` (:mod:`.cli`). From Python::
+
+    from sqdist.ptq import PTQConfig, ptq_model
+    records = ptq_model(model, train_set, PTQConfig(quantizer="kbit", params={"bits": 3}, method="gptq"),
+                        device="cpu", batch_size=64)
+    sqdist.export_model(model, "out.safetensors", model_name="resnet10t", model_kwargs={...})
+"""
+from .gptq import METHODS, RowGrid, damped_inverse_factor, gptq_quantize, quantize_weight, row_grid
+from .walk import QUANTIZERS, FixedCodes, PTQConfig, ptq_layers, ptq_model
+
+__all__ = ["FixedCodes", "METHODS", "PTQConfig", "QUANTIZERS", "RowGrid", "damped_inverse_factor", "gptq_quantize",
+           "ptq_layers", "ptq_model", "quantize_weight", "row_grid"]

@@ -1,0 +1,211 @@
+"""``python -m sqdist.ptq``: quantize a finished full-precision run without retraining.
+
+    python -m sqdist.ptq RUN OUT.safetensors --bits 3                       # GPTQ, k-bit 3 (mse scale)
+    python -m sqdist.ptq RUN OUT.safetensors --bits 3 --method rtn          # round-to-nearest baseline
+    python -m sqdist.ptq RUN OUT.safetensors --quantizer twn --act-order --json
+    python -m sqdist.ptq RUN OUT.onnx --bits 8                              # ONNX, checked by onnxruntime
+    accelerate launch --multi_gpu --num_processes 2 -m sqdist.ptq RUN OUT.safetensors --bits 4
+    ... data.batch_size=128 data.root=/data/imagenet                        # recipe overrides (RUN/config.yaml)
+
+The source is a full-precision run (``quant.enabled: false``) or one of its checkpoints. Every
+Conv2d/Linear layer except the stem conv and the classifier is quantized in execution order,
+each on the inputs of the partly quantized network (``--calib-images`` training images), then
+the BatchNorm statistics are re-estimated on the run's training data and the network is
+evaluated on the run's test split. The output is the packed file ``python -m sqdist.export``
+writes for a trained run (``sqdist.load_quantized`` reads it; ``--keep-fp-bits 8`` stores the
+stem and classifier at 8 bits), read back and compared with the quantized network's logits.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import RecipeError
+from ..export import ExportError, _one_line, _read_meta, check_keep_fp_bits, export_model, load_quantized, \
+    resolve_checkpoint
+from .gptq import METHODS
+from .walk import QUANTIZERS, PTQConfig, ptq_model
+
+DEFAULTS = PTQConfig()
+BITS = {"kbit": (2, 8), "twn": (2, 2), "bwn": (1, 1)}
+
+
+class PTQError(ExportError):
+    """A PTQ input the user can fix; the message is one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the usage too)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"sqdist.ptq: error: {message} (see python -m sqdist.ptq --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m sqdist.ptq", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="full-precision run folder (uses RUN/final) or checkpoint folder")
+    p.add_argument("out", help="the packed .safetensors file (or .onnx graph) to write")
+    p.add_argument("overrides", nargs="*", help="recipe overrides section.key=value (applied to RUN/config.yaml)")
+    p.add_argument("--quantizer", default="kbit", help=f"{', '.join(QUANTIZERS)} (default kbit, mse scale)")
+    p.add_argument("--bits", type=int, default=None,
+                   help="kbit: 2 to 8 (default 4); twn: 2; bwn: 1 (the default of each)")
+    p.add_argument("--method", default=DEFAULTS.method, help=f"{' or '.join(METHODS)} (default gptq)")
+    p.add_argument("--calib-images", type=int, default=DEFAULTS.calib_images, metavar="N",
+                   help=f"training images whose layer inputs make the Hessians (default {DEFAULTS.calib_images})")
+    p.add_argument("--damp", type=float, default=DEFAULTS.damp,
+                   help=f"GPTQ dampening, a fraction of the mean Hessian diagonal (default {DEFAULTS.damp})")
+    p.add_argument("--block", type=int, default=DEFAULTS.block, help=f"GPTQ columns per lazy update "
+                                                                     f"(default {DEFAULTS.block})")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--seed", type=int, default=None, help="calibration images (default: the run's train.seed)")
+    p.add_argument("--bn-recalibrate", type=int, default=None, metavar="N",
+                   help="re-estimate BN statistics on N training batches after quantizing (default: the run's "
+                        "train.bn_recalibrate, 10 when that is 0)")
+    p.add_argument("--keep-fp-bits", default="32", metavar="{8,32}",
+                   help="store the full-precision layers (stem, classifier) as 8-bit per-row codes, or as they "
+                        "are (32, the default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (method, bits, top1, "
+                                                       "layer_output_error, ...) instead of the summary")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _validate(args) -> tuple[PTQConfig, int]:
+    import sqdist
+
+    if args.quantizer not in QUANTIZERS:
+        extra = " (registered, but without a fixed per-row grid)" if args.quantizer in sqdist.list_quantizers() else ""
+        raise PTQError(f"--quantizer={args.quantizer!r}{extra}; allowed: {', '.join(QUANTIZERS)}")
+    low, high = BITS[args.quantizer]
+    bits = (4 if args.quantizer == "kbit" else low) if args.bits is None else args.bits
+    if not low <= bits <= high:
+        allowed = f"an integer from {low} to {high}" if low < high else f"{low}"
+        raise PTQError(f"--bits={bits} with --quantizer {args.quantizer}; allowed: {allowed}")
+    if args.method not in METHODS:
+        raise PTQError(f"--method={args.method!r}; allowed: {', '.join(METHODS)}")
+    for flag, value in (("--calib-images", args.calib_images), ("--block", args.block)):
+        if value < 1:
+            raise PTQError(f"{flag}={value}; allowed: an integer >= 1")
+    if not (args.damp > 0 and math.isfinite(args.damp)):
+        raise PTQError(f"--damp={args.damp}; allowed: a number > 0 (0.01 in the paper)")
+    for flag, value in (("--seed", args.seed), ("--bn-recalibrate", args.bn_recalibrate)):
+        if value is not None and value < 0:
+            raise PTQError(f"{flag}={value}; allowed: an integer >= 0")
+    if not str(args.out).endswith((".safetensors", ".onnx")):
+        raise PTQError(f"out={args.out!r}; allowed: a path ending in .safetensors or .onnx")
+    keep_fp_bits = check_keep_fp_bits(args.keep_fp_bits, "--keep-fp-bits")
+    params = {"bits": bits} if args.quantizer == "kbit" else {}
+    return PTQConfig(quantizer=args.quantizer, params=params, method=args.method, calib_images=args.calib_images,
+                     damp=args.damp, block=args.block, act_order=args.act_order,
+                     seed=0 if args.seed is None else args.seed), keep_fp_bits
+
+
+def run(args) -> int:
+    """The command, on every rank."""
+    from ..compress.cli import _load_model, _recipe
+    from ..data import EpochBatches, build_datasets
+    from ..engine import make_accelerator
+    from ..train import evaluate, recalibrate_bn
+
+    config, keep_fp_bits = _validate(args)
+    ckpt = resolve_checkpoint(args.source)
+    meta = _read_meta(ckpt)
+    if meta["enabled"]:
+        raise PTQError(f"{meta['path']}: quant.enabled is true (a low-bit run); quantize a full-precision run "
+                       f"(quant.enabled: false), e.g. one of recipes/digits_fp.yaml")
+    model = _load_model(ckpt, meta)
+    recipe = _recipe(ckpt, meta, list(args.overrides))
+    if args.seed is None:
+        config = PTQConfig(**{**config.to_dict(), "seed": recipe["train"]["seed"]})
+    bn_batches = args.bn_recalibrate if args.bn_recalibrate is not None else (recipe["train"]["bn_recalibrate"] or 10)
+
+    accelerator = make_accelerator(recipe)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    train_set, test_set = build_datasets(recipe)
+    if config.calib_images > len(train_set):
+        raise PTQError(f"--calib-images={config.calib_images}: the training set has {len(train_set)} images; "
+                       f"allowed: 1 to {len(train_set)}")
+    batch, workers = recipe["data"]["batch_size"], recipe["data"]["workers"]
+    t0 = time.time()
+    model.to(device)
+    top1_fp = evaluate(model, test_set, recipe, device, rank, world)
+    records = ptq_model(model, train_set, config, device=device, batch_size=batch, workers=workers,
+                        progress=recipe["train"]["progress"] and not args.no_progress and not args.json)
+    if bn_batches:
+        batches = EpochBatches(len(train_set), batch, config.seed, rank, world).batches(0)
+        recalibrate_bn(model, train_set, batches, device, bn_batches, workers, seed=config.seed)
+    top1 = evaluate(model, test_set, recipe, device, rank, world)
+    model.eval()
+    errors = {r["layer"]: r["output_error"] for r in records}
+    settings = {**config.to_dict(), "source": str(ckpt), "bn_recalibrate": bn_batches}
+    summary = {"method": config.method, "quantizer": config.quantizer, "bits": model_bits(model),
+               "top1": top1, "top1_fp": top1_fp, "layer_output_error": errors,
+               "layer_output_error_sum": sum(errors.values()), "settings": settings}
+    if config.method != "rtn":
+        summary["layer_output_error_rtn"] = {r["layer"]: r["output_error_rtn"] for r in records}
+    failed = None
+    if accelerator.is_main_process:
+        out = Path(args.out)
+        sq = {"ptq": {**settings, "top1": top1}}
+        x = torch.stack([test_set[i][0] for i in range(min(len(test_set), recipe["data"]["eval_batch_size"]))])
+        if out.suffix == ".onnx":
+            from ..onnx_export import default_input_size, export_onnx
+
+            info = export_onnx(model, out, input_size=default_input_size(model, recipe), keep_fp_bits=keep_fp_bits,
+                               metadata={"ptq": sq["ptq"]})
+            diff = info["max_abs_diff"]
+        else:
+            info = export_model(model, out, model_name=meta["model_name"], model_kwargs=meta["model_kwargs"],
+                                sq_ratio=1.0, sq=sq, keep_fp_bits=keep_fp_bits)
+            with torch.no_grad():
+                expected = model(x.to(device)).cpu()
+                got = load_quantized(out, device)(x.to(device)).cpu()
+            diff = float((got - expected).abs().max())
+            if keep_fp_bits == 32 and diff != 0.0:
+                out.unlink()
+                failed = f"the written file's logits differ from the quantized network's by {diff:.3g}; removed {out}"
+        summary.update(path=str(out), bytes=info["bytes"], reload_max_abs_diff=diff,
+                       seconds=round(time.time() - t0, 2))
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            print(f"{config.method} {config.quantizer} {summary['bits']} bit(s), {len(records)} layers of "
+                  f"{meta['model_name']}: top-1 {top1_fp:.2f}% (fp32) -> {top1:.2f}%; summed layer output error "
+                  f"{summary['layer_output_error_sum']:.4f}")
+            print(f"wrote {out}: {info['bytes'] / 1e6:.3f} MB; reload: max |logit difference| {diff}")
+    accelerator.wait_for_everyone()
+    if failed:
+        print(f"sqdist.ptq: error: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def model_bits(model) -> int:
+    """The bits of the model's quantized layers (one quantizer)."""
+    from ..nn import SQLayer
+
+    return next(m.quantizer.bits for m in model.modules() if isinstance(m, SQLayer))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        return run(args)
+    except (ExportError, RecipeError) as exc:  # PTQError is an ExportError
+        if os.environ.get("RANK", "0") == "0":
+            prefix = "recipe error: " if isinstance(exc, RecipeError) else ""
+            print(f"sqdist.ptq: error: {prefix}{_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

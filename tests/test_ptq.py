@@ -1,0 +1,256 @@
+"""Post-training quantization (GPTQ, round-to-nearest): the algorithm, the walk, the file, the command.
+
+GPTQ is held to a plain reference written here (Optimal Brain Quantization's column loop with
+the explicit inverse Hessian downdated after every column: no Cholesky factor, no blocks), the
+walk to the output error it must lower against round-to-nearest on the same inputs, grouped and
+depthwise convs to a per-group computation from their own unfolded inputs, and the command to
+a real digits run read back by ``sqdist.load_quantized``.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import sqdist
+from sqdist import create_quantizer, export_model, load_quantized
+from sqdist.ptq import PTQConfig, gptq_quantize, ptq_model, quantize_weight, row_grid
+from sqdist.ptq.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS_NET = {"num_classes": 10, "in_chans": 1, "channels": [4, 8, 16, 32], "stem_width": 8}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- one layer
+def reference_rule(name, w):
+    """The per-column rounding on the grid fixed from the original ``w`` (m, n), written out."""
+    if name == "kbit":
+        _, s = create_quantizer("kbit", bits=3).quantize_codes(w)
+        return lambda c: torch.clamp(torch.round(c / s), -3, 3) * s
+    if name == "twn":
+        t = 0.7 * w.abs().mean(dim=1)
+        keep = w.abs() > t[:, None]
+        a = (w.abs() * keep).sum(dim=1) / keep.sum(dim=1)
+        return lambda c: torch.sign(c) * (c.abs() > t) * a
+    a = w.abs().mean(dim=1)
+    return lambda c: torch.where(c >= 0, a, -a)
+
+
+def reference_gptq(w, x, name, damp=0.01, order=None):
+    """GPTQ as the OBQ loop: quantize column j, spread its error with the inverse Hessian's row j,
+    then remove j from the inverse (rank-1 downdate). Returns the quantized weight."""
+    w = w.double().clone()
+    h = 2 * x.T @ x
+    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.inv(h)
+    rule = reference_rule(name, w.clone())
+    q = torch.zeros_like(w)
+    for j in (range(w.shape[1]) if order is None else order.tolist()):
+        q[:, j] = rule(w[:, j])
+        err = (w[:, j] - q[:, j]) / hinv[j, j]
+        w -= err[:, None] * hinv[j][None, :]  # column j itself becomes q[:, j]; done ones get 0 weight
+        hinv = hinv - hinv[:, j:j + 1] @ hinv[j:j + 1, :] / hinv[j, j]
+    return q
+
+
+@pytest.mark.parametrize("name", ["kbit", "twn", "bwn"])
+@pytest.mark.parametrize("block, act_order", [(128, False), (3, False), (4, True)])
+def test_gptq_on_one_linear_matches_the_plain_reference(name, block, act_order):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    x = torch.randn(40, 10, generator=g, dtype=torch.float64) @ torch.randn(10, 10, generator=g, dtype=torch.float64)
+    quantizer = create_quantizer(name, **({"bits": 3} if name == "kbit" else {}))
+    h = 2 * x.T @ x
+    grid = row_grid(quantizer, w)
+    codes = gptq_quantize(w, h, grid, damp=0.01, block=block, act_order=act_order)
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
+    expected = reference_gptq(w, x, name, order=order)
+    assert torch.allclose(codes * grid.scale[:, None], expected, atol=1e-9)
+    rtn, scale = quantizer.quantize_codes(w)
+    assert torch.allclose(scale, grid.scale) and not torch.equal(codes, rtn)  # same grid, other codes
+    # the point of it: the output error on x is lower than the quantizer applied once
+    assert ((x @ (w - expected).T) ** 2).sum() < ((x @ (w - rtn * scale[:, None]).T) ** 2).sum()
+
+
+def test_identity_hessian_gives_round_to_nearest():
+    w = torch.randn(8, 12, generator=torch.Generator().manual_seed(2))
+    for name in ("kbit", "twn", "bwn"):
+        q = create_quantizer(name)
+        codes, scale = quantize_weight(w, torch.eye(12)[None], q, "gptq")
+        rtn_codes, rtn_scale = quantize_weight(w, torch.eye(12)[None], q, "rtn")
+        assert torch.equal(codes, rtn_codes) and torch.equal(scale, rtn_scale), name
+
+
+# ---------------------------------------------------------------- grouped and depthwise convs
+class GroupedNet(nn.Module):
+    """stem -> grouped conv (2 groups) -> depthwise conv -> 1x1 -> classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.point = nn.Conv2d(8, 12, 1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.grouped(x))
+        x = F.relu(self.depthwise(x))
+        x = F.relu(self.point(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def images(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+@pytest.mark.parametrize("layer", ["grouped", "depthwise"])
+def test_grouped_conv_is_quantized_per_group_on_its_own_inputs(layer):
+    torch.manual_seed(0)
+    net = GroupedNet().eval()
+    conv = getattr(net, layer)
+    x = F.relu(net.stem(images()[:][0]))
+    if layer == "depthwise":
+        x = F.relu(net.grouped(x))
+    q = create_quantizer("kbit", bits=3)
+    groups, per_in, per_out = conv.groups, conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    grams = []
+    for g in range(groups):  # each group's unfolded inputs, from its own input channels
+        cols = F.unfold(x[:, g * per_in:(g + 1) * per_in], 3, padding=1).transpose(1, 2).reshape(-1, per_in * 9)
+        grams.append(cols.T.double() @ cols.double())
+    codes, scale = quantize_weight(conv.weight, torch.stack(grams), q, "gptq")
+    w = conv.weight.detach().reshape(conv.out_channels, -1)
+    assert torch.equal(scale, q.quantize_codes(w)[1])
+    for g in range(groups):
+        rows = slice(g * per_out, (g + 1) * per_out)
+        alone, _ = quantize_weight(w[rows], grams[g][None], q, "gptq")  # as if the group were a layer of its own
+        assert torch.equal(alone, codes[rows]), g
+    rtn, _ = quantize_weight(conv.weight, torch.stack(grams), q, "rtn")
+    assert not torch.equal(rtn, codes)  # the Hessians changed the codes
+
+
+def test_walk_lowers_every_layers_output_error_against_round_to_nearest():
+    torch.manual_seed(0)
+    data = images()
+    net = GroupedNet().eval()
+    fp = {k: v.clone() for k, v in net.state_dict().items()}
+    records = ptq_model(net, data, PTQConfig(params={"bits": 3}, calib_images=96), device="cpu", batch_size=32)
+    assert [r["layer"] for r in records] == ["grouped", "depthwise", "point"]  # stem and classifier stay fp
+    assert [r["groups"] for r in records] == [2, 8, 1]
+    for r in records:
+        assert 0 < r["output_error"] < r["output_error_rtn"], r
+    # the quantized layers compute with scale * codes (each row on its own scale's grid)
+    for name in ("grouped", "depthwise", "point"):
+        layer = getattr(net, name)
+        w = layer.quantizer(layer.weight).reshape(layer.out_channels, -1)
+        codes = w / layer.quantizer.scale[:, None]
+        assert torch.allclose(codes, codes.round(), atol=1e-5) and codes.round().abs().max() <= 3
+    assert torch.equal(net.stem.weight, fp["stem.weight"]) and torch.equal(net.fc.weight, fp["fc.weight"])
+
+
+# ---------------------------------------------------------------- the file
+@pytest.mark.parametrize("quantizer, params", [("kbit", {"bits": 4}), ("twn", {})])
+def test_packed_file_reloads_with_identical_logits(tmp_path, quantizer, params):
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", **DIGITS_NET).eval()
+    data = images(64)
+    ptq_model(net, data, PTQConfig(quantizer=quantizer, params=params, calib_images=64), device="cpu", batch_size=32)
+    net.eval()
+    info = export_model(net, tmp_path / "out.safetensors", model_name="resnet10t", model_kwargs=DIGITS_NET)
+    assert info["quantizer"] == quantizer and info["layers"] == 14
+    x = data[:16][0]
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "out.safetensors")(x), net(x))
+
+
+# ---------------------------------------------------------------- the command
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A digits FP run trained for one epoch by the training command."""
+    run = tmp_path_factory.mktemp("ptq") / "fp"
+    proc = subprocess.run([sys.executable, "-m", "sqdist.train", os.path.join(ROOT, "recipes", "digits_fp.yaml"),
+                           "train.epochs=1", f"run.dir={run}", "train.progress=false", "track.wandb=false"],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run
+
+
+def test_command_writes_files_load_quantized_reads_and_gptq_beats_rtn(digits_run, tmp_path, capsys):
+    results = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / f"{method}.safetensors"
+        assert main([str(digits_run), str(out), "--method", method, "--bits", "3", "--calib-images", "256",
+                     "--json"]) == 0
+        results[method] = json.loads(capsys.readouterr().out)
+        model = sqdist.load_quantized(out)
+        assert isinstance(model.layer1[0].conv1, nn.Conv2d)
+    rtn, gptq = results["rtn"], results["gptq"]
+    for r, method in ((rtn, "rtn"), (gptq, "gptq")):
+        assert r["method"] == method and r["bits"] == 3 and r["reload_max_abs_diff"] == 0.0
+        assert len(r["layer_output_error"]) == 14 and 0 <= r["top1"] <= 100
+    assert sum(gptq["layer_output_error"].values()) < sum(rtn["layer_output_error"].values())
+    # what the file holds: the same top-1 when evaluated from the file
+    from sqdist.config import load_recipe
+    from sqdist.data import build_datasets
+    from sqdist.train import evaluate
+
+    recipe = load_recipe(str(digits_run / "config.yaml"), [])
+    _, test_set = build_datasets(recipe)
+    assert evaluate(load_quantized(tmp_path / "gptq.safetensors"), test_set, recipe, "cpu", 0, 1) == gptq["top1"]
+
+
+def test_command_keep_fp_bits_and_onnx(digits_run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "twn.safetensors"
+    assert main([str(digits_run), str(out), "--quantizer", "twn", "--calib-images", "128", "--keep-fp-bits", "8",
+                 "--act-order"]) == 0
+    assert "gptq twn 2 bit(s)" in capsys.readouterr().out
+    _, meta = sqdist.export.read_packed(out)
+    assert meta["quantizer"]["name"] == "twn" and len(meta["fp_layers"]) == 2 and meta["sq"]["ptq"]["act_order"]
+    assert main([str(digits_run), str(tmp_path / "k.onnx"), "--bits", "8", "--calib-images", "128"]) == 0
+    assert "max |logit difference|" in capsys.readouterr().out and (tmp_path / "k.onnx").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--quantizer", "slb"], "--quantizer='slb'"),
+    (["--quantizer", "nope"], "--quantizer='nope'; allowed: kbit, twn, bwn"),
+    (["--bits", "9"], "--bits=9 with --quantizer kbit; allowed: an integer from 2 to 8"),
+    (["--quantizer", "twn", "--bits", "3"], "--bits=3 with --quantizer twn; allowed: 2"),
+    (["--method", "awq"], "--method='awq'; allowed: gptq, rtn"),
+    (["--damp", "0"], "--damp=0.0; allowed: a number > 0"),
+    (["missing run"], "no such run or checkpoint folder"),
+    (["low-bit run"], "quant.enabled is true"),
+])
+def test_bad_input_gets_one_line_and_exit_2(digits_run, tmp_path, capsys, args, expected):
+    source = digits_run
+    if args == ["missing run"]:
+        source, args = tmp_path / "nothing", []
+    elif args == ["low-bit run"]:
+        source, args = tmp_path / "lowbit", []
+        (source / "final").mkdir(parents=True)
+        (source / "final" / "model.safetensors").write_bytes((digits_run / "final" / "model.safetensors").read_bytes())
+        meta = json.loads((digits_run / "final" / "meta.json").read_text())
+        meta["quant"]["enabled"] = True
+        (source / "final" / "meta.json").write_text(json.dumps(meta))
+    assert main([str(source), str(tmp_path / "out.safetensors"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sqdist.ptq: error: ") and expected in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+
