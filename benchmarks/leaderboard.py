@@ -16,7 +16,8 @@ seed, and each quantized row gets the paired difference against the plain method
 Per row: top-1 mean, std and 95% CI over the seeds; the paired difference; the bytes of
 the file ``python -m sqdist.export`` writes for seed 0's run (packed codes, stem and
 classifier fp32; FP: the run's ``final/model.safetensors``; PQ rows: the file
-``python -m sqdist.compress`` writes); and the time of one training step against FP's,
+``python -m sqdist.compress`` writes; PTQ rows: the file ``python -m sqdist.ptq`` writes from
+the same seed's FP run, see ``benchmarks/ptq_rows.py``); and the time of one training step against FP's,
 measured after all training in this process, one thread, on the same batch.
 
 A method is one line of ``ROWS``; a row whose quantizer is not installed, or whose runs fail,
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from digits_common import (OUT, ROOT, check_counts, export_bytes, load, paired, pool_map, safe_job, save_results, stats,
                            train_all)
+from ptq_rows import PTQ_ROWS, bits_label, ptq_jobs, safe_ptq_job
 
 KBIT = "quant.name=kbit"
 SQ_STEPS = "sq.unit=step"  # compute-matched SQ: the four stages split one schedule (stage length set in plan())
@@ -53,6 +55,7 @@ class Row:
     needs: tuple = ()                # ("quantizer", name) / ("activation", name) that must be registered
     protocol: str = "matched"        # matched | paper (SQ's protocol, 4x the steps)
     compress: str | None = None      # PQ block size ("small" | "large"): compress seed s's FP run
+    ptq: bool = False                # post-training quantization of seed s's FP run (benchmarks/ptq_rows.py)
 
 
 # One line per method. Plugin rows come from plugins/sqdist-{slb,esb,srq}.
@@ -103,6 +106,7 @@ ROWS = {
     "PQ small blocks": Row("digits_fp", [], "FP", "And the Bit Goes Down, small blocks", compress="small"),
     "PQ large blocks": Row("digits_fp", [], "FP", "And the Bit Goes Down, large blocks", compress="large"),
 }
+ROWS.update({label: Row("digits_fp", [], base, what, ptq=True) for label, (*_, base, what) in PTQ_ROWS.items()})
 QUICK_ROWS = ["FP", "BWN", "TWN", "SQ-TWN", "kbit4"]
 
 
@@ -142,7 +146,7 @@ def plan(rows: list[str], seeds: int, epochs: int, per_epoch: int, runs: str, fr
                 if SQ_STEPS in row.overrides:
                     extra += [f"sq.seed={seed}", f"sq.stage_length={stage}", "sq.restart_per_stage=false"]
             overrides = common + row.overrides + extra
-            name = "FP" if row.compress else label
+            name = "FP" if row.compress or row.ptq else label
             jobs.append({"label": label, "seed": seed, "recipe": row.recipe, "overrides": overrides, "name": name,
                          "runs": runs, "fresh": fresh, "cost": 4 if row.protocol == "paper" else 1,
                          "cache": [str(OUT / "wa_bits_runs"), str(OUT / "digits_sq_runs")]})
@@ -200,7 +204,7 @@ def collect(rows: list[str], jobs: list[dict], results: list[dict], compressed: 
         mine = [(j, r) for j, r in zip(jobs, results) if j["label"] == label]
         errors = [r["error"] for _, r in mine if "error" in r]
         entry = {"method": label, "what": row.what, "protocol": row.protocol, "base": row.base, "seeds": seeds}
-        if row.compress:
+        if row.compress or row.ptq:
             cres = compressed.get(label, [])
             errors += [r["error"] for r in cres if "error" in r]
         if errors:
@@ -208,10 +212,13 @@ def collect(rows: list[str], jobs: list[dict], results: list[dict], compressed: 
             continue
         summaries = {j["seed"]: r["summary"] for j, r in mine}
         run0 = next(r["run_dir"] for j, r in mine if j["seed"] == 0)
-        if row.compress:
+        if row.compress or row.ptq:
             top1 = [r["top1"] for r in compressed[label]]
             size = compressed[label][0]["bytes"]
-            bits = "PQ"
+            bits = "PQ" if row.compress else bits_label(label)
+            if row.ptq:
+                errors = [r["layer_output_error_sum"] for r in compressed[label]]
+                entry["layer_output_error_sum"] = round(sum(errors) / len(errors), 4)
         else:
             top1 = [summaries[s]["final_accuracy"] for s in range(seeds)]
             fp = not load(row.recipe, [])["quant"]["enabled"]
@@ -349,10 +356,13 @@ def main() -> None:
                               "fresh": args.fresh, "out": str(Path(r["run_dir"]) / f"pq_{row.compress}_{tag}.safetensors")})
     for cj, cr in zip(cjobs, pool_map(_safe_compress, cjobs, args.workers)):
         compressed.setdefault(cj["label"], []).append(cr)
+    pjobs = ptq_jobs(runnable, jobs, results, args.fresh)
+    for pj, pr in zip(pjobs, pool_map(safe_ptq_job, pjobs, args.workers)):
+        compressed.setdefault(pj["label"], []).append(pr)
 
     out = collect(runnable, jobs, results, compressed, args.seeds)
     timing_runs = {label: next(j for j in jobs if j["label"] == label) for label in runnable
-                   if "top1" in out[label] and not ROWS[label].compress}
+                   if "top1" in out[label] and not (ROWS[label].compress or ROWS[label].ptq)}
     if "FP" in timing_runs:  # time per step, after all training, one row after another
         seconds = {label: step_seconds(load(j["recipe"], j["overrides"]), args.timed_steps)
                    for label, j in timing_runs.items()}
@@ -367,7 +377,7 @@ def main() -> None:
             "model": f"{probe['model']['name']} {probe['model']['kwargs']}", "image_size": probe["data"]["image_size"],
             "optim": f"{probe['optim']['name']} lr {probe['optim']['lr']}, {probe['sched']['name']} schedule",
             "bn_recalibrate": probe["train"]["bn_recalibrate"], "timed_steps": args.timed_steps,
-            "runs": len(jobs) + len(cjobs), "runs_cached": sum(bool(r.get("cached")) for r in results),
+            "runs": len(jobs) + len(cjobs) + len(pjobs), "runs_cached": sum(bool(r.get("cached")) for r in results),
             "wall_seconds": round(time.time() - t0, 1), "command": " ".join(["python benchmarks/leaderboard.py", *sys.argv[1:]])}
     text = table(ordered, meta)
     rows_json = list(ordered.values())

@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 
 import sqdist
 from sqdist import create_quantizer, export_model, load_quantized
+from sqdist.export import read_packed
 from sqdist.ptq import PTQConfig, gptq_quantize, ptq_model, quantize_weight, row_grid
 from sqdist.ptq.cli import main
 
@@ -222,7 +223,7 @@ def test_command_keep_fp_bits_and_onnx(digits_run, tmp_path, capsys):
     assert main([str(digits_run), str(out), "--quantizer", "twn", "--calib-images", "128", "--keep-fp-bits", "8",
                  "--act-order"]) == 0
     assert "gptq twn 2 bit(s)" in capsys.readouterr().out
-    _, meta = sqdist.export.read_packed(out)
+    _, meta = read_packed(out)
     assert meta["quantizer"]["name"] == "twn" and len(meta["fp_layers"]) == 2 and meta["sq"]["ptq"]["act_order"]
     assert main([str(digits_run), str(tmp_path / "k.onnx"), "--bits", "8", "--calib-images", "128"]) == 0
     assert "max |logit difference|" in capsys.readouterr().out and (tmp_path / "k.onnx").exists()
@@ -254,3 +255,29 @@ def test_bad_input_gets_one_line_and_exit_2(digits_run, tmp_path, capsys, args, 
     assert err.count("\n") == 1 and err.startswith("sqdist.ptq: error: ") and expected in err, err
     assert not (tmp_path / "out.safetensors").exists()
 
+
+
+@pytest.mark.slow
+def test_two_processes_hold_rank_0s_network_and_one_process_codes(digits_run, tmp_path, capsys):
+    """Two gloo processes quantize a digits run (Gram matrices summed over the ranks, rank 0
+    decides the codes and broadcasts them, BN statistics averaged): every rank holds the same
+    network, and its quantized weights are the ones one process computes on the same images."""
+    flags = ["--bits", "3", "--calib-images", "256", "--no-progress", "data.batch_size=32"]
+    dump, two = tmp_path / "dump", tmp_path / "two.safetensors"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(29600 + os.getpid() % 1000),
+           os.path.join(ROOT, "tests", "workers", "ptq_worker.py"), str(dump), str(digits_run), str(two), *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("reload: max |logit difference| 0.0") == 1, proc.stdout  # rank 0 writes
+    from safetensors.torch import load_file
+
+    a, b = (load_file(f"{dump}.rank{r}.safetensors") for r in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    one = tmp_path / "one.safetensors"
+    assert main([str(digits_run), str(one), *flags]) == 0
+    capsys.readouterr()
+    (state_one, meta), (state_two, _) = read_packed(one), read_packed(two)
+    for name in meta["layers"]:
+        assert torch.equal(state_one[f"{name}.weight"], state_two[f"{name}.weight"]), name

@@ -18,7 +18,6 @@ stem and classifier at 8 bits), read back and compared with the quantized networ
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -109,8 +108,9 @@ def _validate(args) -> tuple[PTQConfig, int]:
                      seed=0 if args.seed is None else args.seed), keep_fp_bits
 
 
-def run(args) -> int:
-    """The command, on every rank."""
+def run(args, on_stage=None) -> int:
+    """The command, on every rank. ``on_stage("final", model)`` is called on every rank with the
+    quantized network (BN re-estimated) before rank 0 writes it."""
     from ..compress.cli import _load_model, _recipe
     from ..data import EpochBatches, build_datasets
     from ..engine import make_accelerator
@@ -138,13 +138,18 @@ def run(args) -> int:
     t0 = time.time()
     model.to(device)
     top1_fp = evaluate(model, test_set, recipe, device, rank, world)
-    records = ptq_model(model, train_set, config, device=device, batch_size=batch, workers=workers,
-                        progress=recipe["train"]["progress"] and not args.no_progress and not args.json)
+    try:
+        records = ptq_model(model, train_set, config, device=device, batch_size=batch, workers=workers,
+                            progress=recipe["train"]["progress"] and not args.no_progress and not args.json)
+    except ValueError as exc:  # nothing to quantize in this architecture
+        raise PTQError(f"{meta['model_name']}: {_one_line(exc)}") from None
     if bn_batches:
         batches = EpochBatches(len(train_set), batch, config.seed, rank, world).batches(0)
         recalibrate_bn(model, train_set, batches, device, bn_batches, workers, seed=config.seed)
     top1 = evaluate(model, test_set, recipe, device, rank, world)
     model.eval()
+    if on_stage is not None:
+        on_stage("final", model)
     errors = {r["layer"]: r["output_error"] for r in records}
     settings = {**config.to_dict(), "source": str(ckpt), "bn_recalibrate": bn_batches}
     summary = {"method": config.method, "quantizer": config.quantizer, "bits": model_bits(model),
@@ -196,10 +201,10 @@ def model_bits(model) -> int:
     return next(m.quantizer.bits for m in model.modules() if isinstance(m, SQLayer))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_stage=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
-        return run(args)
+        return run(args, on_stage=on_stage)
     except (ExportError, RecipeError) as exc:  # PTQError is an ExportError
         if os.environ.get("RANK", "0") == "0":
             prefix = "recipe error: " if isinstance(exc, RecipeError) else ""

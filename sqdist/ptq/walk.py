@@ -119,7 +119,8 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
     first, _ = next(iter(loader(train_set, chunks[:1], 0, seed=config.seed)))
     names = ptq_layers(model, first.to(device))
     if not names:
-        raise ValueError("the model has no Conv2d/Linear layer besides the stem and the classifier: nothing to quantize")
+        raise ValueError("the model has no Conv2d/Linear layer besides the stem and the classifier: "
+                         "nothing to quantize")
     modules = dict(model.named_modules())
     decided: dict[str, tuple[Tensor, Tensor]] = {}
     records = []
