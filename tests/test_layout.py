@@ -1,5 +1,5 @@
 """The package layout: no import cycle between sqdist modules, no module over 450 lines,
-and every command (``python -m sqdist.train|export|compress|slurm``) answers ``--help``.
+and every command (``python -m sqdist.train|export|compress|ptq|slurm``) answers ``--help``.
 
 The import graph is read from the source with ``ast``: every ``import`` and ``from ... import``
 at module level and inside functions (lazy imports count), relative imports resolved. An edge
@@ -116,7 +116,7 @@ def test_no_module_over_450_lines():
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
-@pytest.mark.parametrize("command", ["train", "export", "compress", "slurm"])
+@pytest.mark.parametrize("command", ["train", "export", "compress", "ptq", "slurm"])
 def test_command_help(command):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", f"sqdist.{command}", "--help"], capture_output=True, text=True,

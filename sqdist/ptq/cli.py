@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from ..config import RecipeError
-from ..export import ExportError, _one_line, _read_meta, check_keep_fp_bits, export_model, load_quantized, \
-    resolve_checkpoint
+from ..export import ExportError, check_keep_fp_bits, export_model, load_quantized, resolve_checkpoint
+from ..export.format import _one_line
+from ..export.run import _read_meta
 from .gptq import METHODS
 from .walk import QUANTIZERS, PTQConfig, ptq_model
 
@@ -113,7 +114,7 @@ def run(args, on_stage=None) -> int:
     quantized network (BN re-estimated) before rank 0 writes it."""
     from ..compress.cli import _load_model, _recipe
     from ..data import EpochBatches, build_datasets
-    from ..engine import make_accelerator
+    from ..train.engine import make_accelerator
     from ..train import evaluate, recalibrate_bn
 
     config, keep_fp_bits = _validate(args)
@@ -163,7 +164,8 @@ def run(args, on_stage=None) -> int:
         sq = {"ptq": {**settings, "top1": top1}}
         x = torch.stack([test_set[i][0] for i in range(min(len(test_set), recipe["data"]["eval_batch_size"]))])
         if out.suffix == ".onnx":
-            from ..onnx_export import default_input_size, export_onnx
+            from ..export import export_onnx
+            from ..export.onnx_writer import default_input_size
 
             info = export_onnx(model, out, input_size=default_input_size(model, recipe), keep_fp_bits=keep_fp_bits,
                                metadata={"ptq": sq["ptq"]})

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..quantizers import twn_threshold
+from ..quant.weights import twn_threshold
 
 METHODS = ("gptq", "rtn")
 
