@@ -3,6 +3,7 @@
 - :mod:`sqdist.quant.registry`: quantizers by name (``register_quantizer``, ``create_quantizer``, ...);
 - :mod:`sqdist.quant.weights`: weight quantizers (BWN, TWN, k-bit) and their PyTorch references;
 - :mod:`sqdist.quant.activations`: activation quantizers (LSQ, PACT) on a quantized layer's input;
+- :mod:`sqdist.quant.steps`: learned step sizes and clipping values, positive and finite by construction;
 - :mod:`sqdist.quant.kernels`: the fused compiled SQ ops, chosen by ``SQDIST_KERNELS``.
 
 Importing this package registers the built-in quantizers.

@@ -27,6 +27,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .steps import initial_step, positive_step
 from .weights import lsq_quantize
 from .registry import register_activation_quantizer
 
@@ -148,7 +149,9 @@ class LSQ(ActivationQuantizer):
     at ``2 mean|x| / sqrt(Q_P)`` on the calibration batch; its gradient (the paper's
     ``round(x/s) - x/s`` inside the range, ``-Q_N`` / ``Q_P`` outside) is scaled by
     ``g = 1 / sqrt(N * Q_P)`` with ``N`` the number of features of one example
-    (``x[0].numel()``, the paper's N_F; independent of the per-process batch).
+    (``x[0].numel()``, the paper's N_F; independent of the per-process batch). The step used is
+    ``max(|step|, STEP_FLOOR)`` (:func:`sqdist.quant.steps.positive_step`): an SGD step across 0
+    would otherwise leave the layer dead or NaN; an all-zero calibration batch starts it at 1.
     """
 
     def __init__(self, bits: int = 4, signed: str | bool = "auto"):
@@ -159,14 +162,14 @@ class LSQ(ActivationQuantizer):
         return (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1) if signed else (0, 2 ** self.bits - 1)
 
     def scale(self):
-        return self.step
+        return positive_step(self.step)
 
     def init_from(self, x):
-        self.step.fill_(2 * x.abs().float().mean() / math.sqrt(self.qmax))
+        self.step.fill_(initial_step(2 * x.abs().float().mean() / math.sqrt(self.qmax)))
 
     def fake_quantize(self, x):
         features = x[0].numel() if x.dim() > 1 else x.numel()
-        return lsq_quantize(x, self.step, self.qmin, self.qmax, 1.0 / math.sqrt(features * self.qmax))
+        return lsq_quantize(x, positive_step(self.step), self.qmin, self.qmax, 1.0 / math.sqrt(features * self.qmax))
 
 
 @register_activation_quantizer("pact")
@@ -202,16 +205,16 @@ class PACT(ActivationQuantizer):
         return (-(2 ** (self.bits - 1) - 1), 2 ** (self.bits - 1) - 1) if signed else (0, 2 ** self.bits - 1)
 
     def scale(self):
-        return self.alpha.abs() / self.qmax
+        return positive_step(self.alpha) / self.qmax
 
     def init_from(self, x):
         if self.alpha_init == "calibrate":
-            self.alpha.fill_(2 * x.abs().float().mean() * math.sqrt(self.qmax))
+            self.alpha.fill_(initial_step(2 * x.abs().float().mean() * math.sqrt(self.qmax)))
 
     def fake_quantize(self, x):
-        # the clipping value is |alpha|: an SGD step that crosses 0 would otherwise clip every
+        # the clipping value is |alpha| (floored, positive_step): an SGD step that crosses 0 would otherwise clip every
         # input to a negative constant (seen with alpha=10 at lr 0.05: the layer went dead)
-        alpha = self.alpha.abs().to(x.dtype)
+        alpha = positive_step(self.alpha).to(x.dtype)
         low = -alpha if self._signed else torch.zeros_like(alpha)
         y = torch.where(x >= alpha, alpha, torch.where(x <= low, low, x))  # d/dalpha: 1 above, -1 below (signed)
         step = (alpha / self.qmax).detach()

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .registry import register_quantizer
+from .steps import initial_step, positive_step
 
 
 # ---------------------------------------------------------------- references
@@ -402,7 +403,8 @@ class KBit(Quantizer):
               initialized to ``2 mean|W| / sqrt(L)``, with gradient scale
               ``1 / sqrt(numel(W) * L)``; ``Q = round(clip(W / s, -L, L)) * s``. The levels
               are k-bit's symmetric ones (what the packed format stores); LSQ's paper gives
-              signed data one more negative level (``-2^(k-1)``).
+              signed data one more negative level (``-2^(k-1)``). The step used is
+              ``max(|step|, STEP_FLOOR)`` (:func:`positive_step`); a zero weight starts it at 1.
     """
 
     SCALES = ("mse", "max", "lsq")
@@ -420,7 +422,7 @@ class KBit(Quantizer):
 
     def quantize_codes(self, w):
         if self.scale == "lsq":
-            step = self.step.to(w.dtype)
+            step = positive_step(self.step).to(w.dtype)
             codes = torch.clamp(torch.round(w / step), -self.levels, self.levels)
             return codes, step.expand(w.shape[0])
         if self.scale == "mse":
@@ -431,12 +433,12 @@ class KBit(Quantizer):
     def fake_quantize(self, w):
         if self.scale != "lsq":
             return super().fake_quantize(w)
-        return lsq_quantize(w, self.step, -self.levels, self.levels, 1.0 / math.sqrt(w.numel() * self.levels))
+        return lsq_quantize(w, positive_step(self.step), -self.levels, self.levels, 1.0 / math.sqrt(w.numel() * self.levels))
 
     def calibrate(self, weight):
         if self.scale == "lsq":
             with torch.no_grad():
-                self.step.fill_(2 * weight.abs().float().mean() / math.sqrt(self.levels))
+                self.step.fill_(initial_step(2 * weight.abs().float().mean() / math.sqrt(self.levels)))
 
     def fused_spec(self):
         return {"kind": "kbit", "bits": self.bits} if self.scale == "max" else None

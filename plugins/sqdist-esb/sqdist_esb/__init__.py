@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from sqdist import ActivationQuantizer, Quantizer
+from sqdist.quant.steps import positive_step
 from sqdist.quant.weights import grad_scale
 
 # The authors' fixed alpha (autoqnn esb.py ``alpha_list``): ALPHA_TABLE[b - 2][m], None where they have none
@@ -205,7 +206,7 @@ class ESBActivation(ActivationQuantizer):
         return (-code, code) if signed else (0, code)
 
     def scale(self):
-        return self.step.abs()
+        return positive_step(self.step)
 
     def init_from(self, x):
         flat = x.detach().float().reshape(1, -1)
@@ -224,14 +225,14 @@ class ESBActivation(ActivationQuantizer):
         features = x[0].numel() if x.dim() > 1 else x.numel()
         # the step is |step|: an SGD step across 0 would otherwise send every input of an unsigned
         # layer to 0 (3 of 10 digits W4A4 seeds went dead before this)
-        s = grad_scale(self.step.abs(), 1.0 / math.sqrt(features * float(self._levels()[-1])))
+        s = grad_scale(positive_step(self.step), 1.0 / math.sqrt(features * float(self._levels()[-1])))
         return self._project(x, s) * s
 
     def forward(self, x):
         if self.observing or (self.training and torch.is_grad_enabled()) or not self._calibrated:
             return super().forward(x)
         with torch.no_grad():
-            s = self.step.float().abs()
+            s = positive_step(self.step.float())
             return (self._project(x.float(), s) * s).to(x.dtype)
 
     def activation_qparams(self):

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from sqdist import ActivationQuantizer, Quantizer
+from sqdist.quant.steps import initial_step, positive_step
 from sqdist.quant.weights import grad_scale
 
 TAU_FLOOR = 1e-12  # tau = sigma / s is floored: sigma = 0 gives a one-hot pi, not a division by 0
@@ -249,7 +250,7 @@ class SRQWeight(Quantizer, _Stochastic):
 
     def quantize_codes(self, w):
         width = self.bits
-        step = (self.alpha * 2.0 ** (self.max_bits - width)).to(w.dtype)
+        step = (positive_step(self.alpha) * 2.0 ** (self.max_bits - width)).to(w.dtype)
         lo, hi = self._range(width)
         codes = torch.clamp(torch.round(w / step), lo, hi)
         return codes, step.expand(w.shape[0])
@@ -277,7 +278,7 @@ class SRQWeight(Quantizer, _Stochastic):
 
     def fake_quantize(self, w):
         g = 1.0 / math.sqrt(w.numel() * (2 ** (self.max_bits - 1)))  # LSQ's gradient scale, for alpha and sigma
-        alpha, sigma = grad_scale(self.alpha, g).to(w.dtype), grad_scale(self.sigma, g).to(w.dtype)
+        alpha, sigma = grad_scale(positive_step(self.alpha), g).to(w.dtype), grad_scale(self.sigma, g).to(w.dtype)
         if not self.training:
             return self._value_at(w, self.bits, alpha, sigma)
         values: dict[int, Tensor] = {}
@@ -388,16 +389,16 @@ class SRQActivation(ActivationQuantizer, _Stochastic):
         return (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1) if signed else (0, 2 ** self.bits - 1)
 
     def scale(self):
-        return self.alpha
+        return positive_step(self.alpha)
 
     def init_from(self, x):
-        self.alpha.fill_(max(2 * float(x.abs().float().mean()) / math.sqrt(self.qmax), 1e-8))
+        self.alpha.fill_(initial_step(2 * float(x.abs().float().mean()) / math.sqrt(self.qmax)))
         self.sigma.fill_(self.sigma_init * float(self.alpha))
 
     def fake_quantize(self, x):
         features = x[0].numel() if x.dim() > 1 else x.numel()
         g = 1.0 / math.sqrt(features * self.qmax)
-        alpha, sigma = grad_scale(self.alpha, g).to(x.dtype), grad_scale(self.sigma, g).to(x.dtype)
+        alpha, sigma = grad_scale(positive_step(self.alpha), g).to(x.dtype), grad_scale(self.sigma, g).to(x.dtype)
         if self.drop_prob == 0 or not self.training:  # DropBits off (its scheduled p may decay to 0: then on, dropping nothing)
             return srq_value(x, alpha, sigma, self.qmin, self.qmax)
         drop = drop_counts(x.shape, self.current_drop_prob(), self.bits - self.drop_min_bits,
