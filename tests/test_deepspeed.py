@@ -263,3 +263,16 @@ def test_restart_per_stage_resets_zero_optimizer_state_like_ddp(workdir, ddp_res
     stages = [json.loads((r["run"] / "summary.json").read_text())["stages"] for r in (ddp_restart, result)]
     assert [s["top1"] for s in stages[0]] == pytest.approx([s["top1"] for s in stages[1]], abs=1e-9)
     assert all(round(s["top1"] * 359 / 100, 6).is_integer() for s in stages[1])  # each sample counted once
+
+
+@pytest.mark.slow
+def test_zero3_summary_counts_the_full_size_of_sharded_weights(workdir):
+    """Under ZeRO-3 with every parameter sharded, a weight's ``numel()`` is 0 outside its forward;
+    summary.json's ``avg_weight_bits`` is weighted by the full sizes (``ds_numel``), not 0.0."""
+    result = launch(workdir, "zero3-w2a2", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}",
+                    "quant.name=kbit", "quant.params={bits: 2, scale: lsq}", "quant.activations={name: lsq, bits: 2}",
+                    "sq.ratios=[1.0]", "train.max_steps=2")
+    assert all(layer["numel"] == 0 for layer in result["ranks"][0]["outside_forward"].values())  # really sharded
+    summary = json.loads((result["run"] / "summary.json").read_text())
+    assert summary["bits"] == "W2A2"
+    assert summary["avg_weight_bits"] == 2.0 and set(summary["layer_bits"].values()) == {2}

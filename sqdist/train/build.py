@@ -187,7 +187,8 @@ def call_hooks(run: "Run", hook: str, *args) -> list:
 def layer_bits(sq: SQController) -> dict:
     """``{"layer_bits": {layer: bits}, "avg_weight_bits": mean bits weighted by weights}``."""
     bits = {name: int(layer.quantizer.bits) for name, layer in sq.layers.items()}
-    sizes = {name: layer.weight.numel() for name, layer in sq.layers.items()}
+    # the full size: under ZeRO-3 a weight is a shard between forwards (numel() 0), DeepSpeed keeps its size in ds_numel
+    sizes = {name: int(getattr(layer.weight, "ds_numel", layer.weight.numel())) for name, layer in sq.layers.items()}
     total = sum(sizes.values())
     avg = sum(bits[n] * sizes[n] for n in bits) / total if total else 0.0
     return {"layer_bits": bits, "avg_weight_bits": round(avg, 4)}
