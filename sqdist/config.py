@@ -259,7 +259,82 @@ def validate(recipe: dict) -> None:
         raise RecipeError(f"sq.probability={sq['probability']!r}: sq.variant=authors draws the rows that stay full "
                           "precision with probability proportional to the error and has no probability rule; "
                           "allowed with it: linear (the default), or sq.variant=paper")
+    _validate_finite_quant_params(recipe)
+    _validate_num_classes(recipe)
     _validate_names(recipe)
+    _validate_split_fractions(recipe)
+
+
+def _validate_finite_quant_params(recipe: dict) -> None:
+    """Every number among ``quant.params`` and ``quant.activations`` is finite: an inf or nan step,
+    clipping value or scale trains to NaN (PACT with alpha=.inf ended at 10% and exit 0)."""
+    import math
+
+    q = recipe["quant"]
+    for section in ("params", "activations"):
+        for name, value in q[section].items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise RecipeError(f"quant.{section}.{name}={value!r}: expected a finite number")
+
+
+def _validate_num_classes(recipe: dict) -> None:
+    """``model.kwargs.num_classes``, when set: an integer >= 1, and for digits at least its 10 classes
+    (timm builds a model for -1 or 0 too, which then trains to nothing)."""
+    if "num_classes" not in recipe["model"]["kwargs"]:
+        return
+    value = recipe["model"]["kwargs"]["num_classes"]
+    low = DIGITS_CLASSES if recipe["data"]["name"] == "digits" else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        why = f" (data.name=digits has {DIGITS_CLASSES} classes)" if low > 1 else ""
+        raise RecipeError(f"model.kwargs.num_classes={value!r}: expected an integer >= {low}{why}")
+
+
+DIGITS_CLASSES = 10
+
+
+def check_split_fraction(key: str, fraction: float, labels) -> None:
+    """Refuse a stratified split fraction that leaves a class out of one part (RecipeError, one line).
+
+    ``labels``: the class of every sample of the set being split. scikit-learn's stratified split
+    takes ``h = ceil(fraction * n)`` samples out and keeps ``n - h``; when each part has at least
+    ``ceil(n / c)`` samples (``c`` the smallest class's count), its allocation gives every class at
+    least one sample in both parts. The allowed range follows from ``n`` and ``c``.
+    """
+    import math
+    from collections import Counter
+
+    counts = Counter(int(v) for v in labels)
+    n, smallest = sum(counts.values()), min(counts.values())
+    need = math.ceil(n / smallest)  # samples per part that guarantee one of every class
+    held = math.ceil(fraction * n)
+    if need <= held <= n - need:
+        return
+    where = f"{len(counts)} classes in {n} samples, the smallest with {smallest}"
+    if 2 * need > n:
+        raise RecipeError(f"{key}={fraction!r}: no split keeps every class in both parts ({where})")
+    low, high = math.ceil(need / n * 1e4) / 1e4, math.floor((n - need) / n * 1e4) / 1e4
+    off = " (or 0: no holdout)" if key == "data.holdout_fraction" else ""
+    raise RecipeError(f"{key}={fraction!r}: splits {n} samples into {held} and {n - held}; each part needs every "
+                      f"class ({where}); allowed: a number from {low} to {high}{off}")
+
+
+def _validate_split_fractions(recipe: dict) -> None:
+    """The digits split (``data.test_fraction``, then ``data.holdout_fraction`` of the training part)
+    leaves every class in every part. Other data sets are checked when their labels are read
+    (:func:`sqdist.data.hold_out`)."""
+    data = recipe["data"]
+    if data["name"] != "digits":
+        return
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    labels = load_digits().target
+    check_split_fraction("data.test_fraction", data["test_fraction"], labels)
+    if data["holdout_fraction"]:
+        train_idx, _ = train_test_split(range(len(labels)), test_size=data["test_fraction"], random_state=0,
+                                        stratify=labels)  # the split load_digits_split makes
+        check_split_fraction("data.holdout_fraction", data["holdout_fraction"], labels[train_idx])
 
 
 def _validate_names(recipe: dict) -> None:

@@ -71,6 +71,9 @@ def hold_out(train: Dataset, fraction: float) -> tuple[Dataset, Dataset]:
         labels = train.tensors[1]
     else:  # timm's ImageDataset over a folder: (path, class) samples
         labels = torch.as_tensor([target for _, target in train.reader.samples])
+    from .config import check_split_fraction
+
+    check_split_fraction("data.holdout_fraction", fraction, labels.tolist())  # a class left out: one clear line
     idx = torch.arange(len(labels)).numpy()
     keep, held = train_test_split(idx, test_size=fraction, random_state=1, stratify=labels.numpy())
     return Subset(train, sorted(keep.tolist())), Subset(train, sorted(held.tolist()))

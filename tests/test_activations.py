@@ -133,7 +133,7 @@ def test_pact_alpha_can_start_from_the_calibration_batch():
     q.calibrate(torch.tensor([[0.2, 0.9, 1.7, 0.4]]))  # unsigned, Q_P = 3: alpha = 3 * (2 * 0.8 / sqrt(3))
     torch.testing.assert_close(q.alpha.detach(), torch.tensor([2 * 0.8 * math.sqrt(3)]))
     assert q.config() == {"bits": 2, "signed": "auto", "alpha": "calibrate"}
-    with pytest.raises(ValueError, match=r"^pact alpha='auto'; allowed: a number > 0 or 'calibrate'$"):
+    with pytest.raises(ValueError, match=r"^pact alpha='auto'; allowed: a finite number > 0 or 'calibrate'$"):
         PACT(2, alpha="auto")
 
 

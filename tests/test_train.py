@@ -377,3 +377,50 @@ def test_quantizer_hooks_schedule_loss_term_bn_and_metrics(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     gains = [v for l in lines for k, v in l.items() if k.startswith("quant/") and k.endswith("/gain")]
     assert len(gains) >= 2 and abs(gains[-1] - 2.0) < 0.3  # the loss term was trained
+
+
+@pytest.mark.parametrize("override, expected", [
+    # sklearn's ValueError traceback before: a stratified part without every class
+    ("data.holdout_fraction=0.001", "data.holdout_fraction=0.001: splits 1347 samples into 2 and 1345; each part "
+     "needs every class (10 classes in 1347 samples, the smallest with 131); allowed: a number from 0.0082 to 0.9918"),
+    ("data.holdout_fraction=0.995", "data.holdout_fraction=0.995: splits 1347 samples into 1341 and 6;"),
+    ("data.test_fraction=0.001", "data.test_fraction=0.001: splits 1797 samples into 2 and 1795;"),
+    # trained to 10% (NaN) and exit 0 before
+    ("quant.activations={name: pact, bits: 4, alpha: .inf}", "quant.activations.alpha=inf: expected a finite number"),
+    ("quant.name=srq|quant.params={bits: 2, sigma_init: .inf}", "quant.params.sigma_init=inf: expected a finite number"),
+    # trained and exit 0 before
+    ("model.kwargs.num_classes=-1", "model.kwargs.num_classes=-1: expected an integer >= 10 (data.name=digits has 10 classes)"),
+    ("model.kwargs.num_classes=5", "model.kwargs.num_classes=5: expected an integer >= 10"),
+])
+def test_bad_values_are_one_line_and_exit_2(tiny_recipe, override, expected):
+    proc = run_train(tiny_recipe, *override.split("|"), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("sqdist: recipe error: ") and expected in lines[0], lines[0]
+
+
+def test_split_fractions_inside_the_stated_range_are_accepted(tiny_recipe):
+    """The ends of the range the error states both leave every class in both parts."""
+    from sqdist.data import build_datasets
+
+    for fraction in (0.0082, 0.9918):
+        recipe = load_recipe(tiny_recipe, [f"data.holdout_fraction={fraction}"])
+        kept, held = build_datasets(recipe)
+        for part in (kept, held):
+            assert {int(part[i][1]) for i in range(len(part))} == set(range(10)), fraction
+
+
+def test_holdout_of_any_labelled_set_refuses_a_fraction_that_drops_a_class():
+    """Folder data sets are checked when their labels are read (sqdist.data.hold_out): the same line."""
+    from torch.utils.data import TensorDataset
+
+    from sqdist.data import hold_out
+
+    labels = torch.arange(40) % 4  # 4 classes of 10
+    data = TensorDataset(torch.zeros(40, 1), labels)
+    with pytest.raises(RecipeError, match=r"^data.holdout_fraction=0.05: splits 40 samples into 2 and 38; .*"
+                                          r"allowed: a number from 0.1 to 0.9 \(or 0: no holdout\)$"):
+        hold_out(data, 0.05)
+    kept, held = hold_out(data, 0.1)
+    assert sorted(int(data[i][1]) for i in held.indices) == [0, 1, 2, 3]

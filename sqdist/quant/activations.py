@@ -195,8 +195,8 @@ class PACT(ActivationQuantizer):
     def __init__(self, bits: int = 4, signed: str | bool = "auto", alpha: float | str = 10.0):
         super().__init__(bits, signed)
         number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
-        if not (number and alpha > 0 or alpha == "calibrate"):
-            raise ValueError(f"pact alpha={alpha!r}; allowed: a number > 0 or 'calibrate'")
+        if not (number and 0 < alpha < math.inf or alpha == "calibrate"):
+            raise ValueError(f"pact alpha={alpha!r}; allowed: a finite number > 0 or 'calibrate'")
         self.alpha_init = float(alpha) if number else alpha
         start = self.alpha_init if number else 10.0  # "calibrate": set by init_from
         self.alpha = nn.Parameter(torch.tensor([start]))  # (1,): one clipping value for the layer
