@@ -151,3 +151,64 @@ def test_broadcast_of_cuda_masks_under_nccl_stays_on_the_gpu(monkeypatch):
     assert all(o.is_cuda and o.shape == m.shape and torch.equal(o.cpu(), m) for o, m in zip(moved, host))
     back = broadcast_masks(masks, device="cpu")  # asked for on the host: one copy down, which waits
     assert all(not b.is_cuda and torch.equal(b, m.cpu()) for b, m in zip(back, masks))
+
+
+# ---------------------------------------------------------------- DDP and the activation quantizers' state
+def _ddp_activation_state_worker(rank, world, init_file, result_dir):
+    """Rank 1 calibrates differently from rank 0 (another batch: signed where rank 0's is unsigned; or
+    not at all), then DDP wraps the model and broadcasts rank 0's buffers."""
+    from torch import nn
+
+    from sqdist import QuantConfig, SQConfig, calibrate_activations, quantize_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out = {}
+    try:
+        for case in ("other batch", "uncalibrated"):
+            torch.manual_seed(0)  # the same weights on both ranks
+            model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3))
+            with torch.no_grad():  # the stem passes its input on: layer 1 sees the calibration batch itself
+                model[0].weight.copy_(torch.eye(6))
+                model[0].bias.zero_()
+            sq = quantize_model(model, QuantConfig("kbit", {"bits": 4, "scale": "lsq"}, sq=SQConfig(ratios=(1.0,)),
+                                                   keep_stem_and_classifier=False, activations="lsq",
+                                                   activation_params={"bits": 4}))
+            quantizers = list(sq.activation_quantizers.values())
+            batch = torch.rand(16, 6) if rank == 0 else torch.randn(16, 6) * 3  # rank 1: negative values too
+            if rank == 0 or case == "other batch":
+                calibrate_activations(model, batch)
+            before = [[q._signed, q._calibrated] for q in quantizers]
+            ddp = nn.parallel.DistributedDataParallel(model)
+            x = torch.randn(8, 6, generator=torch.Generator().manual_seed(5))
+            record = {"before": before}
+            try:
+                train_out = ddp(x)
+                ddp.eval()
+                with torch.no_grad():
+                    eval_out = ddp(x)
+                record.update(after=[[q._signed, q._calibrated, q.qmin, q.qmax] for q in quantizers],
+                              train_out=train_out.detach().tolist(), eval_out=eval_out.tolist())
+            except RuntimeError as exc:
+                record["error"] = str(exc).splitlines()[0]
+            out[case] = record
+    finally:
+        torch.save(out, os.path.join(result_dir, f"ddp_rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def test_ddp_makes_rank0_activation_calibration_every_ranks():
+    """Signed/unsigned and calibrated live in buffers, which DDP broadcasts from rank 0 (at construction
+    and before every forward); the quantizer reads them from there, so a rank that calibrated on another
+    batch, or not at all, quantizes exactly as rank 0 does once DDP wraps the model."""
+    import tempfile
+
+    world = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ddp_activation_state_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"ddp_rank{r}.pt"), weights_only=True) for r in range(world)]
+    for case in ("other batch", "uncalibrated"):
+        r0, r1 = ranks[0][case], ranks[1][case]
+        assert r0["before"] != r1["before"], case  # the ranks really disagreed before DDP
+        assert "error" not in r0 and "error" not in r1, (case, r0.get("error"), r1.get("error"))
+        assert r1["after"] == r0["after"] and r0["after"][0][:2] == [False, True], case  # rank 0's: unsigned, calibrated
+        assert r1["train_out"] == r0["train_out"] and r1["eval_out"] == r0["eval_out"], case

@@ -62,13 +62,12 @@ class ActivationQuantizer(nn.Module):
         if not (signed is True or signed is False or signed == "auto"):
             raise ValueError(f"{name} signed={signed!r}; allowed: 'auto', true, false")
         self.bits, self.signed_mode = bits, signed
-        # state kept in checkpoints and exports; Python copies avoid a device sync every forward
-        # shape (1,), not 0-d: DeepSpeed cannot broadcast 0-d tensors over gloo
+        # the state is these buffers (checkpoints, exports, and DDP's broadcast of rank 0's buffers);
+        # _signed/_calibrated read them. Shape (1,), not 0-d: DeepSpeed cannot broadcast 0-d tensors over gloo
+        self._flag_reads: dict[str, tuple] = {}
         self.register_buffer("signed", torch.tensor([signed is True]))
         self.register_buffer("calibrated", torch.tensor([False]))
-        self._signed, self._calibrated = signed is True, False
         self.observing = False  # set by calibrate_activations: observe the input, pass it unchanged
-        self.register_load_state_dict_post_hook(_sync_python_state)
 
     # ------------------------------------------------------------ what a subclass defines
     def levels(self, signed: bool) -> tuple[int, int]:
@@ -88,6 +87,37 @@ class ActivationQuantizer(nn.Module):
 
     # ------------------------------------------------------------ shared
     @property
+    def _signed(self) -> bool:
+        """Signed input (the ``signed`` buffer)."""
+        return self._flag("signed")
+
+    @_signed.setter
+    def _signed(self, value: bool) -> None:
+        self.signed.fill_(bool(value))
+
+    @property
+    def _calibrated(self) -> bool:
+        """Calibrated (the ``calibrated`` buffer)."""
+        return self._flag("calibrated")
+
+    @_calibrated.setter
+    def _calibrated(self, value: bool) -> None:
+        self.calibrated.fill_(bool(value))
+
+    def _flag(self, name: str) -> bool:
+        """The value of the one-element bool buffer ``name``, read again only when the tensor changed
+        (another tensor, another storage, or its version counter moved: an in-place write such as
+        ``fill_``, ``load_state_dict`` or DDP's broadcast at construction): reading a CUDA tensor is a
+        device sync, and this runs in every forward."""
+        buffer = self._buffers[name]
+        key = (buffer, buffer.data_ptr(), buffer._version)
+        seen = self._flag_reads.get(name)
+        if seen is None or seen[0] is not buffer or seen[1:] != key[1:]:
+            seen = (*key, bool(buffer))
+            self._flag_reads[name] = seen
+        return seen[3]
+
+    @property
     def qmin(self) -> int:
         return self.levels(self._signed)[0]
 
@@ -100,9 +130,7 @@ class ActivationQuantizer(nn.Module):
         """Decide signed/unsigned (``signed="auto"``) and initialize from ``x``, one batch of inputs."""
         if self.signed_mode == "auto":
             self._signed = bool((x < 0).any())
-        self.signed.fill_(self._signed)
         self.init_from(x.detach())
-        self.calibrated.fill_(True)
         self._calibrated = True
 
     def forward(self, x: Tensor) -> Tensor:
@@ -133,11 +161,6 @@ class ActivationQuantizer(nn.Module):
     def extra_repr(self) -> str:
         decided = "" if self.signed_mode != "auto" or not self._calibrated else f" ({'signed' if self._signed else 'unsigned'})"
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items()) + decided
-
-
-def _sync_python_state(module: ActivationQuantizer, incompatible_keys) -> None:
-    module._signed = bool(module.signed)
-    module._calibrated = bool(module.calibrated)
 
 
 @register_activation_quantizer("lsq")
