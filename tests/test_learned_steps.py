@@ -162,12 +162,12 @@ def test_all_zero_calibration_input_gives_a_usable_step():
     for q in (create_activation_quantizer("lsq", bits=8), create_activation_quantizer("pact", bits=4, alpha="calibrate"),
               SRQActivation(bits=3), ESBActivation(bits=3)):
         q.calibrate(zeros)
-        assert float(q.scale()) > 0 and math.isfinite(float(q.scale())), type(q).__name__
-        assert q.scale().item() == pytest.approx(1.0 / (q.qmax if type(q).__name__ == "PACT" else 1.0)), type(q).__name__
+        step = float(q.scale().detach())  # PACT's is alpha / qmax, alpha started at 1
+        assert step == pytest.approx(1.0 / q.qmax if type(q).__name__ == "PACT" else 1.0), type(q).__name__
         q.train()
         y = q(torch.rand(4, 8))
         assert torch.isfinite(y).all() and float(y.abs().sum()) > 0, type(q).__name__
     for q in (KBit(4, scale="lsq"), SRQWeight(bits=3)):
         q.calibrate(zeros)
         _, scale = q.quantize_codes(torch.randn(4, 8))
-        assert float(scale[0]) == 1.0 * (2 ** 0), type(q).__name__
+        assert float(scale[0]) == 1.0, type(q).__name__
