@@ -271,7 +271,86 @@ def check_sq_ratios(quantizer: Quantizer, name: str, ratios) -> None:
                          f"SQ leaves unquantized; allowed: [1.0]")
 
 
-def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQController:
+def _module_path(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing: its presence keeps a layer off PyTorch's fused fast path."""
+
+
+def _keep_module_path(model: nn.Module, names: list[str]) -> None:
+    """Keep every ``nn.TransformerEncoderLayer`` that holds one of the layers ``names`` on its module path.
+
+    In eval under ``no_grad`` PyTorch runs such a layer as one fused kernel that reads
+    ``linear1.weight`` and ``linear2.weight`` directly: their forward, and with it the quantized
+    weight and input, would be skipped, so evaluation and export would measure the float network.
+    The fused path is not taken while the layer has a forward hook (``TransformerEncoderLayer.forward``
+    checks for one); the global switch ``torch.backends.mha.set_fastpath_enabled`` would also change
+    the user's other models.
+    """
+    for prefix, module in model.named_modules():
+        if not isinstance(module, nn.TransformerEncoderLayer) or _module_path in module._forward_pre_hooks.values():
+            continue
+        if any(prefix == "" or n.startswith(prefix + ".") for n in names):
+            module.register_forward_pre_hook(_module_path)
+
+
+def _probe_input(model: nn.Module) -> Tensor | None:
+    """A random batch of 1 at a timm model's input size (channels of its first conv; a ViT's
+    ``patch_embed.img_size``, else ``pretrained_cfg["input_size"]``); None for a model without one."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if not isinstance(size, (tuple, list)) or len(size) != 3 or param is None or param.device.type == "meta":
+        return None
+    chans, height, width = (int(v) for v in size)
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    chans = conv.in_channels if conv is not None else chans
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(img, (tuple, list)) and len(img) == 2:
+        height, width = int(img[0]), int(img[1])
+    x = torch.randn(1, chans, height, width, generator=torch.Generator().manual_seed(0))
+    return x.to(device=param.device, dtype=param.dtype)
+
+
+def _layers_not_called(model: nn.Module, names: list[str], example_input: Tensor | None) -> set[str]:
+    """The layers ``names`` whose forward does not run in one eval, no_grad forward of ``model``.
+
+    Each layer's ``forward`` is wrapped for the probe (an instance attribute, not a hook: a hook
+    would itself change which path ``nn.TransformerEncoderLayer`` takes); the model's state is
+    unchanged (eval mode: BatchNorm's running statistics are only read).
+    """
+    x = example_input if example_input is not None else _probe_input(model)
+    if x is None or not names:
+        return set()
+    modules = dict(model.named_modules())
+    called: set[str] = set()
+
+    def recording(name: str, forward):
+        def forward_and_record(*args, **kwargs):
+            called.add(name)
+            return forward(*args, **kwargs)
+        return forward_and_record
+
+    for name in names:
+        modules[name].forward = recording(name, modules[name].forward)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # a model that needs another input: quantize everything selected, as before
+        warnings.warn(f"sqdist: probe forward with an input of shape {tuple(x.shape)} failed "
+                      f"({' '.join(str(exc).split())[:200]}); layers the model does not call are not detected; "
+                      f"pass example_input to quantize_model")
+        return set()
+    finally:
+        for name in names:
+            del modules[name].forward
+        for m, mode in modes.items():
+            m.training = mode
+    return set(names) - called
+
+
+def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig(), *,
+                   example_input: Tensor | None = None) -> SQController:
     """Make ``model``'s Conv/Linear weights quantized and SQ-selected, in place.
 
     Returns the :class:`SQController` that draws the masks and holds the SQ state.
@@ -287,6 +366,13 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
     activation quantizer that defines ``on_model_quantized(name, layers)`` gets it called
     with its layer's name and this model's SQ layers (``{name: layer}``, module order): see
     :class:`sqdist.Quantizer`.
+
+    A layer is quantized only if the model calls it: one probe forward (eval, no_grad) on
+    ``example_input`` (default: a random batch of 1 at a timm model's input size; no probe for a
+    model without one) finds the selected layers whose forward never ran because the model reads
+    their weight directly (timm EVA's ``F.linear(x, self.qkv.weight, ...)``); they stay full
+    precision, named in one warning. ``nn.TransformerEncoderLayer`` s holding a quantized layer
+    keep PyTorch's module path in eval (:func:`_keep_module_path`).
     """
     candidates = [n for n, m in model.named_modules() if isinstance(m, tuple(SQ_CLASSES))]
     kept_fp = _stem_and_classifier(model, candidates) if config.keep_stem_and_classifier else set()
@@ -296,6 +382,7 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
         create_activation_quantizer(config.activations, **dict(config.activation_params))
     stem = _stem(model, candidates)
     layers: dict[str, SQLayer] = {}
+    selected: dict[str, nn.Module] = {}
     skipped = []
     for name, module in model.named_modules():
         if name not in candidates or name in kept_fp:
@@ -304,11 +391,16 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
             continue
-        sq_cls = SQ_CLASSES.get(type(module))
-        if sq_cls is None:  # a subclass with a forward of its own (e.g. timm's Conv2dSame)
+        if SQ_CLASSES.get(type(module)) is None:  # a subclass with a forward of its own (e.g. timm's Conv2dSame)
             skipped.append(f"{name} ({type(module).__name__})")
             continue
-        module.__class__ = sq_cls  # same object, same Parameters: optimizers and engines keep working
+        selected[name] = module
+    _keep_module_path(model, list(selected))
+    unused = _layers_not_called(model, list(selected), example_input)
+    for name, module in selected.items():
+        if name in unused:
+            continue
+        module.__class__ = SQ_CLASSES[type(module)]  # same object, same Parameters: optimizers and engines keep working
         module.quantizer = create_quantizer(config.quantizer, **dict(config.params)).to(module.weight.device)
         module.quantizer.calibrate(module.weight.detach())  # a no-op unless the quantizer has state to set
         if not module.quantizer.uses_weight:  # its own parameters are the weight: W gets no gradient
@@ -323,6 +415,9 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig()) -> SQC
         layers[name] = module
     if skipped:
         warnings.warn("sqdist: left full precision (layer type not supported): " + ", ".join(skipped))
+    if unused:
+        warnings.warn("sqdist: left full precision (the model reads the weight without calling the layer, so a "
+                      "quantized weight would not be used): " + ", ".join(n for n in selected if n in unused))
     if not layers:
         raise ValueError(f"quantize_model: no layer matched include={list(config.include)} exclude={list(config.exclude)}")
     for name, layer in layers.items():  # the optional hook: a quantizer that needs its model's other layers or its name

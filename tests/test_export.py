@@ -486,3 +486,103 @@ def test_codebook_codes_outside_the_levels_are_refused(tmp_path, registered):
     quantize_model(model, QuantConfig(quantizer=registered(Bad), sq=SQConfig(ratios=(1.0,))))
     with pytest.raises(ExportError, match=r"code_levels\(\)=\[3, -3\]"):
         export_model(model, tmp_path / "m.safetensors", model_name="test_resnet")
+
+
+# ---------------------------------------------------------------- quantized inputs at export
+def w2a8_model():
+    """test_resnet with TWN weights and LSQ 8-bit inputs, not calibrated yet."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    sq = quantize_model(model, QuantConfig(quantizer="twn", activations="lsq", activation_params={"bits": 8},
+                                           sq=SQConfig(ratios=(1.0,))))
+    return model, sq
+
+
+def test_uncalibrated_activation_quantizers_are_refused(tmp_path):
+    """An activation quantizer that never saw an input holds a placeholder step (1.0, unsigned): writing it
+    would deploy a network that was never trained. Both writers refuse, in one line naming the layer."""
+    from sqdist.export import export_onnx
+
+    model, sq = w2a8_model()
+    first = next(iter(sq.activation_quantizers))
+    for write in (lambda: export_model(model, tmp_path / "m.safetensors", model_kwargs={"num_classes": 10, "in_chans": 1}),
+                  lambda: export_onnx(model, tmp_path / "m.onnx", input_size=(1, 16, 16))):
+        with pytest.raises(ExportError, match=rf"^layer {first}: activation quantizer 'lsq' was never calibrated") as err:
+            write()
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.onnx").exists()
+    x = torch.randn(4, 1, 16, 16)
+    sqdist.calibrate_activations(model, x)
+    export_model(model, tmp_path / "m.safetensors", model_kwargs={"num_classes": 10, "in_chans": 1})
+    with torch.no_grad():
+        assert (load_quantized(tmp_path / "m.safetensors")(x) - model.eval()(x)).abs().max() <= 1e-5
+
+
+class TWNWithInputs(sqdist.quant.weights.TWN):
+    """TWN weights whose rule also quantizes the layer's input: signed 4-bit codes, step 1/8."""
+
+    step = 2.0 ** -3
+
+    def quantize_input(self, x):
+        return torch.clamp(torch.round(x / self.step), -8, 7) * self.step
+
+    def activation_qparams(self):
+        return self.step, 0, -8, 7
+
+
+def test_weight_quantizer_input_and_activation_quantizer_are_both_exported(tmp_path):
+    """The forward quantizes a layer's input twice: the weight quantizer's own rule, then quant.activations.
+    With equal scales the two are one quantization (the first's codes clamped to the second's range), which the
+    export writes; with different scales no single Q/DQ holds them and export refuses in one line."""
+    model, sq = w2a8_model()
+    x = torch.randn(4, 1, 16, 16)
+    sqdist.calibrate_activations(model, x)
+    for layer in sq.layers.values():
+        layer.quantizer = TWNWithInputs()
+        layer.input_quantizer.step.data.fill_(TWNWithInputs.step)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    export_model(model, tmp_path / "m.safetensors", model_kwargs={"num_classes": 10, "in_chans": 1})
+    state, meta = read_packed(tmp_path / "m.safetensors")
+    signed = {name: q._signed for name, q in sq.activation_quantizers.items()}
+    assert {name: (i["qmin"], i["qmax"]) for name, i in meta["inputs"].items()} == \
+        {name: (-8, 7) if s else (0, 7) for name, s in signed.items()}
+    assert not all(signed.values())  # after a ReLU: unsigned, 0..7 of the first's -8..7
+    with torch.no_grad():
+        assert (load_quantized(tmp_path / "m.safetensors")(x) - expected).abs().max() <= 1e-5
+
+    first = next(iter(sq.layers))
+    sq.layers[first].input_quantizer.step.data.fill_(2.0 ** -4)
+    with pytest.raises(ExportError, match=rf"^layer {first}: quantizer 'twn' quantizes its input with scale 0.125 "
+                                          rf"and activation quantizer 'lsq' then with scale 0.0625"):
+        export_model(model, tmp_path / "m2.safetensors", model_kwargs={"num_classes": 10, "in_chans": 1})
+
+
+@pytest.mark.slow
+def test_cli_bad_output_folder_input_size_or_source_file_is_one_line(tmp_path):
+    """``python -m sqdist.export`` in a real process: every refusal is one stderr line naming the bad value, exit 2."""
+    model, sq = small_model()
+    run = write_run(tmp_path / "run", model, sq)
+    plain = tmp_path / "some_file.safetensors"  # a safetensors file, not a run
+    save_file({"w": torch.zeros(2)}, str(plain))
+    missing = tmp_path / "missing" / "dir"
+    cases = [
+        ((run, tmp_path / "o.onnx", "--input-size", "0,8,8"), ["--input-size='0,8,8'", "positive integers"]),
+        ((run, tmp_path / "o.onnx", "--input-size", "1,x,8"), ["--input-size='1,x,8'", "positive integers"]),
+        ((run, tmp_path / "o.onnx", "--input-size", "1,\u00b2,8"), ["--input-size='1,\u00b2,8'", "positive integers"]),
+        ((plain, tmp_path / "o.onnx"), [str(plain), "not a run or checkpoint folder"]),
+        ((run, missing / "o.safetensors"), [str(missing), "does not exist"]),
+        ((run, missing / "o.onnx"), [str(missing), "does not exist"]),
+    ]
+    for args, words in cases:
+        proc = cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert_one_line_error(proc, *words)
+    assert not missing.exists() and not (tmp_path / "o.onnx").exists()
+
+
+def test_writing_into_a_missing_folder_is_an_export_error(tmp_path):
+    model, _ = small_model()
+    with pytest.raises(ExportError, match=r"missing/m\.safetensors: cannot be written"):
+        export_model(model, tmp_path / "missing" / "m.safetensors", model_kwargs={"num_classes": 10, "in_chans": 1})

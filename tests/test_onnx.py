@@ -1,4 +1,5 @@
 """ONNX export: int8 weight codes + DequantizeLinear, run by onnxruntime, same logits as sqdist's eval forward."""
+import copy
 import json
 import os
 
@@ -265,3 +266,88 @@ def test_cli_refusals_are_one_line(digits_run, tmp_path, capsys):
     code, stdout, stderr = cli(capsys, run, tmp_path / "model.bin", "--format", "onnx")
     assert code == 0, stderr
     assert len(onnx.load(str(tmp_path / "model.bin")).graph.initializer) > 0
+
+
+# ---------------------------------------------------------------- layers the model does not call (W4A8)
+def tiny_encoder():
+    from test_quantize_model import TinyEncoder
+
+    return TinyEncoder(), (3, 16, 16)
+
+
+def eva02():
+    return timm.create_model("eva02_tiny_patch14_336", num_classes=10, img_size=28), (3, 28, 28)
+
+
+@pytest.mark.parametrize("build", [tiny_encoder, eva02])
+def test_models_that_bypass_a_layer_forward_train_and_export(tmp_path, build):
+    """EVA-02 (fused qkv read as a weight) and a model on nn.TransformerEncoderLayer (fused eval fast path), with
+    4-bit weights and LSQ 8-bit inputs: calibrate, train a step (every step positive and finite), and export to
+    the packed file and ONNX with the eval logits."""
+    import warnings
+
+    from sqdist import calibrate_activations
+    from sqdist.export import export_model, read_packed
+    from sqdist.export.qdq import InputQuantizer, _quantize_input_hook
+
+    torch.manual_seed(0)
+    model, size = build()
+    fresh = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the layers left full precision are named in a warning
+        sq = quantize_model(model, QuantConfig(quantizer="kbit", params={"bits": 4}, activations="lsq",
+                                               activation_params={"bits": 8}, sq=SQConfig(ratios=(1.0,))))
+    x = torch.randn(4, *size)
+    assert calibrate_activations(model, x) == len(sq.activation_quantizers) == len(sq.layers)
+    model.train()
+    sq.draw_masks()
+    nn.functional.cross_entropy(model(x), torch.arange(4)).backward()
+    torch.optim.SGD(model.parameters(), lr=0.05).step()
+    steps = torch.cat([q.step.detach() for q in sq.activation_quantizers.values()])
+    assert bool((steps > 0).all()) and bool(torch.isfinite(steps).all())
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    span = float(expected.max() - expected.min())
+
+    export_onnx(model, tmp_path / "m.onnx", input_size=size)
+    assert (onnxruntime_logits(tmp_path / "m.onnx", x) - expected).abs().max() <= 1e-3 * span
+
+    export_model(model, tmp_path / "m.safetensors", model_name="any")  # rebuilt below, without timm
+    state, meta = read_packed(tmp_path / "m.safetensors")
+    assert set(meta["layers"]) == set(sq.layers) and set(meta["inputs"]) == set(sq.layers)
+    fresh.load_state_dict(state)  # the plain float model: dequantized weights, quantized inputs as load_quantized
+    for name, info in meta["inputs"].items():
+        layer = fresh.get_submodule(name)
+        layer.input_quantizer = InputQuantizer(info["scale"], info["zero_point"], info["qmin"], info["qmax"])
+        layer.register_forward_pre_hook(_quantize_input_hook)
+    with torch.no_grad():
+        assert (fresh.eval()(x) - expected).abs().max() <= 1e-3 * span
+
+
+def test_weight_quantizer_input_and_activation_quantizer_are_one_qdq(tmp_path):
+    """A layer whose weight quantizer quantizes its input (signed 4-bit, step 1/8) and whose activation quantizer
+    (LSQ 8-bit) has the same step: one QuantizeLinear -> Clip -> DequantizeLinear with the intersected range
+    computes both, as the training forward does."""
+    from sqdist import calibrate_activations
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10)
+    sq = quantize_model(model, QuantConfig(quantizer="twn", activations="lsq", activation_params={"bits": 8},
+                                           sq=SQConfig(ratios=(1.0,))))
+    x = torch.randn(4, 3, 32, 32)
+    calibrate_activations(model, x)
+    for layer in sq.layers.values():
+        layer.quantizer = TWNWith4BitInputs()
+        layer.input_quantizer.step.data.fill_(TWNWith4BitInputs.step)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        for layer in sq.layers.values():
+            layer.quantizer = TWN()  # without the weight quantizer's input rule ...
+        assert (model(x) - expected).abs().max() > 1e-2  # ... the logits move: `expected` holds both rules
+        for layer in sq.layers.values():
+            layer.quantizer = TWNWith4BitInputs()
+    info = export_onnx(model, tmp_path / "m.onnx", input_size=(3, 32, 32))
+    assert info["qdq_inputs"] == len(sq.layers)
+    assert (onnxruntime_logits(tmp_path / "m.onnx", x) - expected).abs().max() <= 1e-4

@@ -13,8 +13,10 @@ import io
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import sqdist
 from sqdist import QuantConfig, SQConfig, quantize_model
 from sqdist.dist import pack_bits, unpack_bits
 from sqdist.nn import SQLayer
@@ -324,3 +326,76 @@ def test_on_model_quantized_hook_sees_this_model_only():
     assert list(model[1].quantizer.state_dict()) == [] and len(list(model.modules())) == 9
     copied = copy.deepcopy(model)
     assert copied[1].quantizer.group == tuple(copied[i].quantizer for i in range(4))
+
+
+# ---------------------------------------------------------------- layers the model does not call
+W4A8 = dict(quantizer="kbit", params={"bits": 4}, activations="lsq", activation_params={"bits": 8},
+            sq=SQConfig(ratios=(1.0,)))
+
+
+class TinyEncoder(nn.Module):
+    """A small image transformer built on ``nn.TransformerEncoderLayer`` (not timm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 4, 4)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_layers_whose_weight_the_model_reads_directly_stay_full_precision():
+    """timm's EVA-02 computes its fused qkv as ``F.linear(x, self.qkv.weight, ...)``: the layer's forward never
+    runs, so its quantized weight and input would not be used. quantize_model leaves it full precision and names
+    it in one warning line; every activation quantizer of the rest sees its input."""
+    model = timm.create_model("eva02_tiny_patch14_336", pretrained=False, num_classes=10, img_size=28)
+    with pytest.warns(UserWarning, match=r"reads the weight without calling the layer") as caught:
+        sq = quantize_model(model, QuantConfig(**W4A8))
+    qkv = [f"blocks.{i}.attn.qkv" for i in range(12)]
+    message = next(str(w.message) for w in caught if "without calling" in str(w.message))
+    assert "\n" not in message and message.endswith(", ".join(qkv))
+    assert not set(qkv) & set(sq.layers) and len(sq.layers) == 36  # proj, fc1, fc2 of 12 blocks
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in qkv)
+    assert sqdist.calibrate_activations(model, torch.randn(2, 3, 28, 28)) == len(sq.activation_quantizers) == 36
+
+
+def test_example_input_finds_a_layer_read_by_weight_in_any_model():
+    class ReadsWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.c(F.linear(self.b(x), self.a.weight, self.a.bias))
+
+    model = ReadsWeight()
+    with pytest.warns(UserWarning, match=r"without calling the layer.*: a$"):
+        sq = quantize_model(model, QuantConfig("twn", keep_stem_and_classifier=False), example_input=torch.randn(2, 8))
+    assert list(sq.layers) == ["b", "c"]
+    assert list(quantize_model(ReadsWeight(), QuantConfig("twn", keep_stem_and_classifier=False)).layers) == \
+        ["a", "b", "c"]  # no example input and no timm input size: nothing to probe with
+
+
+@pytest.mark.parametrize("activations", [None, "lsq"])
+def test_transformer_encoder_layer_evaluates_the_quantized_network(activations):
+    """In eval under no_grad, nn.TransformerEncoderLayer's fused fast path reads linear1/linear2.weight directly;
+    a quantized model must evaluate the quantized network there too, as it does with gradients on."""
+    torch.manual_seed(0)
+    model = TinyEncoder()
+    float_model = copy.deepcopy(model).eval()
+    config = {**W4A8, "activations": activations}
+    sq = quantize_model(model, QuantConfig(**config))
+    assert list(sq.layers) == [f"encoder.layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
+    x = torch.randn(4, 3, 16, 16)
+    if activations:
+        sqdist.calibrate_activations(model, x)
+    model.eval()
+    with torch.no_grad():
+        fast, reference = model(x), float_model(x)
+    with torch.enable_grad():
+        module_path = model(x).detach()
+    assert torch.allclose(fast, module_path, atol=1e-6)
+    assert (fast - reference).abs().max() > 1e-3  # the quantized network, not the float one

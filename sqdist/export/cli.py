@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from .format import ExportError, check_keep_fp_bits
+from .format import ExportError, _one_line, check_keep_fp_bits
 from .reader import read_packed
 from .run import export_run
 
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:
             parser.error("the following arguments are required: out")
         keep_fp_bits = check_keep_fp_bits(args.keep_fp_bits, "--keep-fp-bits")
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):  # before loading and tracing the model
+            raise ExportError(f"out={args.out!r}: folder {folder} does not exist; create it or write elsewhere")
         if _format_of(args.out, args.format) == "onnx":
             from .onnx_writer import export_run_onnx, parse_input_size
 
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"allowed with an .onnx output or --format onnx")
         info = export_run(args.source, args.out, force=args.force, keep_fp_bits=keep_fp_bits)
     except ExportError as exc:
-        print(f"sqdist.export: error: {exc}", file=sys.stderr)
+        print(f"sqdist.export: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     fp = f", {info['fp_layers']} full-precision layers at 8 bits" if info["fp_layers"] else ""
     fp += f", {info['inputs']} quantized inputs" if info["inputs"] else ""

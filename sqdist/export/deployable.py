@@ -58,8 +58,7 @@ def deployable_layers(model: nn.Module, keep_fp_bits: int = 32) -> dict[str, Dep
             quantizer = layer.quantizer
             qname = getattr(quantizer, "quantizer_name", "?")
             bits = _check_bits(getattr(quantizer, "bits", None), f"quantizer {qname!r} of layer {name}")
-            source = getattr(layer, "input_quantizer", None)  # an activation quantizer (quant.activations)
-            act = activation_qdq(quantizer if source is None else source, name)
+            act = layer_input_qdq(layer, name)
             w = layer.weight.detach()
             codes, scale = quantizer.quantize_codes(w.reshape(w.shape[0], -1))
             if tuple(scale.shape) != (w.shape[0],):
@@ -73,6 +72,35 @@ def deployable_layers(model: nn.Module, keep_fp_bits: int = 32) -> dict[str, Dep
             codes, scale = int8_rows(layer.weight)
             out[name] = DeployableLayer(codes.reshape(layer.weight.shape), scale.cpu(), 8)
     return out
+
+
+def layer_input_qdq(layer: nn.Module, name: str) -> tuple[float, int, int, int] | None:
+    """How SQ ``layer`` quantizes its input, as one per-tensor ``(scale, zero_point, qmin, qmax)``, or None.
+
+    The forward applies the weight quantizer's own input quantization, then the activation
+    quantizer (``quant.activations``): :meth:`sqdist.nn.SQLayer.quantize_input`. Two successive
+    quantizations are one when their scales are equal (the second keeps the first's codes, clamped to
+    its own range); other pairs are an :class:`ExportError`, as is an activation quantizer that never saw
+    an input (its step is a placeholder).
+    """
+    source = getattr(layer, "input_quantizer", None)  # an activation quantizer (quant.activations)
+    calibrated = getattr(source, "calibrated", None)
+    if isinstance(calibrated, Tensor) and not bool(calibrated.all()):
+        raise ExportError(f"layer {name}: activation quantizer {getattr(source, 'quantizer_name', '?')!r} was never "
+                          f"calibrated (its scale is a placeholder); run sqdist.calibrate_activations(model, x) or "
+                          f"train before export")
+    own = activation_qdq(layer.quantizer, name)
+    act = activation_qdq(source, name) if source is not None else None
+    if own is None or act is None:
+        return act if own is None else own
+    (s1, z1, lo1, hi1), (s2, z2, lo2, hi2) = own, act
+    lo, hi = max(lo1 - z1 + z2, lo2), min(hi1 - z1 + z2, hi2)  # the first's codes on the second's zero point
+    if s1 != s2 or not lo <= z2 <= hi or lo == hi:
+        raise ExportError(f"layer {name}: quantizer {getattr(layer.quantizer, 'quantizer_name', '?')!r} quantizes "
+                          f"its input with scale {s1:g} and activation quantizer "
+                          f"{getattr(source, 'quantizer_name', '?')!r} then with scale {s2:g}; the export holds one "
+                          f"input quantization per layer; allowed: equal scales, or only one of the two")
+    return s2, z2, lo, hi
 
 
 def _sq_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -74,8 +74,11 @@ def _save_atomic(tensors: dict[str, Tensor], path: str | Path, metadata: dict[st
     """Write a safetensors file under a temporary name and rename it into place (a crash leaves no half file)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except (SafetensorError, OSError) as exc:
+        raise ExportError(f"{path}: cannot be written ({_one_line(exc)})") from None
     return path
 
 

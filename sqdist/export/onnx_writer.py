@@ -74,6 +74,9 @@ def deployable(model: nn.Module, keep_fp_bits: int = 32) -> nn.Module:
         for name, layer in layers.items():
             layer._sq = controllers[name]
     net = net.cpu().float().eval()
+    for m in net.modules():  # timm attention: the TorchScript exporter cannot trace F.scaled_dot_product_attention
+        if isinstance(getattr(m, "fused_attn", None), bool):  # as EVA calls it; the explicit softmax(q k^T) v traces
+            m.fused_attn = False
     described = deployable_layers(net, keep_fp_bits)  # before SQ layers turn plain
     modules = dict(net.named_modules())
     with torch.no_grad():
@@ -121,7 +124,7 @@ def default_input_size(model: nn.Module, config: dict | None = None) -> tuple[in
 def parse_input_size(text: str) -> tuple[int, int, int]:
     """``"3,224,224"`` -> ``(3, 224, 224)``; anything else is an :class:`ExportError`."""
     parts = text.split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 3 or not all(p.strip().isascii() and p.strip().isdigit() and int(p) > 0 for p in parts):
         raise ExportError(f"--input-size={text!r}; allowed: three positive integers C,H,W, e.g. 3,224,224")
     return tuple(int(p) for p in parts)
 

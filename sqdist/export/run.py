@@ -56,6 +56,9 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
     src = Path(source)
     if src.is_file() and src.name == "model.safetensors":
         return src.parent
+    if src.is_file():
+        raise ExportError(f"{src}: a file, not a run or checkpoint folder; pass a run folder (its final/ is used), "
+                          f"a checkpoint folder, or the model.safetensors inside one (--check reads an export)")
     if not src.is_dir():
         raise ExportError(f"{src}: no such run or checkpoint folder")
     if (src / "meta.json").exists():
