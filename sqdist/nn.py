@@ -276,7 +276,8 @@ def _module_path(module: nn.Module, args: tuple) -> None:
 
 
 def _keep_module_path(model: nn.Module, names: list[str]) -> None:
-    """Keep every ``nn.TransformerEncoderLayer`` that holds one of the layers ``names`` on its module path.
+    """Keep every ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``) that holds one of the layers
+    ``names`` on its module path.
 
     In eval under ``no_grad`` PyTorch runs such a layer as one fused kernel that reads
     ``linear1.weight`` and ``linear2.weight`` directly: their forward, and with it the quantized
@@ -286,9 +287,11 @@ def _keep_module_path(model: nn.Module, names: list[str]) -> None:
     the user's other models.
     """
     for prefix, module in model.named_modules():
-        if not isinstance(module, nn.TransformerEncoderLayer) or _module_path in module._forward_pre_hooks.values():
+        if not any(prefix == "" or n.startswith(prefix + ".") for n in names):
             continue
-        if any(prefix == "" or n.startswith(prefix + ".") for n in names):
+        if isinstance(module, nn.TransformerEncoder):  # its nested-tensor path feeds the layers inputs the
+            module.use_nested_tensor = False  # module path cannot take (the same values where not padded)
+        if isinstance(module, nn.TransformerEncoderLayer) and _module_path not in module._forward_pre_hooks.values():
             module.register_forward_pre_hook(_module_path)
 
 

@@ -399,3 +399,31 @@ def test_transformer_encoder_layer_evaluates_the_quantized_network(activations):
         module_path = model(x).detach()
     assert torch.allclose(fast, module_path, atol=1e-6)
     assert (fast - reference).abs().max() > 1e-3  # the quantized network, not the float one
+
+
+def test_transformer_encoder_with_a_padding_mask_evaluates_the_quantized_network():
+    """nn.TransformerEncoder turns a padded batch into nested tensors in eval (a path its quantized layers cannot
+    take); quantize_model keeps it on dense tensors, so eval under no_grad is the network trained."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(8, 32)
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x, mask):
+            return self.head(self.encoder(self.embed(x), src_key_padding_mask=mask)[:, 0])
+
+    torch.manual_seed(0)
+    model = Tokens()
+    float_model = copy.deepcopy(model).eval()
+    quantize_model(model, QuantConfig(**{**W4A8, "activations": None}))  # 4-bit weights
+    x, mask = torch.randn(3, 5, 8), torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, 3:] = True
+    model.eval()
+    with torch.no_grad():
+        fast, reference = model(x, mask), float_model(x, mask)
+    with torch.enable_grad():
+        module_path = model(x, mask).detach()
+    assert torch.allclose(fast, module_path, atol=1e-6)
+    assert (fast - reference).abs().max() > 1e-3

@@ -109,7 +109,8 @@ def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module,
     missing = sorted(set(meta["layers"]) - set(_sq_layers(model)))
     if missing:
         raise ExportError(f"{meta['path']}: quant.layers names {missing[0]!r}, which is not a Conv/Linear layer "
-                          f"of {meta['model_name']}")
+                          f"of {meta['model_name']} that the model calls (sqdist leaves a layer whose weight the model "
+                          f"reads directly full precision)")
     if meta["activations"] and list(sq.activation_quantizers) != list(meta["activations"].get("layers", [])):
         raise ExportError(f"{meta['path']}: quant.activations.layers does not match the layers whose input "
                           f"{meta['model_name']} quantizes ({list(sq.activation_quantizers)[:3]}...)")
