@@ -20,7 +20,7 @@ from sqdist import (QuantConfig, SQConfig, calibrate_activations, create_activat
 from sqdist.export import export_model, load_quantized
 
 sqdist_srq = pytest.importorskip("sqdist_srq")
-from sqdist_srq import SRQActivation, SRQWeight, srq_probabilities, srq_value  # noqa: E402
+from sqdist_srq import SRQActivation, SRQWeight, _srq_reference, fast, srq_probabilities, srq_value  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,7 +163,9 @@ def test_dropbits_coarsens_the_grid_reproducibly():
     y1 = q.fake_quantize(w) / alpha
     changed = ~torch.isclose(y1, fine)
     assert 0.1 < changed.float().mean() < 0.6  # some weights were put on a coarser grid ...
-    assert torch.allclose(torch.remainder(y1[changed], 2), torch.zeros(()))  # ... whose points are even codes
+    # ... the symmetric sub-grids: 2 bits {-3, -1, 1, 3}, 1 bit {-2, 2} (no 0: 2^k levels around 0)
+    assert set(y1[changed].round().tolist()) <= {-3.0, -1.0, 1.0, 3.0, -2.0, 2.0}
+    assert torch.allclose(y1[changed], y1[changed].round(), atol=1e-5)
     q.set_progress(7, 100, 10)
     assert torch.equal(q.fake_quantize(w) / alpha, y1)  # same seed and step: the same draw (every rank, resume)
     q.set_progress(8, 100, 10)
@@ -176,6 +178,158 @@ def test_dropbits_coarsens_the_grid_reproducibly():
     assert q.current_drop_prob() == 0.375
     q.set_progress(100, 100, 10)
     assert torch.equal(q.fake_quantize(w) / q.alpha.detach(), fine)  # decayed to 0: nothing dropped
+
+
+def test_dropbits_has_no_bias_on_a_symmetric_input():
+    """At 2 bits a dropped weight used to land on {-2, 0} alpha (code +1 always to 0, -1 to -2 or 0:
+    a mean shift of about -0.23 alpha per dropped weight); the symmetric dropped grid {-1, 1} alpha
+    keeps the mean of a symmetric input at 0, for weights and signed inputs."""
+    torch.manual_seed(0)
+    q = SRQWeight(bits=2, drop_prob=0.5)
+    q.calibrate(torch.randn(64, 64))
+    alpha = float(q.alpha.detach())
+    v = torch.rand(100_000) * 1.4 * alpha  # inside the full grid's symmetric part (|x| < 1.5 alpha)
+    w = torch.cat([v, -v]).reshape(2, -1)
+    a = SRQActivation(bits=2, signed=True, drop_prob=0.5)
+    a.calibrate(torch.randn(4, 100))
+    a.alpha.data.fill_(alpha)
+    means, dropped = [], []
+    for step in range(10):
+        for quantizer in (q, a):
+            quantizer.set_progress(step, 100, 10)
+        with torch.no_grad():
+            yw, ya = q.fake_quantize(w), a(w)
+        coarse = yw.abs() == alpha  # +-alpha is on both grids; dropped elements of the old grid were 0 or -2 alpha
+        means += [float(yw.mean()) / alpha, float(ya.mean()) / alpha]
+        dropped.append(float(yw[(w - yw).abs() > 0.5 * alpha].mean()) / alpha if coarse.any() else 0.0)
+    assert max(abs(m) for m in means) < 0.01, means
+    assert max(abs(m) for m in dropped) < 0.02, dropped
+
+
+def test_dropbits_seed_comes_from_train_seed(tmp_path):
+    """DropBits' masks follow the run's train.seed (the trainer's set_run_seed hook): two runs that
+    differ only in train.seed draw different masks, the same seed the same masks."""
+    from sqdist.config import load_recipe
+    from sqdist.train import train
+    from sqdist_srq import drop_counts
+
+    (tmp_path / "tiny.yaml").write_text(TINY)
+
+    def masks(seed, run):
+        recipe = load_recipe(str(tmp_path / "tiny.yaml"), [f"run.dir={tmp_path / run}", "train.max_steps=1",
+                                                          f"train.seed={seed}"])
+        drawn = []
+
+        def on_step(step, model, sq):
+            for layer in sq.layers.values():
+                q = layer.quantizer
+                assert q._run_seed == seed
+                q._calls = 0  # this step's first draw again
+                drawn.append(drop_counts(layer.weight.shape, q.current_drop_prob(), q.max_bits,
+                                         q._generator("cpu"), "cpu"))
+        train(recipe, on_step=on_step)
+        return torch.cat([d.reshape(-1) for d in drawn])
+
+    first, again, other = masks(0, "a"), masks(0, "b"), masks(1, "c")
+    assert first.any() and torch.equal(first, again)
+    assert not torch.equal(first, other) and (first != other).float().mean() > 0.05
+
+
+# ---------------------------------------------------------------- the fast path against the full-grid reference
+def test_window_leaves_out_less_than_float_precision():
+    """The window [c - K, c + K] around the mode holds all of pi but less than 2^-24 (float64 full grid),
+    for narrow and wide noise, inside the grid, on the boundaries between codes and far outside."""
+    qmin, qmax = -128, 127
+    u = torch.cat([torch.linspace(-140, 140, 5601, dtype=torch.float64),
+                   torch.arange(-128, 128, dtype=torch.float64) + 0.5, torch.tensor([-1e4, 1e4], dtype=torch.float64)])
+    c = torch.clamp(torch.round(u), qmin, qmax)
+    codes = torch.arange(qmin, qmax + 1, dtype=torch.float64)
+    for tau in (1e-3, 0.05, 0.1, 1 / 3, 0.5, 1.0, 2.0, 5.0):
+        k = fast.window_half_width(tau, qmax - qmin + 1)
+        assert k < 256 if tau <= 2 else True
+        pi = srq_probabilities(u, tau, qmin, qmax)
+        outside = ((codes - c.unsqueeze(1)).abs() > k)
+        left_out = (pi * outside).sum(dim=1).max()
+        assert left_out < fast.NEGLECTED_MASS, (tau, k, float(left_out))
+        if k > 1:  # and the width is not wasteful: one code less would leave out more somewhere (or nearly)
+            tighter = (pi * ((codes - c.unsqueeze(1)).abs() > k - 2)).sum(dim=1).max()
+            assert tighter > fast.NEGLECTED_MASS * 1e-3, (tau, k)
+    # sigma = alpha / 3 (the start): 15 codes; a 3-bit grid has 8 (all of it); sigma = alpha / 20: 3 codes
+    assert fast.window_half_width(1 / 3, 256) == 7 and fast.window_half_width(1 / 3, 8) == 7
+    assert fast.window_half_width(0.05, 256) == 1
+
+
+def _grads(fn, x, step, sigma, g, *grid):
+    x, step, sigma = (t.clone().requires_grad_() for t in (x, step, sigma))
+    y = fn(x, step, sigma, *grid)
+    (y * g.to(y.dtype)).sum().backward()
+    return y.detach(), x.grad, step.grad, sigma.grad
+
+
+GRIDS = [(-2, 1, 0.0), (-4, 3, 0.0), (-8, 7, 0.0), (0, 15, 0.0), (-128, 127, 0.0), (-2, 1, 0.5), (-1, 0, 0.5)]
+
+
+@pytest.mark.parametrize("implementation", ["cpu", "torch"])
+@pytest.mark.parametrize("grid", GRIDS)
+def test_fast_path_matches_the_full_grid_reference(implementation, grid, monkeypatch):
+    """Forward equal to the float32 reference; gradients for x, the step and sigma within float
+    tolerance of the float64 reference (float32's own reference is further off on wide grids), on
+    random inputs with far-off-grid elements, ties between codes, tiny and wide noise."""
+    monkeypatch.setenv("SQDIST_SRQ_KERNEL", implementation)
+    if implementation == "cpu" and fast.kernel() is None:
+        pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
+    qmin, qmax, offset = grid
+    torch.manual_seed(qmax)
+    step = torch.tensor([0.5])  # x / step exact in float32 and float64: the two paths see the same u
+    x = torch.cat([torch.randn(4000) * (qmax - qmin) * 0.3 * step,
+                   (torch.arange(qmin, qmax + 1) + offset + 0.5) * step,  # ties
+                   torch.tensor([qmax + 9.0, qmax + 1e4, qmin - 50.0, qmin - 3.0, qmax + 1.2]) * step])
+    g = torch.randn_like(x)
+    for sigma in (1e-7, 0.01, 0.05, 1 / 3, 0.7, 2.0):
+        s = torch.tensor([sigma]) * step
+        y, gx, gstep, gsigma = _grads(srq_value, x, step, s, g, qmin, qmax, offset)
+        y32 = _grads(_srq_reference, x, step, s, g, qmin, qmax, offset)[0]
+        _, rx, rstep, rsigma = _grads(_srq_reference, x.double(), step.double(), s.double(), g, qmin, qmax, offset)
+        assert torch.equal(y, y32), (sigma, (y - y32).abs().max())
+        torch.testing.assert_close(gx.double(), rx, atol=1e-5 * float(rx.abs().max()), rtol=1e-4)
+        for got, ref in ((gstep, rstep), (gsigma, rsigma)):  # sums over 4000+ elements of either sign
+            bound = float((g.double().abs() * (qmax - qmin + 1)).sum() * max(1.0, float(rx.abs().max())))
+            torch.testing.assert_close(got.double(), ref, atol=1e-6 * bound, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["cpu", "torch"])
+def test_quantizers_fast_path_match_the_reference(implementation, monkeypatch):
+    """The quantizers as trained (DropBits on weights and inputs, a learned width between two
+    integers): the fast path's outputs equal the reference's, and the gradients of the weight, the
+    input, alpha, sigma and soft_bits agree (the same draws: one generator per step)."""
+    if implementation == "cpu":
+        monkeypatch.setenv("SQDIST_SRQ_KERNEL", "cpu")
+        if fast.kernel() is None:
+            pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
+    torch.manual_seed(0)
+    w = torch.randn(32, 72)
+    x = torch.randn(8, 72)
+    results = {}
+    for mode in ("reference", implementation):
+        monkeypatch.setenv("SQDIST_SRQ_KERNEL", mode)
+        out = []
+        for q, t in ((SRQWeight(bits=4, learn_bits=True, min_bits=2, drop_prob=0.3, seed=3), w),
+                     (SRQWeight(bits=3, drop_prob=0.4, drop_min_bits=1), w),
+                     (SRQActivation(bits=3, drop_prob=0.4), x.relu()),
+                     (SRQActivation(bits=4, signed=True, drop_prob=0.4), x)):
+            q.calibrate(t)
+            if getattr(q, "learn_bits", False):
+                q.soft_bits.data.fill_(3.3)
+            q.set_progress(4, 100, 10)
+            t = t.clone().requires_grad_()
+            y = q.fake_quantize(t)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+            out.append([y.detach(), t.grad] + [p.grad for _, p in sorted(q.named_parameters())])
+        results[mode] = out
+    for ref, got in zip(results["reference"], results[implementation]):
+        assert torch.equal(ref[0], got[0])
+        for r, g in zip(ref[1:], got[1:]):
+            torch.testing.assert_close(g, r, atol=1e-4 * (1 + float(r.abs().max())), rtol=1e-3)
 
 
 def test_learned_widths_move_under_the_regularizer():

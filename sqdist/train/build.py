@@ -168,6 +168,8 @@ def set_rng_state(state: dict) -> None:
 #       any layer's quantizer says so, BN statistics are re-estimated for the network as
 #       evaluated, on train.bn_recalibrate batches (HOOK_BN_BATCHES when that is 0).
 #   metrics() -> dict[str, float]  logged as ``quant/<module>/<key>`` with each log line.
+#   set_run_seed(seed)  once, after the model is built (and resumed): ``train.seed``, the same on
+#       every rank (the global RNG is seeded ``seed + rank``), for a quantizer's own draws.
 # ``bits`` (an int, possibly changing during training) is read at the end of the run:
 # summary.json gets ``layer_bits`` {layer: bits} and ``avg_weight_bits`` (weighted by the
 # number of weights) for every quantized run.

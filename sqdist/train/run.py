@@ -117,6 +117,7 @@ def setup(recipe: dict) -> Run:
               Tracker(run_dir, recipe, active=accelerator.is_main_process), base_lrs, steps_per_epoch, total_steps,
               trained=(sq.stage, sq.ratio) if sq else (0, 0.0))
     run.quantizers = quantizer_modules(run.net)
+    call_hooks(run, "set_run_seed", tcfg["seed"])
     if state is not None:
         rs = state["rank_state"]
         run.step, run.epoch, run.batch_in_epoch, run.stages = rs["step"], rs["epoch"], rs["batch_in_epoch"], list(rs["stages"])

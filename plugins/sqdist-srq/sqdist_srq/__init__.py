@@ -35,7 +35,8 @@ from sqdist import ActivationQuantizer, Quantizer
 from sqdist.quant.steps import initial_step, positive_step
 from sqdist.quant.weights import grad_scale
 
-TAU_FLOOR = 1e-12  # tau = sigma / s is floored: sigma = 0 gives a one-hot pi, not a division by 0
+from . import fast
+from .fast import TAU_FLOOR, Level  # tau = sigma / s is floored: sigma = 0 gives a one-hot pi, not a division by 0
 
 
 # ---------------------------------------------------------------- the estimator
@@ -59,23 +60,36 @@ def srq_probabilities(u: Tensor, tau: Tensor | float, qmin: int, qmax: int) -> T
     return torch.softmax(srq_logits(u, tau, qmin, qmax), dim=-1)
 
 
-def srq_codes(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
-    """``(c, E)`` in units of ``step``: ``c = argmax pi = clamp(round(x / step), qmin, qmax)`` (no
-    gradient) and ``E = sum_i i pi_i`` (differentiable in ``x``, ``step`` and ``sigma``). Computed in
-    float32 at least (a bfloat16 or float16 input: ``pi``'s logits and softmax would lose too much)."""
+def srq_codes(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int,
+              offset: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Reference: ``(c, E)`` in units of ``step`` on the grid ``step * (i + offset)``: ``c = argmax pi =
+    clamp(round(x / step - offset), qmin, qmax)`` (no gradient) and ``E = sum_i i pi_i`` (differentiable
+    in ``x``, ``step`` and ``sigma``), ``pi`` over the full grid. Computed in float32 at least (a bfloat16
+    or float16 input: ``pi``'s logits and softmax would lose too much)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     step, sigma = step.to(dtype), sigma.to(dtype)
-    u = x.to(dtype) / step
+    u = x.to(dtype) / step - offset
     c = torch.clamp(torch.round(u.detach()), qmin, qmax)
     pi = srq_probabilities(u, sigma.abs() / step + TAU_FLOOR, qmin, qmax)
     e = (pi * torch.arange(qmin, qmax + 1, dtype=pi.dtype, device=pi.device)).sum(dim=-1)
     return c, e
 
 
-def srq_value(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int) -> Tensor:
-    """SRQ's straight-through output: value ``step * c`` (a grid point), gradient through ``pi``."""
-    c, e = srq_codes(x, step, sigma, qmin, qmax)
-    return (step.to(e.dtype) * (c + (e - e.detach()))).to(x.dtype)
+def _srq_reference(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int, offset: float = 0.0) -> Tensor:
+    """The full-grid reference of SRQ's straight-through output: value ``step * (c + offset)`` (a grid
+    point), gradient through ``pi`` (a ``(numel, qmax - qmin + 1)`` tensor; the ground truth of the
+    fast path, ``SQDIST_SRQ_KERNEL=reference``)."""
+    c, e = srq_codes(x, step, sigma, qmin, qmax, offset)
+    return (step.to(e.dtype) * (c + offset + (e - e.detach()))).to(x.dtype)
+
+
+def srq_value(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int, offset: float = 0.0) -> Tensor:
+    """SRQ's straight-through output on the grid ``step * (i + offset)``, ``i`` in ``[qmin, qmax]``:
+    value ``step * (c + offset)``, gradient through ``pi`` (``step``, ``sigma``: ``(1,)``). The fast path
+    (window of codes, compiled kernel on the CPU) unless ``SQDIST_SRQ_KERNEL=reference``."""
+    if fast.mode() == "reference":
+        return _srq_reference(x, step, sigma, qmin, qmax, offset)
+    return fast.srq_grid(x, step, sigma, [Level(1.0, qmin, qmax, offset)])
 
 
 def drop_counts(shape, p: float, limit: int, generator: torch.Generator, device) -> Tensor:
@@ -94,20 +108,22 @@ def name_salt(name: str) -> int:
 
 # ---------------------------------------------------------------- shared: reproducible draws
 class _Stochastic:
-    """Per-step randomness of one quantizer: a generator seeded from ``(seed, step, salt, call)``.
+    """Per-step randomness of one quantizer: a generator seeded from ``(run_seed, seed, step, salt, call)``.
 
-    ``salt`` is the CRC32 of the quantizer's module name in its model (``<layer>.quantizer``,
-    ``<layer>.input_quantizer``), set by ``quantize_model``'s ``on_model_quantized`` hook (0 for
-    a quantizer used on its own), ``step`` comes from the trainer's ``set_progress`` and ``call``
-    counts forwards since then (micro-batches of one step differ). So every rank draws the same
-    DropBits masks, a resumed run draws what the uninterrupted one did, and a model draws the
-    same whatever ran before it in the process. ``seed`` is the quantizer's parameter, not
-    ``train.seed`` (the quantizer does not see the recipe): runs that differ only in
-    ``train.seed`` draw the same DropBits masks (their data order and initial weights differ).
+    ``run_seed`` is the run's ``train.seed`` (the trainer's ``set_run_seed`` hook; 0 for a quantizer
+    used on its own), ``seed`` the quantizer's parameter (default 0, mixed in), ``salt`` the CRC32 of
+    the quantizer's module name in its model (``<layer>.quantizer``, ``<layer>.input_quantizer``), set
+    by ``quantize_model``'s ``on_model_quantized`` hook (0 for a quantizer used on its own), ``step``
+    comes from the trainer's ``set_progress`` and ``call`` counts forwards since then (micro-batches
+    of one step differ). So every rank draws the same DropBits masks (``train.seed``, not the
+    ``seed + rank`` of the global RNG), a resumed run draws what the uninterrupted one did, runs
+    that differ in ``train.seed`` draw different masks, and a model draws the same whatever ran
+    before it in the process.
     """
 
     def _init_stochastic(self, seed: int, drop_prob: float, drop_schedule: str):
         self.seed, self._step, self._total, self._salt, self._calls = seed, 0, 0, 0, 0
+        self._run_seed = 0
         self.drop_prob, self.drop_schedule = float(drop_prob), drop_schedule
 
     def current_drop_prob(self) -> float:
@@ -120,9 +136,13 @@ class _Stochastic:
     def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         self._step, self._total, self._calls = int(step), int(total_steps), 0
 
+    def set_run_seed(self, seed: int) -> None:
+        """The trainer's hook: the run's ``train.seed`` (the same on every rank), DropBits' seed."""
+        self._run_seed = int(seed)
+
     def _generator(self, device) -> torch.Generator:
         g = torch.Generator(device=device)
-        g.manual_seed(hash((self.seed, self._step, self._salt, self._calls)) & (2 ** 63 - 1))
+        g.manual_seed(hash((self._run_seed, self.seed, self._step, self._salt, self._calls)) & (2 ** 63 - 1))
         self._calls += 1
         return g
 
@@ -189,7 +209,7 @@ class SRQWeight(Quantizer, _Stochastic):
         bit_reg: the regularizer's weight ``lambda`` (>= 0).
         target_bits: the target average width, weighted by the layers' weight counts.
         sigma_init: ``sigma`` starts at ``sigma_init * alpha`` (1/3).
-        seed: seeds DropBits' and the width's per-step draws (not ``train.seed``: see ``_Stochastic``).
+        seed: mixed with the run's ``train.seed`` into DropBits' and the width's per-step draws (see ``_Stochastic``).
 
     ``min_bits``, ``bit_reg`` and ``target_bits`` other than their defaults need ``learn_bits``.
     ``bits`` is the layer's current integer width (``bits`` itself without ``learn_bits``).
@@ -271,47 +291,44 @@ class SRQWeight(Quantizer, _Stochastic):
                                 if isinstance(layer.quantizer, SRQWeight) and layer.quantizer.learn_bits)
 
     # ------------------------------------------------------------ training
-    def _value_at(self, w: Tensor, width: int, alpha: Tensor, sigma: Tensor) -> Tensor:
-        """SRQ output on the ``width``-bit sub-grid (step ``alpha * 2^(B - width)``)."""
-        lo, hi = self._range(width)
-        return srq_value(w, alpha * 2.0 ** (self.max_bits - width), sigma, lo, hi)
+    def _levels(self) -> list[Level]:
+        """The grids an element may train on, by index: ``v`` (1..B) the ``v``-bit grid of export
+        (codes ``[-2^(v-1), 2^(v-1) - 1]``), ``9 + v`` the symmetric ``v``-bit grid DropBits leaves
+        (points ``(k + 1/2)`` for the same codes), both of step ``alpha * 2^(B - v)``: points of the
+        ``B``-bit grid, ``2^v`` levels, the dropped one symmetric around 0 (no bias for a symmetric input)."""
+        table = [Level(1.0, 0, 0)] * 18
+        for v in range(1, self.max_bits + 1):
+            lo, hi = self._range(v)
+            table[v] = Level(2.0 ** (self.max_bits - v), lo, hi)
+            table[9 + v] = Level(2.0 ** (self.max_bits - v), lo, hi, 0.5)
+        return table
 
     def fake_quantize(self, w):
         g = 1.0 / math.sqrt(w.numel() * (2 ** (self.max_bits - 1)))  # LSQ's gradient scale, for alpha and sigma
         alpha, sigma = grad_scale(positive_step(self.alpha), g).to(w.dtype), grad_scale(self.sigma, g).to(w.dtype)
+        levels = self._levels()
         if not self.training:
-            return self._value_at(w, self.bits, alpha, sigma)
-        values: dict[int, Tensor] = {}
-
-        def value(v: int) -> Tensor:
-            if v not in values:
-                values[v] = self._value_at(w, v, alpha, sigma)
-            return values[v]
-
-        generator, soft = None, None
+            return _quantize(w, alpha, sigma, [levels[self.bits]])
+        generator, f, soft, width = None, None, None, None
         if self.learn_bits:
             b = self._clamped_bits()
             lo = min(int(math.floor(float(b.detach()))), self.max_bits - 1)
             f = b - lo  # in [0, 1]: the probability that an element trains at lo + 1 bits
             generator = self._generator(w.device)
             width = lo + (torch.rand(w.shape, generator=generator, device=w.device) < f.detach()).to(torch.int64)
-            # the width's gradient: d/df of (1 - f) y_lo + f y_hi with the values held fixed
-            soft = ((1 - f) * value(lo).detach() + f * value(lo + 1).detach()).to(w.dtype)
-        else:
-            width = torch.full(w.shape, self.max_bits, dtype=torch.int64, device=w.device)
+            soft = (lo, lo + 1)  # the width's gradient: d/df of (1 - f) y_lo + f y_hi, the values held fixed
         if self.drop_prob > 0:  # DropBits on (its scheduled p may have decayed to 0: then nothing is dropped)
             generator = generator or self._generator(w.device)
             drop = drop_counts(w.shape, self.current_drop_prob(), self.max_bits, generator, w.device)
-            floor = torch.minimum(width, torch.full_like(width, self.drop_min_bits))
-            width = torch.maximum(width - drop, floor)
-        present = torch.unique(width).tolist()
-        if len(present) == 1:
-            y = value(present[0])
+            if width is None:
+                width = torch.full(w.shape, self.max_bits, dtype=torch.int64, device=w.device)
+            kept = torch.maximum(width - drop, torch.clamp(width, max=self.drop_min_bits))
+            index = kept + 9 * (kept < width)
+        elif width is not None:
+            index = width
         else:
-            y = torch.zeros_like(w)
-            for v in present:
-                y = torch.where(width == v, value(v), y)
-        return y if soft is None else y + (soft - soft.detach())
+            return _quantize(w, alpha, sigma, [levels[self.max_bits]])
+        return _quantize(w, alpha, sigma, levels, index, f, soft)
 
     # ------------------------------------------------------------ trainer hooks
     def expected_bits(self) -> Tensor:
@@ -395,19 +412,26 @@ class SRQActivation(ActivationQuantizer, _Stochastic):
         self.alpha.fill_(initial_step(2 * float(x.abs().float().mean()) / math.sqrt(self.qmax)))
         self.sigma.fill_(self.sigma_init * float(self.alpha))
 
+    def _levels(self) -> list[Level]:
+        """By DropBits' count ``j`` of dropped bits: the ``(bits - j)``-bit grid of step ``alpha * 2^j``,
+        for signed inputs the symmetric one (points ``(k + 1/2)``, as for weights), for unsigned
+        inputs ``[0, 2^(bits - j) - 1]`` (0, where a ReLU puts most inputs, stays a point)."""
+        table = [Level(1.0, self.qmin, self.qmax)]
+        for j in range(1, self.bits):
+            lo, hi = _sub_range(self.bits - j, self._signed)
+            table.append(Level(2.0 ** j, lo, hi, 0.5 if self._signed else 0.0))
+        return table
+
     def fake_quantize(self, x):
         features = x[0].numel() if x.dim() > 1 else x.numel()
         g = 1.0 / math.sqrt(features * self.qmax)
         alpha, sigma = grad_scale(positive_step(self.alpha), g).to(x.dtype), grad_scale(self.sigma, g).to(x.dtype)
+        levels = self._levels()
         if self.drop_prob == 0 or not self.training:  # DropBits off (its scheduled p may decay to 0: then on, dropping nothing)
-            return srq_value(x, alpha, sigma, self.qmin, self.qmax)
+            return _quantize(x, alpha, sigma, levels[:1])
         drop = drop_counts(x.shape, self.current_drop_prob(), self.bits - self.drop_min_bits,
                            self._generator(x.device), x.device)
-        y = torch.zeros_like(x)
-        for j in torch.unique(drop).tolist():  # j dropped bits: the (bits - j)-bit sub-grid, same range
-            lo, hi = self.levels(self._signed) if j == 0 else _sub_range(self.bits - j, self._signed)
-            y = torch.where(drop == j, srq_value(x, alpha * 2.0 ** j, sigma, lo, hi), y)
-        return y
+        return _quantize(x, alpha, sigma, levels, drop)
 
     def config(self):
         return {**super().config(), "drop_prob": self.drop_prob, "drop_min_bits": self.drop_min_bits,
@@ -416,3 +440,26 @@ class SRQActivation(ActivationQuantizer, _Stochastic):
 
 def _sub_range(width: int, signed: bool) -> tuple[int, int]:
     return (-(2 ** (width - 1)), 2 ** (width - 1) - 1) if signed else (0, 2 ** width - 1)
+
+
+def _quantize(x: Tensor, alpha: Tensor, sigma: Tensor, levels: list[Level], index: Tensor | None = None,
+              f: Tensor | None = None, soft: tuple[int, int] | None = None) -> Tensor:
+    """Each element of ``x`` on its level (``fast.srq_grid``), or ``SQDIST_SRQ_KERNEL=reference``:
+    each level's full-grid reference output, selected per element (the ground truth)."""
+    if fast.mode() != "reference":
+        return fast.srq_grid(x, alpha, sigma, levels, index, f, soft)
+
+    def value(i: int) -> Tensor:
+        lv = levels[i]
+        return _srq_reference(x, alpha * lv.mult, sigma, lv.qmin, lv.qmax, lv.offset)
+
+    if index is None:
+        y = value(0)
+    else:
+        y = torch.zeros_like(x)
+        for i in torch.unique(index).tolist():
+            y = torch.where(index == i, value(i), y)
+    if soft is not None:
+        s = ((1 - f) * value(soft[0]).detach() + f * value(soft[1]).detach()).to(x.dtype)
+        y = y + (s - s.detach())
+    return y

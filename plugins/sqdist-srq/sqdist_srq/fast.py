@@ -1,0 +1,242 @@
+"""SRQ's estimator at layer scale: a window of codes, a hand-written backward, a fused CPU kernel.
+
+The full-grid reference (``_srq_reference`` in ``__init__``) builds ``pi`` as a ``(numel, 2^B)``
+tensor and lets autograd go through a dozen ops on it. Here the forward is only the mode
+(``clamp(round(u))``: nothing else is needed for the value) and the backward computes, per
+element and over a window of codes around the mode only, ``dE/du`` and ``dE/dtau`` from the
+closed forms (``E = sum_k k pi_k``, ``l_k = log pi_k + const``)::
+
+    pi_k ∝ F_k G_{k-1},  F_k = sigmoid(t_k), G_k = 1 - F_k,  t_k = (k + 1/2 - u) / tau
+    dE/du   = Cov_pi(k, dl_k/du)   = Cov_pi(k, F_{k-1} - G_k) / tau
+    dE/dtau = Cov_pi(k, dl_k/dtau) = Cov_pi(k, F_{k-1} t_{k-1} - G_k t_k) / tau
+
+(``sigmoid(t_k) - sigmoid(t_{k-1}) = F_k G_{k-1} (1 - e^{-1/tau})``: a product, no cancellation).
+The CPU kernel (``srq_cpu.cpp``, built on first use into ``$SQDIST_KERNEL_CACHE``) runs that in one
+pass; the pure-PyTorch path below (any device, or when the kernel cannot be built) loops over the
+window's offsets with ``numel``-sized tensors only. ``SQDIST_SRQ_KERNEL=cpu|torch|reference|auto``
+picks (read at every call; ``reference`` is handled by the quantizers).
+
+A grid *level* is ``(mult, qmin, qmax, offset)``: step ``alpha * mult``, points
+``alpha * mult * (k + offset)`` for codes ``k`` in ``[qmin, qmax]``; one call quantizes each
+element on the level ``index[e]`` names (DropBits, learned widths) in one pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+TAU_FLOOR = 1e-12
+NEGLECTED_MASS = 2.0 ** -24  # the window leaves out less than this fraction of pi: below float32 rounding of 1
+CLAMP_TAUS = 20.0  # u is clamped 20 tau beyond the outer boundaries: pi then moves by < e^-20 relative
+MODES = ("auto", "cpu", "torch", "reference")
+
+
+class Level(NamedTuple):
+    """One grid: step ``alpha * mult``, points ``alpha * mult * (k + offset)``, ``k`` in ``[qmin, qmax]``."""
+
+    mult: float
+    qmin: int
+    qmax: int
+    offset: float = 0.0
+
+
+def mode() -> str:
+    m = os.environ.get("SQDIST_SRQ_KERNEL", "auto")
+    if m not in MODES:
+        raise ValueError(f"SQDIST_SRQ_KERNEL={m!r}; allowed: {', '.join(MODES)}")
+    return m
+
+
+def window_half_width(tau: float, codes: int) -> int:
+    """The half width ``K`` of the window ``[c - K, c + K]`` around the mode ``c`` outside which the
+    codes hold less than ``NEGLECTED_MASS`` of ``pi`` (``codes``: the grid's size, the cap).
+
+    Why (``S(t) = sigmoid(-t / tau)``: the noise mass beyond ``t`` (in code units), ``m(t) = S(t) -
+    S(t + 1)``: of a unit interval starting ``t``). Inside the grid the mode's interval holds ``u``,
+    so its mass is at least ``m(0)``, and the codes more than ``K`` steps to one side have disjoint
+    intervals beyond ``K``: at most ``S(K)`` each side, ``2 S(K) / m(0)`` of ``Z`` in all. Outside the
+    grid (mode interval ``t0 >= 0`` away) the codes beyond ``K`` hold ``S(t0 + K + 1)`` against
+    ``m(t0)``, a ratio that falls with ``t0`` (the logistic is log-concave: ``S(t0 + a) / S(t0)``
+    falls), so at most ``S(K + 1) / m(0)``. ``K`` is the least with ``2 S(K) / m(0)`` below
+    ``NEGLECTED_MASS`` (``tests/test_srq.py`` checks it against the full grid in float64)."""
+    if not tau > 0 or not math.isfinite(tau):
+        return codes
+    m0 = 1.0 / (1.0 + math.exp(-1.0 / tau)) - 0.5 if tau > 1e-3 else 0.5
+    if m0 <= 0:
+        return codes
+    q = NEGLECTED_MASS * m0 / 2.0  # S(K) <= q  <=>  K >= tau log((1 - q) / q)
+    k = math.ceil(tau * math.log((1.0 - q) / q))
+    return int(min(max(k, 1), codes))
+
+
+# ---------------------------------------------------------------- the compiled kernel
+_kernel: dict[str, object | None] = {}
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("SQDIST_KERNEL_CACHE") or Path.home() / ".cache" / "sqdist" / "kernels")
+
+
+def kernel():
+    """The compiled CPU op module, built once (cached by source hash), or None when it cannot be."""
+    if "cpu" not in _kernel:
+        src = Path(__file__).with_name("srq_cpu.cpp")
+        flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
+        h = hashlib.sha256(src.read_bytes() + f"{torch.__version__}|{flags}".encode()).hexdigest()[:16]
+        try:
+            from torch.utils.cpp_extension import load
+
+            build = _cache_root() / f"srq_cpu_{h}"
+            build.mkdir(parents=True, exist_ok=True)
+            _kernel["cpu"] = load(name=f"sqdist_srq_cpu_{h}", sources=[str(src)], extra_cflags=flags,
+                                  extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+        except Exception as e:  # no compiler, no headers: the PyTorch path, same results
+            warnings.warn(f"sqdist-srq: the CPU kernel could not be built ({type(e).__name__}: {e}); "
+                          "using the PyTorch path")
+            _kernel["cpu"] = None
+    return _kernel["cpu"]
+
+
+def _use_kernel(x: Tensor) -> bool:
+    m = mode()
+    return x.device.type == "cpu" and m in ("auto", "cpu") and kernel() is not None
+
+
+# ---------------------------------------------------------------- the PyTorch path
+def _window_grads(u: Tensor, tau: float, qmin: int, qmax: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(c, dE/du, dE/dtau)`` for a 1-D ``u`` on one integer grid, over the window only."""
+    c = torch.clamp(torch.round(u), qmin, qmax)
+    umin, umax = qmin - 0.5 - CLAMP_TAUS * tau, qmax + 0.5 + CLAMP_TAUS * tau
+    clamped = (u < umin) | (u > umax)
+    uc = u.clamp(umin, umax)
+    offsets = range(max(-k, qmin - qmax), min(k, qmax - qmin) + 1)
+
+    def code(o):
+        kk = c + o
+        valid = (kk >= qmin) & (kk <= qmax)
+        t_hi, t_lo = (kk + 0.5 - uc) / tau, (kk - 0.5 - uc) / tau
+        w = torch.where(valid, torch.sigmoid(t_hi) * torch.sigmoid(-t_lo), torch.zeros_like(uc))
+        return w, t_hi, t_lo
+
+    z, s = torch.zeros_like(uc), torch.zeros_like(uc)
+    for o in offsets:
+        w = code(o)[0]
+        z += w
+        s += o * w
+    eo = s / z
+    a, b = torch.zeros_like(uc), torch.zeros_like(uc)
+    for o in offsets:
+        w, t_hi, t_lo = code(o)
+        d = torch.where(w > 0, (o - eo) * w, torch.zeros_like(w))
+        f_lo, g_hi = torch.sigmoid(t_lo), torch.sigmoid(-t_hi)
+        a += d * (f_lo - g_hi)
+        b += d * torch.nan_to_num(f_lo * t_lo - g_hi * t_hi)
+    dedu = torch.where(clamped, torch.zeros_like(a), a / (z * tau))
+    return c, dedu, b / (z * tau)
+
+
+def _grid_values(x: Tensor, steps: Tensor, levels: Sequence[Level], index: Tensor | None) -> Tensor:
+    if index is None:
+        lv, s = levels[0], steps[0]
+        return s * (torch.clamp(torch.round(x / s - lv.offset), lv.qmin, lv.qmax) + lv.offset)
+    y = torch.zeros_like(x)
+    for i, lv in enumerate(levels):
+        sel = index == i
+        s = steps[i]
+        y = torch.where(sel, s * (torch.clamp(torch.round(x / s - lv.offset), lv.qmin, lv.qmax) + lv.offset), y)
+    return y
+
+
+def _torch_backward(x, g, index, steps, taus, tau0s, levels, halfwidths, soft):
+    gx = torch.zeros_like(x)
+    galpha = x.new_zeros((), dtype=torch.float64)
+    gsigma = x.new_zeros((), dtype=torch.float64)
+    xf, gf = x.reshape(-1), g.reshape(-1)
+    flat_index = None if index is None else index.reshape(-1)
+    for i, lv in enumerate(levels):
+        sel = None if flat_index is None else (flat_index == i).nonzero().squeeze(1)
+        if sel is not None and sel.numel() == 0:
+            continue
+        xs, gs = (xf, gf) if sel is None else (xf[sel], gf[sel])
+        u = xs / steps[i] - lv.offset
+        c, dedu, dedtau = _window_grads(u, float(taus[i]), lv.qmin, lv.qmax, halfwidths[i])
+        gxs = gs * dedu
+        if sel is None:
+            gx = gxs.reshape(x.shape)
+        else:
+            gx.view(-1)[sel] = gxs
+        galpha += (lv.mult * gs.double() * ((c + lv.offset) - (u + lv.offset) * dedu - float(tau0s[i]) * dedtau).double()).sum()
+        gsigma += (gs.double() * dedtau.double()).sum()
+    gsoft = None
+    if soft is not None:
+        lo, hi = soft
+        gsoft = (g.double() * (_grid_values(x, steps[hi:hi + 1], levels[hi:hi + 1], None)
+                               - _grid_values(x, steps[lo:lo + 1], levels[lo:lo + 1], None)).double()).sum()
+    return gx, galpha, gsigma, gsoft
+
+
+# ---------------------------------------------------------------- the autograd function
+class SRQFunction(torch.autograd.Function):
+    """``y = step_l (c + offset_l)``, ``c`` the mode, each element on its level; gradients as SRQ's
+    estimator ``step (c + E - stopgrad E)`` of the full-grid reference, for ``x``, ``alpha``,
+    ``sigma`` and ``f`` (the learned width's fraction: ``d/df`` of ``(1 - f) y_lo + f y_hi``)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, sigma, f, index, levels, soft):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf = x.detach().to(dtype)
+        mults = torch.tensor([lv.mult for lv in levels], dtype=dtype)
+        steps = alpha.detach().to(dtype).reshape(1) * mults
+        tau0s = sigma.detach().to(dtype).abs().reshape(1) / steps
+        taus = tau0s + TAU_FLOOR
+        halfwidths = [window_half_width(float(t), lv.qmax - lv.qmin + 1) for t, lv in zip(taus.tolist(), levels)]
+        use_kernel = _use_kernel(xf) and dtype in (torch.float32, torch.float64)
+        if use_kernel:
+            y = kernel().forward(xf, index, steps, taus, tau0s, [lv.mult for lv in levels],
+                                 [lv.offset for lv in levels], [lv.qmin for lv in levels],
+                                 [lv.qmax for lv in levels], halfwidths)
+        else:
+            y = _grid_values(xf, steps.to(xf.device), levels, index)
+        ctx.save_for_backward(xf, index if index is not None else torch.empty(0), alpha, sigma)
+        ctx.info = (levels, soft, halfwidths, steps, taus, tau0s, use_kernel, index is not None, x.dtype)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xf, index, alpha, sigma = ctx.saved_tensors
+        levels, soft, halfwidths, steps, taus, tau0s, use_kernel, has_index, xdtype = ctx.info
+        index = index if has_index else None
+        g = grad.to(xf.dtype)
+        if use_kernel:
+            gx, sums = kernel().backward(xf, index, g, steps, taus, tau0s, [lv.mult for lv in levels],
+                                         [lv.offset for lv in levels], [lv.qmin for lv in levels],
+                                         [lv.qmax for lv in levels], halfwidths,
+                                         soft[0] if soft else -1, soft[1] if soft else -1)
+            galpha, gsigma, gsoft = sums[0], sums[1], sums[2]
+        else:
+            dev = xf.device
+            gx, galpha, gsigma, gsoft = _torch_backward(xf, g, index, steps.to(dev), taus.to(dev), tau0s.to(dev),
+                                                        levels, halfwidths, soft)
+        sign = torch.sign(sigma.detach())
+        ga = (galpha.to(alpha.dtype) * torch.ones_like(alpha)).to(alpha.device)
+        gs = (gsigma.to(sigma.dtype) * sign).to(sigma.device)
+        gf = None if soft is None or ctx.needs_input_grad[3] is False else gsoft.to(alpha.dtype).reshape(1)
+        return gx.to(xdtype), ga, gs, gf, None, None, None
+
+
+def srq_grid(x: Tensor, alpha: Tensor, sigma: Tensor, levels: Sequence[Level], index: Tensor | None = None,
+             f: Tensor | None = None, soft: tuple[int, int] | None = None) -> Tensor:
+    """SRQ's straight-through output of ``x`` (any shape), each element on ``levels[index[e]]``
+    (``index``: uint8 of ``x``'s shape, or None: all on ``levels[0]``). ``alpha``, ``sigma``: ``(1,)``.
+    With ``f`` and ``soft = (lo, hi)`` (two integer levels) the output also carries the gradient of
+    ``(1 - f) y_lo + f y_hi`` with the values held fixed, to ``f``."""
+    if index is not None:
+        index = index.to(torch.uint8)
+    return SRQFunction.apply(x, alpha, sigma, f, index, tuple(levels), soft)

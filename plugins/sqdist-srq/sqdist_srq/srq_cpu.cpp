@@ -1,0 +1,223 @@
+// SRQ's estimator on the CPU, one pass over the elements (OpenMP), nothing of size numel x codes.
+//
+// Every element e has a grid "level" l (index[e], or 0 without index): step s_l = alpha * mult_l,
+// codes k in [qmin_l, qmax_l], grid points s_l * (k + off_l) (off 0: the integer grid, 0.5: the
+// symmetric grid of DropBits), noise scale tau_l = |sigma| / s_l (+ the floor) in units of s_l.
+// With u = x / s_l - off_l:
+//   forward   y = s_l * (clamp(rint(u), qmin, qmax) + off)
+//   backward  E = sum_k k pi_k over a window of codes around the mode c (see window_half_width in
+//             __init__.py: the mass outside it is below float32 precision), pi_k ∝ F_k G_{k-1},
+//             F_k = sigmoid(t_k), G_k = 1 - F_k, t_k = (k + 1/2 - u) / tau (boundary of code k),
+//             dE/du = 1/tau Cov_pi(k, F_{k-1} - G_k), dE/dtau = 1/tau Cov_pi(k, F_{k-1} t_{k-1} - G_k t_k)
+//             gx = g dE/du; galpha += g mult (c + off - (u + off) dE/du - tau0 dE/dtau); gsigma += g dE/dtau
+// u is clamped to 20 tau beyond the grid's outer boundaries: further out pi no longer depends on u
+// (to a relative 2e-9) and x gets no gradient. The exponentials: two per element (the boundaries next
+// to u), the others by the factor exp(-1/tau) per code (a table per level).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxCodes = 256;
+
+struct Level {
+  double step, tau, tau0, mult, off;
+  long qmin, qmax, K;
+  double umin, umax;        // u is clamped to [umin, umax]
+  std::vector<double> ratio;  // ratio[j] = exp(-j / tau)
+};
+
+std::vector<Level> make_levels(const torch::Tensor& steps, const torch::Tensor& taus, const torch::Tensor& tau0s,
+                               const std::vector<double>& mults, const std::vector<double>& offs,
+                               const std::vector<int64_t>& qmins, const std::vector<int64_t>& qmaxs,
+                               const std::vector<int64_t>& halfwidths) {
+  auto s = steps.to(torch::kDouble).contiguous(), t = taus.to(torch::kDouble).contiguous(),
+       t0 = tau0s.to(torch::kDouble).contiguous();
+  std::vector<Level> levels(mults.size());
+  for (size_t l = 0; l < levels.size(); ++l) {
+    Level& L = levels[l];
+    L.step = s.data_ptr<double>()[l];
+    L.tau = t.data_ptr<double>()[l];
+    L.tau0 = t0.data_ptr<double>()[l];
+    L.mult = mults[l];
+    L.off = offs[l];
+    L.qmin = qmins[l];
+    L.qmax = qmaxs[l];
+    L.K = halfwidths[l];
+    TORCH_CHECK(L.qmax - L.qmin + 1 <= kMaxCodes, "srq: at most 256 codes");
+    L.umin = L.qmin - 0.5 - 20.0 * L.tau;
+    L.umax = L.qmax + 0.5 + 20.0 * L.tau;
+    L.ratio.resize(L.qmax - L.qmin + 3);
+    for (size_t j = 0; j < L.ratio.size(); ++j) L.ratio[j] = std::exp(-double(j) / L.tau);
+  }
+  return levels;
+}
+
+template <typename T>
+void forward_kernel(const T* x, const uint8_t* index, T* y, int64_t n, const std::vector<Level>& levels,
+                    const std::vector<T>& step_t) {
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const int l = index ? index[e] : 0;
+      const Level& L = levels[l];
+      const T s = step_t[l];
+      T u = x[e] / s - T(L.off);
+      T c = std::min(std::max(std::nearbyint(u), T(L.qmin)), T(L.qmax));
+      y[e] = s * (c + T(L.off));
+    }
+  });
+}
+
+// dE/du and dE/dtau of one element (float accumulation in double where it sums over codes).
+template <typename T>
+inline void element_grads(T u, const Level& L, T& c_out, double& dEdu, double& dEdtau, bool& clamped) {
+  const double tau = L.tau;
+  const T c = std::min(std::max(std::nearbyint(u), T(L.qmin)), T(L.qmax));
+  c_out = c;
+  double uc = double(u);
+  clamped = uc < L.umin || uc > L.umax;
+  uc = std::min(std::max(uc, L.umin), L.umax);
+  const long ci = long(c);
+  const long lo = std::max(L.qmin, ci - L.K), hi = std::min(L.qmax, ci + L.K);
+  const long nb = hi - lo + 2;  // boundaries lo-1 .. hi
+  double F[kMaxCodes + 2], G[kMaxCodes + 2], t[kMaxCodes + 2];
+  // first boundary at or above uc: k_a = ceil(uc - 1/2), as an index j_a = k_a - (lo - 1) in [0, nb]
+  long ja = long(std::ceil(uc - 0.5)) - (lo - 1);
+  ja = std::min(std::max(ja, 0L), nb);
+  if (ja < nb) {  // boundaries above u: q = exp(-t) <= 1
+    const double q0 = std::exp(-((lo - 1 + ja) + 0.5 - uc) / tau);
+    for (long j = ja; j < nb; ++j) {
+      const double q = q0 * L.ratio[j - ja];
+      F[j] = 1.0 / (1.0 + q);
+      G[j] = q / (1.0 + q);
+      t[j] = ((lo - 1 + j) + 0.5 - uc) / tau;
+    }
+  }
+  if (ja > 0) {  // boundaries below u: p = exp(t) <= 1
+    const double p0 = std::exp(((lo - 1 + ja - 1) + 0.5 - uc) / tau);
+    for (long j = ja - 1; j >= 0; --j) {
+      const double p = p0 * L.ratio[ja - 1 - j];
+      F[j] = p / (1.0 + p);
+      G[j] = 1.0 / (1.0 + p);
+      t[j] = ((lo - 1 + j) + 0.5 - uc) / tau;
+    }
+  }
+  double Z = 0, S = 0;  // sum w, sum (k - c) w
+  double w[kMaxCodes];
+  for (long k = lo; k <= hi; ++k) {
+    const long j = k - lo + 1;
+    w[k - lo] = F[j] * G[j - 1];
+    Z += w[k - lo];
+    S += double(k - ci) * w[k - lo];
+  }
+  const double Eo = S / Z;  // E - c
+  double A = 0, B = 0;
+  for (long k = lo; k <= hi; ++k) {
+    const long j = k - lo + 1;
+    if (w[k - lo] == 0) continue;  // also where t is large: no 0 * inf
+    const double d = (double(k - ci) - Eo) * w[k - lo];
+    A += d * (F[j - 1] - G[j]);
+    B += d * (F[j - 1] * t[j - 1] - G[j] * t[j]);
+  }
+  dEdu = clamped ? 0.0 : A / (Z * tau);
+  dEdtau = B / (Z * tau);
+}
+
+template <typename T>
+void backward_kernel(const T* x, const uint8_t* index, const T* g, T* gx, int64_t n, const std::vector<Level>& levels,
+                     const std::vector<T>& step_t, int soft_lo, int soft_hi, double& galpha, double& gsigma,
+                     double& gsoft) {
+  const int threads = at::get_num_threads();
+  std::vector<double> acc(3 * threads, 0.0);
+  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+    double ga = 0, gs = 0, gf = 0;
+    for (int64_t e = begin; e < end; ++e) {
+      const int l = index ? index[e] : 0;
+      const Level& L = levels[l];
+      const T s = step_t[l];
+      const T u = x[e] / s - T(L.off);
+      T c;
+      double dEdu, dEdtau;
+      bool clamped;
+      element_grads<T>(u, L, c, dEdu, dEdtau, clamped);
+      const double ge = double(g[e]);
+      gx[e] = T(ge * dEdu);
+      ga += ge * L.mult * ((double(c) + L.off) - (double(u) + L.off) * dEdu - L.tau0 * dEdtau);
+      gs += ge * dEdtau;
+      if (soft_lo >= 0) {  // d/df of (1 - f) y_lo + f y_hi: g (y_hi - y_lo), both integer grids
+        const T yl = step_t[soft_lo] * std::min(std::max(std::nearbyint(x[e] / step_t[soft_lo]), T(levels[soft_lo].qmin)),
+                                                T(levels[soft_lo].qmax));
+        const T yh = step_t[soft_hi] * std::min(std::max(std::nearbyint(x[e] / step_t[soft_hi]), T(levels[soft_hi].qmin)),
+                                                T(levels[soft_hi].qmax));
+        gf += ge * double(yh - yl);
+      }
+    }
+    const int tid = at::get_thread_num();
+    acc[3 * tid] += ga;
+    acc[3 * tid + 1] += gs;
+    acc[3 * tid + 2] += gf;
+  });
+  galpha = gsigma = gsoft = 0;
+  for (int i = 0; i < threads; ++i) {
+    galpha += acc[3 * i];
+    gsigma += acc[3 * i + 1];
+    gsoft += acc[3 * i + 2];
+  }
+}
+
+}  // namespace
+
+torch::Tensor srq_forward(torch::Tensor x, c10::optional<torch::Tensor> index, torch::Tensor steps, torch::Tensor taus,
+                          torch::Tensor tau0s, std::vector<double> mults, std::vector<double> offs,
+                          std::vector<int64_t> qmins, std::vector<int64_t> qmaxs, std::vector<int64_t> halfwidths) {
+  x = x.contiguous();
+  auto levels = make_levels(steps, taus, tau0s, mults, offs, qmins, qmaxs, halfwidths);
+  auto y = torch::empty_like(x);
+  const uint8_t* idx = nullptr;
+  torch::Tensor ic;
+  if (index.has_value()) {
+    ic = index->contiguous();
+    idx = ic.data_ptr<uint8_t>();
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "srq_forward", [&] {
+    auto st = steps.to(x.scalar_type()).contiguous();
+    std::vector<scalar_t> step_t(st.data_ptr<scalar_t>(), st.data_ptr<scalar_t>() + st.numel());
+    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), idx, y.data_ptr<scalar_t>(), x.numel(), levels, step_t);
+  });
+  return y;
+}
+
+std::vector<torch::Tensor> srq_backward(torch::Tensor x, c10::optional<torch::Tensor> index, torch::Tensor grad,
+                                        torch::Tensor steps, torch::Tensor taus, torch::Tensor tau0s,
+                                        std::vector<double> mults, std::vector<double> offs,
+                                        std::vector<int64_t> qmins, std::vector<int64_t> qmaxs,
+                                        std::vector<int64_t> halfwidths, int64_t soft_lo, int64_t soft_hi) {
+  x = x.contiguous();
+  grad = grad.to(x.scalar_type()).contiguous();
+  auto levels = make_levels(steps, taus, tau0s, mults, offs, qmins, qmaxs, halfwidths);
+  auto gx = torch::empty_like(x);
+  const uint8_t* idx = nullptr;
+  torch::Tensor ic;
+  if (index.has_value()) {
+    ic = index->contiguous();
+    idx = ic.data_ptr<uint8_t>();
+  }
+  double ga = 0, gs = 0, gf = 0;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "srq_backward", [&] {
+    auto st = steps.to(x.scalar_type()).contiguous();
+    std::vector<scalar_t> step_t(st.data_ptr<scalar_t>(), st.data_ptr<scalar_t>() + st.numel());
+    backward_kernel<scalar_t>(x.data_ptr<scalar_t>(), idx, grad.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
+                              x.numel(), levels, step_t, int(soft_lo), int(soft_hi), ga, gs, gf);
+  });
+  auto sums = torch::tensor({ga, gs, gf}, torch::kDouble);
+  return {gx, sums};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &srq_forward, "SRQ forward: the grid point of highest probability");
+  m.def("backward", &srq_backward, "SRQ backward: (grad x, [grad alpha, grad sigma, grad soft])");
+}
