@@ -7,11 +7,13 @@ step), its ratio to full precision measured in the same run, and the growth of t
 resident memory (``ru_maxrss``) over the configuration's first steps (configurations run in the order
 listed; a later one only shows memory beyond the earlier peaks). The quantized configurations are
 those of ``recipes/digits_srq_w2a2.yaml`` at W3A3 and ``recipes/digits_srq_learned_bits.yaml``.
-``SQDIST_SRQ_KERNEL=reference|torch|cpu`` picks the SRQ implementation (default: the compiled one).
+With ``--reference`` the quantized configurations also run on the full-grid reference
+(``SQDIST_SRQ_KERNEL=reference``: the implementation before the fast path), as ``<config>_ref``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import time
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 import sqdist
 
+IMPLEMENTATION = os.environ.get("SQDIST_SRQ_KERNEL", "auto")
 CONFIGS = {
     "fp": None,
     "srq_w3a3": sqdist.QuantConfig(quantizer="srq", params={"bits": 3}, activations="srq",
@@ -37,8 +40,8 @@ def build(name: str, x: torch.Tensor):
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10)
     sq = None
-    if CONFIGS[name] is not None:
-        sq = sqdist.quantize_model(model, CONFIGS[name])
+    if CONFIGS[name.removesuffix("_ref")] is not None:
+        sq = sqdist.quantize_model(model, CONFIGS[name.removesuffix("_ref")])
         sqdist.calibrate_activations(model, x)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -46,7 +49,8 @@ def build(name: str, x: torch.Tensor):
     return model, sq, opt, quantizers
 
 
-def step(model, sq, opt, quantizers, x, y, i):
+def step(name, model, sq, opt, quantizers, x, y, i):
+    os.environ["SQDIST_SRQ_KERNEL"] = "reference" if name.endswith("_ref") else IMPLEMENTATION
     if sq is not None:
         sq.draw_masks()
         for q in quantizers:
@@ -66,30 +70,33 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per configuration and round")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--reference", action="store_true", help="also the quantized configurations on the reference")
     ap.add_argument("--profile", default=None, help="a configuration to profile (torch.profiler, one step)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
     names = args.configs.split(",")
+    if args.reference:
+        names += [f"{n}_ref" for n in names if CONFIGS[n] is not None]
     runs, memory = {}, {}
     for name in names:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         runs[name] = build(name, x)
-        step(*runs[name], x, y, 0)  # warm-up (and the compiled kernel's build or load)
+        step(name, *runs[name], x, y, 0)  # warm-up (and the compiled kernel's build or load)
         memory[name] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
-        step(*runs[args.profile], x, y, 1)
+        step(args.profile, *runs[args.profile], x, y, 1)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step(*runs[args.profile], x, y, 2)
+            step(args.profile, *runs[args.profile], x, y, 2)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     times = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names:
             t0 = time.perf_counter()
             for i in range(args.steps):
-                step(*runs[name], x, y, 1 + r * args.steps + i)
+                step(name, *runs[name], x, y, 1 + r * args.steps + i)
             times[name].append((time.perf_counter() - t0) / args.steps)
     base = statistics.median(times["fp"]) if "fp" in times else None
     print(f"resnet18 32x32 batch 64, {args.threads} threads, median of {args.rounds} rounds x {args.steps} steps")

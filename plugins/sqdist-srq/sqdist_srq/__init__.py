@@ -21,6 +21,9 @@ density) and differentiates through ``pi`` backward::
     y = s * (c + E - stopgrad(E)),  c = argmax_i pi_i,  E = sum_i i * pi_i
 
 so ``alpha``, ``sigma`` and ``x`` get gradients through ``pi`` (``alpha`` also through ``s * c``).
+Training runs the windowed estimator of :mod:`sqdist_srq.fast` (a hand-written backward over the
+codes near the mode, fused in a CPU kernel); ``srq_codes`` / ``_srq_reference`` are the full-grid
+reference it is tested against (``SQDIST_SRQ_KERNEL=reference`` trains on it).
 See README.md for DropBits, the learned widths and what was chosen where the paper was not read.
 """
 from __future__ import annotations
@@ -315,13 +318,14 @@ class SRQWeight(Quantizer, _Stochastic):
             lo = min(int(math.floor(float(b.detach()))), self.max_bits - 1)
             f = b - lo  # in [0, 1]: the probability that an element trains at lo + 1 bits
             generator = self._generator(w.device)
-            width = lo + (torch.rand(w.shape, generator=generator, device=w.device) < f.detach()).to(torch.int64)
+            upper = torch.rand(w.shape, generator=generator, device=w.device) < f.detach()
+            width = upper.to(torch.uint8) + lo  # uint8: the index of an integer grid, as it is
             soft = (lo, lo + 1)  # the width's gradient: d/df of (1 - f) y_lo + f y_hi, the values held fixed
         if self.drop_prob > 0:  # DropBits on (its scheduled p may have decayed to 0: then nothing is dropped)
             generator = generator or self._generator(w.device)
             drop = drop_counts(w.shape, self.current_drop_prob(), self.max_bits, generator, w.device)
-            if width is None:
-                width = torch.full(w.shape, self.max_bits, dtype=torch.int64, device=w.device)
+            width = torch.full(w.shape, self.max_bits, dtype=torch.int64, device=w.device) if width is None \
+                else width.long()
             kept = torch.maximum(width - drop, torch.clamp(width, max=self.drop_min_bits))
             index = kept + 9 * (kept < width)
         elif width is not None:

@@ -192,7 +192,7 @@ class SRQFunction(torch.autograd.Function):
     def forward(ctx, x, alpha, sigma, f, index, levels, soft):
         dtype = torch.promote_types(x.dtype, torch.float32)
         xf = x.detach().to(dtype)
-        mults = torch.tensor([lv.mult for lv in levels], dtype=dtype)
+        mults = torch.tensor([lv.mult for lv in levels], dtype=dtype, device=alpha.device)
         steps = alpha.detach().to(dtype).reshape(1) * mults
         tau0s = sigma.detach().to(dtype).abs().reshape(1) / steps
         taus = tau0s + TAU_FLOOR

@@ -72,10 +72,11 @@ void forward_kernel(const T* x, const uint8_t* index, T* y, int64_t n, const std
   });
 }
 
-// dE/du and dE/dtau of one element (float accumulation in double where it sums over codes).
+// dE/du and dE/dtau of one element, in double: one pass over the window's boundaries, then one over
+// its codes with the sums of w, k w, w s, k w s (k counted from the mode: small, no cancellation).
 template <typename T>
 inline void element_grads(T u, const Level& L, T& c_out, double& dEdu, double& dEdtau, bool& clamped) {
-  const double tau = L.tau;
+  const double tau = L.tau, inv_tau = 1.0 / L.tau;
   const T c = std::min(std::max(std::nearbyint(u), T(L.qmin)), T(L.qmax));
   c_out = c;
   double uc = double(u);
@@ -88,43 +89,42 @@ inline void element_grads(T u, const Level& L, T& c_out, double& dEdu, double& d
   // first boundary at or above uc: k_a = ceil(uc - 1/2), as an index j_a = k_a - (lo - 1) in [0, nb]
   long ja = long(std::ceil(uc - 0.5)) - (lo - 1);
   ja = std::min(std::max(ja, 0L), nb);
+  const double t0 = ((lo - 1) + 0.5 - uc) * inv_tau;
+  for (long j = 0; j < nb; ++j) t[j] = t0 + double(j) * inv_tau;
   if (ja < nb) {  // boundaries above u: q = exp(-t) <= 1
-    const double q0 = std::exp(-((lo - 1 + ja) + 0.5 - uc) / tau);
+    const double q0 = std::exp(-t[ja]);
     for (long j = ja; j < nb; ++j) {
-      const double q = q0 * L.ratio[j - ja];
-      F[j] = 1.0 / (1.0 + q);
-      G[j] = q / (1.0 + q);
-      t[j] = ((lo - 1 + j) + 0.5 - uc) / tau;
+      const double q = q0 * L.ratio[j - ja], f = 1.0 / (1.0 + q);
+      F[j] = f;
+      G[j] = q * f;
     }
   }
   if (ja > 0) {  // boundaries below u: p = exp(t) <= 1
-    const double p0 = std::exp(((lo - 1 + ja - 1) + 0.5 - uc) / tau);
+    const double p0 = std::exp(t[ja - 1]);
     for (long j = ja - 1; j >= 0; --j) {
-      const double p = p0 * L.ratio[ja - 1 - j];
-      F[j] = p / (1.0 + p);
-      G[j] = 1.0 / (1.0 + p);
-      t[j] = ((lo - 1 + j) + 0.5 - uc) / tau;
+      const double p = p0 * L.ratio[ja - 1 - j], g = 1.0 / (1.0 + p);
+      F[j] = p * g;
+      G[j] = g;
     }
   }
-  double Z = 0, S = 0;  // sum w, sum (k - c) w
-  double w[kMaxCodes];
+  double Z = 0, S = 0, W1 = 0, K1 = 0, W2 = 0, K2 = 0;
   for (long k = lo; k <= hi; ++k) {
     const long j = k - lo + 1;
-    w[k - lo] = F[j] * G[j - 1];
-    Z += w[k - lo];
-    S += double(k - ci) * w[k - lo];
+    const double w = F[j] * G[j - 1];
+    if (w == 0) continue;  // also where t is large: no 0 * inf
+    const double o = double(k - ci);
+    const double s1 = F[j - 1] - G[j], s2 = F[j - 1] * t[j - 1] - G[j] * t[j];
+    Z += w;
+    S += o * w;
+    W1 += w * s1;
+    K1 += o * w * s1;
+    W2 += w * s2;
+    K2 += o * w * s2;
   }
-  const double Eo = S / Z;  // E - c
-  double A = 0, B = 0;
-  for (long k = lo; k <= hi; ++k) {
-    const long j = k - lo + 1;
-    if (w[k - lo] == 0) continue;  // also where t is large: no 0 * inf
-    const double d = (double(k - ci) - Eo) * w[k - lo];
-    A += d * (F[j - 1] - G[j]);
-    B += d * (F[j - 1] * t[j - 1] - G[j] * t[j]);
-  }
-  dEdu = clamped ? 0.0 : A / (Z * tau);
-  dEdtau = B / (Z * tau);
+  const double iz = 1.0 / Z, Eo = S * iz;  // E - c
+  // Cov(k, s) = sum (k - E) w s / Z
+  dEdu = clamped ? 0.0 : (K1 - Eo * W1) * iz * inv_tau;
+  dEdtau = (K2 - Eo * W2) * iz * inv_tau;
 }
 
 template <typename T>
