@@ -21,8 +21,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "kwargs": {},              # passed to timm.create_model (num_classes, in_chans, ...)
     },
     "data": {
-        "name": "digits",          # digits (embedded) | folder (ImageNet layout: root/train, root/val)
-        "root": None,
+        "name": "digits",          # digits (embedded) | fashion_mnist (idx files) | folder (ImageNet layout: root/train, root/val)
+        "root": None,              # fashion_mnist: default /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist)
         "image_size": 16,
         "batch_size": 64,          # per process
         "eval_batch_size": 256,
@@ -95,7 +95,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # fmt: on
 
 CHOICES = {
-    "data.name": ("digits", "folder"),
+    "data.name": ("digits", "fashion_mnist", "folder"),
     "sq.unit": ("epoch", "step"),
     "sq.probability": ("constant", "linear", "sigmoid", "softmax"),
     "sq.granularity": ("channel", "element"),
@@ -370,6 +370,8 @@ def _validate_names(recipe: dict) -> None:
             raise RecipeError(str(exc)) from None
         _validate_activations(q["activations"])
     data = recipe["data"]
+    if data["name"] == "fashion_mnist":
+        _validate_fashion_mnist(data)
     if data["name"] == "folder":
         root = data["root"]
         if root is None:
@@ -383,6 +385,25 @@ def _validate_names(recipe: dict) -> None:
     cfg = recipe["engine"]["config"]
     if cfg is not None and not os.path.isfile(cfg):
         raise RecipeError(f"engine.config={cfg!r}: no such DeepSpeed JSON file")
+
+
+FASHION_MNIST_INSTALL = "Debian's package dataset-fashion-mnist installs it: apt-get install dataset-fashion-mnist"
+
+
+def _validate_fashion_mnist(data: dict) -> None:
+    """``data.root`` (default: where Debian's package puts the files) holds the four idx files."""
+    from .data import FASHION_MNIST_ROOT, fashion_mnist_files
+
+    if data["root"] is None:
+        data["root"] = FASHION_MNIST_ROOT
+    root = data["root"]
+    if not os.path.isdir(root):
+        raise RecipeError(f"data.root={root!r}: no such folder; data.name=fashion_mnist reads its idx files "
+                          f"from there; {FASHION_MNIST_INSTALL} (into {FASHION_MNIST_ROOT})")
+    for path in fashion_mnist_files(root):
+        if not os.path.isfile(path):
+            raise RecipeError(f"data.root={root!r}: missing file {path!r} (Fashion-MNIST idx file); "
+                              f"{FASHION_MNIST_INSTALL} (into {FASHION_MNIST_ROOT})")
 
 
 def _validate_activations(act: dict) -> None:

@@ -1,4 +1,4 @@
-"""Datasets: the embedded ``digits`` default and ImageNet-layout folders (timm).
+"""Datasets: the embedded ``digits`` default, Fashion-MNIST (idx files) and ImageNet-layout folders (timm).
 
 Batches come from :class:`EpochBatches`, a sampler whose order is a pure
 function of (seed, epoch): rank ``r`` of ``w`` takes every ``w``-th index, and a
@@ -7,6 +7,9 @@ exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
+import copy
+import gzip
+import os
 import random
 from dataclasses import dataclass
 
@@ -16,6 +19,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 DIGITS_MEAN, DIGITS_STD = 0.3, 0.35  # of load_digits / 16, rounded
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.286, 0.353  # of the 60,000 training images / 255
+# Debian's dataset-fashion-mnist installs the four files there
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
+              0x0E: np.dtype(">f8")}
 
 
 def load_digits_split(image_size: int = 16, test_fraction: float = 0.25, in_chans: int = 1) -> tuple[TensorDataset, TensorDataset]:
@@ -39,6 +49,106 @@ def load_digits_split(image_size: int = 16, test_fraction: float = 0.25, in_chan
     return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx])
 
 
+def read_idx(path: str) -> np.ndarray:
+    """The array in an idx file (the MNIST format; gzip-compressed when the name ends in ``.gz``).
+
+    Layout: two zero bytes, a type code (0x08 uint8, ...), the number of dimensions, each
+    dimension as a big-endian int32, then the values, big-endian, C order.
+    """
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise ValueError(f"{path}: not an idx file (header {raw[:4].hex()!r})")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != dtype.itemsize * int(np.prod(shape)):
+        raise ValueError(f"{path}: {len(raw) - offset} bytes of values for shape {shape} of {dtype}")
+    return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def splitmix64(seeds: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each seed (SplitMix64's finalizer): independent-looking bits per sample."""
+    z = seeds.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class ArrayImages(Dataset):
+    """Grey images held in memory (uint8 ``(N, H, W)``) with labels ``(N,)``, read as normalized
+    ``(in_chans, image_size, image_size)`` float tensors.
+
+    ``augment``: a crop of the image padded by ``pad`` pixels (zeros, the background) at a
+    random offset, and a horizontal flip with probability 1/2. Both are a pure function of a
+    per-sample seed (:meth:`seeded_items`; :class:`SeededSamples` passes its (seed, epoch,
+    index) seed), and a whole batch is cut with one gather: reading an image costs a few
+    microseconds, not the ~200 of a per-sample reseeded read (60,000 images an epoch).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int, mean: float, std: float,
+                 in_chans: int = 1, augment: bool = False, pad: int = 2):
+        self.images, self.labels = images, labels
+        self.image_size, self.mean, self.std, self.in_chans = image_size, mean, std, in_chans
+        self.augment, self.pad = augment, pad
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        seed = int(torch.randint(0, 2**62, ())) if self.augment else 0  # from the caller's torch RNG
+        return self.seeded_items([index], [seed])[0]
+
+    def seeded_items(self, indices: list[int], seeds: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """Samples ``indices``, the augmentation of each drawn from its seed alone."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x = self.images[idx]  # (B, H, W) uint8
+        b, h, w = x.shape
+        if self.augment:
+            bits = torch.from_numpy(splitmix64(np.asarray(seeds, dtype=np.uint64) % np.uint64(2**64 - 1)).view(np.int64))
+            span = 2 * self.pad + 1
+            dy, dx = (bits & 0xFF) % span, ((bits >> 8) & 0xFF) % span
+            flip = ((bits >> 16) & 1).bool()
+            rows = dy[:, None] + torch.arange(h)  # (B, H) rows of the padded image
+            cols = torch.arange(w).expand(b, w)
+            cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)  # (B, W)
+            padded = F.pad(x, (self.pad,) * 4)
+            x = padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        x = x.unsqueeze(1).float().div_(255.0)  # (B, 1, H, W) in [0, 1]
+        if (h, w) != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+        x = ((x - self.mean) / self.std).expand(-1, self.in_chans, -1, -1)
+        return [(xi.contiguous(), int(yi)) for xi, yi in zip(x, self.labels[idx])]
+
+    def without_augmentation(self) -> "ArrayImages":
+        """The same images (shared, not copied) as an evaluation set reads them."""
+        view = copy.copy(self)
+        view.augment = False
+        return view
+
+
+def fashion_mnist_files(root: str) -> list[str]:
+    """The four idx files under ``root``, train images and labels first."""
+    return [os.path.join(root, name) for split in ("train", "test") for name in FASHION_MNIST_FILES[split]]
+
+
+def load_fashion_mnist_split(root: str, image_size: int = 28, in_chans: int = 1,
+                             augment: bool = True) -> tuple[ArrayImages, ArrayImages]:
+    """Fashion-MNIST (60,000 training and 10,000 test 28x28 grey images, 10 classes) from the
+    idx files under ``root``; (train, test) :class:`ArrayImages`, the training set augmented
+    (random 2-pixel shift, horizontal flip) when ``augment``."""
+    sets = []
+    for split in ("train", "test"):
+        images, labels = (read_idx(os.path.join(root, name)) for name in FASHION_MNIST_FILES[split])
+        if images.ndim != 3 or labels.shape != (len(images),):
+            raise ValueError(f"{root}: {split} images {images.shape} and labels {labels.shape} do not match")
+        sets.append(ArrayImages(torch.from_numpy(images.astype(np.uint8)), torch.from_numpy(labels.astype(np.int64)),
+                                image_size, FASHION_MNIST_MEAN, FASHION_MNIST_STD, in_chans,
+                                augment=augment and split == "train"))
+    return sets[0], sets[1]
+
+
 def load_folder_split(root: str, image_size: int, in_chans: int = 3) -> tuple[Dataset, Dataset]:
     """ImageNet layout (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``) through timm."""
     from timm.data import create_dataset, create_transform
@@ -57,26 +167,54 @@ def build_datasets(recipe: dict) -> tuple[Dataset, Dataset]:
     in_chans = int(recipe["model"]["kwargs"].get("in_chans", 3))
     if data["name"] == "digits":
         train, test = load_digits_split(data["image_size"], data["test_fraction"], in_chans)
+    elif data["name"] == "fashion_mnist":
+        root = data["root"] or FASHION_MNIST_ROOT
+        try:
+            train, test = load_fashion_mnist_split(root, data["image_size"], in_chans)
+        except ValueError as exc:  # a truncated or foreign file: one line, like the recipe check's
+            from .config import RecipeError
+
+            raise RecipeError(f"data.root={root!r}: {exc}; reinstall with apt-get install --reinstall "
+                              "dataset-fashion-mnist") from None
     else:
         train, test = load_folder_split(data["root"], data["image_size"], in_chans)
-    return hold_out(train, data["holdout_fraction"]) if data["holdout_fraction"] else (train, test)
+    return hold_out(train, data["holdout_fraction"], eval_view(train, test)) if data["holdout_fraction"] else (train, test)
 
 
-def hold_out(train: Dataset, fraction: float) -> tuple[Dataset, Dataset]:
-    """Split ``train`` into (kept, held out): ``fraction`` of it, stratified by label, fixed (seed 1)."""
+def eval_view(train: Dataset, test: Dataset) -> Dataset:
+    """``train``'s samples as the evaluation set reads them: no augmentation, ``test``'s transform."""
+    if isinstance(train, ArrayImages):
+        return train.without_augmentation()
+    if hasattr(train, "reader") and hasattr(train, "transform"):  # timm's ImageDataset: same files, eval transform
+        view = copy.copy(train)
+        view.transform = test.transform
+        return view
+    return train  # a TensorDataset is not augmented
+
+
+def hold_out(train: Dataset, fraction: float, held_view: Dataset | None = None) -> tuple[Dataset, Dataset]:
+    """Split ``train`` into (kept, held out): ``fraction`` of it, stratified by label, fixed (seed 1).
+
+    The held-out part is read from ``held_view`` (the same samples without the training
+    augmentation, see :func:`eval_view`; default ``train``), so it is evaluated as a test set would be.
+    """
     from sklearn.model_selection import train_test_split
     from torch.utils.data import Subset
 
     if isinstance(train, TensorDataset):
         labels = train.tensors[1]
+    elif isinstance(train, ArrayImages):
+        labels = train.labels
     else:  # timm's ImageDataset over a folder: (path, class) samples
         labels = torch.as_tensor([target for _, target in train.reader.samples])
     from .config import check_split_fraction
 
     check_split_fraction("data.holdout_fraction", fraction, labels.tolist())  # a class left out: one clear line
+    if held_view is not None and len(held_view) != len(train):
+        raise ValueError(f"held_view has {len(held_view)} samples, train {len(train)}: not the same samples")
     idx = torch.arange(len(labels)).numpy()
     keep, held = train_test_split(idx, test_size=fraction, random_state=1, stratify=labels.numpy())
-    return Subset(train, sorted(keep.tolist())), Subset(train, sorted(held.tolist()))
+    return Subset(train, sorted(keep.tolist())), Subset(train if held_view is None else held_view, sorted(held.tolist()))
 
 
 @dataclass
@@ -118,9 +256,21 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def sample_seed(self, epoch: int, index: int) -> int:
+        return (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        """A batch at once (DataLoader's batched fetch): one call to a dataset that draws its
+        randomness from given seeds (``seeded_items``), else sample by sample."""
+        if hasattr(self.dataset, "seeded_items"):
+            return self.dataset.seeded_items([i for _, i in keys], [self.sample_seed(e, i) for e, i in keys])
+        return [self[key] for key in keys]
+
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        if hasattr(self.dataset, "seeded_items"):
+            return self.dataset.seeded_items([index], [self.sample_seed(epoch, index)])[0]
+        sample_seed = self.sample_seed(epoch, index)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: torch.manual_seed would also reseed the CUDA generators, which
