@@ -38,6 +38,15 @@ if [ "$(cat "$venv/.sqdist-deps" 2>/dev/null)" != "$stamp_src" ]; then
   echo "$stamp_src" > "$venv/.sqdist-deps"
 fi
 quietly "$venv/bin/python" -m pip install -q --no-deps -e "$root" "${plugins[@]}"
+# data.name=fashion_mnist reads the idx files of Debian's dataset-fashion-mnist: as root, install
+# it once if it is missing; without it only that dataset (and its tests) is unavailable
+fashion=/usr/share/datasets/fashion-mnist
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+   && ! ls "$fashion"/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz >/dev/null 2>&1; then
+  echo "[install] installing dataset-fashion-mnist (data.name=fashion_mnist)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+    || echo "[install] could not install dataset-fashion-mnist; data.name=fashion_mnist and its tests need it"
+fi
 # the compiled SQ kernels (csrc/): built once per source change into ~/.cache/sqdist/kernels
 # (~20 s on 2 cores; ~3 s when cached), so no test pays for the build; never required
 "$venv/bin/python" -m sqdist.quant.kernels._build cpu > /dev/null || echo "[install] CPU SQ kernels not built: sqdist uses the PyTorch reference"
