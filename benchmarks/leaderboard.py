@@ -1,8 +1,15 @@
-"""One leaderboard for every method: digits top-1 against the size of the exported file.
+"""One leaderboard for every method: top-1 against the size of the exported file (digits or Fashion-MNIST).
 
     python benchmarks/leaderboard.py                   # 10 seeds x 10 epochs, every row: table, JSON, plot
     python benchmarks/leaderboard.py --quick --json    # smoke test (CI): 2 seeds, 2 epochs, 5 rows
     python benchmarks/leaderboard.py --rows FP,TWN,SQ-TWN --seeds 20
+    python benchmarks/leaderboard.py --data fashion_mnist --publish   # 5 seeds x 2 epochs, its rows; ~2.5 h
+
+``--data fashion_mnist`` runs every row in the setting of ``recipes/fashion_mnist_fp.yaml``
+(its model, data and BN re-estimation replace the digits ones; each row keeps its method's
+optimizer) and adds a longer budget (rows ``... 3x``: 3x the epochs) where the budget decides
+the result (SLB's annealing, SQ's stages; TWN 3x is SQ-TWN 3x's base).
+``benchmarks/leaderboard_budget.py`` estimates the seconds of every row before a run.
 
 The setting of ``benchmarks/digits_sq.py``: its narrow resnet10t (channels 4-32) on 8x8
 digits, SGD lr 0.05, cosine, weight decay 5e-4, batch 64, BN re-estimated on 10 batches
@@ -56,6 +63,7 @@ class Row:
     protocol: str = "matched"        # matched | paper (SQ's protocol, 4x the steps)
     compress: str | None = None      # PQ block size ("small" | "large"): compress seed s's FP run
     ptq: bool = False                # post-training quantization of seed s's FP run (benchmarks/ptq_rows.py)
+    budget: int = 1                  # epochs of the run: budget x --epochs (a longer schedule of the same method)
 
 
 # One line per method. Plugin rows come from plugins/sqdist-{slb,esb,srq}.
@@ -90,6 +98,12 @@ ROWS = {
                     None, "k-bit 4 LSQ step / LSQ 4"),
     "SLB W1": Row("digits_slb", [], "BWN", "SLB 1 bit (AdamW, its recipe's schedule)", needs=(("quantizer", "slb"),)),
     "SLB W2": Row("digits_slb", ["quant.params.bits=2"], "kbit2", "SLB 2 bits", needs=(("quantizer", "slb"),)),
+    # the same methods on 3x the epochs: SQ's matched stages and SLB's temperature schedule stretch with the run
+    "TWN 3x": Row("digits_twn", [], "TWN", "TWN (ternary), 3x epochs", budget=3),
+    "SQ-TWN 3x": Row("digits_sq_twn", [SQ_STEPS], "TWN 3x", "SQ over TWN, 3x epochs", budget=3),
+    "SLB W1 3x": Row("digits_slb", [], "SLB W1", "SLB 1 bit, 3x epochs", needs=(("quantizer", "slb"),), budget=3),
+    "SLB W2 3x": Row("digits_slb", ["quant.params.bits=2"], "SLB W2", "SLB 2 bits, 3x epochs",
+                     needs=(("quantizer", "slb"),), budget=3),
     "ESB W3": Row("digits_esb", ["quant.params.bits=3"], "kbit3", "ESB 3 bits, m=1", needs=(("quantizer", "esb"),)),
     "ESB W4": Row("digits_esb", [], "kbit4", "ESB 4 bits, m=1", needs=(("quantizer", "esb"),)),
     "SQ-ESB W4": Row("digits_sq_twn", [SQ_STEPS, "quant.name=esb", "quant.params={bits: 4, linear_bits: 1}"], "ESB W4",
@@ -108,6 +122,41 @@ ROWS = {
 }
 ROWS.update({label: Row("digits_fp", [], base, what, ptq=True) for label, (*_, base, what) in PTQ_ROWS.items()})
 QUICK_ROWS = ["FP", "BWN", "TWN", "SQ-TWN", "kbit4"]
+LONG_ROWS = ["TWN 3x", "SQ-TWN 3x", "SLB W1 3x", "SLB W2 3x"]
+
+
+@dataclass
+class Data:
+    """A task the leaderboard runs on: its setting, and the defaults of a full run."""
+
+    setting: str | None   # recipe whose model, data and BN re-estimation replace each row's (None: the rows' own)
+    seeds: int
+    epochs: int
+    rows: list            # the rows of a full run
+
+
+# fashion_mnist: 5 seeds x 2 epochs (3x rows: 6, SQ paper rows: 8) fit about 2.5 hours on 2 idle cores at the
+# step costs of December 2026 (SRQ learned widths alone: a fifth of it); benchmarks/leaderboard_budget.py
+# --data fashion_mnist prints the estimate per row
+DATASETS = {
+    "digits": Data(None, 10, 10, [r for r in ROWS if r not in LONG_ROWS]),
+    "fashion_mnist": Data("fashion_mnist_fp", 5, 2, [
+        "FP", "kbit8", "kbit4", "kbit3", "kbit2", "TWN", "BWN", "SQ-TWN", "SQ-BWN", "SQ-TWN (paper)", "SQ-BWN (paper)",
+        "W2A2 LSQ", "W4A4 LSQ", "SLB W1", "SLB W2", "ESB W4", "SRQ W2A2", "SRQ learned widths", "PQ small blocks",
+        *LONG_ROWS]),
+}
+
+
+def setting_overrides(data: str) -> list[str]:
+    """Overrides that put any row's recipe in ``data``'s setting: model, data, BN re-estimation."""
+    setting = DATASETS[data].setting
+    if setting is None:
+        return []
+    r = load(setting, [])
+    d = r["data"]
+    return [f"model.name={r['model']['name']}", f"model.kwargs={json.dumps(r['model']['kwargs'])}",
+            f"data.name={d['name']}", f"data.root={d['root']}", f"data.image_size={d['image_size']}",
+            f"data.batch_size={d['batch_size']}", f"train.bn_recalibrate={r['train']['bn_recalibrate']}"]
 
 
 def steps_per_epoch(recipe: dict) -> int:
@@ -130,25 +179,28 @@ def missing(row: Row) -> str | None:
     return None
 
 
-def plan(rows: list[str], seeds: int, epochs: int, per_epoch: int, runs: str, fresh: bool) -> list[dict]:
-    """Training jobs: one per (row, seed); a PQ row trains (reads back) the FP run it compresses."""
+def plan(rows: list[str], seeds: int, epochs: int, per_epoch: int, runs: str, fresh: bool,
+         setting: list[str] = ()) -> list[dict]:
+    """Training jobs: one per (row, seed); a PQ row trains (reads back) the FP run it compresses.
+    ``setting``: overrides put before each row's (see :func:`setting_overrides`)."""
     jobs = []
-    stage = math.ceil(epochs * per_epoch / 4)  # compute-matched SQ: 4 stages in one run of `epochs`
     for label in rows:
         row = ROWS[label]
+        row_epochs = epochs * row.budget
+        stage = math.ceil(row_epochs * per_epoch / 4)  # compute-matched SQ: 4 stages in one run of `row_epochs`
         for seed in range(seeds):
             common = [f"train.seed={seed}", "train.progress=false", "track.wandb=false"]
             if row.protocol == "paper":
                 extra = [f"train.epochs={4 * epochs}", f"sq.seed={seed}", f"sq.stage_length={epochs}", "sq.unit=epoch",
                          "sq.restart_per_stage=true"]
             else:
-                extra = [f"train.epochs={epochs}"]
+                extra = [f"train.epochs={row_epochs}"]
                 if SQ_STEPS in row.overrides:
                     extra += [f"sq.seed={seed}", f"sq.stage_length={stage}", "sq.restart_per_stage=false"]
-            overrides = common + row.overrides + extra
+            overrides = common + list(setting) + row.overrides + extra
             name = "FP" if row.compress or row.ptq else label
             jobs.append({"label": label, "seed": seed, "recipe": row.recipe, "overrides": overrides, "name": name,
-                         "runs": runs, "fresh": fresh, "cost": 4 if row.protocol == "paper" else 1,
+                         "runs": runs, "fresh": fresh, "cost": 4 if row.protocol == "paper" else row.budget,
                          "cache": [str(OUT / "wa_bits_runs"), str(OUT / "digits_sq_runs")]})
     return jobs
 
@@ -255,7 +307,8 @@ def table(out: dict, meta: dict) -> str:
         smaller = f"{fp['size_bytes'] / e['size_bytes']:.2f}x" if fp.get("status") == "ok" and e["size_bytes"] else ""
         size = f"{e['size_bytes']:,}" if e["size_bytes"] else "n/a"
         ratio = f"{e['step_ratio']:.2f}" if e.get("step_ratio") else "n/a"
-        protocol = "paper (4x steps)" if e["protocol"] == "paper" else "matched"
+        protocol = "paper (4x steps)" if e["protocol"] == "paper" else (
+            f"{ROWS[label].budget}x steps" if label in ROWS and ROWS[label].budget > 1 else "matched")
         lines.append(f"| {label} | {e['bits']} | {protocol} | {t['mean']:.2f} ± {t['std']:.2f} | {ci} | {diff} | "
                      f"{size} | {smaller} | {ratio} | {e['status']}" + (f": {e['export_error']}" if e.get("export_error") else "") + " |")
     return "\n".join(lines)
@@ -285,24 +338,26 @@ def plot(out: dict, path: Path, meta: dict, floor: float = 60.0) -> None:
     colors = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors
     fig, ax = plt.subplots(figsize=(11, 6.2))
     for i, (size, mean, label, e) in enumerate(shown):
-        marker = "s" if e["protocol"] == "paper" else ("D" if not e["bits"].split(" ")[0].endswith("A32") else "o")
+        longer = e["protocol"] == "paper" or ROWS.get(label, Row("")).budget > 1
+        marker = "s" if longer else ("D" if not e["bits"].split(" ")[0].endswith("A32") else "o")
         ax.errorbar(size, mean, yerr=e["top1"]["std"], fmt=marker, capsize=2, ms=5, color=colors[i % len(colors)],
                     label=f"{label} ({e['bits']}): {mean:.1f}")
     front = pareto([(s, m, label) for s, m, label, _ in ok])
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1.2, ls="--",
                 label="Pareto front: " + " > ".join(p[2] for p in front))
-    matched = pareto([(s, m, label) for s, m, label, e in ok if e["protocol"] == "matched"])
+    matched = pareto([(s, m, label) for s, m, label, e in ok
+                      if e["protocol"] == "matched" and ROWS.get(label, Row("")).budget == 1])
     if matched != front:
         ax.step([p[0] for p in matched], [p[1] for p in matched], where="post", color="gray", lw=1, ls=":",
                 label="same compute only: " + " > ".join(p[2] for p in matched))
     ax.set_xscale("log")
     ax.set_ylim(bottom=floor)
     ax.set_xlabel("exported file size (bytes, log scale)")
-    ax.set_ylabel("digits test top-1 (%), mean ± std over seeds")
+    ax.set_ylabel(f"{meta.get('data', 'digits')} test top-1 (%), mean ± std over seeds")
     note = "; ".join(f"{label} {mean:.1f}%" for _, mean, label, _ in below)
-    ax.set_title(f"Every method on digits, {meta['seeds']} seeds x {meta['epochs']} epochs: circles weights only, "
-                 "diamonds W/A, squares SQ's paper protocol (4x steps)"
+    ax.set_title(f"Every method on {meta.get('data', 'digits')}, {meta['seeds']} seeds x {meta['epochs']} epochs: "
+                 "circles weights only, diamonds W/A, squares 3-4x steps (SQ's paper protocol, 3x rows)"
                  + (f"\nbelow the axis: {note}" if note else ""), fontsize=8.5)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6.3, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
@@ -313,33 +368,48 @@ def plot(out: dict, path: Path, meta: dict, floor: float = 60.0) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=10, help="seeds per row (default 10)")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs of every run; SQ paper rows: 4x (default 10)")
-    parser.add_argument("--rows", default=None, help="comma list of rows (default: all); allowed: " + ", ".join(ROWS))
+    parser.add_argument("--data", default="digits", choices=list(DATASETS),
+                        help="the task: digits (default) or fashion_mnist (the setting of recipes/fashion_mnist_fp.yaml)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per row (default: digits 10, fashion_mnist 5)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of every run; SQ paper rows: 4x, 3x rows: 3x (default: digits 10, fashion_mnist 2)")
+    parser.add_argument("--rows", default=None, help="comma list of rows (default: the data's full list); allowed: "
+                        + ", ".join(ROWS))
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: 2 seeds, 2 epochs, rows {','.join(QUICK_ROWS)}, 10 timed steps")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once, one thread each (default 2)")
     parser.add_argument("--timed-steps", type=int, default=30, help="steps timed per row (median; default 30)")
-    parser.add_argument("--out", default=str(OUT / "leaderboard"), help="folder of table.md, results.json, leaderboard.png")
-    parser.add_argument("--runs", default=str(OUT / "leaderboard_runs"), help="run folders (cached by recipe)")
+    parser.add_argument("--out", default=None, help="folder of table.md, results.json, leaderboard.png "
+                        "(default benchmarks/out/leaderboard, for fashion_mnist leaderboard_fashion_mnist)")
+    parser.add_argument("--runs", default=None, help="run folders, cached by recipe (default benchmarks/out/"
+                        "leaderboard_runs, for fashion_mnist leaderboard_fashion_mnist_runs)")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that are cached")
+    parser.add_argument("--publish", action="store_true", help="also write the table and the plot to "
+                        "benchmarks/results/leaderboard_<data>.md/.png (digits: leaderboard.md/.png)")
     args = parser.parse_args()
+    data = DATASETS[args.data]
+    suffix = "" if args.data == "digits" else f"_{args.data}"
+    args.out = args.out or str(OUT / f"leaderboard{suffix}")
+    args.runs = args.runs or str(OUT / f"leaderboard{suffix}_runs")
+    args.seeds = data.seeds if args.seeds is None else args.seeds
+    args.epochs = data.epochs if args.epochs is None else args.epochs
     if args.quick:
         args.seeds, args.epochs, args.timed_steps = 2, 2, 10
     check_counts(parser, args, ("seeds", "epochs", "workers", "timed_steps"))
     rows = QUICK_ROWS if args.quick and args.rows is None else (
-        list(ROWS) if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()])
+        list(data.rows) if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()])
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
         parser.error(f"--rows: {unknown[0] if unknown else '(empty)'!r} is not a row; allowed: {', '.join(ROWS)}")
 
     t0 = time.time()
-    probe = load("digits_fp", [])
+    setting = setting_overrides(args.data)
+    probe = load("digits_fp", setting)
     per_epoch = steps_per_epoch(probe)
     status = {label: missing(ROWS[label]) for label in rows}
     runnable = [label for label in rows if status[label] is None]
-    jobs = plan(runnable, args.seeds, args.epochs, per_epoch, args.runs, args.fresh)
+    jobs = plan(runnable, args.seeds, args.epochs, per_epoch, args.runs, args.fresh, setting)
     results = train_all(jobs, args.workers, keep_going=True)
 
     compressed: dict[str, list] = {}
@@ -373,7 +443,7 @@ def main() -> None:
     for label in rows:
         ordered[label] = out.get(label) or {"method": label, "what": ROWS[label].what, "protocol": ROWS[label].protocol,
                                             "base": ROWS[label].base, "status": status[label]}
-    meta = {"seeds": args.seeds, "epochs": args.epochs, "steps_per_epoch": per_epoch,
+    meta = {"data": args.data, "seeds": args.seeds, "epochs": args.epochs, "steps_per_epoch": per_epoch,
             "model": f"{probe['model']['name']} {probe['model']['kwargs']}", "image_size": probe["data"]["image_size"],
             "optim": f"{probe['optim']['name']} lr {probe['optim']['lr']}, {probe['sched']['name']} schedule",
             "bn_recalibrate": probe["train"]["bn_recalibrate"], "timed_steps": args.timed_steps,
@@ -383,6 +453,14 @@ def main() -> None:
     rows_json = list(ordered.values())
     folder = save_results(args.out, text, {"rows": rows_json, "meta": meta})
     plot(ordered, folder / "leaderboard.png", meta)
+    if args.publish:
+        results = ROOT / "benchmarks" / "results"
+        (results / f"leaderboard{suffix}.md").write_text(
+            f"# Leaderboard: every method on {args.data}\n\n    {meta['command']}\n\n"
+            f"![top-1 against file size](leaderboard{suffix}.png)\n\nSetting: {meta['model']}, {meta['image_size']}x"
+            f"{meta['image_size']} inputs, {meta['optim']} (SLB: its recipe's optimizer), {args.epochs} epochs "
+            f"({per_epoch} steps each), {args.seeds} seeds; wall {meta['wall_seconds']} s.\n\n{text}\n")
+        (results / f"leaderboard{suffix}.png").write_bytes((folder / "leaderboard.png").read_bytes())
     if args.json:
         print(json.dumps({"rows": rows_json, "meta": meta}))
         return

@@ -39,3 +39,31 @@ def test_leaderboard_pareto_front():
     points = [(100, 95.0, "fp"), (30, 93.0, "kbit4"), (25, 90.0, "twn"), (26, 89.0, "worse"), (20, 85.0, "bwn"),
               (30, 92.0, "tie-size-worse")]
     assert [p[2] for p in pareto(points)] == ["bwn", "twn", "kbit4", "fp"]
+
+
+def test_leaderboard_fashion_mnist_rows_run_in_its_setting_with_their_budgets():
+    from sqdist.data import FASHION_MNIST_ROOT, fashion_mnist_files
+
+    if not all(os.path.isfile(p) for p in fashion_mnist_files(FASHION_MNIST_ROOT)):
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from digits_common import load
+        from leaderboard import DATASETS, plan, setting_overrides
+    finally:
+        sys.path.pop(0)
+    data = DATASETS["fashion_mnist"]
+    assert data.seeds == 5 and data.epochs == 2 and {"SQ-TWN 3x", "SLB W1 3x", "PQ small blocks", "SRQ learned widths"} <= set(data.rows)
+    setting = setting_overrides("fashion_mnist")
+    fashion = load("fashion_mnist_fp", [])
+    jobs = plan(["TWN", "SQ-TWN 3x", "SLB W1", "SQ-BWN (paper)"], 1, 3, 100, "runs", False, setting)
+    recipes = {j["label"]: load(j["recipe"], j["overrides"]) for j in jobs}
+    for label, r in recipes.items():  # every row in the Fashion-MNIST setting, with its own method
+        assert r["data"] == {**fashion["data"], "root": FASHION_MNIST_ROOT}, label
+        assert r["model"] == fashion["model"] and r["train"]["bn_recalibrate"] == fashion["train"]["bn_recalibrate"]
+    assert recipes["TWN"]["train"]["epochs"] == 3 and recipes["SQ-TWN 3x"]["train"]["epochs"] == 9
+    assert recipes["SQ-TWN 3x"]["sq"]["stage_length"] == 225 and recipes["SQ-TWN 3x"]["sq"]["unit"] == "step"
+    assert recipes["SLB W1"]["quant"]["name"] == "slb" and recipes["SLB W1"]["optim"]["name"] == "adamw"
+    assert recipes["SQ-BWN (paper)"]["train"]["epochs"] == 12 and recipes["SQ-BWN (paper)"]["sq"]["stage_length"] == 3
+    assert [j["cost"] for j in jobs] == [1, 3, 1, 4]
+    assert setting_overrides("digits") == []
