@@ -106,7 +106,7 @@ class ArrayImages(Dataset):
         x = self.images[idx]  # (B, H, W) uint8
         b, h, w = x.shape
         if self.augment:
-            bits = torch.from_numpy(splitmix64(np.asarray(seeds, dtype=np.uint64) % np.uint64(2**64 - 1)).view(np.int64))
+            bits = torch.from_numpy(splitmix64(np.array([s % 2**64 for s in seeds], dtype=np.uint64)).view(np.int64))
             span = 2 * self.pad + 1
             dy, dx = (bits & 0xFF) % span, ((bits >> 8) & 0xFF) % span
             flip = ((bits >> 16) & 1).bool()
