@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 DIGITS_MEAN, DIGITS_STD = 0.3, 0.35  # of load_digits / 16, rounded
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.286, 0.353  # of the 60,000 training images / 255
@@ -199,7 +199,6 @@ def hold_out(train: Dataset, fraction: float, held_view: Dataset | None = None) 
     augmentation, see :func:`eval_view`; default ``train``), so it is evaluated as a test set would be.
     """
     from sklearn.model_selection import train_test_split
-    from torch.utils.data import Subset
 
     if isinstance(train, TensorDataset):
         labels = train.tensors[1]
@@ -252,6 +251,13 @@ class SeededSamples(Dataset):
 
     def __init__(self, dataset: Dataset, seed: int = 0):
         self.dataset, self.seed = dataset, seed
+        # a dataset that draws its augmentation from given seeds, batch by batch (``seeded_items``),
+        # directly or under a Subset (a held-out split): read it without reseeding per sample
+        self.seeded, self.positions = None, None
+        if hasattr(dataset, "seeded_items"):
+            self.seeded = dataset
+        elif isinstance(dataset, Subset) and hasattr(dataset.dataset, "seeded_items"):
+            self.seeded, self.positions = dataset.dataset, dataset.indices
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -260,16 +266,17 @@ class SeededSamples(Dataset):
         return (self.seed * 1_000_003 + epoch) * 10_000_019 + index
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
-        """A batch at once (DataLoader's batched fetch): one call to a dataset that draws its
-        randomness from given seeds (``seeded_items``), else sample by sample."""
-        if hasattr(self.dataset, "seeded_items"):
-            return self.dataset.seeded_items([i for _, i in keys], [self.sample_seed(e, i) for e, i in keys])
-        return [self[key] for key in keys]
+        """A batch at once (DataLoader's batched fetch): one call to a ``seeded_items`` dataset,
+        else sample by sample."""
+        if self.seeded is None:
+            return [self[key] for key in keys]
+        index = [i if self.positions is None else self.positions[i] for _, i in keys]
+        return self.seeded.seeded_items(index, [self.sample_seed(e, i) for e, i in keys])
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        if hasattr(self.dataset, "seeded_items"):
-            return self.dataset.seeded_items([index], [self.sample_seed(epoch, index)])[0]
+        if self.seeded is not None:
+            return self.__getitems__([key])[0]
         sample_seed = self.sample_seed(epoch, index)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):

@@ -2,8 +2,6 @@
 import gzip
 import os
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -98,7 +96,7 @@ def test_fashion_mnist_augmentation_is_a_pure_function_of_seed_epoch_and_index(f
                        torch.cat([x for x, _ in loader(test, [[0, 1, 2]], seed=5, epoch=9)]))
 
 
-def test_fashion_mnist_missing_folder_or_file_is_one_line_and_exit_2(tmp_path, fake_fashion):
+def test_fashion_mnist_missing_folder_or_file_is_one_line_and_exit_2(tmp_path, fake_fashion, capsys):
     missing = tmp_path / "nowhere"
     with pytest.raises(RecipeError) as info:
         load_recipe(None, FASHION + [f"data.root={missing}"])
@@ -109,10 +107,10 @@ def test_fashion_mnist_missing_folder_or_file_is_one_line_and_exit_2(tmp_path, f
     with pytest.raises(RecipeError, match=r"missing file .*t10k-labels-idx1-ubyte.gz.*apt-get install dataset-fashion-mnist"):
         load_recipe(None, FASHION + [f"data.root={fake_fashion}"])
     # the trainer's command line: that one line on stderr, exit code 2, no traceback
-    proc = subprocess.run([sys.executable, "-m", "sqdist.train", os.path.join(ROOT, "recipes", "fashion_mnist_twn.yaml"),
-                           f"data.root={missing}"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"sqdist: recipe error: {message}"]
+    from sqdist.train import main
+
+    assert main([os.path.join(ROOT, "recipes", "fashion_mnist_twn.yaml"), f"data.root={missing}"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"sqdist: recipe error: {message}"]
 
 
 def test_fashion_mnist_corrupt_file_is_one_line(fake_fashion):
@@ -181,3 +179,14 @@ def test_holdout_on_fashion_mnist_reads_unaugmented_images(fake_fashion):
     got = torch.cat([x for x, _ in loader(held, [list(range(10))], seed=1, epoch=3)])
     assert torch.equal(got, torch.stack([plain[i][0] for i in held.indices]))
     assert kept.dataset.augment  # training part still augmented
+
+
+def test_fashion_mnist_training_part_of_a_holdout_split_is_read_by_batch_with_the_same_seeds(fake_fashion):
+    recipe = load_recipe(None, FASHION + [f"data.root={fake_fashion}", "data.holdout_fraction=0.25"])
+    kept, _ = build_datasets(recipe)
+    seeded = SeededSamples(kept, 4)
+    assert seeded.seeded is kept.dataset  # the batched path, not a reseeded read per sample
+    batch = seeded.__getitems__([(2, 0), (2, 5)])
+    for (x, y), i in zip(batch, (0, 5)):  # sample i of the split: image kept.indices[i], seeded by i
+        ref, ref_y = kept.dataset.seeded_items([kept.indices[i]], [seeded.sample_seed(2, i)])[0]
+        assert torch.equal(x, ref) and y == ref_y and torch.equal(seeded[(2, i)][0], x)
