@@ -83,8 +83,9 @@ class ArrayImages(Dataset):
     ``augment``: a crop of the image padded by ``pad`` pixels (zeros, the background) at a
     random offset, and a horizontal flip with probability 1/2. Both are a pure function of a
     per-sample seed (:meth:`seeded_items`; :class:`SeededSamples` passes its (seed, epoch,
-    index) seed), and a whole batch is cut with one gather: reading an image costs a few
-    microseconds, not the ~200 of a per-sample reseeded read (60,000 images an epoch).
+    index) seed), and a whole batch is cut with one gather (:func:`shift_flip_reference` is the
+    plain per-image version): about 30 us an image on one core, where a read reseeding the RNGs
+    per sample costs about 200 (60,000 images an epoch).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int, mean: float, std: float,
@@ -100,16 +101,19 @@ class ArrayImages(Dataset):
         seed = int(torch.randint(0, 2**62, ())) if self.augment else 0  # from the caller's torch RNG
         return self.seeded_items([index], [seed])[0]
 
+    def augmentation(self, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dy, dx, flip) of each seed: the crop's offset in the padded image (0..2 pad) and the flip."""
+        bits = torch.from_numpy(splitmix64(np.array([s % 2**64 for s in seeds], dtype=np.uint64)).view(np.int64))
+        span = 2 * self.pad + 1
+        return (bits & 0xFF) % span, ((bits >> 8) & 0xFF) % span, ((bits >> 16) & 1).bool()
+
     def seeded_items(self, indices: list[int], seeds: list[int]) -> list[tuple[torch.Tensor, int]]:
         """Samples ``indices``, the augmentation of each drawn from its seed alone."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.images[idx]  # (B, H, W) uint8
         b, h, w = x.shape
         if self.augment:
-            bits = torch.from_numpy(splitmix64(np.array([s % 2**64 for s in seeds], dtype=np.uint64)).view(np.int64))
-            span = 2 * self.pad + 1
-            dy, dx = (bits & 0xFF) % span, ((bits >> 8) & 0xFF) % span
-            flip = ((bits >> 16) & 1).bool()
+            dy, dx, flip = self.augmentation(seeds)
             rows = dy[:, None] + torch.arange(h)  # (B, H) rows of the padded image
             cols = torch.arange(w).expand(b, w)
             cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)  # (B, W)
@@ -126,6 +130,13 @@ class ArrayImages(Dataset):
         view = copy.copy(self)
         view.augment = False
         return view
+
+
+def shift_flip_reference(image: torch.Tensor, dy: int, dx: int, flip: bool, pad: int) -> torch.Tensor:
+    """What :meth:`ArrayImages.seeded_items` cuts from one ``(H, W)`` image, the plain way."""
+    h, w = image.shape
+    out = F.pad(image, (pad,) * 4)[dy : dy + h, dx : dx + w]
+    return out.flip(-1) if flip else out
 
 
 def fashion_mnist_files(root: str) -> list[str]:

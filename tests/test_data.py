@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from sqdist.config import RecipeError, load_recipe
-from sqdist.data import (FASHION_MNIST_MEAN, FASHION_MNIST_ROOT, FASHION_MNIST_STD, SeededSamples, build_datasets,
-                         fashion_mnist_files, load_fashion_mnist_split, loader, read_idx)
+from sqdist.data import (FASHION_MNIST_MEAN, FASHION_MNIST_ROOT, FASHION_MNIST_STD, ArrayImages, SeededSamples,
+                         build_datasets, fashion_mnist_files, load_fashion_mnist_split, loader, read_idx,
+                         shift_flip_reference)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = ["data.name=fashion_mnist", "data.image_size=28", "model.kwargs={num_classes: 10, in_chans: 1}"]
@@ -94,6 +95,18 @@ def test_fashion_mnist_augmentation_is_a_pure_function_of_seed_epoch_and_index(f
     _, test = load_fashion_mnist_split(str(fake_fashion))
     assert torch.equal(torch.cat([x for x, _ in loader(test, [[0, 1, 2]], seed=0, epoch=0)]),
                        torch.cat([x for x, _ in loader(test, [[0, 1, 2]], seed=5, epoch=9)]))
+
+
+def test_batched_shift_and_flip_match_the_per_image_reference():
+    images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+    data = ArrayImages(images, torch.arange(50) % 10, 28, mean=0.0, std=1.0, augment=True, pad=3)
+    seeds = [7 * i + 2**40 for i in range(50)]
+    dy, dx, flip = data.augmentation(seeds)
+    assert set(dy.tolist()) == set(dx.tolist()) == set(range(7)) and 10 < int(flip.sum()) < 40  # every offset, both flips
+    got = data.seeded_items(list(range(50)), seeds)
+    for i, (x, y) in enumerate(got):
+        ref = shift_flip_reference(images[i], int(dy[i]), int(dx[i]), bool(flip[i]), 3).float() / 255
+        assert torch.equal(x[0], ref) and y == i % 10
 
 
 def test_fashion_mnist_missing_folder_or_file_is_one_line_and_exit_2(tmp_path, fake_fashion, capsys):
