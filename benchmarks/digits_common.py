@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 # recipe keys added after runs were cached, and their default: left out of the digest at the
 # default, so those runs stay valid
-LATER_DEFAULTS = {("data", "holdout_fraction"): 0.0}
+LATER_DEFAULTS = {("data", "holdout_fraction"): 0.0, ("data", "augment"): False}
 
 
 def recipe_digest(recipe: dict) -> str:

@@ -145,7 +145,7 @@ def fashion_mnist_files(root: str) -> list[str]:
 
 
 def load_fashion_mnist_split(root: str, image_size: int = 28, in_chans: int = 1,
-                             augment: bool = True) -> tuple[ArrayImages, ArrayImages]:
+                             augment: bool = False) -> tuple[ArrayImages, ArrayImages]:
     """Fashion-MNIST (60,000 training and 10,000 test 28x28 grey images, 10 classes) from the
     idx files under ``root``; (train, test) :class:`ArrayImages`, the training set augmented
     (random 2-pixel shift, horizontal flip) when ``augment``."""
@@ -181,7 +181,7 @@ def build_datasets(recipe: dict) -> tuple[Dataset, Dataset]:
     elif data["name"] == "fashion_mnist":
         root = data["root"] or FASHION_MNIST_ROOT
         try:
-            train, test = load_fashion_mnist_split(root, data["image_size"], in_chans)
+            train, test = load_fashion_mnist_split(root, data["image_size"], in_chans, data["augment"])
         except ValueError as exc:  # a truncated or foreign file: one line, like the recipe check's
             from .config import RecipeError
 

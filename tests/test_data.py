@@ -57,6 +57,10 @@ def test_fashion_mnist_shapes_labels_and_normalization(fake_fashion):
     recipe = load_recipe(None, FASHION + [f"data.root={fake_fashion}"])
     train, test = build_datasets(recipe)
     assert len(train) == 40 and len(test) == 20
+    assert not train.augment and build_datasets(load_recipe(None, FASHION + [f"data.root={fake_fashion}",
+                                                                           "data.augment=true"]))[0].augment
+    with pytest.raises(RecipeError, match=r"^data.augment=true: data.name='digits' has no such option"):
+        load_recipe(None, ["data.augment=true"])
     labels = read_idx(str(fake_fashion / "t10k-labels-idx1-ubyte.gz"))
     for i in range(len(test)):
         x, y = test[i]
@@ -72,7 +76,7 @@ def test_fashion_mnist_shapes_labels_and_normalization(fake_fashion):
 
 
 def test_fashion_mnist_augmentation_is_a_pure_function_of_seed_epoch_and_index(fake_fashion):
-    train, _ = load_fashion_mnist_split(str(fake_fashion))
+    train, _ = load_fashion_mnist_split(str(fake_fashion), augment=True)
     plain = train.without_augmentation()
     batches = [list(range(0, 40, 2)), list(range(1, 40, 2))]
     first = [x for x, _ in loader(train, batches, seed=3, epoch=1)]
@@ -92,7 +96,7 @@ def test_fashion_mnist_augmentation_is_a_pure_function_of_seed_epoch_and_index(f
         moved += not torch.equal(x, ref)
     assert moved >= 30  # 49 of the 50 (shift, flip) pairs change the image
     # and the test set is never augmented
-    _, test = load_fashion_mnist_split(str(fake_fashion))
+    _, test = load_fashion_mnist_split(str(fake_fashion), augment=True)
     assert torch.equal(torch.cat([x for x, _ in loader(test, [[0, 1, 2]], seed=0, epoch=0)]),
                        torch.cat([x for x, _ in loader(test, [[0, 1, 2]], seed=5, epoch=9)]))
 
@@ -184,7 +188,7 @@ def test_holdout_on_folder_data_reads_the_eval_transform(tmp_path):
 
 
 def test_holdout_on_fashion_mnist_reads_unaugmented_images(fake_fashion):
-    recipe = load_recipe(None, FASHION + [f"data.root={fake_fashion}", "data.holdout_fraction=0.25"])
+    recipe = load_recipe(None, FASHION + [f"data.root={fake_fashion}", "data.holdout_fraction=0.25", "data.augment=true"])
     kept, held = build_datasets(recipe)
     train, _ = load_fashion_mnist_split(str(fake_fashion))
     plain = train.without_augmentation()
@@ -195,7 +199,7 @@ def test_holdout_on_fashion_mnist_reads_unaugmented_images(fake_fashion):
 
 
 def test_fashion_mnist_training_part_of_a_holdout_split_is_read_by_batch_with_the_same_seeds(fake_fashion):
-    recipe = load_recipe(None, FASHION + [f"data.root={fake_fashion}", "data.holdout_fraction=0.25"])
+    recipe = load_recipe(None, FASHION + [f"data.root={fake_fashion}", "data.holdout_fraction=0.25", "data.augment=true"])
     kept, _ = build_datasets(recipe)
     seeded = SeededSamples(kept, 4)
     assert seeded.seeded is kept.dataset  # the batched path, not a reseeded read per sample
