@@ -156,7 +156,8 @@ def setting_overrides(data: str) -> list[str]:
     d = r["data"]
     return [f"model.name={r['model']['name']}", f"model.kwargs={json.dumps(r['model']['kwargs'])}",
             f"data.name={d['name']}", f"data.root={d['root']}", f"data.image_size={d['image_size']}",
-            f"data.batch_size={d['batch_size']}", f"train.bn_recalibrate={r['train']['bn_recalibrate']}"]
+            f"data.batch_size={d['batch_size']}", f"data.augment={str(d['augment']).lower()}",
+            f"train.bn_recalibrate={r['train']['bn_recalibrate']}"]
 
 
 def steps_per_epoch(recipe: dict) -> int:
