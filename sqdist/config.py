@@ -392,13 +392,20 @@ def _validate_names(recipe: dict) -> None:
         raise RecipeError(f"engine.config={cfg!r}: no such DeepSpeed JSON file")
 
 
+# data.name=fashion_mnist: Debian's dataset-fashion-mnist installs the four idx files there (read by sqdist.data)
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 FASHION_MNIST_INSTALL = "Debian's package dataset-fashion-mnist installs it: apt-get install dataset-fashion-mnist"
+
+
+def fashion_mnist_files(root: str) -> list[str]:
+    """The four idx files under ``root``, train images and labels first."""
+    return [os.path.join(root, name) for split in ("train", "test") for name in FASHION_MNIST_FILES[split]]
 
 
 def _validate_fashion_mnist(data: dict) -> None:
     """``data.root`` (default: where Debian's package puts the files) holds the four idx files."""
-    from .data import FASHION_MNIST_ROOT, fashion_mnist_files
-
     if data["root"] is None:
         data["root"] = FASHION_MNIST_ROOT
     root = data["root"]

@@ -18,12 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from .config import FASHION_MNIST_FILES, FASHION_MNIST_ROOT, RecipeError
+
 DIGITS_MEAN, DIGITS_STD = 0.3, 0.35  # of load_digits / 16, rounded
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.286, 0.353  # of the 60,000 training images / 255
-# Debian's dataset-fashion-mnist installs the four files there
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-                       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
               0x0E: np.dtype(">f8")}
 
@@ -139,11 +137,6 @@ def shift_flip_reference(image: torch.Tensor, dy: int, dx: int, flip: bool, pad:
     return out.flip(-1) if flip else out
 
 
-def fashion_mnist_files(root: str) -> list[str]:
-    """The four idx files under ``root``, train images and labels first."""
-    return [os.path.join(root, name) for split in ("train", "test") for name in FASHION_MNIST_FILES[split]]
-
-
 def load_fashion_mnist_split(root: str, image_size: int = 28, in_chans: int = 1,
                              augment: bool = False) -> tuple[ArrayImages, ArrayImages]:
     """Fashion-MNIST (60,000 training and 10,000 test 28x28 grey images, 10 classes) from the
@@ -183,8 +176,6 @@ def build_datasets(recipe: dict) -> tuple[Dataset, Dataset]:
         try:
             train, test = load_fashion_mnist_split(root, data["image_size"], in_chans, data["augment"])
         except ValueError as exc:  # a truncated or foreign file: one line, like the recipe check's
-            from .config import RecipeError
-
             raise RecipeError(f"data.root={root!r}: {exc}; reinstall with apt-get install --reinstall "
                               "dataset-fashion-mnist") from None
     else:

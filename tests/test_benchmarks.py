@@ -42,7 +42,7 @@ def test_leaderboard_pareto_front():
 
 
 def test_leaderboard_fashion_mnist_rows_run_in_its_setting_with_their_budgets():
-    from sqdist.data import FASHION_MNIST_ROOT, fashion_mnist_files
+    from sqdist.config import FASHION_MNIST_ROOT, fashion_mnist_files
 
     if not all(os.path.isfile(p) for p in fashion_mnist_files(FASHION_MNIST_ROOT)):
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sqdist.config import RecipeError, load_recipe
-from sqdist.data import (FASHION_MNIST_MEAN, FASHION_MNIST_ROOT, FASHION_MNIST_STD, ArrayImages, SeededSamples,
-                         build_datasets, fashion_mnist_files, load_fashion_mnist_split, loader, read_idx,
-                         shift_flip_reference)
+from sqdist.config import FASHION_MNIST_ROOT, RecipeError, fashion_mnist_files, load_recipe
+from sqdist.data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, ArrayImages, SeededSamples, build_datasets,
+                         load_fashion_mnist_split, loader, read_idx, shift_flip_reference)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = ["data.name=fashion_mnist", "data.image_size=28", "model.kwargs={num_classes: 10, in_chans: 1}"]

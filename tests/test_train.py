@@ -126,7 +126,7 @@ def test_overrides_are_typed_and_nested(tiny_recipe):
 
 
 def test_every_shipped_recipe_validates(tmp_path):
-    from sqdist.data import fashion_mnist_files
+    from sqdist.config import fashion_mnist_files
 
     for path in fashion_mnist_files(str(tmp_path)):  # the check looks for the files; reading them is tests/test_data.py's
         open(path, "wb").close()
