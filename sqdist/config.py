@@ -281,14 +281,14 @@ def _validate_finite_quant_params(recipe: dict) -> None:
 
 
 def _validate_num_classes(recipe: dict) -> None:
-    """``model.kwargs.num_classes``, when set: an integer >= 1, and for digits at least its 10 classes
+    """``model.kwargs.num_classes``, when set: an integer >= 1, for digits and fashion_mnist at least their 10 classes
     (timm builds a model for -1 or 0 too, which then trains to nothing)."""
     if "num_classes" not in recipe["model"]["kwargs"]:
         return
     value = recipe["model"]["kwargs"]["num_classes"]
-    low = DIGITS_CLASSES if recipe["data"]["name"] == "digits" else 1
+    low = DIGITS_CLASSES if recipe["data"]["name"] in ("digits", "fashion_mnist") else 1  # both have 10 classes
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        why = f" (data.name=digits has {DIGITS_CLASSES} classes)" if low > 1 else ""
+        why = f" (data.name={recipe['data']['name']} has {DIGITS_CLASSES} classes)" if low > 1 else ""
         raise RecipeError(f"model.kwargs.num_classes={value!r}: expected an integer >= {low}{why}")
 
 
@@ -396,7 +396,6 @@ def _validate_names(recipe: dict) -> None:
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-FASHION_MNIST_INSTALL = "Debian's package dataset-fashion-mnist installs it: apt-get install dataset-fashion-mnist"
 
 
 def fashion_mnist_files(root: str) -> list[str]:
@@ -406,16 +405,13 @@ def fashion_mnist_files(root: str) -> list[str]:
 
 def _validate_fashion_mnist(data: dict) -> None:
     """``data.root`` (default: where Debian's package puts the files) holds the four idx files."""
-    if data["root"] is None:
-        data["root"] = FASHION_MNIST_ROOT
-    root = data["root"]
-    if not os.path.isdir(root):
-        raise RecipeError(f"data.root={root!r}: no such folder; data.name=fashion_mnist reads its idx files "
-                          f"from there; {FASHION_MNIST_INSTALL} (into {FASHION_MNIST_ROOT})")
-    for path in fashion_mnist_files(root):
-        if not os.path.isfile(path):
-            raise RecipeError(f"data.root={root!r}: missing file {path!r} (Fashion-MNIST idx file); "
-                              f"{FASHION_MNIST_INSTALL} (into {FASHION_MNIST_ROOT})")
+    root = data["root"] = data["root"] or FASHION_MNIST_ROOT
+    missing = "no such folder" if not os.path.isdir(root) else next(
+        (f"missing file {path!r}" for path in fashion_mnist_files(root) if not os.path.isfile(path)), None)
+    if missing:
+        raise RecipeError(f"data.root={root!r}: {missing} (data.name=fashion_mnist reads its idx files there); Debian's "
+                          f"package dataset-fashion-mnist installs them into {FASHION_MNIST_ROOT}: "
+                          "apt-get install dataset-fashion-mnist")
 
 
 def _validate_activations(act: dict) -> None:

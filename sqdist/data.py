@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .config import FASHION_MNIST_FILES, FASHION_MNIST_ROOT, RecipeError
+from .config import FASHION_MNIST_FILES, FASHION_MNIST_ROOT, RecipeError, check_split_fraction
 
 DIGITS_MEAN, DIGITS_STD = 0.3, 0.35  # of load_digits / 16, rounded
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.286, 0.353  # of the 60,000 training images / 255
@@ -208,8 +208,6 @@ def hold_out(train: Dataset, fraction: float, held_view: Dataset | None = None) 
         labels = train.labels
     else:  # timm's ImageDataset over a folder: (path, class) samples
         labels = torch.as_tensor([target for _, target in train.reader.samples])
-    from .config import check_split_fraction
-
     check_split_fraction("data.holdout_fraction", fraction, labels.tolist())  # a class left out: one clear line
     if held_view is not None and len(held_view) != len(train):
         raise ValueError(f"held_view has {len(held_view)} samples, train {len(train)}: not the same samples")

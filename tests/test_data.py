@@ -60,6 +60,8 @@ def test_fashion_mnist_shapes_labels_and_normalization(fake_fashion):
                                                                            "data.augment=true"]))[0].augment
     with pytest.raises(RecipeError, match=r"^data.augment=true: data.name='digits' has no such option"):
         load_recipe(None, ["data.augment=true"])
+    with pytest.raises(RecipeError, match=r"num_classes=5: expected an integer >= 10 \(data.name=fashion_mnist has 10"):
+        load_recipe(None, FASHION[:-1] + [f"data.root={fake_fashion}", "model.kwargs={num_classes: 5, in_chans: 1}"])
     labels = read_idx(str(fake_fashion / "t10k-labels-idx1-ubyte.gz"))
     for i in range(len(test)):
         x, y = test[i]
