@@ -387,7 +387,7 @@ def main() -> None:
                         "leaderboard_runs, for fashion_mnist leaderboard_fashion_mnist_runs)")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that are cached")
     parser.add_argument("--publish", action="store_true", help="also write the table and the plot to "
-                        "benchmarks/results/leaderboard_<data>.md/.png (digits: leaderboard.md/.png)")
+                        "benchmarks/results/leaderboard_<data>.md/.png")
     args = parser.parse_args()
     data = DATASETS[args.data]
     suffix = "" if args.data == "digits" else f"_{args.data}"
@@ -455,13 +455,13 @@ def main() -> None:
     folder = save_results(args.out, text, {"rows": rows_json, "meta": meta})
     plot(ordered, folder / "leaderboard.png", meta)
     if args.publish:
-        results = ROOT / "benchmarks" / "results"
-        (results / f"leaderboard{suffix}.md").write_text(
+        published = ROOT / "benchmarks" / "results" / f"leaderboard_{args.data}"  # not the digits write-up
+        published.with_suffix(".md").write_text(
             f"# Leaderboard: every method on {args.data}\n\n    {meta['command']}\n\n"
-            f"![top-1 against file size](leaderboard{suffix}.png)\n\nSetting: {meta['model']}, {meta['image_size']}x"
+            f"![top-1 against file size]({published.name}.png)\n\nSetting: {meta['model']}, {meta['image_size']}x"
             f"{meta['image_size']} inputs, {meta['optim']} (SLB: its recipe's optimizer), {args.epochs} epochs "
             f"({per_epoch} steps each), {args.seeds} seeds; wall {meta['wall_seconds']} s.\n\n{text}\n")
-        (results / f"leaderboard{suffix}.png").write_bytes((folder / "leaderboard.png").read_bytes())
+        published.with_suffix(".png").write_bytes((folder / "leaderboard.png").read_bytes())
     if args.json:
         print(json.dumps({"rows": rows_json, "meta": meta}))
         return
