@@ -39,3 +39,31 @@ def test_leaderboard_pareto_front():
     points = [(100, 95.0, "fp"), (30, 93.0, "kbit4"), (25, 90.0, "twn"), (26, 89.0, "worse"), (20, 85.0, "bwn"),
               (30, 92.0, "tie-size-worse")]
     assert [p[2] for p in pareto(points)] == ["bwn", "twn", "kbit4", "fp"]
+
+
+def test_method_speed_lists_every_registered_quantizer_and_refuses_unknown_rows():
+    import sqdist
+
+    proc = subprocess.run([sys.executable, "benchmarks/method_speed.py", "--list"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = proc.stdout.splitlines()
+    assert {"FP", "kbit4", "kbit4 scale max", "W4A4 LSQ", "SQ-TWN", "BWN", "TWN"} <= set(rows)
+    text = proc.stdout
+    for name in sqdist.list_quantizers():  # a row of its own or a leaderboard row that uses it
+        assert name in text.lower() or name.upper() in text, name
+    bad = subprocess.run([sys.executable, "benchmarks/method_speed.py", "--rows", "FP,nope"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "--rows: 'nope' is not a method" in bad.stderr
+
+
+@pytest.mark.slow
+def test_method_speed_measures_through_the_trainer(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/method_speed.py", "--rows", "FP,kbit4", "--steps", "2",
+                           "--rounds", "2", "--warmup", "1", "--no-resnet50", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads(proc.stdout)["resnet18"]}
+    assert rows["FP"]["x_fp"] == 1.0 and rows["FP"]["bits"] == "W32A32" and rows["kbit4"]["bits"] == "W4A32"
+    for r in rows.values():
+        assert r["status"] == "ok" and r["steps"] == 2 and r["step_ms"] > 0 and r["peak_rss_mib"] > r["setup_rss_mib"] / 2
