@@ -144,7 +144,7 @@ def timed_run(recipe: dict, folder: str):
 
 
 def step_times(recipes: dict, steps: int, rounds: int = 1, warmup: int = 3, threads: int | None = 1,
-               budget_s: float | None = None) -> dict:
+               budget_s: float | None = None, cap_s: float | None = None) -> dict:
     """Seconds of one training step of each recipe, measured through the trainer.
 
     Every recipe is built by ``sqdist.train.setup`` (model, quantizers, calibration, optimizer as a
@@ -153,6 +153,8 @@ def step_times(recipes: dict, steps: int, rounds: int = 1, warmup: int = 3, thre
     training. After ``warmup`` untimed steps each, the recipes are interleaved: ``rounds`` rounds of
     ``steps // rounds`` steps of each in turn, so a change of the machine's load is seen by all.
     ``budget_s``: a recipe whose warm-up step took longer gets fewer steps (at least one a round).
+    ``cap_s``: a recipe whose warm-up steps took longer than this each is not timed further; its
+    entry is the warm-up (``"steps": 0``, ``"warmup_only": True``).
 
     ``recipes``: {label: recipe}. Returns {label: {"median", "mean", "min", "steps", "times"}} (seconds);
     a recipe that fails to build or step gets {"error": one line}.
@@ -171,6 +173,11 @@ def step_times(recipes: dict, steps: int, rounds: int = 1, warmup: int = 3, thre
                 for k in range(warmup):
                     _timed_step(run, x, y, k)
                 each = (time.perf_counter() - first) / max(warmup, 1)
+                if cap_s is not None and warmup and each > cap_s:
+                    run.tracker.close()
+                    out[label] = {"median": each, "mean": each, "min": each, "steps": 0, "times": [],
+                                  "warmup_only": True}
+                    continue
                 n = per_round if budget_s is None else max(1, min(per_round, int(budget_s / max(each, 1e-9))))
                 runs[label] = (run, x, y, n, [])
             except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others' numbers

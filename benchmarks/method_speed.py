@@ -138,7 +138,7 @@ def bits_of(recipe: dict) -> str:
     return bits_label(recipe)
 
 
-def measure(rows: dict[str, Row], scale: list[str], args, batch: int | None, steps: int, rounds: int,
+def measure(rows: dict[str, Row], scale: list[str], args, batch: int | None, steps: int, rounds: int, warmup: int,
             memory: bool) -> list[dict]:
     recipes, out = {}, {}
     for label, row in rows.items():
@@ -147,7 +147,8 @@ def measure(rows: dict[str, Row], scale: list[str], args, batch: int | None, ste
             out[label] = {"method": label, "what": row.what, "status": why}
             continue
         recipes[label] = recipe_of(row, scale, batch)
-    times = step_times(recipes, steps, rounds=rounds, warmup=args.warmup, threads=args.threads, budget_s=args.budget)
+    times = step_times(recipes, steps, rounds=rounds, warmup=warmup, threads=args.threads, budget_s=args.budget,
+                       cap_s=args.cap)
     fp = times.get("FP", {}).get("median")
     for label, t in times.items():
         entry = {"method": label, "what": rows[label].what, "bits": bits_of(recipes[label])}
@@ -156,7 +157,9 @@ def measure(rows: dict[str, Row], scale: list[str], args, batch: int | None, ste
         else:
             entry.update({"status": "ok", "step_ms": round(t["median"] * 1e3, 2), "mean_ms": round(t["mean"] * 1e3, 2),
                           "steps": t["steps"], "x_fp": round(t["median"] / fp, 3) if fp else None})
-            if memory:
+            if t.get("warmup_only"):
+                entry["status"] = f"over --cap {args.cap:g} s: the mean of the {warmup} warm-up step(s), not timed further"
+            elif memory:
                 entry.update(measure_memory(recipes[label], args.memory_steps, args.threads,
                                             timeout=int(120 + 20 * t["mean"] * args.memory_steps)))
         out[label] = entry
@@ -191,10 +194,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--budget", type=float, default=6.0,
                     help="seconds per method and round: a slow method takes fewer steps (at least one a round)")
+    ap.add_argument("--cap", type=float, default=None,
+                    help="seconds: a method whose warm-up step takes longer is not timed further (its warm-up is shown)")
     ap.add_argument("--memory-steps", type=int, default=2, help="steps of the memory probe (default 2)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     ap.add_argument("--no-resnet50", action="store_true", help="skip the resnet50 224x224 rows")
     ap.add_argument("--r50-batch", type=int, default=4, help="resnet50 batch (default 4)")
+    ap.add_argument("--r50-rows", default=",".join(R50_ROWS), help=f"resnet50 methods (default {','.join(R50_ROWS)})")
     ap.add_argument("--r50-steps", type=int, default=2, help="resnet50 timed steps per method (default 2)")
     ap.add_argument("--quick", action="store_true", help=f"smoke test: rows {','.join(QUICK_ROWS)}, 4 steps, no resnet50")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of the tables")
@@ -221,13 +227,20 @@ def main(argv=None) -> int:
         ap.error(f"--rows: {unknown[0] if unknown else '(empty)'!r} is not a method; allowed: {', '.join(rows)}")
     if "FP" not in names:
         names.insert(0, "FP")
+    r50 = [r.strip() for r in args.r50_rows.split(",") if r.strip()]
+    bad = [r for r in r50 if r not in rows]
+    if bad:
+        ap.error(f"--r50-rows: {bad[0]!r} is not a method; allowed: {', '.join(rows)}")
+    if "FP" not in r50:
+        r50.insert(0, "FP")
     import torch
 
     t0 = time.time()
-    small = measure({n: rows[n] for n in names}, SCALE, args, None, args.steps, args.rounds, not args.no_memory)
+    small = measure({n: rows[n] for n in names}, SCALE, args, None, args.steps, args.rounds, args.warmup,
+                    not args.no_memory)
     big = []
     if not args.no_resnet50:
-        big = measure({n: rows[n] for n in R50_ROWS}, R50, args, args.r50_batch, args.r50_steps, 1, False)
+        big = measure({n: rows[n] for n in r50}, R50, args, args.r50_batch, args.r50_steps, 1, 1, False)
     meta = {"torch": torch.__version__, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
             "warmup": args.warmup, "cpu": os.cpu_count(), "load_avg_end": os.getloadavg(),
             "wall_seconds": round(time.time() - t0, 1),
@@ -240,7 +253,7 @@ def main(argv=None) -> int:
     if big:
         print()
         print(table(big, f"resnet50 (num_classes 10), 224x224, batch {args.r50_batch}, {args.threads} threads, "
-                         f"{args.r50_steps} timed steps after {args.warmup}, no memory probe"))
+                         f"{args.r50_steps} timed steps after 1, no memory probe"))
     print(f"\nwall {meta['wall_seconds']} s; load average at the end {meta['load_avg_end']}")
     return 0
 
