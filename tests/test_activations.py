@@ -394,7 +394,7 @@ def test_pact_clips_at_the_absolute_value_of_alpha():
 def test_lsq_one_node_backward_equals_the_autograd_reference(qmin, qmax):
     """The hand-written backward of lsq_quantize against the straight-through ops of the paper:
     same values, same gradients for x and for a step derived from a parameter (|p|)."""
-    from sqdist.quantizers import lsq_quantize, lsq_quantize_reference
+    from sqdist.quant.weights import lsq_quantize, lsq_quantize_reference
 
     g = torch.Generator().manual_seed(qmax)
     x = torch.randn(8, 16, 5, 5, generator=g) * 0.7

@@ -241,7 +241,7 @@ def _drifting_weights(steps, seed=0):
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_kbit_mse_searching_every_step_is_the_reference(bits):
-    from sqdist.quantizers import kbit_mse_reference
+    from sqdist.quant.weights import kbit_mse_reference
 
     q = KBit(bits, search_every=1)
     weights = list(_drifting_weights(6, seed=bits))
@@ -257,7 +257,7 @@ def test_kbit_mse_searching_every_step_is_the_reference(bits):
 def test_kbit_mse_between_searches_keeps_each_rows_ratio():
     """At multiples of search_every the search (the reference exactly); in between the ratio found there
     with the current row maximum: on weights that drift a little the L2 error stays within 2% of the search's."""
-    from sqdist.quantizers import kbit_codes_at_ratio, kbit_mse_ratio, kbit_mse_reference
+    from sqdist.quant.weights import kbit_codes_at_ratio, kbit_mse_ratio, kbit_mse_reference
 
     q = KBit(3, search_every=4)
     weights = list(_drifting_weights(10))
@@ -283,7 +283,7 @@ def test_kbit_mse_between_searches_keeps_each_rows_ratio():
 
 
 def test_kbit_mse_ratios_resume_from_a_checkpoint_and_old_checkpoints_still_load():
-    from sqdist.quantizers import kbit_mse_reference
+    from sqdist.quant.weights import kbit_mse_reference
 
     weights = list(_drifting_weights(7))
     a = KBit(4, search_every=4)

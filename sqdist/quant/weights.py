@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .kbit_mse import MSE_GRID, kbit_codes_at_ratio, kbit_mse_ratio, kbit_mse_reference  # noqa: F401 (public here)
+from .lsq import grad_scale, lsq_quantize, lsq_quantize_reference, round_pass  # noqa: F401 (public here)
 from .registry import register_quantizer
 from .steps import initial_step, positive_step
 
@@ -53,120 +55,6 @@ def kbit_reference(w: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.clamp(torch.round(w / safe[:, None]), -levels, levels)
     return codes.to(w.dtype), scale.to(w.dtype)
-
-
-MSE_GRID = (32, 16)  # kbit scale="mse": coarse candidates in (0, 1] x max-scale, then finer ones around the best
-
-
-def kbit_mse_reference(w: Tensor, bits: int = 4, grid: tuple[int, int] = MSE_GRID) -> tuple[Tensor, Tensor]:
-    """Symmetric uniform k-bit whose per-row scale minimizes ``||w_i - Q_i||_2``, by a short search.
-
-    ``w`` (m, n) -> (``codes`` (m, n), ``scale`` (m,)). Candidates are ``a * max|w_i| / L``:
-    first ``a = 1/G, 2/G, ..., 1`` (``G = grid[0]``), then ``grid[1] + 1`` values spaced
-    ``1/(G * grid[1])`` around each row's best. ``a = 1`` (:func:`kbit_reference`'s scale)
-    is a candidate, so the L2 error is never above the max scale's.
-    """
-    return kbit_codes_at_ratio(w, kbit_mse_ratio(w, bits, grid), bits)
-
-
-def kbit_mse_ratio(w: Tensor, bits: int = 4, grid: tuple[int, int] = MSE_GRID) -> Tensor:
-    """The search of :func:`kbit_mse_reference`: per row the best ``a`` (scale over ``max|w_i| / L``), (m,) float32."""
-    levels = 2 ** (bits - 1) - 1
-    top = w.abs().amax(dim=1) / levels
-    safe = torch.where(top > 0, top, torch.ones_like(top)).float()
-    wf = w.float()
-    coarse, fine = grid
-    a = torch.arange(1, coarse + 1, dtype=torch.float32, device=w.device).div(coarse).expand(w.shape[0], -1)
-    best = _best_ratio(wf, safe, a, levels)
-    steps = torch.arange(-(fine // 2), fine // 2 + 1, dtype=torch.float32, device=w.device) / (coarse * fine)
-    a = (best[:, None] + steps).clamp(1.0 / (coarse * fine), 1.0)
-    a = torch.cat([best[:, None], a], dim=1)  # the coarse winner first: ties keep it
-    return _best_ratio(wf, safe, a, levels)
-
-
-def kbit_codes_at_ratio(w: Tensor, ratio: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
-    """k-bit codes and scales of ``w`` (m, n) at ``scale_i = ratio_i * max|w_i| / L`` (``ratio`` (m,)); a zero row
-    gets scale 0. With the ratio of :func:`kbit_mse_ratio` this is :func:`kbit_mse_reference`."""
-    levels = 2 ** (bits - 1) - 1
-    top = w.abs().amax(dim=1) / levels
-    safe = torch.where(top > 0, top, torch.ones_like(top)).float()
-    scale = safe * ratio
-    codes = torch.clamp(torch.round(w.float() / scale[:, None]), -levels, levels)
-    scale = torch.where(top > 0, scale, torch.zeros_like(scale))
-    return codes.to(w.dtype), scale.to(w.dtype)
-
-
-def _best_ratio(w: Tensor, safe: Tensor, ratios: Tensor, levels: int) -> Tensor:
-    """Per row, the ratio ``ratios[i, j]`` whose scale ``safe_i * ratios[i, j]`` has the least
-    squared error (the first one on a tie); ``w`` (m, n), ``ratios`` (m, k) -> (m,)."""
-    m, k = ratios.shape
-    chunk = max(1, (1 << 20) // max(w.numel(), 1))  # candidates at once: temporaries of ~4 MB
-    errors = []
-    for j in range(0, k, chunk):
-        s = (safe[:, None] * ratios[:, j:j + chunk]).T[:, :, None]  # (c, m, 1)
-        q = torch.div(w, s).round_().clamp_(-levels, levels).mul_(s).sub_(w)  # Q - w, (c, m, n)
-        errors.append(q.square_().sum(dim=2).T)  # (m, c)
-    best = torch.cat(errors, dim=1).argmin(dim=1)  # argmin returns the first minimum
-    return ratios.gather(1, best[:, None]).squeeze(1)
-
-
-def round_pass(x: Tensor) -> Tensor:
-    """``round(x)`` whose gradient is 1 (LSQ's ``roundpass``, a straight-through round)."""
-    return (torch.round(x) - x).detach() + x
-
-
-def grad_scale(x: Tensor, factor: float) -> Tensor:
-    """``x`` whose gradient is multiplied by ``factor`` (LSQ's ``gradscale``)."""
-    scaled = x * factor
-    return (x - scaled).detach() + scaled
-
-
-def lsq_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_factor: float) -> Tensor:
-    """LSQ fake quantization (Esser et al., ICLR 2020): ``round(clip(x / s, qmin, qmax)) * s``.
-
-    ``x`` any shape, ``step`` the step size ``s`` as used (shape (1,); a method that derives it
-    from its parameter, e.g. ``|p|``, passes the derived tensor and autograd carries on). Gradients
-    are the paper's: ``d/dx = 1`` where ``qmin < x/s < qmax`` and 0 outside; ``d/ds = round(x/s) - x/s``
-    inside, ``qmin`` / ``qmax`` outside, times ``grad_factor`` (the paper's ``g = 1/sqrt(N * Q_P)``).
-    One autograd node with a hand-written backward (:class:`_LSQQuantize`);
-    :func:`lsq_quantize_reference` is the same rule spelled with straight-through ops.
-    """
-    return _LSQQuantize.apply(x, step, qmin, qmax, grad_factor)
-
-
-def lsq_quantize_reference(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_factor: float) -> Tensor:
-    """:func:`lsq_quantize` by autograd through straight-through ops (the paper's pseudo-code)."""
-    s = grad_scale(step, grad_factor)
-    v = x / s
-    inside = (v > qmin) & (v < qmax)
-    v = torch.where(inside, v, v.detach().clamp(qmin, qmax))  # outside: the constant bound
-    return round_pass(v) * s
-
-
-class _LSQQuantize(torch.autograd.Function):
-    """LSQ's forward and both gradients with few passes over ``x`` and no saved temporaries: only
-    ``x`` and ``s`` are kept (the layer before usually keeps ``x`` already); the backward recomputes
-    ``x / s`` and yields ``grad_x`` and ``grad_s`` together."""
-
-    @staticmethod
-    def forward(ctx, x, step, qmin, qmax, grad_factor):
-        ctx.save_for_backward(x, step)
-        ctx.qmin, ctx.qmax, ctx.grad_factor = qmin, qmax, grad_factor
-        return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, step = ctx.saved_tensors
-        v = torch.div(x, step)
-        outside = torch.le(v, ctx.qmin).logical_or_(v >= ctx.qmax)
-        grad_x = grad_step = None
-        if ctx.needs_input_grad[1]:
-            # d/ds: round(v) - v inside, the bound outside; = round(clamp(v)) - (v, 0 outside)
-            term = v.clamp(ctx.qmin, ctx.qmax).round_().sub_(v.masked_fill_(outside, 0))
-            grad_step = (grad * term).sum().mul_(ctx.grad_factor).reshape(step.shape).to(step.dtype)
-        if ctx.needs_input_grad[0]:
-            grad_x = grad.masked_fill(outside, 0).to(x.dtype)
-        return grad_x, grad_step, None, None, None
 
 
 def quantization_error(w: Tensor, q: Tensor, granularity: str = "channel") -> Tensor:
