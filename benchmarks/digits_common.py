@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -124,6 +125,83 @@ def save_results(folder: str | Path, text: str, payload: dict) -> Path:
     (folder / "table.md").write_text(text + "\n")
     (folder / "results.json").write_text(json.dumps(payload, indent=1))
     return folder
+
+
+# ---------------------------------------------------------------- step time
+def timed_run(recipe: dict, folder: str):
+    """``sqdist.train.setup`` of ``recipe`` writing into ``folder`` (no tracker, no progress bar),
+    model in train mode, and its first training batch: ``(run, x, y)``."""
+    from sqdist.data import loader
+    from sqdist.train import setup
+
+    recipe = json.loads(json.dumps(recipe))
+    recipe["run"]["dir"], recipe["track"]["wandb"], recipe["train"]["progress"] = folder, False, False
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = setup(recipe)
+    x, y = next(iter(loader(run.train_set, run.sampler.batches(0)[:1], 0, seed=0)))
+    run.model.train()
+    return run, x.to(run.accelerator.device), y.to(run.accelerator.device)
+
+
+def step_times(recipes: dict, steps: int, rounds: int = 1, warmup: int = 3, threads: int | None = 1,
+               budget_s: float | None = None, cap_s: float | None = None) -> dict:
+    """Seconds of one training step of each recipe, measured through the trainer.
+
+    Every recipe is built by ``sqdist.train.setup`` (model, quantizers, calibration, optimizer as a
+    run has them) and stepped by ``sqdist.train.train_step`` (new SQ masks, LR, quantizer hooks,
+    forward, backward, optimizer step) on its first training batch, ``run.step`` counting up as in
+    training. After ``warmup`` untimed steps each, the recipes are interleaved: ``rounds`` rounds of
+    ``steps // rounds`` steps of each in turn, so a change of the machine's load is seen by all.
+    ``budget_s``: a recipe whose warm-up step took longer gets fewer steps (at least one a round).
+    ``cap_s``: a recipe whose warm-up steps took longer than this each is not timed further; its
+    entry is the warm-up (``"steps": 0``, ``"warmup_only": True``).
+
+    ``recipes``: {label: recipe}. Returns {label: {"median", "mean", "min", "steps", "times"}} (seconds);
+    a recipe that fails to build or step gets {"error": one line}.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    per_round = max(1, steps // max(rounds, 1))
+    out, runs = {}, {}
+    with tempfile.TemporaryDirectory() as root:
+        for i, (label, recipe) in enumerate(recipes.items()):
+            try:
+                run, x, y = timed_run(recipe, os.path.join(root, str(i)))
+                first = time.perf_counter()
+                for k in range(warmup):
+                    _timed_step(run, x, y, k)
+                each = (time.perf_counter() - first) / max(warmup, 1)
+                if cap_s is not None and warmup and each > cap_s:
+                    run.tracker.close()
+                    out[label] = {"median": each, "mean": each, "min": each, "steps": 0, "times": [],
+                                  "warmup_only": True}
+                    continue
+                n = per_round if budget_s is None else max(1, min(per_round, int(budget_s / max(each, 1e-9))))
+                runs[label] = (run, x, y, n, [])
+            except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others' numbers
+                out[label] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]}
+        for r in range(rounds):
+            for label, (run, x, y, n, times) in runs.items():
+                for k in range(n):
+                    t0 = time.perf_counter()
+                    _timed_step(run, x, y, warmup + r * n + k)
+                    times.append(time.perf_counter() - t0)
+        for label, (run, _, _, _, times) in runs.items():
+            run.tracker.close()
+            ordered = sorted(times)
+            out[label] = {"median": ordered[len(ordered) // 2], "mean": sum(times) / len(times), "min": ordered[0],
+                          "steps": len(times), "times": times}
+        runs.clear()
+    return {label: out[label] for label in recipes}
+
+
+def _timed_step(run, x, y, step: int) -> None:
+    from sqdist.train import train_step
+
+    run.step = step
+    train_step(run, x, y)
 
 
 # ---------------------------------------------------------------- statistics

@@ -25,7 +25,9 @@ the file ``python -m sqdist.export`` writes for seed 0's run (packed codes, stem
 classifier fp32; FP: the run's ``final/model.safetensors``; PQ rows: the file
 ``python -m sqdist.compress`` writes; PTQ rows: the file ``python -m sqdist.ptq`` writes from
 the same seed's FP run, see ``benchmarks/ptq_rows.py``); and the time of one training step against FP's,
-measured after all training in this process, one thread, on the same batch.
+measured after all training in this process, one thread, on the same batch, by
+``digits_common.step_times`` (the function ``benchmarks/method_speed.py`` uses): the rows
+interleaved in rounds, median step.
 
 A method is one line of ``ROWS``; a row whose quantizer is not installed, or whose runs fail,
 is printed with that status instead of numbers. Runs are cached by recipe under ``--runs``
@@ -38,13 +40,12 @@ import hashlib
 import json
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from digits_common import (OUT, ROOT, check_counts, export_bytes, load, paired, pool_map, safe_job, save_results, stats,
-                           train_all)
+                           step_times, train_all)
 from ptq_rows import PTQ_ROWS, bits_label, ptq_jobs, safe_ptq_job
 
 KBIT = "quant.name=kbit"
@@ -123,6 +124,7 @@ ROWS = {
 ROWS.update({label: Row("digits_fp", [], base, what, ptq=True) for label, (*_, base, what) in PTQ_ROWS.items()})
 QUICK_ROWS = ["FP", "BWN", "TWN", "SQ-TWN", "kbit4"]
 LONG_ROWS = ["TWN 3x", "SQ-TWN 3x", "SLB W1 3x", "SLB W2 3x"]
+TIMING_ROUNDS = 3  # step times: the rows interleaved in 3 rounds (digits_common.step_times)
 
 
 @dataclass
@@ -221,32 +223,6 @@ def compress_flags(blocks: str, fp_steps: int, quick: bool) -> list[str]:
     em, layer = (10, 5) if quick else (100, 20)
     return ["--blocks", blocks, "--em-iters", str(em), "train.bn_recalibrate=10", "--layer-steps", str(layer),
             "--layer-lr", "0.01", "--finetune-steps", str(fp_steps), "--lr", "0.05"]
-
-
-def step_seconds(recipe: dict, steps: int) -> float:
-    """Median seconds of one training step (masks, forward, backward, optimizer) on one thread."""
-    import torch
-
-    from sqdist.data import loader
-    from sqdist.train import setup, train_step
-
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as folder:
-        recipe = json.loads(json.dumps(recipe))
-        recipe["run"]["dir"] = folder
-        recipe["track"]["wandb"] = False
-        run = setup(recipe)
-        x, y = next(iter(loader(run.train_set, run.sampler.batches(0)[:1], 0, seed=0)))
-        run.model.train()
-        times = []
-        for i in range(steps + 3):
-            run.step = i
-            t0 = time.perf_counter()
-            train_step(run, x, y)
-            times.append(time.perf_counter() - t0)
-        run.tracker.close()
-    times = sorted(times[3:])
-    return times[len(times) // 2]
 
 
 def collect(rows: list[str], jobs: list[dict], results: list[dict], compressed: dict, seeds: int) -> dict:
@@ -435,11 +411,13 @@ def main() -> None:
     timing_runs = {label: next(j for j in jobs if j["label"] == label) for label in runnable
                    if "top1" in out[label] and not (ROWS[label].compress or ROWS[label].ptq)}
     if "FP" in timing_runs:  # time per step, after all training, one row after another
-        seconds = {label: step_seconds(load(j["recipe"], j["overrides"]), args.timed_steps)
-                   for label, j in timing_runs.items()}
-        for label, s in seconds.items():
-            out[label]["step_seconds"] = round(s, 5)
-            out[label]["step_ratio"] = round(s / seconds["FP"], 3)
+        times = step_times({label: load(j["recipe"], j["overrides"]) for label, j in timing_runs.items()},
+                           args.timed_steps, rounds=TIMING_ROUNDS)
+        fp = times["FP"].get("median")
+        for label, t in times.items():
+            if "median" in t and fp:
+                out[label]["step_seconds"] = round(t["median"], 5)
+                out[label]["step_ratio"] = round(t["median"] / fp, 3)
     ordered = {}
     for label in rows:
         ordered[label] = out.get(label) or {"method": label, "what": ROWS[label].what, "protocol": ROWS[label].protocol,

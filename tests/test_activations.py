@@ -388,3 +388,29 @@ def test_pact_clips_at_the_absolute_value_of_alpha():
         outs.append(q.fake_quantize(x.clone().requires_grad_()))
         assert float(q.scale()) == pytest.approx(2.0 / 3)
     assert torch.equal(outs[0], outs[1]) and float(outs[1].min()) == 0.0 and float(outs[1].max()) == 2.0
+
+
+@pytest.mark.parametrize("qmin,qmax", [(0, 15), (-2, 1)])
+def test_lsq_one_node_backward_equals_the_autograd_reference(qmin, qmax):
+    """The hand-written backward of lsq_quantize against the straight-through ops of the paper:
+    same values, same gradients for x and for a step derived from a parameter (|p|)."""
+    from sqdist.quant.weights import lsq_quantize, lsq_quantize_reference
+
+    g = torch.Generator().manual_seed(qmax)
+    x = torch.randn(8, 16, 5, 5, generator=g) * 0.7
+    x[0, 0, 0] = torch.tensor([0.0, qmin * 0.25, qmax * 0.25, 0.125, -0.125])  # at the bounds, at a .5 tie
+    if qmin == 0:
+        x = x.relu()  # exact zeros: on the lower bound, outside
+    grad = torch.randn(x.shape, generator=g)
+    results = []
+    for fn in (lsq_quantize_reference, lsq_quantize):
+        xs, p = x.clone().requires_grad_(), torch.tensor([-0.25], requires_grad=True)
+        out = fn(xs, p.abs(), qmin, qmax, 0.03)
+        out.backward(grad)
+        results.append((out.detach(), xs.grad, p.grad))
+    (ref, ref_gx, ref_gp), (out, gx, gp) = results
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-6, atol=1e-6)  # the reference's is (g * s) / s
+    assert torch.equal(gx == 0, ref_gx == 0) and (gx == 0).any() and (gx != 0).any()
+    torch.testing.assert_close(gp, ref_gp, rtol=1e-5, atol=1e-6)
+    assert gp.abs().item() > 1e-3

@@ -67,3 +67,33 @@ def test_leaderboard_fashion_mnist_rows_run_in_its_setting_with_their_budgets():
     assert recipes["SQ-BWN (paper)"]["train"]["epochs"] == 12 and recipes["SQ-BWN (paper)"]["sq"]["stage_length"] == 3
     assert [j["cost"] for j in jobs] == [1, 3, 1, 4]
     assert setting_overrides("digits") == []
+
+
+def test_method_speed_lists_every_registered_quantizer_and_refuses_unknown_rows():
+    # the registry as a fresh process sees it (other tests register quantizers in this one)
+    names = subprocess.run([sys.executable, "-c", "import sqdist; print(*sqdist.list_quantizers())"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300).stdout.split()
+    assert "kbit" in names
+    proc = subprocess.run([sys.executable, "benchmarks/method_speed.py", "--list"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = proc.stdout.splitlines()
+    assert {"FP", "kbit4", "kbit4 scale max", "W4A4 LSQ", "SQ-TWN", "BWN", "TWN"} <= set(rows)
+    text = proc.stdout
+    for name in names:  # a row of its own or a leaderboard row that uses it
+        assert name in text.lower() or name.upper() in text, name
+    bad = subprocess.run([sys.executable, "benchmarks/method_speed.py", "--rows", "FP,nope"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "--rows: 'nope' is not a method" in bad.stderr
+
+
+@pytest.mark.slow
+def test_method_speed_measures_through_the_trainer(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/method_speed.py", "--rows", "FP,kbit4", "--steps", "2",
+                           "--rounds", "2", "--warmup", "1", "--no-resnet50", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads(proc.stdout)["resnet18"]}
+    assert rows["FP"]["x_fp"] == 1.0 and rows["FP"]["bits"] == "W32A32" and rows["kbit4"]["bits"] == "W4A32"
+    for r in rows.values():
+        assert r["status"] == "ok" and r["steps"] == 2 and r["step_ms"] > 0 and r["peak_rss_mib"] > r["setup_rss_mib"] / 2

@@ -171,7 +171,7 @@ def test_kbit_mse_error_is_never_above_max(bits):
 def test_kbit_scale_is_validated_with_one_line():
     with pytest.raises(ValueError, match=r"^kbit scale='median'; allowed: 'mse', 'max', 'lsq'$"):
         KBit(4, scale="median")
-    assert KBit(3).config() == {"bits": 3, "scale": "mse"}
+    assert KBit(3).config() == {"bits": 3, "scale": "mse", "search_every": 16}
 
 
 # ---------------------------------------------------------------- the example plugin
@@ -227,3 +227,86 @@ def test_learned_parameters_train_identically_on_two_processes(tmp_path, engine)
     assert any(n.endswith(".quantizer.step") for n in names) and any(n.endswith(".input_quantizer.alpha") for n in names)
     for name in names:  # every quantizer parameter moved between the first and the last step
         assert steps[0]["params"][name] != steps[-1]["params"][name], name
+
+
+# ---------------------------------------------------------------- k-bit mse: the search every N steps
+def _drifting_weights(steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(24, 3, 3, 3, generator=g)
+    w[::5, 0, 0, 0] *= 8.0  # outliers: the best ratio is far from 1
+    for _ in range(steps):
+        yield w.clone()
+        w = w + 0.01 * torch.randn(w.shape, generator=g)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kbit_mse_searching_every_step_is_the_reference(bits):
+    from sqdist.quant.weights import kbit_mse_reference
+
+    q = KBit(bits, search_every=1)
+    weights = list(_drifting_weights(6, seed=bits))
+    q.calibrate(weights[0])
+    q.train()
+    for step, w in enumerate(weights):
+        q.set_progress(step, 6, 3)
+        codes, scale = q.quantize_codes(w.reshape(24, -1))
+        ref_codes, ref_scale = kbit_mse_reference(w.reshape(24, -1), bits)
+        assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+
+
+def test_kbit_mse_between_searches_keeps_each_rows_ratio():
+    """At multiples of search_every the search (the reference exactly); in between the ratio found there
+    with the current row maximum: on weights that drift a little the L2 error stays within 2% of the search's."""
+    from sqdist.quant.weights import kbit_codes_at_ratio, kbit_mse_ratio, kbit_mse_reference
+
+    q = KBit(3, search_every=4)
+    weights = list(_drifting_weights(10))
+    q.calibrate(weights[0])
+    q.train()
+    searched = None
+    for step, w in enumerate(weights):
+        w2d = w.reshape(24, -1)
+        q.set_progress(step, 10, 5)
+        codes, scale = q.quantize_codes(w2d)
+        ref_codes, ref_scale = kbit_mse_reference(w2d, 3)
+        if step % 4 == 0:
+            searched = kbit_mse_ratio(w2d, 3)
+            assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+        else:
+            fast_codes, fast_scale = kbit_codes_at_ratio(w2d, searched, 3)
+            assert torch.equal(codes, fast_codes) and torch.equal(scale, fast_scale)
+            l2 = (w2d - codes * scale[:, None]).square().sum()
+            assert l2 <= 1.02 * (w2d - ref_codes * ref_scale[:, None]).square().sum()
+        assert torch.equal(q.mse_ratio, searched)
+    q.eval()  # evaluation and export: the search on every call
+    assert torch.equal(q.quantize_codes(w2d)[1], kbit_mse_reference(w2d, 3)[1])
+
+
+def test_kbit_mse_ratios_resume_from_a_checkpoint_and_old_checkpoints_still_load():
+    from sqdist.quant.weights import kbit_mse_reference
+
+    weights = list(_drifting_weights(7))
+    a = KBit(4, search_every=4)
+    a.calibrate(weights[0])
+    a.train()
+    for step in range(6):  # searched at 0 and 4
+        a.set_progress(step, 10, 5)
+        a.quantize_codes(weights[step].reshape(24, -1))
+    state = a.state_dict()
+    assert set(state) == {"mse_ratio"}
+    b = KBit(4, search_every=4)
+    b.calibrate(weights[6])  # different weights: the checkpoint's ratios must win
+    b.load_state_dict(state)
+    b.train()
+    for q in (a, b):
+        q.set_progress(6, 10, 5)
+    w2d = weights[6].reshape(24, -1)
+    assert torch.equal(a.quantize_codes(w2d)[1], b.quantize_codes(w2d)[1])
+    c = KBit(4, search_every=4)  # a checkpoint from before the ratios were kept: the search at the next step
+    c.calibrate(weights[0])
+    c.load_state_dict({}, strict=True)
+    c.train()
+    c.set_progress(6, 10, 5)
+    assert torch.equal(c.quantize_codes(w2d)[1], kbit_mse_reference(w2d, 4)[1])
+    with pytest.raises(ValueError, match=r"^kbit search_every=0; allowed: an integer >= 1$"):
+        KBit(4, search_every=0)

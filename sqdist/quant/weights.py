@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .kbit_mse import MSE_GRID, kbit_codes_at_ratio, kbit_mse_ratio, kbit_mse_reference  # noqa: F401 (public here)
+from .lsq import grad_scale, lsq_quantize, lsq_quantize_reference, round_pass  # noqa: F401 (public here)
 from .registry import register_quantizer
 from .steps import initial_step, positive_step
 
@@ -53,72 +55,6 @@ def kbit_reference(w: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.clamp(torch.round(w / safe[:, None]), -levels, levels)
     return codes.to(w.dtype), scale.to(w.dtype)
-
-
-MSE_GRID = (32, 16)  # kbit scale="mse": coarse candidates in (0, 1] x max-scale, then finer ones around the best
-
-
-def kbit_mse_reference(w: Tensor, bits: int = 4, grid: tuple[int, int] = MSE_GRID) -> tuple[Tensor, Tensor]:
-    """Symmetric uniform k-bit whose per-row scale minimizes ``||w_i - Q_i||_2``, by a short search.
-
-    ``w`` (m, n) -> (``codes`` (m, n), ``scale`` (m,)). Candidates are ``a * max|w_i| / L``:
-    first ``a = 1/G, 2/G, ..., 1`` (``G = grid[0]``), then ``grid[1] + 1`` values spaced
-    ``1/(G * grid[1])`` around each row's best. ``a = 1`` (:func:`kbit_reference`'s scale)
-    is a candidate, so the L2 error is never above the max scale's.
-    """
-    levels = 2 ** (bits - 1) - 1
-    top = w.abs().amax(dim=1) / levels
-    safe = torch.where(top > 0, top, torch.ones_like(top)).float()
-    wf = w.float()
-    coarse, fine = grid
-    a = torch.arange(1, coarse + 1, dtype=torch.float32, device=w.device).div(coarse).expand(w.shape[0], -1)
-    best = _best_ratio(wf, safe, a, levels)
-    steps = torch.arange(-(fine // 2), fine // 2 + 1, dtype=torch.float32, device=w.device) / (coarse * fine)
-    a = (best[:, None] + steps).clamp(1.0 / (coarse * fine), 1.0)
-    a = torch.cat([best[:, None], a], dim=1)  # the coarse winner first: ties keep it
-    scale = safe * _best_ratio(wf, safe, a, levels)
-    codes = torch.clamp(torch.round(wf / scale[:, None]), -levels, levels)
-    scale = torch.where(top > 0, scale, torch.zeros_like(scale))
-    return codes.to(w.dtype), scale.to(w.dtype)
-
-
-def _best_ratio(w: Tensor, safe: Tensor, ratios: Tensor, levels: int) -> Tensor:
-    """Per row, the ratio ``ratios[i, j]`` whose scale ``safe_i * ratios[i, j]`` has the least
-    squared error (the first one on a tie); ``w`` (m, n), ``ratios`` (m, k) -> (m,)."""
-    m, k = ratios.shape
-    chunk = max(1, (1 << 20) // max(w.numel(), 1))  # candidates at once: temporaries of ~4 MB
-    errors = []
-    for j in range(0, k, chunk):
-        s = (safe[:, None] * ratios[:, j:j + chunk]).T[:, :, None]  # (c, m, 1)
-        q = torch.div(w, s).round_().clamp_(-levels, levels).mul_(s).sub_(w)  # Q - w, (c, m, n)
-        errors.append(q.square_().sum(dim=2).T)  # (m, c)
-    best = torch.cat(errors, dim=1).argmin(dim=1)  # argmin returns the first minimum
-    return ratios.gather(1, best[:, None]).squeeze(1)
-
-
-def round_pass(x: Tensor) -> Tensor:
-    """``round(x)`` whose gradient is 1 (LSQ's ``roundpass``, a straight-through round)."""
-    return (torch.round(x) - x).detach() + x
-
-
-def grad_scale(x: Tensor, factor: float) -> Tensor:
-    """``x`` whose gradient is multiplied by ``factor`` (LSQ's ``gradscale``)."""
-    scaled = x * factor
-    return (x - scaled).detach() + scaled
-
-
-def lsq_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_factor: float) -> Tensor:
-    """LSQ fake quantization (Esser et al., ICLR 2020): ``round(clip(x / s, qmin, qmax)) * s``.
-
-    ``x`` any shape, ``step`` the learned step size ``s`` (shape (1,)). Gradients are the paper's:
-    ``d/dx = 1`` where ``qmin < x/s < qmax`` and 0 outside; ``d/ds = round(x/s) - x/s`` inside,
-    ``qmin`` / ``qmax`` outside, times ``grad_factor`` (the paper's ``g = 1/sqrt(N * Q_P)``).
-    """
-    s = grad_scale(step, grad_factor)
-    v = x / s
-    inside = (v > qmin) & (v < qmax)
-    v = torch.where(inside, v, v.detach().clamp(qmin, qmax))  # outside: the constant bound
-    return round_pass(v) * s
 
 
 def quantization_error(w: Tensor, q: Tensor, granularity: str = "channel") -> Tensor:
@@ -396,7 +332,8 @@ class KBit(Quantizer):
             - ``"mse"`` (default): per row, the scale with the least ``||W_i - Q_i||_2``,
               found by a short grid search (:func:`kbit_mse_reference`); never worse than
               ``max`` in that error, and at 2 bits far better (``max`` zeroes every weight
-              below half the row maximum).
+              below half the row maximum). In training the search runs every
+              ``search_every`` optimizer steps (see below).
             - ``"max"``: per row ``max |W_i| / L``: no weight is clipped; the compiled op
               computes it (fast path).
             - ``"lsq"``: one learned step size per layer (LSQ, Esser et al., ICLR 2020),
@@ -405,20 +342,33 @@ class KBit(Quantizer):
               are k-bit's symmetric ones (what the packed format stores); LSQ's paper gives
               signed data one more negative level (``-2^(k-1)``). The step used is
               ``max(|step|, STEP_FLOOR)`` (:func:`positive_step`); a zero weight starts it at 1.
+        search_every: ``scale="mse"`` in training mode, once the trainer reports the step
+            (``set_progress``): the search runs at every step that is a multiple of
+            ``search_every`` (and at :meth:`calibrate`); in between, each row keeps the ratio
+            ``a_i`` it found (its scale over ``max |W_i| / L``) and the scale follows the row
+            maximum, ``a_i max |W_i| / L`` (:func:`kbit_codes_at_ratio`): an approximation of the
+            search on weights that moved by fewer than ``search_every`` steps. 1: the search every
+            step (:func:`kbit_mse_reference` exactly). Outside training (evaluation, export, a
+            quantizer used on its own) the search runs on every call. The ratios are the buffer
+            ``mse_ratio`` (in checkpoints, so a resumed run continues exactly).
     """
 
     SCALES = ("mse", "max", "lsq")
 
-    def __init__(self, bits: int = 4, scale: str = "mse"):
+    def __init__(self, bits: int = 4, scale: str = "mse", search_every: int = 16):
         super().__init__()
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
             raise ValueError(f"kbit bits={bits!r}; allowed: an integer from 2 to 8")
         if scale not in self.SCALES:
             raise ValueError(f"kbit scale={scale!r}; allowed: {', '.join(repr(v) for v in self.SCALES)}")
-        self.bits, self.scale = bits, scale
+        if isinstance(search_every, bool) or not isinstance(search_every, int) or search_every < 1:
+            raise ValueError(f"kbit search_every={search_every!r}; allowed: an integer >= 1")
+        self.bits, self.scale, self.search_every = bits, scale, search_every
         self.levels = 2 ** (bits - 1) - 1
         if scale == "lsq":
             self.step = nn.Parameter(torch.tensor([1.0]))  # (1,), set from the weight by calibrate()
+        self._step = self._searched_at = None  # scale="mse": the trainer's step, the step of the last search
+        self._restored = False  # scale="mse": ratios loaded from a checkpoint, not searched in this process
 
     def quantize_codes(self, w):
         if self.scale == "lsq":
@@ -426,7 +376,7 @@ class KBit(Quantizer):
             codes = torch.clamp(torch.round(w / step), -self.levels, self.levels)
             return codes, step.expand(w.shape[0])
         if self.scale == "mse":
-            return kbit_mse_reference(w, self.bits)
+            return self._mse_codes(w)
         fused = self._fused([w], codes=True, scales=True)
         return (fused.codes[0], fused.scales[0]) if fused is not None else kbit_reference(w, self.bits)
 
@@ -435,13 +385,47 @@ class KBit(Quantizer):
             return super().fake_quantize(w)
         return lsq_quantize(w, positive_step(self.step), -self.levels, self.levels, 1.0 / math.sqrt(w.numel() * self.levels))
 
+    def _mse_codes(self, w):
+        """``scale="mse"``: the search, or between two searches the rows' last ratios (class docstring)."""
+        ratio = getattr(self, "mse_ratio", None)
+        if not self.training or self._step is None or ratio is None or ratio.shape != (w.shape[0],):
+            return kbit_mse_reference(w, self.bits)
+        if self._searched_at != self._step and (self._step % self.search_every == 0 or self._searched_at is None
+                                                 and not self._restored):
+            with torch.no_grad():
+                ratio.copy_(kbit_mse_ratio(w.detach(), self.bits))
+            self._searched_at = self._step
+        return kbit_codes_at_ratio(w, ratio, self.bits)
+
+    def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        """The trainer's hook, before every optimizer step: ``scale="mse"`` searches at multiples of ``search_every``."""
+        self._step = step
+
     def calibrate(self, weight):
         if self.scale == "lsq":
             with torch.no_grad():
                 self.step.fill_(initial_step(2 * weight.abs().float().mean() / math.sqrt(self.levels)))
+        if self.scale == "mse":
+            with torch.no_grad():
+                w2d = weight.detach().reshape(weight.shape[0], -1)
+                self.register_buffer("mse_ratio", kbit_mse_ratio(w2d, self.bits))
+            self._restored = False
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "mse_ratio"
+        if key in missing_keys:  # a checkpoint written before the ratios were kept: search at the next step
+            missing_keys.remove(key)
+            self._restored = False
+        elif key in state_dict:
+            self._restored = True  # resumed: the checkpoint's ratios stand until the next multiple of search_every
 
     def fused_spec(self):
         return {"kind": "kbit", "bits": self.bits} if self.scale == "max" else None
 
     def config(self):
+        if self.scale == "mse":
+            return {"bits": self.bits, "scale": self.scale, "search_every": self.search_every}
         return {"bits": self.bits, "scale": self.scale}

@@ -1,0 +1,65 @@
+"""k-bit's ``mse`` scale: per row, the ratio of ``max |w_i| / L`` with the least squared error.
+
+:func:`kbit_mse_reference` searches it on every call; :func:`kbit_mse_ratio` is that search and
+:func:`kbit_codes_at_ratio` the quantization at a given ratio, so ``KBit(scale="mse")`` can search
+every few steps and reuse each row's ratio in between (:class:`sqdist.quant.weights.KBit`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+MSE_GRID = (32, 16)  # kbit scale="mse": coarse candidates in (0, 1] x max-scale, then finer ones around the best
+
+
+def kbit_mse_reference(w: Tensor, bits: int = 4, grid: tuple[int, int] = MSE_GRID) -> tuple[Tensor, Tensor]:
+    """Symmetric uniform k-bit whose per-row scale minimizes ``||w_i - Q_i||_2``, by a short search.
+
+    ``w`` (m, n) -> (``codes`` (m, n), ``scale`` (m,)). Candidates are ``a * max|w_i| / L``:
+    first ``a = 1/G, 2/G, ..., 1`` (``G = grid[0]``), then ``grid[1] + 1`` values spaced
+    ``1/(G * grid[1])`` around each row's best. ``a = 1`` (:func:`kbit_reference`'s scale)
+    is a candidate, so the L2 error is never above the max scale's.
+    """
+    return kbit_codes_at_ratio(w, kbit_mse_ratio(w, bits, grid), bits)
+
+
+def kbit_mse_ratio(w: Tensor, bits: int = 4, grid: tuple[int, int] = MSE_GRID) -> Tensor:
+    """The search of :func:`kbit_mse_reference`: per row the best ``a`` (scale over ``max|w_i| / L``), (m,) float32."""
+    levels = 2 ** (bits - 1) - 1
+    top = w.abs().amax(dim=1) / levels
+    safe = torch.where(top > 0, top, torch.ones_like(top)).float()
+    wf = w.float()
+    coarse, fine = grid
+    a = torch.arange(1, coarse + 1, dtype=torch.float32, device=w.device).div(coarse).expand(w.shape[0], -1)
+    best = _best_ratio(wf, safe, a, levels)
+    steps = torch.arange(-(fine // 2), fine // 2 + 1, dtype=torch.float32, device=w.device) / (coarse * fine)
+    a = (best[:, None] + steps).clamp(1.0 / (coarse * fine), 1.0)
+    a = torch.cat([best[:, None], a], dim=1)  # the coarse winner first: ties keep it
+    return _best_ratio(wf, safe, a, levels)
+
+
+def kbit_codes_at_ratio(w: Tensor, ratio: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
+    """k-bit codes and scales of ``w`` (m, n) at ``scale_i = ratio_i * max|w_i| / L`` (``ratio`` (m,)); a zero row
+    gets scale 0. With the ratio of :func:`kbit_mse_ratio` this is :func:`kbit_mse_reference`."""
+    levels = 2 ** (bits - 1) - 1
+    top = w.abs().amax(dim=1) / levels
+    safe = torch.where(top > 0, top, torch.ones_like(top)).float()
+    scale = safe * ratio
+    codes = torch.clamp(torch.round(w.float() / scale[:, None]), -levels, levels)
+    scale = torch.where(top > 0, scale, torch.zeros_like(scale))
+    return codes.to(w.dtype), scale.to(w.dtype)
+
+
+def _best_ratio(w: Tensor, safe: Tensor, ratios: Tensor, levels: int) -> Tensor:
+    """Per row, the ratio ``ratios[i, j]`` whose scale ``safe_i * ratios[i, j]`` has the least
+    squared error (the first one on a tie); ``w`` (m, n), ``ratios`` (m, k) -> (m,)."""
+    m, k = ratios.shape
+    chunk = max(1, (1 << 20) // max(w.numel(), 1))  # candidates at once: temporaries of ~4 MB
+    errors = []
+    for j in range(0, k, chunk):
+        s = (safe[:, None] * ratios[:, j:j + chunk]).T[:, :, None]  # (c, m, 1)
+        q = torch.div(w, s).round_().clamp_(-levels, levels).mul_(s).sub_(w)  # Q - w, (c, m, n)
+        errors.append(q.square_().sum(dim=2).T)  # (m, c)
+    best = torch.cat(errors, dim=1).argmin(dim=1)  # argmin returns the first minimum
+    return ratios.gather(1, best[:, None]).squeeze(1)

@@ -1,0 +1,65 @@
+"""LSQ fake quantization (Esser et al., ICLR 2020), shared by the activation quantizer and
+k-bit's learned step: the straight-through reference and the one-node op training uses."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def round_pass(x: Tensor) -> Tensor:
+    """``round(x)`` whose gradient is 1 (LSQ's ``roundpass``, a straight-through round)."""
+    return (torch.round(x) - x).detach() + x
+
+
+def grad_scale(x: Tensor, factor: float) -> Tensor:
+    """``x`` whose gradient is multiplied by ``factor`` (LSQ's ``gradscale``)."""
+    scaled = x * factor
+    return (x - scaled).detach() + scaled
+
+
+def lsq_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_factor: float) -> Tensor:
+    """LSQ fake quantization (Esser et al., ICLR 2020): ``round(clip(x / s, qmin, qmax)) * s``.
+
+    ``x`` any shape, ``step`` the step size ``s`` as used (shape (1,); a method that derives it
+    from its parameter, e.g. ``|p|``, passes the derived tensor and autograd carries on). Gradients
+    are the paper's: ``d/dx = 1`` where ``qmin < x/s < qmax`` and 0 outside; ``d/ds = round(x/s) - x/s``
+    inside, ``qmin`` / ``qmax`` outside, times ``grad_factor`` (the paper's ``g = 1/sqrt(N * Q_P)``).
+    One autograd node with a hand-written backward (:class:`_LSQQuantize`);
+    :func:`lsq_quantize_reference` is the same rule spelled with straight-through ops.
+    """
+    return _LSQQuantize.apply(x, step, qmin, qmax, grad_factor)
+
+
+def lsq_quantize_reference(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_factor: float) -> Tensor:
+    """:func:`lsq_quantize` by autograd through straight-through ops (the paper's pseudo-code)."""
+    s = grad_scale(step, grad_factor)
+    v = x / s
+    inside = (v > qmin) & (v < qmax)
+    v = torch.where(inside, v, v.detach().clamp(qmin, qmax))  # outside: the constant bound
+    return round_pass(v) * s
+
+
+class _LSQQuantize(torch.autograd.Function):
+    """LSQ's forward and both gradients with few passes over ``x`` and no saved temporaries: only
+    ``x`` and ``s`` are kept (the layer before usually keeps ``x`` already); the backward recomputes
+    ``x / s`` and yields ``grad_x`` and ``grad_s`` together."""
+
+    @staticmethod
+    def forward(ctx, x, step, qmin, qmax, grad_factor):
+        ctx.save_for_backward(x, step)
+        ctx.qmin, ctx.qmax, ctx.grad_factor = qmin, qmax, grad_factor
+        return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, step = ctx.saved_tensors
+        v = torch.div(x, step)
+        outside = torch.le(v, ctx.qmin).logical_or_(v >= ctx.qmax)
+        grad_x = grad_step = None
+        if ctx.needs_input_grad[1]:
+            # d/ds: round(v) - v inside, the bound outside; = round(clamp(v)) - (v, 0 outside)
+            term = v.clamp(ctx.qmin, ctx.qmax).round_().sub_(v.masked_fill_(outside, 0))
+            grad_step = (grad * term).sum().mul_(ctx.grad_factor).reshape(step.shape).to(step.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.masked_fill(outside, 0).to(x.dtype)
+        return grad_x, grad_step, None, None, None
