@@ -37,27 +37,33 @@ def expectation_reference(logits: Tensor, levels: Tensor, t: float) -> Tensor:
 
 
 class _Expectation(torch.autograd.Function):
-    """:func:`expectation_reference` with a hand-written backward.
+    """:func:`expectation_reference` with a hand-written backward, on the transposed logits.
 
-    Forward keeps only ``p = softmax(t A)`` and ``E = p . v``; backward is
-    ``dL/dA_j = t p_j (v_j - E) dL/dE`` in one buffer, updated in place (autograd keeps the
-    scaled logits, the products ``p v`` and two more (..., n) temporaries).
+    A softmax over a last dimension of 2-16 entries is slow on the CPU (one short row at a time):
+    the logits (..., n) are read once into ``z = t A^T`` (n, M), the softmax runs over dim 0 (all M
+    rows at once), and ``E = v^T p`` is one matrix-vector product. Only ``p`` (n, M) and ``E`` are
+    kept; backward is ``dL/dA_j = t p_j (v_j - E) dL/dE`` in one buffer, updated in place, and
+    written back to the logits' layout.
     """
 
     @staticmethod
     def forward(ctx, logits, levels, t):
-        p = torch.softmax(logits * t, dim=-1)
-        e = p @ levels
+        n = logits.shape[-1]
+        z = torch.empty((n, logits.numel() // n), dtype=logits.dtype, device=logits.device)
+        torch.mul(logits.reshape(-1, n).T, t, out=z)
+        p = torch.softmax(z, dim=0)
+        del z
+        e = levels @ p
         ctx.save_for_backward(p, e, levels)
-        ctx.t = t
-        return e
+        ctx.t, ctx.shape = t, logits.shape
+        return e.reshape(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad):
         p, e, levels = ctx.saved_tensors
-        out = levels - e.unsqueeze(-1)
-        out.mul_(p).mul_((grad * ctx.t).unsqueeze(-1))
-        return out, None, None
+        out = levels[:, None] - e[None, :]
+        out.mul_(p).mul_((grad.reshape(1, -1) * ctx.t))
+        return out.T.contiguous().reshape(ctx.shape), None, None
 
 
 class _Expectation1Bit(torch.autograd.Function):
