@@ -249,8 +249,8 @@ def test_fresh_logits_are_he_normal_and_undecided(bits):
 
 
 def test_recipe_trains_the_logits_as_golden_stick_does():
-    """SGD momentum 0.9 (not Nesterov, as MindSpore's nn.Momentum), lr 0.1, weight decay 1e-4 on the logits (golden-stick decays every
-    parameter but BN's and biases); BN parameters undecayed."""
+    """SGD momentum 0.9 (not Nesterov, as MindSpore's nn.Momentum), lr 0.1, weight decay 1e-4 on
+    the logits (golden-stick decays every parameter but BN's and biases); BN parameters undecayed."""
     from sqdist.train import setup
 
     recipe = load_recipe(os.path.join(ROOT, "recipes", "digits_slb.yaml"), ["track.wandb=false"])
@@ -269,7 +269,8 @@ def test_recipe_trains_the_logits_as_golden_stick_does():
             elif "bn" in name or name.endswith("bias"):
                 assert decay[id(p)] == 0.0
         group = run.optimizer.param_groups[0]
-        assert isinstance(run.optimizer.optimizer, torch.optim.SGD) and (group["momentum"], group["nesterov"]) == (0.9, False)
+        assert isinstance(run.optimizer.optimizer, torch.optim.SGD)
+        assert (group["momentum"], group["nesterov"]) == (0.9, False)
         run.tracker.close()
 
 

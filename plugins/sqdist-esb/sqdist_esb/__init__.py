@@ -203,7 +203,8 @@ def esb_quantize_reference(w: Tensor, levels: Tensor, extra: Tensor | None = Non
     """The every-step reference: ``s_i P(w_i / s_i)`` with ``s`` searched from scratch (:func:`esb_fit_scale`)."""
     s = esb_fit_scale(w, levels, extra)
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.where(s[:, None] > 0, project(w.float() / safe[:, None], levels) * s[:, None], torch.zeros_like(w.float()))
+    q = project(w.float() / safe[:, None], levels) * s[:, None]
+    return torch.where(s[:, None] > 0, q, torch.zeros_like(q))
 
 
 class ESB(Quantizer):
@@ -341,7 +342,8 @@ class ESB(Quantizer):
         return esb_code_levels(self.bits, self.linear_bits)
 
     def config(self):
-        return {"bits": self.bits, "linear_bits": self.linear_bits, "alpha": self.alpha, "search_every": self.search_every}
+        return {"bits": self.bits, "linear_bits": self.linear_bits, "alpha": self.alpha,
+                "search_every": self.search_every}
 
 
 class ESBActivation(ActivationQuantizer):

@@ -158,8 +158,9 @@ class SLB(Quantizer):
 
     Forward (training): ``W = sum_j softmax(T A)_j v_j``, ``v`` the levels; after the annealing
     (``hard``) and in eval: ``W = v[argmax_j A_j]``. Export: codes :func:`slb_code_levels`, scale
-    ``1 / (n - 1)`` per row. The layer's own weight only initializes ``A`` (:meth:`calibrate`);
-    it is frozen (``uses_weight = False``), and SQ ratios below 1 are refused.
+    ``1 / (n - 1)`` per row. The layer's own weight gives ``A`` its shape (and its start with
+    ``init="weight"``, :meth:`calibrate`); it is frozen (``uses_weight = False``), and SQ ratios
+    below 1 are refused.
 
     Args:
         bits: 1..4 (``2^bits`` logits per weight).
