@@ -299,3 +299,14 @@ def test_arithmetic_level_lookup_is_the_nearest_level(bits, m):
     mids = (grid[1:] + grid[:-1]) / 2
     v = torch.cat([v, mids[mids >= 1], -mids[mids >= 1]])  # exact midpoints (from 1 up; below 1 a + 1 rounds first)
     assert torch.equal(sqdist_esb.esb_round(v, m, top), sqdist_esb.project(v, levels))
+
+
+def test_a_free_standing_quantizer_searches_at_every_call():
+    """One instance handed the weights of one layer after another (as post-training quantization
+    does): no scale carried from a layer to the next, even at the same number of rows."""
+    q = create_quantizer("esb", bits=4, linear_bits=1)
+    levels = torch.tensor(sqdist_esb.esb_levels(4, 1))
+    for kind in ("normal", "uniform", "outlier"):
+        w = rows(kind) * (10.0 if kind == "uniform" else 1.0)
+        s = sqdist_esb.esb_fit_scale(w, levels, sqdist_esb.table_alpha(4, 1) * w.std(dim=1, unbiased=False))
+        assert torch.equal(q.fitted(w), s)

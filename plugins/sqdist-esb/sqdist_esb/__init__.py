@@ -281,8 +281,14 @@ class ESB(Quantizer):
         return self.fitted_scale
 
     def fitted(self, w: Tensor) -> Tensor:
-        """The kept scale (rows,) for ``w`` (m, n), searched first when a search is due."""
-        if self.search_every == 1 or self.fitted_scale.shape != (w.shape[0],):
+        """The kept scale (rows,) for ``w`` (m, n), searched first when a search is due.
+
+        Only a quantizer that belongs to a layer (``quantize_model``) or is driven by
+        ``set_progress`` keeps its scale: a free-standing one, which may be handed the weights of
+        one layer after another (post-training quantization does), searches at every call.
+        """
+        kept = bool(self._layer) or self._step is not None
+        if self.search_every == 1 or not kept or self.fitted_scale.shape != (w.shape[0],):
             return self._search(w, None)
         step, stage = int(self.searched_at[0]), int(self.searched_at[1])
         if stage != self._stage():  # a new SQ stage: the weights may move far (a restarted schedule)
