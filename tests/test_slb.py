@@ -58,9 +58,9 @@ def weight(shape=(6, 3, 3, 3), seed=0):
 
 
 @pytest.mark.parametrize("bits", [1, 2])
-def test_logits_start_at_the_nearest_level_of_the_weight(bits):
+def test_weight_start_logits_commit_to_the_nearest_level_of_the_weight(bits):
     w = weight()
-    q = create_quantizer("slb", bits=bits)
+    q = create_quantizer("slb", bits=bits, init="weight")
     q.calibrate(w)
     assert q.logits.shape == (*w.shape, 2 ** bits)
     w2 = w.reshape(6, -1)
@@ -132,7 +132,8 @@ def test_sq_ratios_below_one_are_refused_with_one_line():
     ({"bits": 5}, "slb bits=5; allowed: 1, 2, 3, 4"),
     ({"t_start": 0.7, "t_end": 0.6}, "slb t_end=0.6; allowed: a number in [t_start=0.7, 1]"),
     ({"factor": 0.9}, "slb factor=0.9; allowed: a number in [1.0, 1000.0]"),
-    ({"init": "zeros"}, "slb init='zeros'; allowed: 'weight', 'random'"),
+    ({"init": "zeros"}, "slb init='zeros'; allowed: 'he', 'weight', 'normal'"),
+    ({"fused": 1}, "slb fused=1; allowed: true, false"),
 ])
 def test_bad_parameters_name_the_key_and_what_is_allowed(params, expected):
     with pytest.raises(ValueError) as exc:
@@ -223,3 +224,79 @@ def test_plugins_train_on_two_processes(tmp_path, plugin, engine):
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert (load_quantized(tmp_path / "m.safetensors")(x) - model(x)).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------- golden-stick's start and optimizer
+def confidence(q):
+    return float(torch.softmax(q.temperature * q.logits.detach(), dim=-1).amax(dim=-1).mean())
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_fresh_logits_are_he_normal_and_undecided(bits):
+    """The default start is golden-stick's: He-normal logits (std sqrt(2 / (C_out k^2 2^b))), so at
+    the start temperature every weight is undecided: mean max probability about 1 / 2^b (the
+    weight start commits each weight: about 0.8 at 1 bit)."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 16, 3, 3)
+    q = create_quantizer("slb", bits=bits)
+    q.calibrate(w)
+    n = 2 ** bits
+    assert q.logits.std().item() == pytest.approx(math.sqrt(2 / (32 * 9 * n)), rel=0.05)
+    assert 1 / n <= confidence(q) <= 1 / n + 0.05
+    committed = create_quantizer("slb", bits=bits, init="weight")
+    committed.calibrate(w)
+    assert confidence(committed) > 1 / n + 0.25
+
+
+def test_recipe_trains_the_logits_as_golden_stick_does():
+    """SGD momentum 0.9 (not Nesterov, as MindSpore's nn.Momentum), lr 0.1, weight decay 1e-4 on
+    the logits (golden-stick decays every parameter but BN's and biases); BN parameters undecayed."""
+    from sqdist.train import setup
+
+    recipe = load_recipe(os.path.join(ROOT, "recipes", "digits_slb.yaml"), ["track.wandb=false"])
+    assert recipe["quant"]["params"].get("init", "he") == "he"
+    o = recipe["optim"]
+    assert (o["name"], o["lr"], o["momentum"], o["weight_decay"]) == ("momentum", 0.1, 0.9, 1e-4)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        recipe["run"]["dir"] = folder
+        run = setup(recipe)
+        decay = {id(p): g["weight_decay"] for g in run.optimizer.param_groups for p in g["params"]}
+        for name, p in run.model.named_parameters():
+            if name.endswith("quantizer.logits"):
+                assert decay[id(p)] == 1e-4
+            elif "bn" in name or name.endswith("bias"):
+                assert decay[id(p)] == 0.0
+        group = run.optimizer.param_groups[0]
+        assert isinstance(run.optimizer.optimizer, torch.optim.SGD)
+        assert (group["momentum"], group["nesterov"]) == (0.9, False)
+        run.tracker.close()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_fused_expectation_is_the_reference(bits):
+    """The hand-written backward against autograd through softmax and the weighted sum, and the
+    quantizer's training forward with fused=True against fused=False."""
+    levels = sqdist_slb.slb_levels(bits).double()
+    a = torch.randn(5, 3, 3, 3, 2 ** bits, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    for t in (1.0, 4.3):
+        fast = sqdist_slb.expectation(a, levels, t, binary=bits == 1)
+        (grad_fast,) = torch.autograd.grad((fast * g).sum(), a)
+        ref = sqdist_slb.expectation_reference(a, levels, t)
+        (grad_ref,) = torch.autograd.grad((ref * g).sum(), a)
+        assert torch.allclose(fast, ref, atol=1e-12) and torch.allclose(grad_fast, grad_ref, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: sqdist_slb.expectation(x, levels, 2.0, binary=bits == 1), (a,))
+    w = weight()
+    outs = []
+    for fused in (True, False):
+        q = create_quantizer("slb", bits=bits, fused=fused)
+        torch.manual_seed(0)
+        q.calibrate(w)
+        q.set_progress(30, 100, 10)
+        q.train()
+        out = q(w)
+        (out * w).sum().backward()
+        outs.append((out.detach(), q.logits.grad))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-6) and torch.allclose(outs[0][1], outs[1][1], atol=1e-6)

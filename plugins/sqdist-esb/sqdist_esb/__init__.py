@@ -75,7 +75,7 @@ def project(v: Tensor, levels: Tensor) -> Tensor:
     """Each entry of ``v`` (any shape) to the nearest of ``{0, ±levels}`` (``levels`` positive, increasing)."""
     grid = torch.cat([levels.new_zeros(1), levels])
     mids = (grid[1:] + grid[:-1]) / 2
-    return torch.sign(v) * grid[torch.bucketize(v.abs().contiguous(), mids)]
+    return torch.sign(v) * grid[torch.bucketize(v.abs().contiguous(), mids, out_int32=True)]
 
 
 def esb_fit_scale(w: Tensor, levels: Tensor, extra: Tensor | None = None, grid: tuple[int, int] = FIT_GRID) -> Tensor:
@@ -101,6 +101,70 @@ def esb_fit_scale(w: Tensor, levels: Tensor, extra: Tensor | None = None, grid: 
     return torch.where(top > 0, s, torch.zeros_like(s))
 
 
+def esb_round(v: Tensor, linear_bits: int, top: float) -> Tensor:
+    """Each entry of ``v`` (float32) to the nearest of ``{0, ±esb_levels}`` by arithmetic, what
+    :func:`project` finds by search (the same values but on exact midpoints below 1, where ``a + 1``
+    rounds first).
+
+    The level set is "``m + 1`` significant bits": from 1 up, each binade ``[2^n, 2^(n+1))`` holds
+    ``2^m`` evenly spaced levels, so the nearest level is ``|v|`` with its float mantissa rounded to
+    ``m`` bits (an integer add and mask on the float's bits; a carry moves to the next binade);
+    below 1 the levels ``k 2^-m`` continue the spacing of ``[1, 2)``, so ``|v| + 1`` is rounded
+    there and 1 taken off; then the top level caps it. A midpoint rounds down, as in :func:`project`.
+    Four passes in place instead of a binary search and a gather.
+    """
+    a = v.float().abs()
+    small = (a < 1).float()
+    a.add_(small)
+    bits = a.view(torch.int32)
+    bits.add_((1 << (22 - linear_bits)) - 1).bitwise_and_(~((1 << (23 - linear_bits)) - 1))
+    return a.sub_(small).clamp_(max=top).copysign_(v)
+
+
+WARM_SPAN, WARM_COUNT = 0.08, 17  # a refresh: 17 scales from 0.92 to 1.08 times the previous one
+
+
+def esb_refit_scale(w: Tensor, levels: Tensor, previous: Tensor, linear_bits: int, span: float = WARM_SPAN,
+                    count: int = WARM_COUNT) -> Tensor:
+    """Per row of ``w`` (m, n), the scale of least squared error among ``previous (1 + d)``,
+    ``d`` = ``count`` values evenly spaced in ``[-span, span]`` (the search warm-started from
+    ``previous`` (m,); ``previous`` itself first, so it is kept on a tie and the result is never
+    worse than it). Rows with ``previous = 0`` are searched from scratch (:func:`esb_fit_scale`).
+    The levels are looked up by :func:`esb_round`.
+    """
+    wf = w.float()
+    prev = previous.float().to(w.device)
+    safe = torch.where(prev > 0, prev, torch.ones_like(prev))
+    d = torch.linspace(-span, span, count).tolist()
+    top = float(levels[-1])
+    best_s, best_e = safe, None
+    for f in [0.0] + d:
+        s = safe * (1 + f)
+        e = (esb_round(wf / s[:, None], linear_bits, top).mul_(s[:, None]).sub_(wf)).square_().sum(dim=1)
+        if best_e is None:
+            best_e = e
+            continue
+        better = e < best_e
+        best_s, best_e = torch.where(better, s, best_s), torch.where(better, e, best_e)
+    cold = prev <= 0
+    if bool(cold.any()):
+        best_s = torch.where(cold, esb_fit_scale(w, levels), best_s)
+    return torch.where(wf.abs().amax(dim=1) > 0, best_s, torch.zeros_like(best_s))
+
+
+def esb_codes_refined(w: Tensor, levels: Tensor, scale: Tensor, linear_bits: int) -> tuple[Tensor, Tensor]:
+    """``(c, s)``: ``c`` (m, n) the levels of ``w_i / scale_i`` (:func:`esb_round`), and per row
+    the scale ``s`` (m,) of least ``||w_i - s c_i||_2`` for those levels (closed form
+    ``<w_i, c_i> / <c_i, c_i>``; ``scale_i`` where ``c_i = 0``). Never a larger error than ``scale``."""
+    wf = w.float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+    c = esb_round(wf / safe[:, None], linear_bits, float(levels[-1]))
+    c.mul_((scale > 0)[:, None])
+    num = torch.bmm(wf[:, None, :], c[:, :, None]).reshape(-1)
+    den = torch.bmm(c[:, None, :], c[:, :, None]).reshape(-1)
+    return c, torch.where(den > 0, num / den.clamp(min=1e-30), scale.float())
+
+
 def _best(w: Tensor, cands: Tensor, levels: Tensor) -> Tensor:
     """Per row, the candidate scale ``cands[i, j]`` with the least squared error (first on a tie)."""
     chunk = max(1, (1 << 20) // max(w.numel(), 1))  # temporaries of ~4 MB
@@ -123,6 +187,26 @@ def _alpha_option(owner, alpha, bits, linear_bits):
     raise ValueError(f"{owner} alpha={alpha!r}; allowed: 'fit', 'table' or a number > 0")
 
 
+class _StraightThrough(torch.autograd.Function):
+    """``q`` forward, the gradient unchanged to ``w`` backward (``q + (w - w.detach())`` without its two passes)."""
+
+    @staticmethod
+    def forward(ctx, w, q):
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def esb_quantize_reference(w: Tensor, levels: Tensor, extra: Tensor | None = None) -> Tensor:
+    """The every-step reference: ``s_i P(w_i / s_i)`` with ``s`` searched from scratch (:func:`esb_fit_scale`)."""
+    s = esb_fit_scale(w, levels, extra)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = project(w.float() / safe[:, None], levels) * s[:, None]
+    return torch.where(s[:, None] > 0, q, torch.zeros_like(q))
+
+
 class ESB(Quantizer):
     """ESB weights: per row ``Q_i = s_i P(W_i / s_i)``, ``P`` the nearest of ``{0, ±esb_levels}``.
 
@@ -130,43 +214,142 @@ class ESB(Quantizer):
     ``s_i / 2^linear_bits``. Nothing is learned; the training forward is straight through
     (``dQ/dW = 1``), so SQ applies as for TWN.
 
+    **The fitted scale** (``alpha="fit"``) is searched (:func:`esb_fit_scale`, the table's scale
+    among the candidates) when the quantizer first sees the layer's weight (``calibrate``), on
+    the first quantization of each SQ stage, and then every ``search_every`` optimizer steps
+    (the step comes from the ``set_progress`` hook of ``sqdist.train``; without it there is no
+    periodic search): warm-started, 17 scales within 8% of the last one
+    (:func:`esb_refit_scale`). It is kept in the buffer ``fitted_scale`` (checkpointed, so a
+    resumed run continues exactly). At every quantization the levels are those of ``W / s``
+    for the kept ``s``, and the scale is then refitted to the current ``W`` in closed form
+    (:func:`esb_codes_refined`): never a larger error than the kept scale. ``search_every=1``
+    is the reference: a search from scratch at every quantization, no refinement.
+
     Args:
         bits: 2..8 (``2^bits - 1`` levels).
         linear_bits: ``m``, 0..bits-1 (``m + 1`` significant bits); the largest code must fit int8.
-        alpha: ``"fit"`` (default): ``s_i`` of least squared error for row ``i``, recomputed from
-            the current weights at every quantization (:func:`esb_fit_scale`, the table's scale
-            among the candidates); ``"table"``: the authors' fixed ``alpha std(W_i)``; a number:
-            that ``alpha`` times ``std(W_i)``.
+        alpha: ``"fit"`` (default): ``s_i`` of least squared error for row ``i``, as above;
+            ``"table"``: the authors' fixed ``alpha std(W_i)``; a number: that ``alpha`` times
+            ``std(W_i)`` (both recomputed at every quantization: they cost one pass).
+        search_every: steps between two searches of the fitted scale (1: every quantization).
     """
 
-    def __init__(self, bits: int = 4, linear_bits: int = 1, alpha: float | str = "fit"):
+    def __init__(self, bits: int = 4, linear_bits: int = 1, alpha: float | str = "fit", search_every: int = 16):
         super().__init__()
         check_bits("esb", bits, linear_bits)
-        self.bits, self.linear_bits = bits, linear_bits
+        if isinstance(search_every, bool) or not isinstance(search_every, int) or search_every < 1:
+            raise ValueError(f"esb search_every={search_every!r}; allowed: an integer >= 1")
+        self.bits, self.linear_bits, self.search_every = bits, linear_bits, search_every
         self.alpha = _alpha_option("esb", alpha, bits, linear_bits)
         self.register_buffer("levels", torch.tensor(esb_levels(bits, linear_bits)), persistent=False)
+        # (rows,): the last searched scale; (2,): (step, SQ stage) of that search, -1 where none
+        self.register_buffer("fitted_scale", torch.zeros(0))
+        self.register_buffer("searched_at", torch.tensor([-1, -1]))
+        self._step: int | None = None
+        self._layer: tuple = ()  # (the SQ layer,): a plain tuple, not a submodule
+
+    # ------------------------------------------------------------ hooks (sqdist.train, quantize_model)
+    def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        self._step = step
+
+    def on_model_quantized(self, name: str, layers: dict) -> None:
+        self._layer = (layers[name],)
+
+    def calibrate(self, weight: Tensor) -> None:
+        if self.alpha == "fit":
+            self._search(weight.detach().reshape(weight.shape[0], -1), None)
+
+    # ------------------------------------------------------------ the scale
+    def _table_std(self, w: Tensor) -> tuple[float | None, Tensor]:
+        std = w.float().std(dim=1, unbiased=False) if w.shape[1] > 1 else w.float().abs()[:, 0]
+        return table_alpha(self.bits, self.linear_bits), std
+
+    def _stage(self) -> int:
+        ctl = getattr(self._layer[0], "_sq", None) if self._layer else None
+        return -1 if ctl is None else int(ctl.stage)
+
+    @torch.no_grad()
+    def _search(self, w: Tensor, previous: Tensor | None) -> Tensor:
+        if previous is None:
+            table, std = self._table_std(w)
+            s = esb_fit_scale(w, self.levels, None if table is None else table * std)
+        else:
+            s = esb_refit_scale(w, self.levels, previous, self.linear_bits)
+        self.fitted_scale = s.float()
+        self.searched_at = torch.tensor([-1 if self._step is None else self._step, self._stage()],
+                                        device=self.searched_at.device)
+        return self.fitted_scale
+
+    def fitted(self, w: Tensor) -> Tensor:
+        """The kept scale (rows,) for ``w`` (m, n), searched first when a search is due.
+
+        Only a quantizer that belongs to a layer (``quantize_model``) or is driven by
+        ``set_progress`` keeps its scale: a free-standing one, which may be handed the weights of
+        one layer after another (post-training quantization does), searches at every call.
+        """
+        kept = bool(self._layer) or self._step is not None
+        if self.search_every == 1 or not kept or self.fitted_scale.shape != (w.shape[0],):
+            return self._search(w, None)
+        step, stage = int(self.searched_at[0]), int(self.searched_at[1])
+        if stage != self._stage():  # a new SQ stage: the weights may move far (a restarted schedule)
+            return self._search(w, None)
+        if self._step is not None and self._step != step and self._step % self.search_every == 0:
+            return self._search(w, self.fitted_scale.to(w.device))
+        return self.fitted_scale.to(w.device)
 
     def scale(self, w: Tensor) -> Tensor:
-        """Per-row scale ``s`` (m,) of ``w`` (m, n), in level units."""
-        std = w.float().std(dim=1, unbiased=False) if w.shape[1] > 1 else w.float().abs()[:, 0]
-        table = table_alpha(self.bits, self.linear_bits)
+        """Per-row scale ``s`` (m,) of ``w`` (m, n), in level units (as :meth:`quantize` uses it)."""
+        return self._levels_and_scale(w)[1]
+
+    def _levels_and_scale(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """``(c, s)``: ``c`` (m, n) the levels of ``w`` in units of ``s`` (m,): ``Q = c s``."""
+        w = w.detach()
+        if self.alpha == "fit" and self.search_every > 1:
+            return esb_codes_refined(w, self.levels, self.fitted(w), self.linear_bits)
         if self.alpha == "fit":
-            return esb_fit_scale(w, self.levels, None if table is None else table * std)
-        return (table if self.alpha == "table" else self.alpha) * std
+            s = self.fitted(w)
+        else:
+            table, std = self._table_std(w)
+            s = (table if self.alpha == "table" else self.alpha) * std
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        c = project(w.float() / safe[:, None], self.levels)
+        return torch.where(s[:, None] > 0, c, torch.zeros_like(c)), s
 
     def quantize_codes(self, w):
         with torch.no_grad():
-            s = self.scale(w.detach())
-            safe = torch.where(s > 0, s, torch.ones_like(s))
-            codes = project(w.detach().float() / safe[:, None], self.levels) * 2 ** self.linear_bits
-            codes = torch.where(s[:, None] > 0, codes.round(), torch.zeros_like(codes))
+            c, s = self._levels_and_scale(w)
+            codes = (c * 2 ** self.linear_bits).round()
         return codes.to(w.dtype), (s / 2 ** self.linear_bits).to(w.dtype)
+
+    def quantize(self, w):
+        """``(Q, scale)``: ``Q = c s`` equals ``codes * scale`` exactly (powers of two apart)."""
+        with torch.no_grad():
+            c, s = self._levels_and_scale(w)
+            return (c * s[:, None]).to(w.dtype), (s / 2 ** self.linear_bits).to(w.dtype)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """``Q`` (``weight``'s shape), the gradient straight through to ``weight``."""
+        q, _ = self.quantize(weight.reshape(weight.shape[0], -1))
+        return _StraightThrough.apply(weight, q.reshape(weight.shape))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "fitted_scale"
+        if key in state_dict:  # its shape is the layer's rows, unknown before calibrate
+            self.fitted_scale = torch.empty_like(state_dict[key], device=self.fitted_scale.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for name in ("fitted_scale", "searched_at"):  # a run saved before the scale was kept: search again
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+                self.fitted_scale = torch.zeros(0, device=self.fitted_scale.device)
 
     def code_levels(self) -> list[int]:
         return esb_code_levels(self.bits, self.linear_bits)
 
     def config(self):
-        return {"bits": self.bits, "linear_bits": self.linear_bits, "alpha": self.alpha}
+        return {"bits": self.bits, "linear_bits": self.linear_bits, "alpha": self.alpha,
+                "search_every": self.search_every}
 
 
 class ESBActivation(ActivationQuantizer):

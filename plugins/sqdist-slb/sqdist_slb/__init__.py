@@ -25,8 +25,78 @@ from sqdist import Quantizer
 from sqdist.config import RecipeError
 
 BITS = (1, 2, 3, 4)
+INITS = ("he", "weight", "normal")
 # bytes per logit while training: the logit, its gradient, two Adam moments, the softmax kept for backward
 TRAIN_COPIES = 5
+
+
+def expectation_reference(logits: Tensor, levels: Tensor, t: float) -> Tensor:
+    """``sum_j softmax(t A)_j v_j`` over the last dim of ``logits`` (..., n): the plain form, autograd's backward."""
+    p = torch.softmax(t * logits, dim=-1)
+    return (p * levels.to(p.dtype)).sum(dim=-1)
+
+
+class _Expectation(torch.autograd.Function):
+    """:func:`expectation_reference` with a hand-written backward, on the transposed logits.
+
+    A softmax over a last dimension of 2-16 entries is slow on the CPU (one short row at a time):
+    the logits (..., n) are read once into ``z = t A^T`` (n, M), the softmax runs over dim 0 (all M
+    rows at once), and ``E = v^T p`` is one matrix-vector product. Only ``p`` (n, M) and ``E`` are
+    kept; backward is ``dL/dA_j = t p_j (v_j - E) dL/dE`` in one buffer, updated in place, and
+    written back to the logits' layout.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, levels, t):
+        n = logits.shape[-1]
+        z = torch.empty((n, logits.numel() // n), dtype=logits.dtype, device=logits.device)
+        torch.mul(logits.reshape(-1, n).T, t, out=z)
+        p = torch.softmax(z, dim=0)
+        del z
+        e = levels @ p
+        ctx.save_for_backward(p, e, levels)
+        ctx.t, ctx.shape = t, logits.shape
+        return e.reshape(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, e, levels = ctx.saved_tensors
+        out = levels[:, None] - e[None, :]
+        out.mul_(p).mul_((grad.reshape(1, -1) * ctx.t))
+        return out.T.contiguous().reshape(ctx.shape), None, None
+
+
+class _Expectation1Bit(torch.autograd.Function):
+    """1 bit (levels ``{-1, +1}``): ``E = p_1 - p_0 = tanh(t (A_1 - A_0) / 2)``, saved as ``E`` alone;
+    ``dL/dA_1 = -dL/dA_0 = t / 2 (1 - E^2) dL/dE``."""
+
+    @staticmethod
+    def forward(ctx, logits, t):
+        a0, a1 = logits.unbind(-1)
+        e = torch.tanh((a1 - a0).mul_(0.5 * t))
+        ctx.save_for_backward(e)
+        ctx.t = t
+        return e
+
+    @staticmethod
+    def backward(ctx, grad):
+        (e,) = ctx.saved_tensors
+        h = (1 - e * e).mul_(grad).mul_(0.5 * ctx.t)
+        return torch.stack([-h, h], dim=-1), None
+
+
+def expectation(logits: Tensor, levels: Tensor, t: float, binary: bool = False) -> Tensor:
+    """``sum_j softmax(t A)_j v_j`` (the fast path of :func:`expectation_reference`); ``binary``:
+    the levels are ``(-1, +1)`` (1 bit), computed as a tanh."""
+    if binary:
+        return _Expectation1Bit.apply(logits, float(t))
+    return _Expectation.apply(logits, levels.to(logits.dtype), float(t))
+
+
+def he_std(shape: tuple[int, ...], n: int) -> float:
+    """golden-stick's He-normal (fan_out, ReLU) over the logits ``shape + (n,)``: ``sqrt(2 / (C_out k^2 n))``."""
+    fan_out = shape[0] * math.prod(shape[2:]) * n
+    return math.sqrt(2.0 / fan_out)
 
 
 def slb_levels(bits: int) -> Tensor:
@@ -88,29 +158,35 @@ class SLB(Quantizer):
 
     Forward (training): ``W = sum_j softmax(T A)_j v_j``, ``v`` the levels; after the annealing
     (``hard``) and in eval: ``W = v[argmax_j A_j]``. Export: codes :func:`slb_code_levels`, scale
-    ``1 / (n - 1)`` per row. The layer's own weight only initializes ``A`` (:meth:`calibrate`);
-    it is frozen (``uses_weight = False``), and SQ ratios below 1 are refused.
+    ``1 / (n - 1)`` per row. The layer's own weight gives ``A`` its shape (and its start with
+    ``init="weight"``, :meth:`calibrate`); it is frozen (``uses_weight = False``), and SQ ratios
+    below 1 are refused.
 
     Args:
         bits: 1..4 (``2^bits`` logits per weight).
         t0, t_start, t_end, factor: the inverse temperature schedule (:func:`temperature`);
             golden-stick's defaults 1.0, 0.2, 0.6, 1.2 (the authors' README: factor 1.03-1.06,
             start 0.3-0.4, end 0.9).
-        init: ``"weight"`` (default): logits from the layer's initial weight, so that
-            ``argmax`` is its nearest level and the expectation follows it (see :meth:`calibrate`);
-            ``"random"``: standard normal logits (golden-stick draws them He-normal).
+        init: ``"he"`` (default, golden-stick's): He-normal logits (:func:`he_std`), every
+            weight undecided (``softmax`` about uniform); ``"weight"``: logits from the layer's
+            initial weight, each weight committed to its nearest level (:meth:`calibrate`);
+            ``"normal"``: standard normal logits.
+        fused: True (default): the expectation's hand-written backward (:func:`expectation`);
+            False: the plain form (:func:`expectation_reference`), same values.
     """
 
     uses_weight = False
 
     def __init__(self, bits: int = 1, t0: float = 1.0, t_start: float = 0.2, t_end: float = 0.6,
-                 factor: float = 1.2, init: str = "weight"):
+                 factor: float = 1.2, init: str = "he", fused: bool = True):
         super().__init__()
         if isinstance(bits, bool) or bits not in BITS:
             raise ValueError(f"slb bits={bits!r}; allowed: 1, 2, 3, 4")
-        if init not in ("weight", "random"):
-            raise ValueError(f"slb init={init!r}; allowed: 'weight', 'random'")
-        self.bits, self.init = bits, init
+        if init not in INITS:
+            raise ValueError(f"slb init={init!r}; allowed: {', '.join(repr(i) for i in INITS)}")
+        if not isinstance(fused, bool):
+            raise ValueError(f"slb fused={fused!r}; allowed: true, false")
+        self.bits, self.init, self.fused = bits, init, fused
         self.t0 = _number("t0", t0, 0.0, 1e6, low_open=True)
         self.t_start = _number("t_start", t_start, 0.0, 1.0)
         self.t_end = _number("t_end", t_end, 0.0, 1.0)
@@ -142,14 +218,16 @@ class SLB(Quantizer):
 
     # ------------------------------------------------------------ quantizer
     def calibrate(self, weight: Tensor) -> None:
-        """Create the logits from the layer's initial weight ``W`` (any shape, dim 0 = rows).
+        """Create the logits for the layer's weight ``W`` (any shape, dim 0 = rows).
 
-        ``init="weight"``: each row is normalized, ``x = W_i / s_i`` clipped to [-1, 1] with
+        ``init="he"`` (golden-stick's): ``N(0, he_std^2)`` with ``fan_out = C_out k^2 2^bits``;
+        logits that small leave ``softmax(T A)`` about uniform, so every weight starts undecided
+        and the search starts from the expectation near 0. ``init="weight"``: each row is normalized, ``x = W_i / s_i`` clipped to [-1, 1] with
         ``s_i = mean |W_i|`` at 1 bit (BWN's scale) and ``max |W_i|`` above (the levels span the
         row), and ``A_j = -(x - v_j)^2 / (2 tau^2)`` with ``tau`` half the level spacing. So the
         argmax is the level nearest to ``x`` and, at ``T = 1``, the expectation follows ``x``
-        smoothly (1 bit: ``tanh(x)``): training starts from the initialization the model was
-        designed with (He/timm), up to the scale the next BN absorbs, not from noise.
+        smoothly (1 bit: ``tanh(x)``): each weight starts committed to the level of its
+        initial value (confidence about 0.8 at 1 bit).
         Refuses (one line) a layer whose logits cannot be trained in the memory free on the
         weight's device (on the GPU where CUDA is available).
         """
@@ -166,7 +244,9 @@ class SLB(Quantizer):
                 f"{free / 2**30:.2f} GiB free on {target}; allowed: fewer bits, or fewer quantized layers (quant.exclude)")
         w = weight.detach().float().reshape(weight.shape[0], -1)
         with torch.no_grad():
-            if self.init == "random":
+            if self.init == "he":
+                logits = torch.randn(*w.shape, n, device=device) * he_std(tuple(weight.shape), n)
+            elif self.init == "normal":
                 logits = torch.randn(*w.shape, n, device=device)
             else:
                 s = w.abs().mean(dim=1) if self.bits == 1 else w.abs().amax(dim=1)
@@ -194,12 +274,13 @@ class SLB(Quantizer):
         logits = self._logits2d(w.shape[0])
         if self.hard or not self.training:
             return self.levels.to(w.dtype)[logits.argmax(dim=-1)] + 0.0 * logits.sum()
-        p = torch.softmax(self.temperature * logits, dim=-1)
-        return (p * self.levels.to(p.dtype)).sum(dim=-1).to(w.dtype)
+        if self.fused:
+            return expectation(logits, self.levels, self.temperature, binary=self.bits == 1).to(w.dtype)
+        return expectation_reference(logits, self.levels, self.temperature).to(w.dtype)
 
     def code_levels(self) -> list[int]:
         return slb_code_levels(self.bits)
 
     def config(self):
         return {"bits": self.bits, "t0": self.t0, "t_start": self.t_start, "t_end": self.t_end,
-                "factor": self.factor, "init": self.init}
+                "factor": self.factor, "init": self.init, "fused": self.fused}
