@@ -97,7 +97,7 @@ ROWS = {
                     None, "k-bit 3 LSQ step / LSQ 3"),
     "W4A4 LSQ": Row("digits_w2a2", ["quant.params={bits: 4, scale: lsq}", "quant.activations={name: lsq, bits: 4}"],
                     None, "k-bit 4 LSQ step / LSQ 4"),
-    "SLB W1": Row("digits_slb", [], "BWN", "SLB 1 bit (AdamW, its recipe's schedule)", needs=(("quantizer", "slb"),)),
+    "SLB W1": Row("digits_slb", [], "BWN", "SLB 1 bit (SGD momentum, its recipe's schedule)", needs=(("quantizer", "slb"),)),
     "SLB W2": Row("digits_slb", ["quant.params.bits=2"], "kbit2", "SLB 2 bits", needs=(("quantizer", "slb"),)),
     # the same methods on 3x the epochs: SQ's matched stages and SLB's temperature schedule stretch with the run
     "TWN 3x": Row("digits_twn", [], "TWN", "TWN (ternary), 3x epochs", budget=3),

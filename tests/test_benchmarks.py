@@ -63,7 +63,7 @@ def test_leaderboard_fashion_mnist_rows_run_in_its_setting_with_their_budgets():
         assert r["model"] == fashion["model"] and r["train"]["bn_recalibrate"] == fashion["train"]["bn_recalibrate"]
     assert recipes["TWN"]["train"]["epochs"] == 3 and recipes["SQ-TWN 3x"]["train"]["epochs"] == 9
     assert recipes["SQ-TWN 3x"]["sq"]["stage_length"] == 225 and recipes["SQ-TWN 3x"]["sq"]["unit"] == "step"
-    assert recipes["SLB W1"]["quant"]["name"] == "slb" and recipes["SLB W1"]["optim"]["name"] == "adamw"
+    assert recipes["SLB W1"]["quant"]["name"] == "slb" and recipes["SLB W1"]["optim"]["name"] == "momentum"
     assert recipes["SQ-BWN (paper)"]["train"]["epochs"] == 12 and recipes["SQ-BWN (paper)"]["sq"]["stage_length"] == 3
     assert [j["cost"] for j in jobs] == [1, 3, 1, 4]
     assert setting_overrides("digits") == []
