@@ -50,8 +50,8 @@ EXTRA_ROWS = {
     "kbit4 LSQ step": Row("digits_bwn", [KBIT, "quant.params={bits: 4, scale: lsq}"], what="k-bit 4, learned step"),
 }
 # leaderboard rows left out: the same step as another row (paper protocol: only the schedule differs;
-# PQ: the FP run compressed afterwards; DropBits, PACT alpha=10: a parameter value)
-SKIP = ("SQ-TWN (paper)", "SQ-BWN (paper)", "PQ small blocks", "PQ large blocks", "W2A2 PACT alpha=10",
+# DropBits, PACT alpha=10: a parameter value); PQ, PTQ and the 3x budgets are left out in all_rows
+SKIP = ("SQ-TWN (paper)", "SQ-BWN (paper)", "W2A2 PACT alpha=10",
         "SRQ+DropBits W2A2", "kbit8", "kbit6")
 R50_ROWS = ("FP", "TWN", "kbit4", "W4A4 LSQ", "SRQ W3A3", "ESB W4")
 QUICK_ROWS = ("FP", "TWN", "kbit4", "W4A4 LSQ")
@@ -63,7 +63,8 @@ def all_rows() -> dict[str, Row]:
     weights with that activation quantizer at 4 bits)."""
     import sqdist
 
-    rows = {k: v for k, v in ROWS.items() if k not in SKIP}
+    # a longer budget, a compression or a post-training quantization of a run: no training step of its own
+    rows = {k: v for k, v in ROWS.items() if k not in SKIP and v.budget == 1 and not v.ptq and v.compress is None}
     rows.update(EXTRA_ROWS)
     used_w, used_a = set(), set()
     for label, row in rows.items():
