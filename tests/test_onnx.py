@@ -418,7 +418,8 @@ def test_rounding_ties_are_the_only_difference_with_8bit_inputs(tmp_path, name, 
 
 def test_check_still_catches_a_wrong_scale(tmp_path):
     """Forcing ties hides nothing else: against a network whose input scales are off by 1%, the check fails."""
-    from sqdist.export.onnx_writer import check_against_torch, deployable
+    from sqdist.export.onnx_check import check_against_torch
+    from sqdist.export.onnx_writer import deployable
     from sqdist.export.qdq import InputQuantizer
 
     model = lsq8_model("resnet10t", 32)
@@ -481,7 +482,8 @@ def optimized_ops(path):
 
 def test_int8_activations_run_as_integer_kernels(tmp_path):
     from sqdist.export.int8 import IntegerLayer
-    from sqdist.export.onnx_writer import check_against_torch, deployable
+    from sqdist.export.onnx_check import check_against_torch
+    from sqdist.export.onnx_writer import deployable
 
     model, sq = sq_model("resnet10t")
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]

@@ -64,7 +64,7 @@ def round_codes(t: Tensor, zero_point: float | Tensor, qmin: int, qmax: int) -> 
         theirs = record.codes[record.calls] if record.calls < len(record.codes) else None
         record.calls += 1
         if theirs is not None and theirs.shape == q.shape:
-            theirs = theirs.to(q.dtype)
+            theirs = torch.clamp(theirs.to(q.dtype), qmin, qmax)  # the graph's Clip (below 8 bits) follows
             tie = (t - torch.floor(t) - 0.5).abs() <= TIE_WINDOW
             record.ties += int(tie.sum())
             record.flipped += int((tie & (theirs != q)).sum())
