@@ -25,8 +25,6 @@ logits (by the quantization error), which the float model does not have.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -141,7 +139,7 @@ class IntegerLayer(nn.Module):
         if self.input_quantized:  # x = (q - zp) * scale exactly; its codes come back exactly
             xq = torch.clamp(torch.round(x.float() / self.x_scale) + xz, QMIN, QMAX)
         else:
-            xq = _QuantizeSite.codes(x.float(), self.x_scale, xz)
+            xq = round_codes(x.float() / self.x_scale, xz, QMIN, QMAX)  # the graph's QuantizeLinear
         acc = self._apply_op((xq - xz).double(), self.codes.double(), None)  # exact: integers below 2^53
         shape = (1, -1) + (1,) * (acc.dim() - 2) if self.is_conv else (-1,)
         acc = acc + self.bias_codes.double().view(shape)
@@ -164,12 +162,6 @@ class IntegerLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"{'conv' if self.is_conv else 'linear'} {tuple(self.codes.shape)}, relu={self.relu}, "
                 f"input_quantized={self.input_quantized}")
-
-
-class _QuantizeSite:
-    @staticmethod
-    def codes(x: Tensor, scale: Tensor, zero_point: float) -> Tensor:
-        return round_codes(x / scale, zero_point, QMIN, QMAX)
 
 
 # ---------------------------------------------------------------- tracing the module graph
@@ -280,7 +272,6 @@ def integer_deployable(net: nn.Module, batches: list[Tensor], layers: set[str]) 
         makers = [c for c in calls[:i] if c[2] is x and c[4] == version and c[0] not in layers]
         if makers and count[makers[-1][0]] == 1:
             produced[name] = makers[-1][0]
-    # a layer whose output is ReLU'd in place but also read before the ReLU cannot absorb it
     inputs, outputs = {n: RangeObserver() for n in layers}, {n: RangeObserver() for n in layers}
     makers = {m: RangeObserver() for m in set(produced.values())}
     hooks = [net.get_submodule(n).register_forward_hook(
