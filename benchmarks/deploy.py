@@ -8,7 +8,7 @@ Models: timm resnet18 and resnet50 at 224x224, 1000 classes, random weights (spe
 do not depend on the values), and a digits resnet10t trained with recipes/digits_twn.yaml
 (and its float twin recipes/digits_fp.yaml for the FP32 row), for accuracy on real test data.
 For each: the FP32 ONNX (torch.onnx, opset 17), and sqdist's ONNX of the TWN model
-(``export_onnx``, opset 21: INT4 codes) with float activations and with 8-bit activations
+(``export_onnx``, opset 25: INT2 ternary codes) with float activations and with 8-bit activations
 (``activations="int8"``, calibrated on 2 batches of random images for the resnets, on the
 run's training data for digits). Stem and classifier at 8 bits (``--keep-fp-bits 8``).
 
@@ -19,6 +19,7 @@ sessions interleaved in one process (``--reps`` rounds, each file once per round
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -82,7 +83,8 @@ def train_run(recipe: str, folder: Path) -> Path:
     from sqdist.train import train
 
     run = folder / Path(recipe).stem
-    train(load_recipe(str(ROOT / "recipes" / recipe), [f"run.dir={run}", "train.progress=false"]))
+    with contextlib.redirect_stdout(sys.stderr):  # its summary line; stdout is the table or the JSON
+        train(load_recipe(str(ROOT / "recipes" / recipe), [f"run.dir={run}", "train.progress=false"]))
     return run
 
 
@@ -111,7 +113,8 @@ def rows_for(name: str, fp32: Path, model, input_size, calibration, folder: Path
                    "fp32_ms": round(ms[0], 3), "ms": round(t, 3), "speedup": round(ms[0] / t, 3),
                    "fp32_bytes": fp32.stat().st_size, "bytes": info["bytes"],
                    "size_ratio": round(fp32.stat().st_size / info["bytes"], 3),
-                   "int4_weights": info["int4_weights"], "int8_weights": info["int8_weights"],
+                   "int2_weights": info["int2_weights"], "int4_weights": info["int4_weights"],
+                   "int8_weights": info["int8_weights"],
                    "max_abs_diff": info["max_abs_diff"], "fp32_top1": fp32_top1, "run_top1": run_top1,
                    "top1": round(top1(path, evaluation), 2) if evaluation is not None else None}
             rows.append(row)
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
             rows += rows_for(name, fp32, model, (3, 224, 224), calibration, folder, args)
     setup = {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
              "threads": args.threads, "reps": args.reps, "keep_fp_bits": args.keep_fp_bits,
-             "cpu": _cpu_name(), "opset": 21}
+             "cpu": _cpu_name(), "opset": 25}
     text = table(rows)
     if args.save:
         out = ROOT / "benchmarks" / "results"
@@ -209,7 +212,7 @@ def _report(text: str, setup: dict) -> str:
             f"    python benchmarks/deploy.py --save    # this file and deploy.json\n\n"
             f"onnxruntime {setup['onnxruntime']}, onnx {setup['onnx']}, {setup['threads']} intra-op threads, "
             f"{setup['cpu']}; medians of {setup['reps']} interleaved rounds in one process (a shared machine: "
-            f"compare ratios, not milliseconds). TWN weights as INT4 codes (opset 21), stem and classifier at "
+            f"compare ratios, not milliseconds). TWN weights as INT2 codes (opset 25), stem and classifier at "
             f"{setup['keep_fp_bits']} bits; resnets at 224x224 with random weights; digits: resnet10t trained "
             f"with recipes/digits_twn.yaml (FP32 row: recipes/digits_fp.yaml), top-1 on its 450 test images "
             f"(fp32 ONNX / the run in torch / sqdist's ONNX in onnxruntime).\n\n{text}\n")

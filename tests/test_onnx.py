@@ -48,13 +48,14 @@ def onnxruntime_logits(path, x):
 
 def int8_dequantized(graph):
     """{codes initializer name: (codes as int8, scale, DequantizeLinear node)} for every integer weight
-    initializer dequantized: int8 read directly, INT4 read through ``Cast(to=INT8)``."""
+    initializer dequantized: int8 read directly, INT4 / INT2 read through ``Cast(to=INT8)``."""
     inits = {t.name: t for t in graph.initializer}
     cast_of = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
     out = {}
     for node in graph.node:
         name = cast_of.get(node.input[0], node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if name in inits and inits[name].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4):
+        if name in inits and inits[name].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4,
+                                                       onnx.TensorProto.INT2):
             codes = numpy_helper.to_array(inits[name]).astype(np.int8)
             out[name] = (codes, numpy_helper.to_array(inits[node.input[1]]), node)
     return out
@@ -81,7 +82,8 @@ def test_model_families_match_the_eval_forward(tmp_path, name, kwargs, quantizer
     model, sq = sq_model(name, kwargs, quantizer, params)
     path = tmp_path / f"{name}.onnx"
     info = export_onnx(model, path, input_size=(3, 32, 32))
-    assert info["int4_weights"] + info["int8_weights"] == len(sq.layers) and info["max_abs_diff"] <= 1e-4
+    assert info["int2_weights"] + info["int4_weights"] + info["int8_weights"] == len(sq.layers)
+    assert info["max_abs_diff"] <= 1e-4
 
     x = torch.randn(5, 3, 32, 32)  # traced with a batch of 2: the batch is dynamic
     with torch.no_grad():
@@ -115,7 +117,7 @@ def test_keep_fp_bits_8_makes_stem_and_classifier_int8_too(tmp_path):
     path = tmp_path / "m.onnx"
     info = export_onnx(model, path, input_size=(3, 32, 32), keep_fp_bits=8)
     dequantized = int8_dequantized(onnx.load(str(path)).graph)
-    assert info["int4_weights"] + info["int8_weights"] == len(dequantized) == len(sq.layers) + 2
+    assert info["int2_weights"] + info["int8_weights"] == len(dequantized) == len(sq.layers) + 2  # TWN: INT2
     assert info["int8_weights"] == 2  # stem and classifier: 8-bit codes do not fit INT4
     assert {"conv1.0.weight.codes", "fc.weight.codes"} <= set(dequantized)
     x = torch.randn(4, 3, 32, 32)
@@ -236,7 +238,7 @@ def test_trained_digits_run_exports_to_onnx(digits_run, tmp_path, capsys):
     assert len(ternary) == len(layers) and all(set(np.unique(c)) <= {-1, 0, 1} for c in ternary)
 
     code, stdout, _ = cli(capsys, "--check", out)
-    assert code == 0 and f"{len(layers)} int4 + 0 int8 weights" in stdout
+    assert code == 0 and f"{len(layers)} int2 + 0 int4 + 0 int8 weights" in stdout
 
 
 @pytest.mark.slow
@@ -453,7 +455,7 @@ def test_8bit_inputs_match_onnxruntime_across_architectures(tmp_path, name, size
 # ---------------------------------------------------------------- INT4 storage
 def test_int4_storage_is_smaller_with_the_same_logits(tmp_path):
     model, sq = sq_model("resnet10t", quantizer="kbit", params={"bits": 4})
-    info4 = export_onnx(model, tmp_path / "m21.onnx", input_size=(3, 32, 32))  # opset 21: INT4
+    info4 = export_onnx(model, tmp_path / "m21.onnx", input_size=(3, 32, 32), opset=21)  # INT4
     info8 = export_onnx(model, tmp_path / "m17.onnx", input_size=(3, 32, 32), opset=17)
     assert info4["opset"] == 21 and info4["int4_weights"] == len(sq.layers) and info4["int8_weights"] == 0
     assert info8["int8_weights"] == len(sq.layers) and info8["int4_weights"] == 0
@@ -466,6 +468,19 @@ def test_int4_storage_is_smaller_with_the_same_logits(tmp_path):
     assert info4["bytes"] < 0.65 * info8["bytes"]
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(onnxruntime_logits(tmp_path / "m21.onnx", x), onnxruntime_logits(tmp_path / "m17.onnx", x))
+
+
+def test_ternary_codes_are_int2_at_opset_25(tmp_path):
+    model, sq = sq_model("resnet10t")  # TWN
+    info2 = export_onnx(model, tmp_path / "m25.onnx", input_size=(3, 32, 32))  # the default opset
+    info4 = export_onnx(model, tmp_path / "m21.onnx", input_size=(3, 32, 32), opset=21)
+    assert info2["opset"] == 25 and info2["int2_weights"] == len(sq.layers) and info4["int4_weights"] == len(sq.layers)
+    codes2, codes4 = int8_dequantized(onnx.load(str(tmp_path / "m25.onnx")).graph), \
+        int8_dequantized(onnx.load(str(tmp_path / "m21.onnx")).graph)
+    assert all(np.array_equal(codes2[k][0], codes4[k][0]) for k in codes4)
+    assert info2["bytes"] < info4["bytes"]
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(onnxruntime_logits(tmp_path / "m25.onnx", x), onnxruntime_logits(tmp_path / "m21.onnx", x))
 
 
 # ---------------------------------------------------------------- 8-bit activations: integer kernels
@@ -527,7 +542,7 @@ def test_digits_run_with_int8_activations_keeps_its_top1(digits_run, tmp_path, c
     assert code == 0, stderr
     info = json.loads(stdout)
     layers = json.loads((run / "final" / "meta.json").read_text())["quant"]["layers"]
-    assert info["activations"] == "int8" and info["int4_weights"] == len(layers)
+    assert info["activations"] == "int8" and info["int2_weights"] == len(layers)  # ternary codes: INT2
     assert info["top1_model"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
     assert abs(info["top1_onnx"] - info["top1_model"]) <= 1.0  # a default onnxruntime session, integer kernels
     assert optimized_ops(out)["QLinearConv"] >= len(layers)
@@ -541,8 +556,8 @@ def test_cli_deploy_flags_are_refused_in_one_line(digits_run, tmp_path, capsys):
         (("--activations", "int8", "--calib-batches", "0"), ["--calib-batches='0'", "an integer >= 1"]),
         (("--activations", "int8", "--calib-batches", "two"), ["--calib-batches='two'", "an integer >= 1"]),
         (("--calib-batches", "4"), ["--calib-batches='4'", "--activations int8"]),
-        (("--opset", "22"), ["--opset='22'", "from 13 to 21"]),
-        (("--opset", "12"), ["--opset='12'", "from 13 to 21"]),
+        (("--opset", "26"), ["--opset='26'", "from 13 to 25"]),
+        (("--opset", "12"), ["--opset='12'", "from 13 to 25"]),
     ]:
         code, stdout, stderr = cli(capsys, run, tmp_path / "m.onnx", *args)
         lines = stderr.strip().splitlines()

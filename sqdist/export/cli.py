@@ -8,7 +8,7 @@ Command line::
     python -m sqdist.export ... --keep-fp-bits 8               # full-precision layers at 8 bits
     python -m sqdist.export RUN_DIR OUT.onnx                   # ONNX (sqdist.export.onnx_writer), checked by onnxruntime
     python -m sqdist.export RUN_DIR OUT.onnx --activations int8 [--calib-batches 8]   # integer kernels in onnxruntime
-    python -m sqdist.export RUN_DIR OUT.onnx --opset 17        # int8 codes everywhere (default 21: INT4 up to 4 bits)
+    python -m sqdist.export RUN_DIR OUT.onnx --opset 17        # int8 codes everywhere (default 25: INT2/INT4)
     python -m sqdist.export ... --json                         # the summary as one JSON object
     python -m sqdist.export --check OUT.safetensors            # read back and verify (also OUT.onnx)
 """
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-batches", metavar="N",
                         help="with --activations int8: training batches to calibrate on (default 8)")
     parser.add_argument("--opset", metavar="N",
-                        help="onnx: opset 13..21 (default 21: codes of <= 4-bit layers as INT4; 17 stores int8)")
+                        help="onnx: opset 13..25 (default 25: ternary/binary codes as INT2, <= 4-bit as INT4; "
+                             "21: INT4 only; 17: int8)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--check", action="store_true", help="read an export back, verify it, print a summary")
     args = parser.parse_args(argv)
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 info = check_onnx(args.source)
                 print(f"{args.source}: ok, onnxruntime runs it; opset {info['opset']}, input {_shape(info['input'])}, "
-                      f"{info['int4_weights']} int4 + {info['int8_weights']} int8 weights (DequantizeLinear), "
+                      f"{info['int2_weights']} int2 + {info['int4_weights']} int4 + {info['int8_weights']} int8 "
+                      f"weights (DequantizeLinear), "
                       f"{info['qdq_inputs']} quantized "
                       f"inputs, {os.path.getsize(args.source) / 1e6:.2f} MB")
                 return 0
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"out={args.out!r}: folder {folder} does not exist; create it or write elsewhere")
         if _format_of(args.out, args.format) == "onnx":
             from .int8 import check_activations
-            from .onnx_writer import INT4_OPSET, OPSET, export_run_onnx, parse_input_size
+            from .onnx_writer import INT2_OPSET, OPSET, export_run_onnx, parse_input_size
 
             input_size = parse_input_size(args.input_size) if args.input_size is not None else None
             activations = check_activations(args.activations or "float", "--activations")
@@ -86,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ExportError(f"--calib-batches={args.calib_batches!r}: calibration is for --activations int8 "
                                   f"only; allowed: omit it, or add --activations int8")
             calib = _int_flag("--calib-batches", args.calib_batches, 8, 1, None, "an integer >= 1")
-            opset = _int_flag("--opset", args.opset, OPSET, 13, INT4_OPSET,
-                              f"an integer from 13 to {INT4_OPSET} (21: INT4 weights, 17: int8)")
+            opset = _int_flag("--opset", args.opset, OPSET, 13, INT2_OPSET,
+                              f"an integer from 13 to {INT2_OPSET} (25: INT2/INT4 weights, 21: INT4, 17: int8)")
             info = export_run_onnx(args.source, args.out, force=args.force, keep_fp_bits=keep_fp_bits,
                                    input_size=input_size, activations=activations, calib_batches=calib, opset=opset)
             if args.json:
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                        if info["max_abs_diff"] is not None else "not checked: onnxruntime is not installed")
             top1 = (f"; top-1 onnxruntime {info['top1_onnx']:.2f}% vs the run's {info['top1_model']:.2f}% "
                     f"({info['eval_examples']} examples)" if "top1_onnx" in info else "")
-            print(f"wrote {info['path']}: {info['int4_weights']} int4 + {info['int8_weights']} int8 weights "
+            print(f"wrote {info['path']}: {info['int2_weights']} int2 + {info['int4_weights']} int4 + "
+                  f"{info['int8_weights']} int8 weights "
                   f"(DequantizeLinear, axis 0), {info['activations']} activations, opset {info['opset']}, input "
                   f"{_shape(info['input'])}, {info['bytes'] / 1e6:.2f} MB; {checked}{top1}")
             return 0

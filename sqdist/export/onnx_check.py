@@ -38,6 +38,7 @@ def _graph_summary(graph) -> dict:
     return {
         "int8_weights": kinds.count(onnx.TensorProto.INT8),
         "int4_weights": kinds.count(onnx.TensorProto.INT4),
+        "int2_weights": kinds.count(onnx.TensorProto.INT2),
         "qdq_inputs": sum(1 for n in graph.node if n.op_type == "QuantizeLinear"),
     }
 

@@ -51,8 +51,9 @@ from .onnx_check import (INPUT, OUTPUT, TOLERANCE, _graph_summary, _require_onnx
 from .qdq import InputQuantizer, WeightFromCodes, _quantize_input_hook
 from .run import load_run
 
-OPSET = 21  # INT4 initializers (DequantizeLinear-21); 17 stores every code as int8 (onnxruntime >= 1.16 reads both)
+OPSET = 25  # INT2 (ternary, binary) and INT4 (<= 4 bits) initializers; 17 stores every code as int8
 INT4_OPSET = 21
+INT2_OPSET = 25  # INT2 initializers (ternary and binary codes)
 TRACE_OPSET = 17  # what torch.onnx's TorchScript exporter writes (it stops at 20); onnx's version converter goes on
 
 
@@ -155,14 +156,15 @@ def parse_input_size(text: str) -> tuple[int, int, int]:
     return tuple(int(p) for p in parts)
 
 
-def store_int4(graph) -> int:
+def store_int4(graph, int2: bool = False) -> int:
     """Store every int8 weight-code initializer whose codes fit in [-8, 7] (every layer of 4 bits or
-    fewer) as an INT4 initializer, read through ``Cast(to=INT8)`` into its ``DequantizeLinear``.
+    fewer) as an INT4 initializer, or with ``int2`` those that fit in [-2, 1] (ternary, binary) as
+    INT2, read through ``Cast(to=INT8)`` into its ``DequantizeLinear``.
 
     The Cast runs once, when onnxruntime folds constants at load, so the graph keeps the
     ``DequantizeLinear(int8) -> Conv`` pattern that its integer kernels fuse (a ``DequantizeLinear``
-    of INT4 itself is not fused: the convolution would run in float). Needs opset 21. Returns
-    how many initializers were converted.
+    of INT4 itself is not fused: the convolution would run in float). INT4 needs opset 21, INT2
+    opset 25. Returns how many initializers were converted.
     """
     import numpy as np
     import onnx
@@ -181,13 +183,15 @@ def store_int4(graph) -> int:
         codes = numpy_helper.to_array(inits[name])
         if codes.size == 0 or codes.min() < -8 or codes.max() > 7:
             continue
-        nibbles = (codes.reshape(-1).astype(np.int8) & 0x0F).astype(np.uint8)
-        if nibbles.size % 2:
-            nibbles = np.concatenate([nibbles, np.zeros(1, np.uint8)])
-        packed = nibbles[0::2] | (nibbles[1::2] << 4)  # two codes a byte, the first in the low nibble
-        tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.INT4, dims=codes.shape,
-                                  raw_data=packed.tobytes())
-        inits[name].CopyFrom(tensor)
+        bits = 2 if int2 and codes.min() >= -2 and codes.max() <= 1 else 4
+        per_byte = 8 // bits
+        fields = (codes.reshape(-1).astype(np.int8) & (2 ** bits - 1)).astype(np.uint8)
+        fields = np.concatenate([fields, np.zeros(-fields.size % per_byte, np.uint8)]).reshape(-1, per_byte)
+        packed = np.zeros(len(fields), np.uint8)
+        for j in range(per_byte):  # the first code in the lowest bits
+            packed |= fields[:, j] << (bits * j)
+        kind = onnx.TensorProto.INT2 if bits == 2 else onnx.TensorProto.INT4
+        inits[name].CopyFrom(onnx.TensorProto(name=name, data_type=kind, dims=codes.shape, raw_data=packed.tobytes()))
         node.input[0] = f"{name}.int8"
         converted.append(onnx.helper.make_node("Cast", [name], [node.input[0]], to=onnx.TensorProto.INT8,
                                                name=f"{name}.cast"))
@@ -234,8 +238,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
             as int8 per-row codes with their own ``DequantizeLinear``.
         sq_ratio, force: as in :func:`sqdist.export.export_model` (refused below 1 unless ``force``).
         metadata: extra ``metadata_props`` of the ONNX model (values JSON-encoded).
-        opset: ONNX opset: 21 (default) stores the codes of layers of 4 bits or fewer as INT4
-            initializers (:func:`store_int4`), 13..20 stores every code as int8.
+        opset: ONNX opset: 25 (default) stores ternary/binary codes as INT2 and other codes of
+            4 bits or fewer as INT4 initializers (:func:`store_int4`), 21..24 INT4 only, 13..20
+            every code as int8.
         check: run the written file in a default onnxruntime session (when installed) on a batch
             of 3 and compare its logits with the same network in torch (:func:`check_against_torch`);
             a difference above ``1e-4 * max(1, max |logit|)`` is an :class:`ExportError` and the
@@ -255,9 +260,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
     keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
     activations = check_activations(activations)
     sq_ratio = check_ratio(model, sq_ratio, force)
-    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= INT4_OPSET:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= INT2_OPSET:
         raise ExportError(f"opset={opset!r}; allowed: an integer from 13 (per-axis DequantizeLinear) to "
-                          f"{INT4_OPSET} (INT4 weights)")
+                          f"{INT2_OPSET} (21: INT4 weights, 25: INT2 for ternary/binary)")
     net = deployable(model, keep_fp_bits, activations, calibration)
     input_size = tuple(input_size) if input_size is not None else default_input_size(model)
     if len(input_size) != 3 or not all(isinstance(v, int) and v > 0 for v in input_size):
@@ -283,7 +288,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
 
             graph_model = version_converter.convert_version(graph_model, opset)
         if opset >= INT4_OPSET:
-            store_int4(graph_model.graph)
+            store_int4(graph_model.graph, int2=opset >= INT2_OPSET)
     except Exception as exc:  # the converter raises several types
         tmp.unlink(missing_ok=True)
         raise ExportError(f"converting the graph to opset {opset} failed ({_one_line(exc)[:300]}); "
