@@ -97,3 +97,24 @@ def test_method_speed_measures_through_the_trainer(tmp_path):
     assert rows["FP"]["x_fp"] == 1.0 and rows["FP"]["bits"] == "W32A32" and rows["kbit4"]["bits"] == "W4A32"
     for r in rows.values():
         assert r["status"] == "ok" and r["steps"] == 2 and r["step_ms"] > 0 and r["peak_rss_mib"] > r["setup_rss_mib"] / 2
+
+
+@pytest.mark.slow
+def test_deploy_digits_json_has_the_required_fields(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/deploy.py", "--models", "digits", "--reps", "2", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)["rows"]
+    assert {(r["activations"], r["batch"]) for r in rows} == {("float", 1), ("float", 8), ("int8", 1), ("int8", 8)}
+    for r in rows:
+        assert {"model", "weights", "activations", "batch", "fp32_ms", "ms", "speedup", "fp32_bytes", "bytes",
+                "size_ratio"} <= set(r)
+        assert r["weights"] == "twn" and r["ms"] > 0 and r["bytes"] < r["fp32_bytes"]
+        assert abs(r["top1"] - r["run_top1"]) <= 1.0  # onnxruntime on the test split, against the run in torch
+
+
+def test_deploy_refuses_unknown_models():
+    proc = subprocess.run([sys.executable, "benchmarks/deploy.py", "--models", "resnet18,vgg"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "unknown 'vgg'" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,4 +1,5 @@
-"""ONNX export: int8 weight codes + DequantizeLinear, run by onnxruntime, same logits as sqdist's eval forward."""
+"""ONNX export: integer weight codes (INT4 / int8) + DequantizeLinear, run by onnxruntime in a default session,
+same logits as sqdist's eval forward; 8-bit activations that onnxruntime runs as integer kernels."""
 import copy
 import json
 import os
@@ -15,7 +16,7 @@ from torch import nn
 
 from sqdist import QuantConfig, SQConfig, create_quantizer, quantize_model
 from sqdist.export import ExportError, main
-from sqdist.export import OPSET, exact_session_options, export_onnx
+from sqdist.export import OPSET, export_onnx
 from sqdist.quant.weights import TWN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,18 +41,23 @@ def sq_model(name, kwargs=None, quantizer="twn", params=None, in_chans=3):
 
 
 def onnxruntime_logits(path, x):
-    session = ort.InferenceSession(str(path), exact_session_options(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # a default session
     (logits,) = session.run(["logits"], {"input": x.numpy()})
     return torch.from_numpy(logits)
 
 
 def int8_dequantized(graph):
-    """{codes initializer name: (codes, scale, DequantizeLinear node)} for every int8 initializer dequantized."""
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    """{codes initializer name: (codes as int8, scale, DequantizeLinear node)} for every integer weight
+    initializer dequantized: int8 read directly, INT4 / INT2 read through ``Cast(to=INT8)``."""
+    inits = {t.name: t for t in graph.initializer}
+    cast_of = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
     out = {}
     for node in graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].dtype == np.int8:
-            out[node.input[0]] = (inits[node.input[0]], inits[node.input[1]], node)
+        name = cast_of.get(node.input[0], node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if name in inits and inits[name].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4,
+                                                       onnx.TensorProto.INT2):
+            codes = numpy_helper.to_array(inits[name]).astype(np.int8)
+            out[name] = (codes, numpy_helper.to_array(inits[node.input[1]]), node)
     return out
 
 
@@ -76,7 +82,8 @@ def test_model_families_match_the_eval_forward(tmp_path, name, kwargs, quantizer
     model, sq = sq_model(name, kwargs, quantizer, params)
     path = tmp_path / f"{name}.onnx"
     info = export_onnx(model, path, input_size=(3, 32, 32))
-    assert info["int8_weights"] == len(sq.layers) and info["max_abs_diff"] <= 1e-4
+    assert info["int2_weights"] + info["int4_weights"] + info["int8_weights"] == len(sq.layers)
+    assert info["max_abs_diff"] <= 1e-4
 
     x = torch.randn(5, 3, 32, 32)  # traced with a batch of 2: the batch is dynamic
     with torch.no_grad():
@@ -110,7 +117,8 @@ def test_keep_fp_bits_8_makes_stem_and_classifier_int8_too(tmp_path):
     path = tmp_path / "m.onnx"
     info = export_onnx(model, path, input_size=(3, 32, 32), keep_fp_bits=8)
     dequantized = int8_dequantized(onnx.load(str(path)).graph)
-    assert info["int8_weights"] == len(dequantized) == len(sq.layers) + 2
+    assert info["int2_weights"] + info["int8_weights"] == len(dequantized) == len(sq.layers) + 2  # TWN: INT2
+    assert info["int8_weights"] == 2  # stem and classifier: 8-bit codes do not fit INT4
     assert {"conv1.0.weight.codes", "fc.weight.codes"} <= set(dequantized)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -207,7 +215,8 @@ def test_trained_digits_run_exports_to_onnx(digits_run, tmp_path, capsys):
     out = tmp_path / "digits_twn.onnx"
     code, stdout, stderr = cli(capsys, run, out)
     assert code == 0, stderr
-    assert "wrote" in stdout and "input (batch, 1, 8, 8)" in stdout and "onnxruntime max |logit difference|" in stdout
+    assert "wrote" in stdout and "input (batch, 1, 8, 8)" in stdout
+    assert "onnxruntime (default session) max |logit difference|" in stdout
 
     # sqdist's eval forward of the trained weights
     model, sq = build_model(recipe)
@@ -229,7 +238,7 @@ def test_trained_digits_run_exports_to_onnx(digits_run, tmp_path, capsys):
     assert len(ternary) == len(layers) and all(set(np.unique(c)) <= {-1, 0, 1} for c in ternary)
 
     code, stdout, _ = cli(capsys, "--check", out)
-    assert code == 0 and f"{len(layers)} int8 weights" in stdout
+    assert code == 0 and f"{len(layers)} int2 + 0 int4 + 0 int8 weights" in stdout
 
 
 @pytest.mark.slow
@@ -351,3 +360,217 @@ def test_weight_quantizer_input_and_activation_quantizer_are_one_qdq(tmp_path):
     info = export_onnx(model, tmp_path / "m.onnx", input_size=(3, 32, 32))
     assert info["qdq_inputs"] == len(sq.layers)
     assert (onnxruntime_logits(tmp_path / "m.onnx", x) - expected).abs().max() <= 1e-4
+# ---------------------------------------------------------------- rounding ties (8-bit activation quantizers)
+def test_onnxruntime_quantizelinear_divides_like_torch():
+    """QuantizeLinear computes round(x / scale), not round(x * (1 / scale)): on the values where the two
+    differ, onnxruntime agrees with torch's division (so torch's eval forward needs no change)."""
+    scale = np.float32(0.1)
+    ties = ((np.arange(-2000, 2000, dtype=np.float32) + np.float32(0.5)) * scale).astype(np.float32)
+    x = np.concatenate([ties, np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf))])
+    divided = np.rint(x / scale)  # x within an ulp of (k + 1/2) * scale
+    multiplied = np.rint(x * (np.float32(1) / scale))
+    differ = divided != multiplied
+    assert differ.sum() > 10  # the two formulas do disagree on these inputs
+    node = onnx.helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"])
+    graph = onnx.helper.make_graph(
+        [node], "q", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None])],
+        [onnx.helper.make_tensor_value_info("q", onnx.TensorProto.INT16, [None])],
+        [numpy_helper.from_array(np.array(scale), "s"), numpy_helper.from_array(np.array(0, np.int16), "z")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (q,) = session.run(["q"], {"x": x[differ]})
+    torch_codes = torch.round(torch.from_numpy(x[differ]) / torch.tensor(scale)).numpy()
+    assert np.array_equal(q, torch_codes) and np.array_equal(q, divided[differ])
+
+
+def lsq8_model(name, size, kwargs=None, seed=0):
+    """4-bit weights and 8-bit LSQ inputs, calibrated, one SGD step (the step moves off its initial value)."""
+    from sqdist import calibrate_activations
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=10, **(kwargs or {}))
+    quantize_model(model, QuantConfig(quantizer="kbit", params={"bits": 4}, activations="lsq",
+                                      activation_params={"bits": 8}, sq=SQConfig(ratios=(1.0,))))
+    x = torch.randn(8, 3, size, size)
+    calibrate_activations(model, x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.train()
+    model(x).logsumexp(1).mean().backward()
+    optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,kwargs", [("test_vit", {"img_size": 64}), ("test_efficientnet_gn", {})])
+def test_rounding_ties_are_the_only_difference_with_8bit_inputs(tmp_path, name, kwargs):
+    """4-bit weights, 8-bit inputs: a value within float32 noise of a rounding tie rounds the other way in
+    onnxruntime (it sums a LayerNorm / MatMul / conv in another order than torch), and that one code moves
+    the logits by ~1e-2 to 1e-1. The export check takes onnxruntime's code at such ties only, and then
+    agrees within 1e-4 (before, the check compared as is and refused these exports)."""
+    model = lsq8_model(name, 64, kwargs)
+    path = tmp_path / f"{name}.onnx"
+    info = export_onnx(model, path, input_size=(3, 64, 64))  # a default onnxruntime session
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # the check's batch
+    with torch.no_grad():
+        expected = model(x)
+    tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
+    assert info["max_abs_diff"] <= tolerance and info["max_abs_diff_model"] == 0.0
+    assert info["tie_flips"] >= 1
+    assert (onnxruntime_logits(path, x) - expected).abs().max() > tolerance  # what the ties alone do
+
+
+def test_check_still_catches_a_wrong_scale(tmp_path):
+    """Forcing ties hides nothing else: against a network whose input scales are off by 1%, the check fails."""
+    from sqdist.export.onnx_check import check_against_torch
+    from sqdist.export.onnx_writer import deployable
+    from sqdist.export.qdq import InputQuantizer
+
+    model = lsq8_model("resnet10t", 32)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, input_size=(3, 32, 32))  # the graph passes against the right network
+    net = deployable(model)
+    quantizers = [m for m in net.modules() if isinstance(m, InputQuantizer)]
+    assert quantizers
+    for m in quantizers:
+        m.scale.mul_(1.01)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ExportError, match="onnxruntime logits differ"):
+        check_against_torch(path, net, x)
+
+
+# coatnet_pico_rw_224: codes differ away from ties at the inputs of stage 3's mlp.fc2 (after GELU): onnxruntime
+# computes something other than float noise there (1.9e-3 against a tolerance of 1.6e-4); not explained yet
+COATNET_PICO = pytest.mark.xfail(strict=True, reason="non-tie code differences at stage 3 mlp.fc2 inputs")
+SWEEP = [pytest.param("vit_tiny_patch16_384", 64, {"img_size": 64}, id="vit_tiny_patch16_384"),
+         pytest.param("coatnet_pico_rw_224", 224, {}, id="coatnet_pico_rw_224", marks=COATNET_PICO),
+         pytest.param("test_coatnet", 160, {}, id="test_coatnet"),
+         pytest.param("mobileone_s0", 64, {}, id="mobileone_s0"),
+         pytest.param("densenet121", 64, {}, id="densenet121"),
+         pytest.param("repvit_m0_9", 64, {}, id="repvit_m0_9"),
+         pytest.param("tf_efficientnet_lite3", 64, {}, id="tf_efficientnet_lite3")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size,kwargs", SWEEP)
+def test_8bit_inputs_match_onnxruntime_across_architectures(tmp_path, name, size, kwargs):
+    model = lsq8_model(name, size, kwargs)
+    info = export_onnx(model, tmp_path / f"{name}.onnx", input_size=(3, size, size))
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+    assert info["max_abs_diff"] <= 1e-4 * max(1.0, float(expected.abs().max()))  # a default onnxruntime session
+
+
+# ---------------------------------------------------------------- INT4 storage
+def test_int4_storage_is_smaller_with_the_same_logits(tmp_path):
+    model, sq = sq_model("resnet10t", quantizer="kbit", params={"bits": 4})
+    info4 = export_onnx(model, tmp_path / "m21.onnx", input_size=(3, 32, 32), opset=21)  # INT4
+    info8 = export_onnx(model, tmp_path / "m17.onnx", input_size=(3, 32, 32), opset=17)
+    assert info4["opset"] == 21 and info4["int4_weights"] == len(sq.layers) and info4["int8_weights"] == 0
+    assert info8["int8_weights"] == len(sq.layers) and info8["int4_weights"] == 0
+    graph = onnx.load(str(tmp_path / "m21.onnx")).graph
+    inits = {t.name: t for t in graph.initializer}
+    for name in sq.layers:
+        assert inits[f"{name}.weight.codes"].data_type == onnx.TensorProto.INT4
+    codes4, codes8 = int8_dequantized(graph), int8_dequantized(onnx.load(str(tmp_path / "m17.onnx")).graph)
+    assert codes4.keys() == codes8.keys() and all(np.array_equal(codes4[k][0], codes8[k][0]) for k in codes4)
+    assert info4["bytes"] < 0.65 * info8["bytes"]
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(onnxruntime_logits(tmp_path / "m21.onnx", x), onnxruntime_logits(tmp_path / "m17.onnx", x))
+
+
+def test_ternary_codes_are_int2_at_opset_25(tmp_path):
+    model, sq = sq_model("resnet10t")  # TWN
+    info2 = export_onnx(model, tmp_path / "m25.onnx", input_size=(3, 32, 32))  # the default opset
+    info4 = export_onnx(model, tmp_path / "m21.onnx", input_size=(3, 32, 32), opset=21)
+    assert info2["opset"] == 25 and info2["int2_weights"] == len(sq.layers) and info4["int4_weights"] == len(sq.layers)
+    codes2, codes4 = int8_dequantized(onnx.load(str(tmp_path / "m25.onnx")).graph), \
+        int8_dequantized(onnx.load(str(tmp_path / "m21.onnx")).graph)
+    assert all(np.array_equal(codes2[k][0], codes4[k][0]) for k in codes4)
+    assert info2["bytes"] < info4["bytes"]
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(onnxruntime_logits(tmp_path / "m25.onnx", x), onnxruntime_logits(tmp_path / "m21.onnx", x))
+
+
+# ---------------------------------------------------------------- 8-bit activations: integer kernels
+def optimized_ops(path):
+    """Node kinds of the graph a default onnxruntime session runs (its saved optimized model)."""
+    import collections
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path) + ".optimized"
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_int8_activations_run_as_integer_kernels(tmp_path):
+    from sqdist.export.int8 import IntegerLayer
+    from sqdist.export.onnx_check import check_against_torch
+    from sqdist.export.onnx_writer import deployable
+
+    model, sq = sq_model("resnet10t")
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    calibration = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    path = tmp_path / "int8.onnx"
+    info = export_onnx(model, path, input_size=(3, 32, 32), keep_fp_bits=8, activations="int8",
+                       calibration=calibration)
+    assert info["activations"] == "int8" and info["max_abs_diff"] is not None
+
+    ops = optimized_ops(path)
+    assert ops["QLinearConv"] == len(convs) and ops["Conv"] == 0  # every conv on integers
+    assert ops["QLinearAdd"] >= 3 and ops["QGemm"] == 1  # residual adds and the classifier too
+    graph_ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in graph_ops  # folded into the convs' per-row scales and biases
+
+    # the same network in torch (what the check compares with), built independently of the export
+    net = deployable(model, 8, "int8", calibration)
+    assert sum(isinstance(m, IntegerLayer) for m in net.modules()) == len(convs) + 1
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    result = check_against_torch(path, net, x)
+    assert result["max_abs_diff"] <= 1e-4 * max(1.0, float(net(x).abs().max()))
+    with torch.no_grad():
+        float_logits, int8_logits = model(x), net(x)
+    assert (float_logits - int8_logits).abs().max() > 1e-3  # 8-bit activations are not the float model
+
+
+def test_int8_activations_refuse_a_model_with_its_own_activation_quantizers(tmp_path):
+    model = lsq8_model("resnet10t", 32)
+    with pytest.raises(ExportError, match="quantizes its inputs itself"):
+        export_onnx(model, tmp_path / "m.onnx", input_size=(3, 32, 32), activations="int8",
+                    calibration=[torch.randn(2, 3, 32, 32)])
+    with pytest.raises(ExportError, match="activations='int4'; allowed: float, int8"):
+        export_onnx(model, tmp_path / "m.onnx", input_size=(3, 32, 32), activations="int4")
+
+
+@pytest.mark.slow
+def test_digits_run_with_int8_activations_keeps_its_top1(digits_run, tmp_path, capsys):
+    run, recipe, summary = digits_run
+    out = tmp_path / "int8.onnx"
+    code, stdout, stderr = cli(capsys, run, out, "--activations", "int8", "--calib-batches", "4", "--json")
+    assert code == 0, stderr
+    info = json.loads(stdout)
+    layers = json.loads((run / "final" / "meta.json").read_text())["quant"]["layers"]
+    assert info["activations"] == "int8" and info["int2_weights"] == len(layers)  # ternary codes: INT2
+    assert info["top1_model"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
+    assert abs(info["top1_onnx"] - info["top1_model"]) <= 1.0  # a default onnxruntime session, integer kernels
+    assert optimized_ops(out)["QLinearConv"] >= len(layers)
+
+
+@pytest.mark.slow
+def test_cli_deploy_flags_are_refused_in_one_line(digits_run, tmp_path, capsys):
+    run = digits_run[0]
+    for args, words in [
+        (("--activations", "int4"), ["--activations='int4'", "allowed: float, int8"]),
+        (("--activations", "int8", "--calib-batches", "0"), ["--calib-batches='0'", "an integer >= 1"]),
+        (("--activations", "int8", "--calib-batches", "two"), ["--calib-batches='two'", "an integer >= 1"]),
+        (("--calib-batches", "4"), ["--calib-batches='4'", "--activations int8"]),
+        (("--opset", "26"), ["--opset='26'", "from 13 to 25"]),
+        (("--opset", "12"), ["--opset='12'", "from 13 to 25"]),
+    ]:
+        code, stdout, stderr = cli(capsys, run, tmp_path / "m.onnx", *args)
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+        assert all(w in lines[0] for w in words), lines[0]
+        assert not (tmp_path / "m.onnx").exists()
+    code, _, stderr = cli(capsys, run, tmp_path / "m.safetensors", "--activations", "int8")
+    assert code == 2 and "--activations='int8': only ONNX export takes it" in stderr

@@ -4,6 +4,7 @@ Command line::
 
     python -m sqdist.export RUN_DIR OUT.safetensors            # uses RUN_DIR/final
     python -m sqdist.export RUN_DIR OUT.onnx                   # ONNX, checked by onnxruntime
+    python -m sqdist.export RUN_DIR OUT.onnx --activations int8   # integer kernels in onnxruntime
     python -m sqdist.export --check OUT.safetensors            # read back and verify (also OUT.onnx)
 
 Python::
@@ -16,7 +17,8 @@ input quantization of one layer, what both writers consume), :mod:`~sqdist.expor
 packing), :mod:`~sqdist.export.format` (the file format), :mod:`~sqdist.export.packed` (the
 packed writer), :mod:`~sqdist.export.reader` (the packed reader, every format version),
 :mod:`~sqdist.export.qdq` (the modules of a deployable float model),
-:mod:`~sqdist.export.onnx_writer` (ONNX), :mod:`~sqdist.export.run` (run folders),
+:mod:`~sqdist.export.onnx_writer` (ONNX), :mod:`~sqdist.export.int8` (8-bit activations: the network
+onnxruntime runs as integer kernels), :mod:`~sqdist.export.run` (run folders),
 :mod:`~sqdist.export.cli` (the command line).
 """
 from .format import (FORMAT, FORMAT_VERSION, INPUTS_VERSION, KEEP_FP_BITS, LEVELS_VERSION, MAX_BITS,

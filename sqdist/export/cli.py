@@ -7,11 +7,15 @@ Command line::
     python -m sqdist.export ... --force                        # also when SQ ratio < 1
     python -m sqdist.export ... --keep-fp-bits 8               # full-precision layers at 8 bits
     python -m sqdist.export RUN_DIR OUT.onnx                   # ONNX (sqdist.export.onnx_writer), checked by onnxruntime
+    python -m sqdist.export RUN_DIR OUT.onnx --activations int8 [--calib-batches 8]   # integer kernels in onnxruntime
+    python -m sqdist.export RUN_DIR OUT.onnx --opset 17        # int8 codes everywhere (default 25: INT2/INT4)
+    python -m sqdist.export ... --json                         # the summary as one JSON object
     python -m sqdist.export --check OUT.safetensors            # read back and verify (also OUT.onnx)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -35,6 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", metavar="C,H,W",
                         help="onnx: the input the graph is traced with (default: the run's data.image_size and "
                              "in_chans); the batch size stays dynamic")
+    parser.add_argument("--activations", metavar="{float,int8}",
+                        help="onnx: float (default: the inputs as trained) or int8: calibrate 8-bit inputs and "
+                             "outputs on the run's training data so that onnxruntime runs integer kernels; "
+                             "reports onnxruntime's top-1 on the run's evaluation split")
+    parser.add_argument("--calib-batches", metavar="N",
+                        help="with --activations int8: training batches to calibrate on (default 8)")
+    parser.add_argument("--opset", metavar="N",
+                        help="onnx: opset 13..25 (default 25: ternary/binary codes as INT2, <= 4-bit as INT4; "
+                             "21: INT4 only; 17: int8)")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.add_argument("--check", action="store_true", help="read an export back, verify it, print a summary")
     args = parser.parse_args(argv)
     try:
@@ -46,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 info = check_onnx(args.source)
                 print(f"{args.source}: ok, onnxruntime runs it; opset {info['opset']}, input {_shape(info['input'])}, "
-                      f"{info['int8_weights']} int8 weights (DequantizeLinear), {info['qdq_inputs']} quantized "
+                      f"{info['int2_weights']} int2 + {info['int4_weights']} int4 + {info['int8_weights']} int8 "
+                      f"weights (DequantizeLinear), "
+                      f"{info['qdq_inputs']} quantized "
                       f"inputs, {os.path.getsize(args.source) / 1e6:.2f} MB")
                 return 0
             _, meta = read_packed(args.source)
@@ -63,23 +79,43 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(folder):  # before loading and tracing the model
             raise ExportError(f"out={args.out!r}: folder {folder} does not exist; create it or write elsewhere")
         if _format_of(args.out, args.format) == "onnx":
-            from .onnx_writer import export_run_onnx, parse_input_size
+            from .int8 import check_activations
+            from .onnx_writer import INT2_OPSET, OPSET, export_run_onnx, parse_input_size
 
             input_size = parse_input_size(args.input_size) if args.input_size is not None else None
+            activations = check_activations(args.activations or "float", "--activations")
+            if args.calib_batches is not None and activations != "int8":
+                raise ExportError(f"--calib-batches={args.calib_batches!r}: calibration is for --activations int8 "
+                                  f"only; allowed: omit it, or add --activations int8")
+            calib = _int_flag("--calib-batches", args.calib_batches, 8, 1, None, "an integer >= 1")
+            opset = _int_flag("--opset", args.opset, OPSET, 13, INT2_OPSET,
+                              f"an integer from 13 to {INT2_OPSET} (25: INT2/INT4 weights, 21: INT4, 17: int8)")
             info = export_run_onnx(args.source, args.out, force=args.force, keep_fp_bits=keep_fp_bits,
-                                   input_size=input_size)
-            checked = (f"onnxruntime max |logit difference| {info['max_abs_diff']:.2e}"
+                                   input_size=input_size, activations=activations, calib_batches=calib, opset=opset)
+            if args.json:
+                print(json.dumps(info))
+                return 0
+            checked = (f"onnxruntime (default session) max |logit difference| {info['max_abs_diff']:.2e}"
                        if info["max_abs_diff"] is not None else "not checked: onnxruntime is not installed")
-            print(f"wrote {info['path']}: {info['int8_weights']} int8 weights (DequantizeLinear, axis 0), opset "
-                  f"{info['opset']}, input {_shape(info['input'])}, {info['bytes'] / 1e6:.2f} MB; {checked}")
+            top1 = (f"; top-1 onnxruntime {info['top1_onnx']:.2f}% vs the run's {info['top1_model']:.2f}% "
+                    f"({info['eval_examples']} examples)" if "top1_onnx" in info else "")
+            print(f"wrote {info['path']}: {info['int2_weights']} int2 + {info['int4_weights']} int4 + "
+                  f"{info['int8_weights']} int8 weights "
+                  f"(DequantizeLinear, axis 0), {info['activations']} activations, opset {info['opset']}, input "
+                  f"{_shape(info['input'])}, {info['bytes'] / 1e6:.2f} MB; {checked}{top1}")
             return 0
-        if args.input_size is not None:
-            raise ExportError(f"--input-size={args.input_size!r}: only ONNX export traces an input; "
-                              f"allowed with an .onnx output or --format onnx")
+        for flag, value in (("--input-size", args.input_size), ("--activations", args.activations),
+                            ("--calib-batches", args.calib_batches), ("--opset", args.opset)):
+            if value is not None:
+                raise ExportError(f"{flag}={value!r}: only ONNX export takes it; allowed with an .onnx output or "
+                                  f"--format onnx")
         info = export_run(args.source, args.out, force=args.force, keep_fp_bits=keep_fp_bits)
     except ExportError as exc:
         print(f"sqdist.export: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(info))
+        return 0
     fp = f", {info['fp_layers']} full-precision layers at 8 bits" if info["fp_layers"] else ""
     fp += f", {info['inputs']} quantized inputs" if info["inputs"] else ""
     print(f"wrote {info['path']}: {info['layers']} {info['quantizer']} layers packed at "
@@ -88,6 +124,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 FORMATS = ("safetensors", "onnx")
+
+
+def _int_flag(flag: str, text: str | None, default: int, low: int, high: int | None, allowed: str) -> int:
+    """The integer value of a command-line flag, ``default`` when absent; out of range: :class:`ExportError`."""
+    if text is None:
+        return default
+    value = int(text) if text.strip().lstrip("-").isdigit() else None
+    if value is None or value < low or (high is not None and value > high):
+        raise ExportError(f"{flag}={text!r}; allowed: {allowed}")
+    return value
 
 
 def _shape(dims) -> str:

@@ -33,25 +33,32 @@ from __future__ import annotations
 import copy
 import json
 import os
+import types
 import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._version import __version__
 from .deployable import _sq_layers, check_ratio, deployable_layers
 from .format import ExportError, _one_line, check_keep_fp_bits
+from .int8 import check_activations, integer_deployable, integer_layer_names
+from .onnx_check import (INPUT, OUTPUT, TOLERANCE, _graph_summary, _require_onnx, _top1,  # noqa: F401
+                         check_against_torch, check_onnx, exact_session_options, onnxruntime_codes, run_onnxruntime)
 from .qdq import InputQuantizer, WeightFromCodes, _quantize_input_hook
 from .run import load_run
 
-OPSET = 17  # per-axis DequantizeLinear needs 13; LayerNormalization (ViT) is a single node from 17
-INPUT, OUTPUT = "input", "logits"
-TOLERANCE = 1e-4  # onnxruntime against torch, relative to max(1, max |logit|)
+OPSET = 25  # INT2 (ternary, binary) and INT4 (<= 4 bits) initializers; 17 stores every code as int8
+INT4_OPSET = 21
+INT2_OPSET = 25  # INT2 initializers (ternary and binary codes)
+TRACE_OPSET = 17  # what torch.onnx's TorchScript exporter writes (it stops at 20); onnx's version converter goes on
 
 
-def deployable(model: nn.Module, keep_fp_bits: int = 32) -> nn.Module:
+def deployable(model: nn.Module, keep_fp_bits: int = 32, activations: str = "float",
+               calibration: list[Tensor] | None = None) -> nn.Module:
     """A float32 CPU copy of SQ ``model`` in eval mode, built for export; ``model`` is left as it is.
 
     Each SQ layer becomes its plain class again (``nn.Conv2d``, ``nn.Linear``, ...) with its
@@ -59,6 +66,9 @@ def deployable(model: nn.Module, keep_fp_bits: int = 32) -> nn.Module:
     per-row scale of its :class:`~sqdist.export.deployable.DeployableLayer`) and, when that says its
     input is quantized, an :class:`~sqdist.export.qdq.InputQuantizer` on its input. With
     ``keep_fp_bits=8`` the full-precision Conv/Linear layers get their 8-bit per-row codes too.
+    With ``activations="int8"`` the layers with integer weights then become
+    :class:`~sqdist.export.int8.IntegerLayer` s calibrated on ``calibration`` (model inputs):
+    the network onnxruntime runs as integer kernels (:mod:`sqdist.export.int8`).
     """
     from ..nn import SQ_CLASSES
 
@@ -91,19 +101,36 @@ def deployable(model: nn.Module, keep_fp_bits: int = 32) -> nn.Module:
             parametrize.register_parametrization(layer, "weight", WeightFromCodes(d.codes, d.scale))
             if d.input is not None:
                 layer.input_quantizer = InputQuantizer(*d.input)
+            if isinstance(layer, nn.Linear):  # quantizes its input itself, after flattening
+                layer.forward = types.MethodType(_linear_as_gemm, layer)
+            elif d.input is not None:
                 layer.register_forward_pre_hook(_quantize_input_hook)
+    if check_activations(activations) == "int8":
+        if any(isinstance(m, InputQuantizer) for m in net.modules()):
+            raise ExportError("activations='int8' calibrates 8-bit inputs for a model trained with float "
+                              "activations; this one quantizes its inputs itself (its own scales are exported "
+                              "with activations='float')")
+        net = integer_deployable(net, [b.detach().cpu().float() for b in (calibration or [])],
+                                 integer_layer_names(net))
     return net
 
 
+def _linear_as_gemm(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` on the rows of ``x`` flattened to 2-D, so that the graph holds ``Gemm``, not ``MatMul``.
+
+    onnxruntime's CPU provider fuses ``DequantizeLinear -> MatMul`` into ``MatMulNBits`` and
+    by default runs it on int8-quantized activations (accuracy level 4): a default session then
+    moves a ViT's logits by ~4e-3. It does not fuse ``DequantizeLinear -> Gemm``.
+    """
+    quantize = getattr(layer, "input_quantizer", None)
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if quantize is not None:  # after the Reshape: a Q/DQ pair before one confuses onnxruntime's QDQ propagation
+        rows = quantize(rows)
+    y = F.linear(rows, layer.weight, layer.bias)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], -1)
+
+
 # ---------------------------------------------------------------- export
-def _require_onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise ExportError("ONNX export needs the onnx package: pip install 'sqdist[onnx]'") from None
-    return onnx
-
-
 def default_input_size(model: nn.Module, config: dict | None = None) -> tuple[int, int, int]:
     """``(C, H, W)`` to trace ``model`` with: channels of its first conv; H, W from the run's
     ``data.image_size`` (``config``), else the model's own (a ViT's ``patch_embed.img_size``,
@@ -129,14 +156,48 @@ def parse_input_size(text: str) -> tuple[int, int, int]:
     return tuple(int(p) for p in parts)
 
 
-def _graph_summary(graph) -> dict:
+def store_int4(graph, int2: bool = False) -> int:
+    """Store every int8 weight-code initializer whose codes fit in [-8, 7] (every layer of 4 bits or
+    fewer) as an INT4 initializer, or with ``int2`` those that fit in [-2, 1] (ternary, binary) as
+    INT2, read through ``Cast(to=INT8)`` into its ``DequantizeLinear``.
+
+    The Cast runs once, when onnxruntime folds constants at load, so the graph keeps the
+    ``DequantizeLinear(int8) -> Conv`` pattern that its integer kernels fuse (a ``DequantizeLinear``
+    of INT4 itself is not fused: the convolution would run in float). INT4 needs opset 21, INT2
+    opset 25. Returns how many initializers were converted.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
     inits = {t.name: t for t in graph.initializer}
-    int8 = 3  # onnx.TensorProto.INT8
-    dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
-    return {
-        "int8_weights": sum(1 for n in dq if n.input[0] in inits and inits[n.input[0]].data_type == int8),
-        "qdq_inputs": sum(1 for n in graph.node if n.op_type == "QuantizeLinear"),
-    }
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    converted = []
+    for node in graph.node:
+        name = node.input[0] if node.op_type == "DequantizeLinear" else None
+        if name not in inits or inits[name].data_type != onnx.TensorProto.INT8 or len(readers[name]) != 1:
+            continue
+        codes = numpy_helper.to_array(inits[name])
+        if codes.size == 0 or codes.min() < -8 or codes.max() > 7:
+            continue
+        bits = 2 if int2 and codes.min() >= -2 and codes.max() <= 1 else 4
+        per_byte = 8 // bits
+        fields = (codes.reshape(-1).astype(np.int8) & (2 ** bits - 1)).astype(np.uint8)
+        fields = np.concatenate([fields, np.zeros(-fields.size % per_byte, np.uint8)]).reshape(-1, per_byte)
+        packed = np.zeros(len(fields), np.uint8)
+        for j in range(per_byte):  # the first code in the lowest bits
+            packed |= fields[:, j] << (bits * j)
+        kind = onnx.TensorProto.INT2 if bits == 2 else onnx.TensorProto.INT4
+        inits[name].CopyFrom(onnx.TensorProto(name=name, data_type=kind, dims=codes.shape, raw_data=packed.tobytes()))
+        node.input[0] = f"{name}.int8"
+        converted.append(onnx.helper.make_node("Cast", [name], [node.input[0]], to=onnx.TensorProto.INT8,
+                                               name=f"{name}.cast"))
+    for i, cast in enumerate(converted):
+        graph.node.insert(i, cast)
+    return len(converted)
 
 
 def _tidy(graph) -> None:
@@ -162,40 +223,11 @@ def _tidy(graph) -> None:
                 node.input[i] = source
 
 
-def exact_session_options():
-    """onnxruntime ``SessionOptions`` under which the graph computes the trained network's logits.
-
-    onnxruntime's CPU provider fuses ``DequantizeLinear -> MatMul`` (the Linear layers of a
-    transformer's blocks) into ``MatMulNBits`` and by default (accuracy level 4) computes
-    those with int8-quantized activations: faster, but the logits move (about 1e-2 on a small
-    ViT). Level 1 keeps float32 activations. Conv and Gemm are not affected.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    return options
-
-
-def run_onnxruntime(path: str | os.PathLike, x: Tensor) -> Tensor | None:
-    """Logits of the ONNX file at ``path`` for ``x`` on onnxruntime's CPU provider with
-    :func:`exact_session_options` (None if onnxruntime is not installed)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    try:
-        session = ort.InferenceSession(str(path), exact_session_options(), providers=["CPUExecutionProvider"])
-        (logits,) = session.run([OUTPUT], {INPUT: x.detach().cpu().float().numpy()})
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ExportError(f"{path}: onnxruntime cannot run it ({_one_line(exc)[:300]})") from None
-    return torch.from_numpy(logits)
-
-
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int, int] | None = None,
                 keep_fp_bits: int = 32, sq_ratio: float | None = None, force: bool = False,
-                metadata: dict | None = None, opset: int = OPSET, check: bool = True) -> dict:
-    """Write SQ ``model`` as an ONNX graph of int8 weight codes + ``DequantizeLinear`` (see the module doc).
+                metadata: dict | None = None, opset: int = OPSET, check: bool = True, activations: str = "float",
+                calibration: list[Tensor] | None = None) -> dict:
+    """Write SQ ``model`` as an ONNX graph of integer weight codes + ``DequantizeLinear`` (see the module doc).
 
     Args:
         model: a model prepared by :func:`sqdist.quantize_model` (not changed here).
@@ -206,22 +238,32 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
             as int8 per-row codes with their own ``DequantizeLinear``.
         sq_ratio, force: as in :func:`sqdist.export.export_model` (refused below 1 unless ``force``).
         metadata: extra ``metadata_props`` of the ONNX model (values JSON-encoded).
-        opset: ONNX opset (13 or higher: per-axis ``DequantizeLinear``).
-        check: run the written file in onnxruntime (when installed) on a batch of 3 and
-            compare its logits with the torch eval forward (the SQ model itself; the exported
-            network with ``keep_fp_bits=8`` or a model off the CPU); a difference above
-            ``1e-4 * max(1, max |logit|)`` is an :class:`ExportError` and the file is removed.
+        opset: ONNX opset: 25 (default) stores ternary/binary codes as INT2 and other codes of
+            4 bits or fewer as INT4 initializers (:func:`store_int4`), 21..24 INT4 only, 13..20
+            every code as int8.
+        check: run the written file in a default onnxruntime session (when installed) on a batch
+            of 3 and compare its logits with the same network in torch (:func:`check_against_torch`);
+            a difference above ``1e-4 * max(1, max |logit|)`` is an :class:`ExportError` and the
+            file is removed.
+        activations: ``"float"`` (the inputs as trained: float, or the run's own activation
+            quantizers) or ``"int8"``: 8-bit inputs and outputs calibrated on ``calibration`` so
+            that onnxruntime runs the layers with integer weights as integer kernels
+            (:mod:`sqdist.export.int8`; for a model trained with float activations).
+        calibration: model inputs (a list of batches) for ``activations="int8"``.
 
     Returns:
-        ``{"path", "bytes", "opset", "input", "int8_weights", "qdq_inputs", "max_abs_diff"}``
-        (``max_abs_diff`` None when not checked).
+        ``{"path", "bytes", "opset", "input", "activations", "int8_weights", "int4_weights",
+        "qdq_inputs", "max_abs_diff", "tie_flips", "max_abs_diff_model"}`` (the last three None
+        when not checked; see :func:`check_against_torch`).
     """
     onnx = _require_onnx()
     keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
+    activations = check_activations(activations)
     sq_ratio = check_ratio(model, sq_ratio, force)
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
-        raise ExportError(f"opset={opset!r}; allowed: an integer >= 13 (per-axis DequantizeLinear)")
-    net = deployable(model, keep_fp_bits)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= INT2_OPSET:
+        raise ExportError(f"opset={opset!r}; allowed: an integer from 13 (per-axis DequantizeLinear) to "
+                          f"{INT2_OPSET} (21: INT4 weights, 25: INT2 for ternary/binary)")
+    net = deployable(model, keep_fp_bits, activations, calibration)
     input_size = tuple(input_size) if input_size is not None else default_input_size(model)
     if len(input_size) != 3 or not all(isinstance(v, int) and v > 0 for v in input_size):
         raise ExportError(f"input_size={input_size!r}; allowed: three positive integers (C, H, W)")
@@ -231,15 +273,26 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
     try:
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
             warnings.simplefilter("ignore")
-            torch.onnx.export(net, (traced,), str(tmp), dynamo=False, opset_version=opset, input_names=[INPUT],
-                              output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-                              do_constant_folding=True)
+            torch.onnx.export(net, (traced,), str(tmp), dynamo=False, opset_version=min(opset, TRACE_OPSET),
+                              input_names=[INPUT], output_names=[OUTPUT],
+                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, do_constant_folding=True)
     except Exception as exc:  # the exporter raises many types; the user needs the one line
         tmp.unlink(missing_ok=True)
         raise ExportError(f"torch.onnx.export failed for input size {input_size}: {_one_line(exc)[:300]}") from None
 
     graph_model = onnx.load(str(tmp))
     _tidy(graph_model.graph)
+    try:
+        if opset > TRACE_OPSET:
+            from onnx import version_converter
+
+            graph_model = version_converter.convert_version(graph_model, opset)
+        if opset >= INT4_OPSET:
+            store_int4(graph_model.graph, int2=opset >= INT2_OPSET)
+    except Exception as exc:  # the converter raises several types
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"converting the graph to opset {opset} failed ({_one_line(exc)[:300]}); "
+                          f"opset 17 stores int8 codes") from None
     quantizer = next(iter(_sq_layers(model).values())).quantizer
     props = {
         "sqdist_version": __version__,
@@ -247,6 +300,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
         "quantizer": {"name": getattr(quantizer, "quantizer_name", "?"), "params": quantizer.config()},
         "sq": {"ratio": sq_ratio},
         "keep_fp_bits": keep_fp_bits,
+        "activations": activations,
         **(metadata or {}),
     }
     for key, value in props.items():
@@ -259,79 +313,67 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
         raise ExportError(f"the exported graph fails the ONNX checker: {_one_line(exc)[:300]}") from None
     onnx.save(graph_model, str(tmp))
     os.replace(tmp, path)
-    info = {"path": str(path), "bytes": path.stat().st_size, "opset": opset,
-            "input": ["batch", *input_size], **_graph_summary(graph_model.graph), "max_abs_diff": None}
+    info = {"path": str(path), "bytes": path.stat().st_size, "opset": opset, "input": ["batch", *input_size],
+            "activations": activations, **_graph_summary(graph_model.graph),
+            "max_abs_diff": None, "tie_flips": None, "max_abs_diff_model": None}
     if check:
         x = torch.randn(3, *input_size, generator=torch.Generator().manual_seed(1))  # not the traced batch size
         on_cpu = all(t.device.type == "cpu" for t in model.parameters())
-        reference = _reference_logits(model if keep_fp_bits == 32 and on_cpu else net, x)
-        logits = run_onnxruntime(path, x)
-        if logits is not None:
-            if logits.shape != reference.shape:
-                path.unlink()
-                raise ExportError(f"{path}: onnxruntime gives logits of shape {tuple(logits.shape)}, torch "
-                                  f"{tuple(reference.shape)} (removed)")
-            diff = float((logits - reference).abs().max())
-            if not diff <= TOLERANCE * max(1.0, float(reference.abs().max())):
-                path.unlink()
-                raise ExportError(f"{path}: onnxruntime logits differ from torch's by {diff:.3g} (removed)")
-            info["max_abs_diff"] = diff
+        same_network = keep_fp_bits == 32 and activations == "float" and on_cpu
+        try:
+            result = check_against_torch(path, net, x, model if same_network else None)
+        except ExportError:
+            path.unlink(missing_ok=True)
+            raise
+        if result is not None:
+            info.update(result)
     return info
 
 
-@torch.no_grad()
-def _reference_logits(model: nn.Module, x: Tensor) -> Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        return model(x).float()
-    finally:
-        model.train(was_training)
-
-
 def export_run_onnx(source: str | os.PathLike, out: str | os.PathLike, force: bool = False, keep_fp_bits: int = 32,
-                    input_size: tuple[int, int, int] | None = None) -> dict:
+                    input_size: tuple[int, int, int] | None = None, activations: str = "float",
+                    calib_batches: int = 8, opset: int = OPSET) -> dict:
     """Rebuild the trained model of a run or checkpoint folder and :func:`export_onnx` it.
 
-    The input size defaults to the run's recipe (``data.image_size``, RUN/config.yaml).
+    The input size defaults to the run's recipe (``data.image_size``, RUN/config.yaml). With
+    ``activations="int8"`` the ranges are calibrated on ``calib_batches`` batches of the run's
+    training data (its recipe's ``data``, ``data.batch_size`` each, a fixed shuffle), and the
+    result adds ``top1_onnx`` (onnxruntime, default session) and ``top1_model`` (the run's model
+    in torch) on the run's evaluation split, in percent.
     """
     keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
+    activations = check_activations(activations)
+    if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
+        raise ExportError(f"calib_batches={calib_batches!r}; allowed: an integer >= 1")
     _require_onnx()
     model, meta = load_run(source, force)
     if input_size is None:
         input_size = default_input_size(model, meta["config"])
     extra = {"model": {"name": meta["model_name"], "kwargs": meta["model_kwargs"]}, "sq": {**meta["sq"],
              "ratio": meta["ratio"]}, "source": str(meta["checkpoint"])}
-    return export_onnx(model, out, input_size=input_size, keep_fp_bits=keep_fp_bits, sq_ratio=meta["ratio"],
-                       force=force, metadata=extra)
+    calibration, evaluation = None, None
+    if activations == "int8":
+        calibration, evaluation = _run_data(meta, calib_batches)
+    info = export_onnx(model, out, input_size=input_size, keep_fp_bits=keep_fp_bits, sq_ratio=meta["ratio"],
+                       force=force, metadata=extra, activations=activations, calibration=calibration, opset=opset)
+    if evaluation is not None:
+        info.update(_top1(model, info["path"], evaluation, int(meta["config"]["data"]["batch_size"])))
+    return info
 
 
-def check_onnx(path: str | os.PathLike) -> dict:
-    """Verify an ONNX export: the ONNX checker, then onnxruntime runs it on a random batch of 2.
+def _run_data(meta: dict, calib_batches: int):
+    """(calibration batches from the run's training split, its evaluation set) from the run's recipe."""
+    from ..data import build_datasets
 
-    Returns ``{"opset", "input", "int8_weights", "qdq_inputs"}``; problems are :class:`ExportError`.
-    """
-    onnx = _require_onnx()
-    path = str(path)
-    if not os.path.isfile(path):
-        raise ExportError(f"{path}: no such file")
+    config = meta["config"]
+    if not config or "data" not in config:
+        raise ExportError(f"{meta['checkpoint']}: no config.yaml with a data section next to the checkpoint; "
+                          f"activations='int8' calibrates on the run's training data")
     try:
-        graph_model = onnx.load(path)
-        onnx.checker.check_model(graph_model)
-    except Exception as exc:  # protobuf decode errors and checker errors have several types
-        raise ExportError(f"{path}: not a valid ONNX model, truncated or corrupted ({_one_line(exc)[:300]})") from None
-    inputs = [i for i in graph_model.graph.input if i.name == INPUT]
-    if not inputs:
-        raise ExportError(f"{path}: no graph input named {INPUT!r}; not an sqdist ONNX export")
-    dims = [d.dim_param or d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
-    if len(dims) < 2 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
-        raise ExportError(f"{path}: input shape {dims}; expected (batch, C, ...) with fixed C, ...")
-    x = torch.randn(2, *dims[1:], generator=torch.Generator().manual_seed(0))
-    logits = run_onnxruntime(path, x)
-    if logits is None:
-        raise ExportError("checking an ONNX export needs onnxruntime: pip install 'sqdist[onnx]'")
-    if logits.shape[0] != 2 or not bool(torch.isfinite(logits).all()):
-        raise ExportError(f"{path}: onnxruntime gives logits of shape {tuple(logits.shape)} for a batch of 2, "
-                          f"finite: {bool(torch.isfinite(logits).all())}")
-    opset = next((o.version for o in graph_model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"opset": opset, "input": dims, **_graph_summary(graph_model.graph)}
+        train, evaluation = build_datasets(config)
+    except Exception as exc:  # a missing data.root and the like
+        raise ExportError(f"{meta['checkpoint']}: the run's data cannot be loaded ({_one_line(exc)[:200]})") from None
+    batch = int(config["data"]["batch_size"])
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: calib_batches * batch]
+    calibration = [torch.stack([train[int(i)][0] for i in chunk]) for chunk in order.split(batch)]
+    return calibration, evaluation

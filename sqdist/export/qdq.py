@@ -7,8 +7,69 @@ for a layer whose input was quantized.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
+
+# codes: |x / scale - (k + 1/2)| at or below this is a tie that float noise decides. torch and onnxruntime
+# sum in different orders; before a quantizer deep in a BatchNorm network (repvit_m0_9) their values
+# differ by up to ~5e-3 of a step, a wrong scale or zero point by whole steps.
+TIE_WINDOW = 1e-2
+
+
+class _ForcedCodes:
+    """Codes a runtime chose, one entry per ``QuantizeLinear`` of the graph (None: not observed)."""
+
+    def __init__(self, codes: list[Tensor | None]):
+        self.codes, self.calls, self.ties, self.flipped = codes, 0, 0, 0
+
+
+_FORCED: list[_ForcedCodes] = []
+
+
+@contextlib.contextmanager
+def forced_ties(codes: list[Tensor | None]):
+    """Within this context every activation quantization (:func:`quantize_codes`, one call per
+    ``QuantizeLinear`` of the exported graph, in graph order) takes the runtime's code from
+    ``codes`` where its input lies within :data:`TIE_WINDOW` of a rounding tie, and its own
+    everywhere else. Yields the record (``calls``, ``ties``, ``flipped``: ties decided the other way).
+
+    Why: a value within a few float32 ulps of ``k + 1/2`` rounds either way depending on the
+    order in which a runtime summed the products before it (torch and onnxruntime differ in
+    the last bits); the flipped code then moves every later layer by a full step. Forcing
+    those ties, and only those, compares the two computations instead of their float noise.
+    """
+    record = _ForcedCodes(list(codes))
+    _FORCED.append(record)
+    try:
+        yield record
+    finally:
+        _FORCED.remove(record)
+
+
+def quantize_codes(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
+    """``clamp(round(x / scale) + zero_point, qmin, qmax)`` as float, ONNX ``QuantizeLinear``'s formula
+    (a division, round half to even); see :func:`forced_ties`."""
+    zp = zero_point.to(x.dtype) if isinstance(zero_point, Tensor) else float(zero_point)
+    return round_codes(x / scale, zp, qmin, qmax)
+
+
+def round_codes(t: Tensor, zero_point: float | Tensor, qmin: int, qmax: int) -> Tensor:
+    """``clamp(round(t) + zero_point, qmin, qmax)`` for ``t`` in units of one code: the rounding of one
+    graph ``QuantizeLinear`` (or of a fused integer kernel's output); see :func:`forced_ties`."""
+    q = torch.clamp(torch.round(t) + zero_point, qmin, qmax)
+    if _FORCED:
+        record = _FORCED[-1]
+        theirs = record.codes[record.calls] if record.calls < len(record.codes) else None
+        record.calls += 1
+        if theirs is not None and theirs.shape == q.shape:
+            theirs = torch.clamp(theirs.to(q.dtype), qmin, qmax)  # the graph's Clip (below 8 bits) follows
+            tie = (t - torch.floor(t) - 0.5).abs() <= TIE_WINDOW
+            record.ties += int(tie.sum())
+            record.flipped += int((tie & (theirs != q)).sum())
+            q = torch.where(tie, theirs, q)
+    return q
 
 
 class _DequantizeRows(torch.autograd.Function):
@@ -30,9 +91,7 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-        zp = zero_point.to(x.dtype)
-        q = torch.clamp(torch.round(x / scale) + zp, qmin, qmax)  # round half to even, as QuantizeLinear
-        return (q - zp) * scale
+        return (quantize_codes(x, scale, zero_point, qmin, qmax) - zero_point.to(x.dtype)) * scale
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, qmin, qmax):

@@ -1,0 +1,311 @@
+"""8-bit activations at export: the network onnxruntime runs in integer arithmetic.
+
+A run trained with float activations deploys faster once its layers' inputs are 8-bit too:
+onnxruntime fuses ``DequantizeLinear -> Conv -> QuantizeLinear`` (integer weights, int32
+bias) into ``QLinearConv``, ``DequantizeLinear -> Add -> QuantizeLinear`` into
+``QLinearAdd``, and so on, and runs them on integers. :func:`integer_deployable` builds that
+network from a model prepared by :func:`sqdist.quantize_model`:
+
+1. every BatchNorm that directly follows a Conv with integer weights is folded into it:
+   per-row scale ``s * g / sqrt(var + eps)`` and a bias (exact for per-row scales);
+2. per-tensor uint8 ranges (min/max, zero point for a signed tensor) are calibrated on
+   batches of training data for the input and the output of every layer with integer
+   weights (each quantized layer; with ``keep_fp_bits=8`` the stem and classifier too);
+3. a ReLU right after such a layer moves into it (its output range starts at 0), a tensor
+   that a layer reads is quantized where it is produced (the ReLU after a residual add, a
+   pooling), so that every consumer, the next add included, sees the same codes.
+
+Each layer becomes an :class:`IntegerLayer`. Its forward computes what the fused kernel
+computes, bit for bit: the int32 accumulator of input codes times weight codes (exact, in
+float64), plus the int32 bias, times the float32 multiplier ``(x_scale * w_scale) / y_scale``,
+rounded half to even, saturated to uint8 (onnxruntime's ``QLinearConv`` requantization).
+Traced to ONNX it is the QDQ pattern onnxruntime fuses. This network, not the float model,
+is what the export check compares onnxruntime with: 8-bit inputs and outputs change the
+logits (by the quantization error), which the float model does not have.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .format import ExportError
+from .qdq import _DequantizeRows, _FakeQuantize, round_codes
+
+QMIN, QMAX = 0, 255  # uint8: onnxruntime's fastest integer kernels on x86 (u8 activations, s8 weights)
+ACTIVATIONS = ("float", "int8")
+
+
+def check_activations(value, name: str = "activations") -> str:
+    """``value`` if it is an allowed export activation mode (``"float"`` or ``"int8"``), else :class:`ExportError`."""
+    if value not in ACTIVATIONS:
+        raise ExportError(f"{name}={value!r}; allowed: {', '.join(ACTIVATIONS)} (int8: calibrate 8-bit inputs "
+                          f"and outputs of the integer layers so that onnxruntime runs them on integers)")
+    return value
+
+
+class RangeObserver:
+    """Running min/max of a tensor over calibration batches -> per-tensor uint8 ``(scale, zero_point)``."""
+
+    def __init__(self):
+        self.low, self.high = float("inf"), float("-inf")
+
+    def update(self, x: Tensor) -> None:
+        self.low = min(self.low, float(x.min()))
+        self.high = max(self.high, float(x.max()))
+
+    def qparams(self) -> tuple[Tensor, int]:
+        low, high = min(self.low, 0.0), max(self.high, 0.0)  # 0 exactly representable (ReLU, padding)
+        scale = torch.tensor((high - low) / (QMAX - QMIN) if high > low else 1.0, dtype=torch.float32)
+        zero_point = int(round(-low / float(scale)))
+        return scale, max(QMIN, min(QMAX, zero_point))
+
+
+class OutputQuantizer(nn.Module):
+    """Per-tensor uint8 quantization of a module's output (a forward hook): ``QuantizeLinear -> DequantizeLinear``."""
+
+    def __init__(self, scale: Tensor, zero_point: int):
+        super().__init__()
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.uint8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _FakeQuantize.apply(x, self.scale, self.zero_point, QMIN, QMAX)
+
+
+def _quantize_output_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    return module.output_quantizer(output)
+
+
+class IntegerLayer(nn.Module):
+    """A Conv/Linear layer on uint8 inputs and outputs with integer weight codes and an int32 bias.
+
+    ``forward`` is the fused kernel's arithmetic (see the module doc); during ONNX export it is
+    ``[QuantizeLinear -> DequantizeLinear] -> Conv(DequantizeLinear(codes), DequantizeLinear(bias))
+    [-> Relu] -> QuantizeLinear -> DequantizeLinear``, the input pair left out when the input
+    tensor is already quantized where it was produced (``input_quantized``).
+
+    Args:
+        layer: the plain Conv/Linear module (for stride, padding, groups...).
+        codes: int8 weight codes, the weight's shape; ``w_scale``: (m,) per-row scales.
+        bias: (m,) float bias or None; stored as ``round(bias / (x_scale * w_scale))`` in int32.
+        x_qparams, y_qparams: ``(scale, zero_point)`` of the uint8 input and output.
+        relu: apply ReLU before the output quantization.
+        input_quantized: the input already holds codes of ``x_qparams`` (no Q/DQ of its own).
+    """
+
+    def __init__(self, layer: nn.Module, codes: Tensor, w_scale: Tensor, bias: Tensor | None,
+                 x_qparams: tuple[Tensor, int], y_qparams: tuple[Tensor, int], relu: bool = False,
+                 input_quantized: bool = False):
+        super().__init__()
+        self.is_conv = isinstance(layer, nn.modules.conv._ConvNd)
+        self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                              groups=layer.groups) if self.is_conv else {}
+        if self.is_conv and layer.padding_mode != "zeros":
+            raise ExportError(f"padding_mode={layer.padding_mode!r}: 8-bit activations support zero padding only")
+        self.relu, self.input_quantized = bool(relu), bool(input_quantized)
+        codes, w_scale = codes.to(torch.int8), w_scale.float().clone()
+        w_scale[w_scale == 0] = 1.0  # an all-zero row: any scale gives the zero weight; 0 would divide the bias
+        negative = w_scale < 0  # a BatchNorm with a negative gain: keep scales positive, negate the codes
+        codes[negative] = -codes[negative]
+        w_scale = w_scale.abs()
+        x_scale, x_zero_point = x_qparams
+        y_scale, y_zero_point = y_qparams
+        self.register_buffer("codes", codes)
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("x_scale", x_scale.float())
+        self.register_buffer("x_zero_point", torch.tensor(x_zero_point, dtype=torch.uint8))
+        self.register_buffer("y_scale", y_scale.float())
+        self.register_buffer("y_zero_point", torch.tensor(y_zero_point, dtype=torch.uint8))
+        self.register_buffer("b_scale", self.x_scale * w_scale)  # float32, the bias DequantizeLinear's scale
+        b = torch.zeros(codes.shape[0]) if bias is None else bias.detach().float().cpu()
+        b_int = torch.round(b.double() / self.b_scale.double())
+        if bool((b_int.abs() > 2 ** 31 - 1).any()):
+            raise ExportError("a bias does not fit int32 at the input's calibrated scale (an input range of ~0?)")
+        self.register_buffer("bias_codes", b_int.to(torch.int32))
+        self.register_buffer("w_zero_point", torch.zeros(codes.shape[0], dtype=torch.int8))
+        self.register_buffer("b_zero_point", torch.zeros(codes.shape[0], dtype=torch.int32))
+
+    def _apply_op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        if not self.is_conv:
+            return F.linear(x, w, b)
+        return getattr(F, f"conv{w.dim() - 2}d")(x, w, b, **self.conv_args)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self.graph_forward(x)
+        xz, yz = float(self.x_zero_point), float(self.y_zero_point)
+        if self.input_quantized:  # x = (q - zp) * scale exactly; its codes come back exactly
+            xq = torch.clamp(torch.round(x.float() / self.x_scale) + xz, QMIN, QMAX)
+        else:
+            xq = round_codes(x.float() / self.x_scale, xz, QMIN, QMAX)  # the graph's QuantizeLinear
+        acc = self._apply_op((xq - xz).double(), self.codes.double(), None)  # exact: integers below 2^53
+        shape = (1, -1) + (1,) * (acc.dim() - 2) if self.is_conv else (-1,)
+        acc = acc + self.bias_codes.double().view(shape)
+        multiplier = (self.x_scale * self.w_scale) / self.y_scale  # float32, as QLinearConv computes it
+        t = acc.float() * multiplier.view(shape)  # int32 -> float32, one rounding, as the kernel
+        yq = round_codes(t, yz, int(yz) if self.relu else QMIN, QMAX)
+        return ((yq - yz) * self.y_scale).to(x.dtype)
+
+    def graph_forward(self, x: Tensor) -> Tensor:
+        """The float QDQ form (what the ONNX graph holds)."""
+        if not self.input_quantized:
+            x = _FakeQuantize.apply(x, self.x_scale, self.x_zero_point, QMIN, QMAX)
+        w = _DequantizeRows.apply(self.codes, self.w_scale, self.w_zero_point)
+        b = _DequantizeRows.apply(self.bias_codes, self.b_scale, self.b_zero_point)
+        y = self._apply_op(x, w, b)
+        if self.relu:
+            y = torch.relu(y)
+        return _FakeQuantize.apply(y, self.y_scale, self.y_zero_point, QMIN, QMAX)
+
+    def extra_repr(self) -> str:
+        return (f"{'conv' if self.is_conv else 'linear'} {tuple(self.codes.shape)}, relu={self.relu}, "
+                f"input_quantized={self.input_quantized}")
+
+
+# ---------------------------------------------------------------- tracing the module graph
+def _trace(net: nn.Module, x: Tensor, watch: set[str]) -> list[tuple]:
+    """One forward; per call of a leaf module or of a module in ``watch``, in call order:
+    ``(name, input, output, input version, output version)`` (versions reveal in-place changes)."""
+    calls, hooks, versions = [], [], {}
+    for name, module in net.named_modules():
+        if name and (next(module.children(), None) is None or name in watch):
+            def pre(mod, args, name=name):
+                versions[name] = args[0]._version if args and isinstance(args[0], Tensor) else None
+
+            def post(mod, args, out, name=name):
+                x0 = args[0] if args and isinstance(args[0], Tensor) else None
+                calls.append((name, x0, out, versions.get(name), out._version if isinstance(out, Tensor) else None))
+
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _set_module(net: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, leaf, module)
+
+
+def _passes_through(calls: list[tuple], i: int, layers: set[str]) -> list[tuple]:
+    """The calls that last handed the input object of call ``i`` on, since the layer in ``layers``
+    that produced it (that layer first), when nothing changed it in place in between; else []."""
+    name, x, _, version, _ = calls[i]
+    chain = [c for c in calls[:i] if c[2] is x]
+    producers = [k for k, c in enumerate(chain) if c[0] in layers]
+    if not producers:
+        return []
+    seq = chain[producers[-1]:]
+    if any(b[3] != a[4] for a, b in zip(seq, seq[1:])) or seq[-1][4] != version:
+        return []
+    return seq
+
+
+# ---------------------------------------------------------------- BatchNorm folding
+def fold_batchnorm(net: nn.Module, x: Tensor, layers: set[str]) -> list[str]:
+    """Fold every BatchNorm whose input is the output of a layer in ``layers`` (weight
+    parametrized by codes and per-row scales) into that layer; returns the folded BN names.
+
+    timm's ``BatchNormAct2d`` keeps its activation (and drop) as a ``nn.Sequential``.
+    """
+    bns = {n for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    calls = _trace(net, x, layers | bns)
+    count: dict[str, int] = {}
+    for c in calls:
+        count[c[0]] = count.get(c[0], 0) + 1
+    folded = []
+    for i, (name, *_rest) in enumerate(calls):
+        if name not in bns or count[name] != 1:
+            continue
+        seq = _passes_through(calls, i, layers)
+        if len(seq) != 1 or count[seq[0][0]] != 1:  # the BN reads the layer's output directly
+            continue
+        conv, bn = net.get_submodule(seq[0][0]), net.get_submodule(name)
+        if not isinstance(conv, nn.modules.conv._ConvNd) or bn.running_var is None:
+            continue
+        gain = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
+        shift = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_var)
+        k = gain / torch.sqrt(bn.running_var + bn.eps)
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(k)
+        conv.parametrizations.weight[0].scale.mul_(k)
+        conv.bias = nn.Parameter((bias - bn.running_mean) * k + shift, requires_grad=False)
+        rest = [getattr(bn, a) for a in ("drop", "act") if isinstance(getattr(bn, a, None), nn.Module)]
+        _set_module(net, name, nn.Sequential(*rest) if rest else nn.Identity())
+        folded.append(name)
+    return folded
+
+
+# ---------------------------------------------------------------- the integer network
+@torch.no_grad()
+def integer_deployable(net: nn.Module, batches: list[Tensor], layers: set[str]) -> nn.Module:
+    """Turn ``layers`` of ``net`` (a :func:`sqdist.export.onnx_writer.deployable` copy: weights
+    parametrized by :class:`~sqdist.export.qdq.WeightFromCodes`) into :class:`IntegerLayer` s with
+    ranges calibrated on ``batches`` (model inputs); see the module doc. Changes ``net`` in place
+    and returns it."""
+    if not batches:
+        raise ExportError("8-bit activations need calibration batches; got none")
+    fold_batchnorm(net, batches[0], layers)
+    calls = _trace(net, batches[0], layers)
+    count: dict[str, int] = {}
+    for c in calls:
+        count[c[0]] = count.get(c[0], 0) + 1
+    relus: dict[str, list[str]] = {}  # layer -> the ReLU modules it absorbs
+    shared: dict[str, str] = {}  # layer -> the layer whose quantized output is its input
+    produced: dict[str, str] = {}  # layer -> the module whose output (quantized there) is its input
+    for i, (name, x, _out, version, _v) in enumerate(calls):
+        if name not in layers or count[name] != 1:
+            continue
+        seq = _passes_through(calls, i, layers)
+        if seq and count[seq[0][0]] == 1:
+            between = [net.get_submodule(c[0]) for c in seq[1:]]
+            if all(type(m) in (nn.Identity, nn.ReLU) and count[c[0]] == 1 for m, c in zip(between, seq[1:])):
+                if any(type(m) is nn.ReLU for m in between):
+                    relus[seq[0][0]] = [c[0] for c in seq[1:] if type(net.get_submodule(c[0])) is nn.ReLU]
+                shared[name] = seq[0][0]
+                continue
+        makers = [c for c in calls[:i] if c[2] is x and c[4] == version and c[0] not in layers]
+        if makers and count[makers[-1][0]] == 1:
+            produced[name] = makers[-1][0]
+    inputs, outputs = {n: RangeObserver() for n in layers}, {n: RangeObserver() for n in layers}
+    makers = {m: RangeObserver() for m in set(produced.values())}
+    hooks = [net.get_submodule(n).register_forward_hook(
+        lambda mod, args, out, n=n: (inputs[n].update(args[0]),
+                                     outputs[n].update(torch.relu(out) if n in relus else out)) and None)
+        for n in layers]
+    hooks += [net.get_submodule(m).register_forward_hook(lambda mod, args, out, m=m: makers[m].update(out) and None)
+              for m in makers]
+    try:
+        for x in batches:
+            net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    for m, observer in makers.items():
+        module = net.get_submodule(m)
+        module.output_quantizer = OutputQuantizer(*observer.qparams())
+        module.register_forward_hook(_quantize_output_hook)
+    for relu_names in relus.values():
+        for r in relu_names:
+            _set_module(net, r, nn.Identity())
+    new = {}
+    for n in layers:
+        layer = net.get_submodule(n)
+        p = layer.parametrizations.weight[0]
+        x_qparams = (outputs[shared[n]] if n in shared else makers[produced[n]] if n in produced else inputs[n]).qparams()
+        new[n] = IntegerLayer(layer, p.codes, p.scale, layer.bias, x_qparams, outputs[n].qparams(),
+                              relu=n in relus, input_quantized=n in shared or n in produced)
+    for n, module in new.items():
+        _set_module(net, n, module)
+    return net
+
+
+def integer_layer_names(net: nn.Module) -> set[str]:
+    """The Conv/Linear layers of a deployable copy whose weights are integer codes (parametrized)."""
+    return {n for n, m in net.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+            and parametrize.is_parametrized(m, "weight")}

@@ -1,0 +1,252 @@
+"""onnxruntime's side of an ONNX export: run a file, read the codes it chose, compare with torch.
+
+:func:`check_against_torch` is the check every :func:`sqdist.export.export_onnx` runs after
+writing (a default ``onnxruntime.InferenceSession``, rounding ties forced, see
+:func:`sqdist.export.qdq.forced_ties`); :func:`check_onnx` verifies a file on its own
+(``python -m sqdist.export --check OUT.onnx``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from .format import ExportError, _one_line
+from .qdq import forced_ties
+
+INPUT, OUTPUT = "input", "logits"
+TOLERANCE = 1e-4  # onnxruntime against torch, relative to max(1, max |logit|)
+
+
+def _require_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package: pip install 'sqdist[onnx]'") from None
+    return onnx
+
+
+def _graph_summary(graph) -> dict:
+    import onnx
+
+    inits = {t.name: t for t in graph.initializer}
+    cast_of = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
+    dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    kinds = [inits[cast_of.get(n.input[0], n.input[0])].data_type for n in dq
+             if cast_of.get(n.input[0], n.input[0]) in inits]
+    return {
+        "int8_weights": kinds.count(onnx.TensorProto.INT8),
+        "int4_weights": kinds.count(onnx.TensorProto.INT4),
+        "int2_weights": kinds.count(onnx.TensorProto.INT2),
+        "qdq_inputs": sum(1 for n in graph.node if n.op_type == "QuantizeLinear"),
+    }
+
+
+def exact_session_options():
+    """onnxruntime ``SessionOptions`` that keep ``MatMulNBits`` (a fused ``DequantizeLinear -> MatMul``
+    of block-quantized weights) on float32 activations (accuracy level 1).
+
+    Not needed for sqdist's graphs: their per-row (axis 0) ``DequantizeLinear`` is not fused into
+    ``MatMulNBits``, and the export check runs a default session. Kept for graphs that are.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return options
+
+
+def run_onnxruntime(path: str | os.PathLike, x: Tensor) -> Tensor | None:
+    """Logits of the ONNX file at ``path`` for ``x`` in a default onnxruntime session on the CPU
+    provider (what a user creates); None if onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (logits,) = session.run([OUTPUT], {INPUT: x.detach().cpu().float().numpy()})
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ExportError(f"{path}: onnxruntime cannot run it ({_one_line(exc)[:300]})") from None
+    return torch.from_numpy(logits)
+
+
+def onnxruntime_codes(path: str | os.PathLike, x: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+    """Run the ONNX file at ``path`` on ``x`` in a default onnxruntime session (CPU); return its logits
+    and, for each ``QuantizeLinear`` of the file (in graph order), the codes it produced (as float,
+    in the file's zero point), or None where onnxruntime fused it into an integer kernel.
+
+    The codes come from the session's own optimized graph (saved by onnxruntime) with those
+    nodes' outputs added as graph outputs and run without further optimization, so they are the
+    codes of the graph the default session runs; its logits must equal the session's.
+    """
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    def constants(graph) -> dict:
+        values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        return values
+
+    written = onnx.load(str(path))
+    quantizers = [n for n in written.graph.node if n.op_type == "QuantizeLinear"]
+    written_values = constants(written.graph)
+    feed = {INPUT: x.detach().cpu().float().numpy()}
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        options.log_severity_level = 3  # its note that the saved graph is specific to this CPU
+        (logits,) = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run([OUTPUT], feed)
+        optimized = onnx.load(options.optimized_model_filepath)
+        for node in optimized.graph.node:  # a saved Q/DQ propagated past a Reshape can keep output_dtype=INT8
+            if node.op_type == "QuantizeLinear" and len(node.input) == 3:  # next to a uint8 zero point
+                kept = [a for a in node.attribute if a.name != "output_dtype"]
+                del node.attribute[:]
+                node.attribute.extend(kept)
+        values = constants(optimized.graph)
+        alive = {n.name: n for n in optimized.graph.node if n.op_type == "QuantizeLinear"}
+        outputs, shifts = [], []
+        for node in quantizers:
+            mine = alive.get(node.name)
+            if mine is None or len(mine.input) < 3 or mine.input[2] not in values or len(node.input) < 3:
+                outputs.append(None)
+                continue
+            zero_point = values[mine.input[2]]
+            optimized.graph.output.append(helper.make_tensor_value_info(
+                mine.output[0], helper.np_dtype_to_tensor_dtype(zero_point.dtype), None))
+            outputs.append(mine.output[0])
+            # onnxruntime may turn int8 codes into uint8 ones (+128); back to the file's zero point
+            shifts.append(int(written_values[node.input[2]].reshape(-1)[0]) - int(zero_point.reshape(-1)[0]))
+        instrumented = os.path.join(tmp, "instrumented.onnx")
+        onnx.save(optimized, instrumented)
+        plain = ort.SessionOptions()
+        plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        plain.log_severity_level = 3
+        names = [OUTPUT] + [o for o in outputs if o is not None]
+        results = dict(zip(names, ort.InferenceSession(instrumented, plain, providers=["CPUExecutionProvider"])
+                           .run(names, feed)))
+    if not np.array_equal(results[OUTPUT], logits):
+        raise ExportError(f"{path}: onnxruntime's saved optimized graph does not reproduce its session's logits "
+                          f"(max difference {float(np.abs(results[OUTPUT] - logits).max()):.3g})")
+    shift = iter(shifts)
+    codes = [None if o is None else torch.from_numpy(results[o].astype(np.float32) + next(shift)) for o in outputs]
+    return torch.from_numpy(logits), codes
+
+
+@torch.no_grad()
+def check_against_torch(path: str | os.PathLike, net: nn.Module, x: Tensor,
+                        model: nn.Module | None = None) -> dict | None:
+    """Compare the logits of a default onnxruntime session on the file at ``path`` with the
+    deployable network ``net`` (what :func:`export_onnx` traced) evaluated in torch on ``x``.
+
+    The two must agree within ``TOLERANCE * max(1, max |logit|)``, after one allowance: where
+    an activation's value lies within ``sqdist.export.qdq.TIE_WINDOW`` of a rounding tie
+    (``x / scale = k + 1/2`` up to float32 noise), torch takes onnxruntime's code
+    (:func:`~sqdist.export.qdq.forced_ties`). Two runtimes sum a layer's products in different
+    orders, so such a value lands on either side of the tie; the flipped code moves all later
+    layers by a whole quantization step (a single one gave 1e-2 on a ViT's logits). Every code
+    away from a tie must be the same. With ``model`` (the SQ model, when ``net`` is the same
+    network) its eval logits must equal ``net``'s too.
+
+    Returns ``{"max_abs_diff", "tie_flips", "max_abs_diff_model"}`` (``tie_flips``: codes
+    onnxruntime decided the other way at a tie), None when onnxruntime is not installed;
+    a failure is an :class:`ExportError`.
+    """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    net.eval()
+    reference = net(x).float()
+    scale = max(1.0, float(reference.abs().max()))
+    model_diff = None
+    if model is not None:
+        model_diff = float((_reference_logits(model, x) - reference).abs().max())
+        if not model_diff <= TOLERANCE * scale:
+            raise ExportError(f"{path}: the exported network's torch logits differ from the model's by "
+                              f"{model_diff:.3g} (removed)")
+    try:
+        logits, codes = onnxruntime_codes(path, x)
+    except ExportError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ExportError(f"{path}: onnxruntime cannot run it ({_one_line(exc)[:300]}) (removed)") from None
+    if logits.shape != reference.shape:
+        raise ExportError(f"{path}: onnxruntime gives logits of shape {tuple(logits.shape)}, torch "
+                          f"{tuple(reference.shape)} (removed)")
+    with forced_ties(codes) as record:
+        forced = net(x).float()
+    if record.calls != len(codes):  # the torch quantizations do not line up with the graph's: compare as is
+        forced, record.flipped = reference, None
+    diff = float((logits - forced).abs().max())
+    if not diff <= TOLERANCE * scale:
+        raise ExportError(f"{path}: onnxruntime logits differ from torch's by {diff:.3g} (tolerance "
+                          f"{TOLERANCE * scale:.3g}; {record.flipped} codes decided the other way at a rounding tie) "
+                          f"(removed)")
+    return {"max_abs_diff": diff, "tie_flips": record.flipped, "max_abs_diff_model": model_diff}
+
+
+@torch.no_grad()
+def _reference_logits(model: nn.Module, x: Tensor) -> Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x).float()
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _top1(model: nn.Module, path: str, evaluation, batch_size: int) -> dict:
+    """Top-1 (percent) of the ONNX file (default onnxruntime session) and of ``model`` on ``evaluation``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    loader = torch.utils.data.DataLoader(evaluation, batch_size=batch_size)
+    right_onnx = right_model = total = 0
+    model.eval()
+    for x, y in loader:
+        (logits,) = session.run([OUTPUT], {INPUT: x.float().numpy()})
+        right_onnx += int((torch.from_numpy(logits).argmax(1) == y).sum())
+        right_model += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return {"top1_onnx": 100.0 * right_onnx / total, "top1_model": 100.0 * right_model / total,
+            "eval_examples": total}
+
+
+def check_onnx(path: str | os.PathLike) -> dict:
+    """Verify an ONNX export: the ONNX checker, then onnxruntime runs it on a random batch of 2.
+
+    Returns ``{"opset", "input", "int8_weights", "qdq_inputs"}``; problems are :class:`ExportError`.
+    """
+    onnx = _require_onnx()
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ExportError(f"{path}: no such file")
+    try:
+        graph_model = onnx.load(path)
+        onnx.checker.check_model(graph_model)
+    except Exception as exc:  # protobuf decode errors and checker errors have several types
+        raise ExportError(f"{path}: not a valid ONNX model, truncated or corrupted ({_one_line(exc)[:300]})") from None
+    inputs = [i for i in graph_model.graph.input if i.name == INPUT]
+    if not inputs:
+        raise ExportError(f"{path}: no graph input named {INPUT!r}; not an sqdist ONNX export")
+    dims = [d.dim_param or d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) < 2 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        raise ExportError(f"{path}: input shape {dims}; expected (batch, C, ...) with fixed C, ...")
+    x = torch.randn(2, *dims[1:], generator=torch.Generator().manual_seed(0))
+    logits = run_onnxruntime(path, x)
+    if logits is None:
+        raise ExportError("checking an ONNX export needs onnxruntime: pip install 'sqdist[onnx]'")
+    if logits.shape[0] != 2 or not bool(torch.isfinite(logits).all()):
+        raise ExportError(f"{path}: onnxruntime gives logits of shape {tuple(logits.shape)} for a batch of 2, "
+                          f"finite: {bool(torch.isfinite(logits).all())}")
+    opset = next((o.version for o in graph_model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"opset": opset, "input": dims, **_graph_summary(graph_model.graph)}
