@@ -145,7 +145,7 @@ DATASETS = {
     "fashion_mnist": Data("fashion_mnist_fp", 5, 2, [
         "FP", "kbit8", "kbit4", "kbit3", "kbit2", "TWN", "BWN", "SQ-TWN", "SQ-BWN", "SQ-TWN (paper)", "SQ-BWN (paper)",
         "W2A2 LSQ", "W4A4 LSQ", "SLB W1", "SLB W2", "ESB W4", "SRQ W2A2", "SRQ learned widths", "PQ small blocks",
-        *LONG_ROWS]),
+        *LONG_ROWS, *PTQ_ROWS]),
 }
 
 

@@ -122,6 +122,8 @@ def main() -> None:
             fp_step = c["step"]
         if ROWS[label].compress:  # the FP run is read back from the FP row's (trained first); then fine-tuning:
             run = steps * c["step"]  # as many steps as the FP run, at about its cost
+        if ROWS[label].ptq:  # no training: the FP row's run, walked layer by layer over 512 calibration images
+            run = c["start"] + 3 * c["evaluation"]  # (a rough bound) then BN re-estimation and one test evaluation
         costs += [run] * seeds
         out[label] = {"steps": steps, "step_ms": round(1000 * c["step"], 2), "eval_s": round(c["evaluation"], 2),
                       "start_s": round(c["start"], 2), "run_s": round(run, 1), "row_s": round(run * seeds, 1)}
