@@ -38,15 +38,19 @@ from .walk import CompressConfig, broadcast_state_, compress_model, finetune, pl
 DEFAULTS = CompressConfig()
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints the usage too)
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on rank 0 and exit 2 (argparse prints the usage
+    too); its ``prog`` is the command, e.g. ``python -m sqdist.compress``."""
+
+    def error(self, message):
         if os.environ.get("RANK", "0") == "0":
-            print(f"sqdist.compress: error: {message} (see python -m sqdist.compress --help)", file=sys.stderr)
+            name = self.prog.split()[-1]
+            print(f"{name}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m sqdist.compress", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m sqdist.compress", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="full-precision run folder (uses RUN/final) or checkpoint folder; "
                                   "with --check a compressed file")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..compress.cli import OneLineParser
 from ..config import RecipeError
 from ..export import ExportError, check_keep_fp_bits, export_model, load_quantized, resolve_checkpoint
 from ..export.format import _one_line
@@ -42,15 +43,8 @@ class PTQError(ExportError):
     """A PTQ input the user can fix; the message is one line."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints the usage too)
-        if os.environ.get("RANK", "0") == "0":
-            print(f"sqdist.ptq: error: {message} (see python -m sqdist.ptq --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m sqdist.ptq", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m sqdist.ptq", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="full-precision run folder (uses RUN/final) or checkpoint folder")
     p.add_argument("out", help="the packed .safetensors file (or .onnx graph) to write")
