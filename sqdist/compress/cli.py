@@ -49,6 +49,14 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def report_error(name: str, exc: Exception) -> int:
+    """Print ``exc`` as one line on rank 0 (``name: error: ...``, a recipe error said so); the exit code, 2."""
+    if os.environ.get("RANK", "0") == "0":
+        prefix = "recipe error: " if isinstance(exc, RecipeError) else ""
+        print(f"{name}: error: {prefix}{_one_line(exc)}", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m sqdist.compress", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -283,10 +291,7 @@ def main(argv: list[str] | None = None, on_stage=None) -> int:
             parser.error("the following arguments are required: out")
         return run(args, on_stage=on_stage)
     except (ExportError, RecipeError) as exc:  # CompressError is an ExportError
-        if os.environ.get("RANK", "0") == "0":
-            prefix = "recipe error: " if isinstance(exc, RecipeError) else ""
-            print(f"sqdist.compress: error: {prefix}{_one_line(exc)}", file=sys.stderr)
-        return 2
+        return report_error("sqdist.compress", exc)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..compress.cli import OneLineParser
+from ..compress.cli import OneLineParser, report_error
 from ..config import RecipeError
 from ..export import ExportError, check_keep_fp_bits, export_model, load_quantized, resolve_checkpoint
 from ..export.format import _one_line
@@ -202,10 +201,7 @@ def main(argv: list[str] | None = None, on_stage=None) -> int:
     try:
         return run(args, on_stage=on_stage)
     except (ExportError, RecipeError) as exc:  # PTQError is an ExportError
-        if os.environ.get("RANK", "0") == "0":
-            prefix = "recipe error: " if isinstance(exc, RecipeError) else ""
-            print(f"sqdist.ptq: error: {prefix}{_one_line(exc)}", file=sys.stderr)
-        return 2
+        return report_error("sqdist.ptq", exc)
 
 
 if __name__ == "__main__":
