@@ -269,15 +269,22 @@ def _grads(fn, x, step, sigma, g, *grid):
 GRIDS = [(-2, 1, 0.0), (-4, 3, 0.0), (-8, 7, 0.0), (0, 15, 0.0), (-128, 127, 0.0), (-2, 1, 0.5), (-1, 0, 0.5)]
 
 
-@pytest.mark.parametrize("implementation", ["cpu", "torch"])
+def _set_implementation(implementation, monkeypatch):
+    """``cpu``: the kernel, exact per element (no table); ``cpu-table``: the kernel's interpolated
+    table wherever it can be built (every call tabulates, however small); ``torch``: the PyTorch path."""
+    monkeypatch.setenv("SQDIST_SRQ_KERNEL", implementation.split("-")[0])
+    if implementation.startswith("cpu") and fast.kernel() is None:
+        pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
+    monkeypatch.setattr(fast, "TABLE_ELEMENTS_PER_NODE", 0 if implementation == "cpu-table" else 10 ** 12)
+
+
+@pytest.mark.parametrize("implementation", ["cpu", "cpu-table", "torch"])
 @pytest.mark.parametrize("grid", GRIDS)
 def test_fast_path_matches_the_full_grid_reference(implementation, grid, monkeypatch):
     """Forward equal to the float32 reference; gradients for x, the step and sigma within float
     tolerance of the float64 reference (float32's own reference is further off on wide grids), on
     random inputs with far-off-grid elements, ties between codes, tiny and wide noise."""
-    monkeypatch.setenv("SQDIST_SRQ_KERNEL", implementation)
-    if implementation == "cpu" and fast.kernel() is None:
-        pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
+    _set_implementation(implementation, monkeypatch)
     qmin, qmax, offset = grid
     torch.manual_seed(qmax)
     step = torch.tensor([0.5])  # x / step exact in float32 and float64: the two paths see the same u
@@ -297,21 +304,18 @@ def test_fast_path_matches_the_full_grid_reference(implementation, grid, monkeyp
             torch.testing.assert_close(got.double(), ref, atol=1e-6 * bound, rtol=1e-4)
 
 
-@pytest.mark.parametrize("implementation", ["cpu", "torch"])
+@pytest.mark.parametrize("implementation", ["cpu", "cpu-table", "torch"])
 def test_quantizers_fast_path_match_the_reference(implementation, monkeypatch):
     """The quantizers as trained (DropBits on weights and inputs, a learned width between two
     integers): the fast path's outputs equal the reference's, and the gradients of the weight, the
     input, alpha, sigma and soft_bits agree (the same draws: one generator per step)."""
-    if implementation == "cpu":
-        monkeypatch.setenv("SQDIST_SRQ_KERNEL", "cpu")
-        if fast.kernel() is None:
-            pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
+    _set_implementation(implementation, monkeypatch)
     torch.manual_seed(0)
     w = torch.randn(32, 72)
     x = torch.randn(8, 72)
     results = {}
     for mode in ("reference", implementation):
-        monkeypatch.setenv("SQDIST_SRQ_KERNEL", mode)
+        monkeypatch.setenv("SQDIST_SRQ_KERNEL", mode.split("-")[0])
         out = []
         for q, t in ((SRQWeight(bits=4, learn_bits=True, min_bits=2, drop_prob=0.3, seed=3), w),
                      (SRQWeight(bits=3, drop_prob=0.4, drop_min_bits=1), w),
@@ -511,3 +515,13 @@ def test_dropbits_draws_agree_on_two_processes(tmp_path):
 @pytest.mark.slow
 def test_deepspeed_zero2_train(tmp_path):
     _train_two(tmp_path, "deepspeed")
+
+
+def test_the_kernel_tabulates_only_large_tensors_with_a_usable_tau():
+    """A resnet-sized weight at the start tau tabulates (spacing tau / 32); a small tensor, a tiny tau
+    (too many nodes) or a non-finite one is computed exactly per element (spacing 0)."""
+    lv = fast.Level(1.0, -4, 3)
+    assert fast.table_spacing(1 / 3, lv, 512 * 512 * 9) == pytest.approx(1 / 3 / fast.TABLE_NODES_PER_TAU)
+    assert fast.table_spacing(1 / 3, lv, 1000) == 0.0
+    assert fast.table_spacing(1e-6, lv, 512 * 512 * 9) == 0.0
+    assert fast.table_spacing(float("nan"), lv, 512 * 512 * 9) == 0.0

@@ -12,7 +12,9 @@ closed forms (``E = sum_k k pi_k``, ``l_k = log pi_k + const``)::
 
 (``sigmoid(t_k) - sigmoid(t_{k-1}) = F_k G_{k-1} (1 - e^{-1/tau})``: a product, no cancellation).
 The CPU kernel (``srq_cpu.cpp``, built on first use into ``$SQDIST_KERNEL_CACHE``) runs that in one
-pass; the pure-PyTorch path below (any device, or when the kernel cannot be built) loops over the
+pass; on a large tensor it computes ``dE/du`` and ``dE/dtau`` once per node of a table over ``u``
+(spacing ``tau / 32``; they depend on ``u`` and the level's ``tau`` only) and each element
+interpolates it (cubic: an error below float32 rounding; ``table_spacing`` decides per level); the pure-PyTorch path below (any device, or when the kernel cannot be built) loops over the
 window's offsets with ``numel``-sized tensors only. ``SQDIST_SRQ_KERNEL=cpu|torch|reference|auto``
 picks (read at every call; ``reference`` is handled by the quantizers).
 
@@ -36,6 +38,9 @@ TAU_FLOOR = 1e-12
 NEGLECTED_MASS = 2.0 ** -24  # the window leaves out less than this fraction of pi: below float32 rounding of 1
 CLAMP_TAUS = 20.0  # u is clamped 20 tau beyond the outer boundaries: pi then moves by < e^-20 relative
 MODES = ("auto", "cpu", "torch", "reference")
+TABLE_NODES_PER_TAU = 32  # the kernel's table of dE/du, dE/dtau over u: spacing tau / 32 (cubic: below float32 rounding)
+TABLE_ELEMENTS_PER_NODE = 4  # tabulate a level only when the call has at least this many elements per node
+TABLE_MAX_NODES = 1 << 20
 
 
 class Level(NamedTuple):
@@ -74,6 +79,18 @@ def window_half_width(tau: float, codes: int) -> int:
     q = NEGLECTED_MASS * m0 / 2.0  # S(K) <= q  <=>  K >= tau log((1 - q) / q)
     k = math.ceil(tau * math.log((1.0 - q) / q))
     return int(min(max(k, 1), codes))
+
+
+def table_spacing(tau: float, level: Level, numel: int) -> float:
+    """The spacing in ``u`` of the kernel's table for one level, or 0 (each element exactly) where
+    the table would have more nodes than ``numel / TABLE_ELEMENTS_PER_NODE`` (small tensors, tiny tau)."""
+    if not tau > 0 or not math.isfinite(tau):
+        return 0.0
+    h = tau / TABLE_NODES_PER_TAU
+    nodes = (level.qmax - level.qmin + 1 + 2 * CLAMP_TAUS * tau) / h + 2
+    if nodes > TABLE_MAX_NODES or nodes * TABLE_ELEMENTS_PER_NODE > numel:
+        return 0.0
+    return h
 
 
 # ---------------------------------------------------------------- the compiled kernel
@@ -218,7 +235,8 @@ class SRQFunction(torch.autograd.Function):
             gx, sums = kernel().backward(xf, index, g, steps, taus, tau0s, [lv.mult for lv in levels],
                                          [lv.offset for lv in levels], [lv.qmin for lv in levels],
                                          [lv.qmax for lv in levels], halfwidths,
-                                         soft[0] if soft else -1, soft[1] if soft else -1)
+                                         soft[0] if soft else -1, soft[1] if soft else -1,
+                                         [table_spacing(float(t), lv, xf.numel()) for t, lv in zip(taus.tolist(), levels)])
             galpha, gsigma, gsoft = sums[0], sums[1], sums[2]
         else:
             dev = xf.device

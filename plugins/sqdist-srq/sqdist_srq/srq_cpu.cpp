@@ -13,6 +13,11 @@
 // u is clamped to 20 tau beyond the grid's outer boundaries: further out pi no longer depends on u
 // (to a relative 2e-9) and x gets no gradient. The exponentials: two per element (the boundaries next
 // to u), the others by the factor exp(-1/tau) per code (a table per level).
+// Tabulated backward (spacing h > 0 for a level): dE/du and dE/dtau depend on u only (tau is the
+// level's), so they are computed as above at nodes umin + i h over [umin, umax] and each element
+// interpolates the four nodes around its u (cubic Lagrange: error below h^4 / 24 max|f''''|, and with
+// h = tau / 32 that is under float32 rounding). The caller picks h, or 0 (exact per element) where
+// the table would cost more than it saves (few elements, or tiny tau: many nodes).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -29,12 +34,55 @@ struct Level {
   long qmin, qmax, K;
   double umin, umax;        // u is clamped to [umin, umax]
   std::vector<double> ratio;  // ratio[j] = exp(-j / tau)
+  long nodes = 0;             // tabulated: nodes umin + i h, i < nodes (0: exact per element)
+  double inv_h = 0;
+  std::vector<double> table;  // (dE/du, dE/dtau) at each node, interleaved
 };
+
+template <typename T>
+inline void element_grads(T u, const Level& L, T& c_out, double& dEdu, double& dEdtau, bool& clamped);
+
+void build_table(Level& L, double h) {
+  const double width = L.umax - L.umin;
+  L.nodes = std::max(long(std::ceil(width / h)), 3L) + 1;
+  const double hh = width / double(L.nodes - 1);  // the last node is umax
+  L.inv_h = 1.0 / hh;
+  L.table.assign(2 * L.nodes, 0.0);
+  at::parallel_for(0, L.nodes, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      double c, d1, d2;
+      bool clamped;
+      const double u = std::min(L.umin + double(i) * hh, L.umax);
+      element_grads<double>(u, L, c, d1, d2, clamped);
+      L.table[2 * i] = d1;
+      L.table[2 * i + 1] = d2;
+    }
+  });
+}
+
+// dE/du, dE/dtau of one element from the level's table; c and the clamping as in element_grads
+template <typename T>
+inline void table_grads(T u, const Level& L, T& c_out, double& dEdu, double& dEdtau) {
+  c_out = std::min(std::max(std::nearbyint(u), T(L.qmin)), T(L.qmax));
+  double uc = double(u);
+  const bool clamped = uc < L.umin || uc > L.umax;
+  uc = std::min(std::max(uc, L.umin), L.umax);
+  const double p = (uc - L.umin) * L.inv_h;
+  const long i = std::min(std::max(long(p), 1L), L.nodes - 3);
+  const double f = p - double(i);  // nodes i-1 .. i+2 at -1, 0, 1, 2
+  const double fm = f + 1, f1 = f - 1, f2 = f - 2;
+  const double w0 = -f * f1 * f2 * (1.0 / 6), w1 = fm * f1 * f2 * 0.5, w2 = -fm * f * f2 * 0.5,
+               w3 = fm * f * f1 * (1.0 / 6);
+  const double* t = L.table.data() + 2 * (i - 1);
+  dEdu = clamped ? 0.0 : w0 * t[0] + w1 * t[2] + w2 * t[4] + w3 * t[6];
+  dEdtau = w0 * t[1] + w1 * t[3] + w2 * t[5] + w3 * t[7];
+}
 
 std::vector<Level> make_levels(const torch::Tensor& steps, const torch::Tensor& taus, const torch::Tensor& tau0s,
                                const std::vector<double>& mults, const std::vector<double>& offs,
                                const std::vector<int64_t>& qmins, const std::vector<int64_t>& qmaxs,
-                               const std::vector<int64_t>& halfwidths) {
+                               const std::vector<int64_t>& halfwidths,
+                               const std::vector<double>& spacings = {}) {
   auto s = steps.to(torch::kDouble).contiguous(), t = taus.to(torch::kDouble).contiguous(),
        t0 = tau0s.to(torch::kDouble).contiguous();
   std::vector<Level> levels(mults.size());
@@ -53,6 +101,7 @@ std::vector<Level> make_levels(const torch::Tensor& steps, const torch::Tensor& 
     L.umax = L.qmax + 0.5 + 20.0 * L.tau;
     L.ratio.resize(L.qmax - L.qmin + 3);
     for (size_t j = 0; j < L.ratio.size(); ++j) L.ratio[j] = std::exp(-double(j) / L.tau);
+    if (l < spacings.size() && spacings[l] > 0) build_table(L, spacings[l]);
   }
   return levels;
 }
@@ -142,8 +191,12 @@ void backward_kernel(const T* x, const uint8_t* index, const T* g, T* gx, int64_
       const T u = x[e] / s - T(L.off);
       T c;
       double dEdu, dEdtau;
-      bool clamped;
-      element_grads<T>(u, L, c, dEdu, dEdtau, clamped);
+      if (L.nodes) {
+        table_grads<T>(u, L, c, dEdu, dEdtau);
+      } else {
+        bool clamped;
+        element_grads<T>(u, L, c, dEdu, dEdtau, clamped);
+      }
       const double ge = double(g[e]);
       gx[e] = T(ge * dEdu);
       ga += ge * L.mult * ((double(c) + L.off) - (double(u) + L.off) * dEdu - L.tau0 * dEdtau);
@@ -195,10 +248,11 @@ std::vector<torch::Tensor> srq_backward(torch::Tensor x, c10::optional<torch::Te
                                         torch::Tensor steps, torch::Tensor taus, torch::Tensor tau0s,
                                         std::vector<double> mults, std::vector<double> offs,
                                         std::vector<int64_t> qmins, std::vector<int64_t> qmaxs,
-                                        std::vector<int64_t> halfwidths, int64_t soft_lo, int64_t soft_hi) {
+                                        std::vector<int64_t> halfwidths, int64_t soft_lo, int64_t soft_hi,
+                                        std::vector<double> spacings) {
   x = x.contiguous();
   grad = grad.to(x.scalar_type()).contiguous();
-  auto levels = make_levels(steps, taus, tau0s, mults, offs, qmins, qmaxs, halfwidths);
+  auto levels = make_levels(steps, taus, tau0s, mults, offs, qmins, qmaxs, halfwidths, spacings);
   auto gx = torch::empty_like(x);
   const uint8_t* idx = nullptr;
   torch::Tensor ic;
@@ -219,5 +273,5 @@ std::vector<torch::Tensor> srq_backward(torch::Tensor x, c10::optional<torch::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &srq_forward, "SRQ forward: the grid point of highest probability");
-  m.def("backward", &srq_backward, "SRQ backward: (grad x, [grad alpha, grad sigma, grad soft])");
+  m.def("backward", &srq_backward, "SRQ backward: (grad x, [grad alpha, grad sigma, grad soft]); spacings: a table per level (0: exact)");
 }
