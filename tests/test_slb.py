@@ -274,10 +274,39 @@ def test_recipe_trains_the_logits_as_golden_stick_does():
         run.tracker.close()
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3])
-def test_fused_expectation_is_the_reference(bits):
-    """The hand-written backward against autograd through softmax and the weighted sum, and the
-    quantizer's training forward with fused=True against fused=False."""
+def _set_kernel(implementation, monkeypatch):
+    monkeypatch.setenv("SQDIST_SLB_KERNEL", implementation)
+    if implementation == "cpu" and sqdist_slb.kernel() is None:
+        pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
+
+
+@pytest.mark.parametrize("implementation", ["cpu", "torch"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_float32_expectation_is_the_float64_reference(bits, implementation, monkeypatch):
+    """float32 logits (the kernel's own exp): values and gradients within float32 rounding of the
+    float64 reference, from undecided to hard-committed logits and a large temperature; odd sizes."""
+    _set_kernel(implementation, monkeypatch)
+    torch.manual_seed(bits)
+    levels = sqdist_slb.slb_levels(bits)
+    for scale, t in ((0.01, 1.0), (1.0, 0.2), (3.0, 30.0), (50.0, 5.0)):
+        a = (torch.randn(1001, 2 ** bits) * scale).requires_grad_()
+        g = torch.randn(1001)
+        fast = sqdist_slb.expectation(a, levels, t)
+        (grad,) = torch.autograd.grad((fast * g).sum(), a)
+        a64 = a.detach().double().requires_grad_()
+        ref = sqdist_slb.expectation_reference(a64, levels.double(), t)
+        (grad_ref,) = torch.autograd.grad((ref * g.double()).sum(), a64)
+        tol = 2e-7 * max(5.0, scale * t)  # float32 t A carries 6e-8 t |A| into softmax's exponents
+        torch.testing.assert_close(fast.double(), ref, atol=tol, rtol=0)
+        torch.testing.assert_close(grad.double(), grad_ref, atol=tol * max(1.0, t), rtol=0)
+
+
+@pytest.mark.parametrize("implementation", ["cpu", "torch"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_fused_expectation_is_the_reference(bits, implementation, monkeypatch):
+    """The hand-written backward (CPU kernel or transposed PyTorch) against autograd through softmax
+    and the weighted sum, and the quantizer's training forward with fused=True against fused=False."""
+    _set_kernel(implementation, monkeypatch)
     levels = sqdist_slb.slb_levels(bits).double()
     a = torch.randn(5, 3, 3, 3, 2 ** bits, dtype=torch.float64, requires_grad=True)
     g = torch.randn(5, 3, 3, 3, dtype=torch.float64)

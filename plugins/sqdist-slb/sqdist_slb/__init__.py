@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -85,11 +86,52 @@ class _Expectation1Bit(torch.autograd.Function):
         return torch.stack([-h, h], dim=-1), None
 
 
+_kernel: dict[str, object | None] = {}
+
+
+def kernel():
+    """The compiled CPU expectation (``slb_cpu.cpp``, built on first use), or None where it cannot be built."""
+    if "cpu" not in _kernel:
+        from sqdist.quant.kernels._build import load_source
+
+        _kernel["cpu"] = load_source(Path(__file__).with_name("slb_cpu.cpp"))
+    return _kernel["cpu"]
+
+
+class _ExpectationKernel(torch.autograd.Function):
+    """:func:`expectation_reference` by the CPU kernel, in the logits' own layout: one pass forward,
+    one backward (``p`` recomputed from the logits, so only the logits are kept)."""
+
+    @staticmethod
+    def forward(ctx, logits, levels, t):
+        n = logits.shape[-1]
+        a = logits.reshape(-1, n)
+        ctx.save_for_backward(a)
+        ctx.levels, ctx.t, ctx.shape = levels, t, logits.shape
+        return kernel().forward(a, list(levels), t).reshape(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return kernel().backward(a, list(ctx.levels), ctx.t, grad.reshape(-1)).reshape(ctx.shape), None, None
+
+
+def _use_kernel(logits: Tensor) -> bool:
+    m = os.environ.get("SQDIST_SLB_KERNEL", "auto")
+    if m not in ("auto", "cpu", "torch"):
+        raise ValueError(f"SQDIST_SLB_KERNEL={m!r}; allowed: auto, cpu, torch")
+    return (m != "torch" and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64)
+            and logits.shape[-1] in (2, 4, 8, 16) and kernel() is not None)
+
+
 def expectation(logits: Tensor, levels: Tensor, t: float, binary: bool = False) -> Tensor:
     """``sum_j softmax(t A)_j v_j`` (the fast path of :func:`expectation_reference`); ``binary``:
-    the levels are ``(-1, +1)`` (1 bit), computed as a tanh."""
+    the levels are ``(-1, +1)`` (1 bit), computed as a tanh. On the CPU the compiled kernel
+    (``SQDIST_SLB_KERNEL=torch`` takes the PyTorch path, transposed logits)."""
     if binary:
         return _Expectation1Bit.apply(logits, float(t))
+    if _use_kernel(logits):
+        return _ExpectationKernel.apply(logits, tuple(float(v) for v in levels.tolist()), float(t))
     return _Expectation.apply(logits, levels.to(logits.dtype), float(t))
 
 

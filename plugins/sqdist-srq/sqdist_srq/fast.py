@@ -24,10 +24,8 @@ element on the level ``index[e]`` names (DropBits, learned widths) in one pass.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -97,27 +95,12 @@ def table_spacing(tau: float, level: Level, numel: int) -> float:
 _kernel: dict[str, object | None] = {}
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("SQDIST_KERNEL_CACHE") or Path.home() / ".cache" / "sqdist" / "kernels")
-
-
 def kernel():
     """The compiled CPU op module, built once (cached by source hash), or None when it cannot be."""
     if "cpu" not in _kernel:
-        src = Path(__file__).with_name("srq_cpu.cpp")
-        flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
-        h = hashlib.sha256(src.read_bytes() + f"{torch.__version__}|{flags}".encode()).hexdigest()[:16]
-        try:
-            from torch.utils.cpp_extension import load
+        from sqdist.quant.kernels._build import load_source
 
-            build = _cache_root() / f"srq_cpu_{h}"
-            build.mkdir(parents=True, exist_ok=True)
-            _kernel["cpu"] = load(name=f"sqdist_srq_cpu_{h}", sources=[str(src)], extra_cflags=flags,
-                                  extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
-        except Exception as e:  # no compiler, no headers: the PyTorch path, same results
-            warnings.warn(f"sqdist-srq: the CPU kernel could not be built ({type(e).__name__}: {e}); "
-                          "using the PyTorch path")
-            _kernel["cpu"] = None
+        _kernel["cpu"] = load_source(Path(__file__).with_name("srq_cpu.cpp"))
     return _kernel["cpu"]
 
 

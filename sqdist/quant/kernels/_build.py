@@ -140,6 +140,26 @@ def load(backend: str):
     return getattr(torch.ops, ns)
 
 
+def load_source(src: Path, flags: tuple[str, ...] = CFLAGS):
+    """A plugin's one-file CPU extension (pybind11 module) built on first use into ``cache_root()``,
+    keyed on its source, torch and the flags; None (and a warning) where it cannot be built, so
+    the caller takes its PyTorch path."""
+    import warnings
+
+    h = hashlib.sha256(src.read_bytes() + f"{torch.__version__}|{sys.version_info[:2]}|{list(flags)}".encode())
+    name = f"{src.stem}_{h.hexdigest()[:16]}"
+    try:
+        from torch.utils import cpp_extension
+
+        folder = cache_root() / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return cpp_extension.load(name=f"sqdist_{name}", sources=[str(src)], extra_cflags=list(flags),
+                                  extra_ldflags=list(LDFLAGS), build_directory=str(folder), verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler, no headers: the caller's PyTorch path, same results
+        warnings.warn(f"sqdist: {src.name} could not be built ({type(e).__name__}: {e}); using the PyTorch path")
+        return None
+
+
 def _registered(ns: str) -> bool:
     try:
         torch._C._dispatch_find_schema_or_throw(f"{ns}::quantize", "")
