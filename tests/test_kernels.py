@@ -373,3 +373,35 @@ def test_layer_errors_groups_layers_and_respects_overrides():
     assert qs[4]._spec() is None and qs[1]._spec() == {"kind": "twn", "delta": 0.7, "threshold": "row"}
     elem = layer_errors(qs[:2], ws[:2], "element")
     assert [e.shape for e in elem] == [w.shape for w in ws[:2]]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_kbit_mse_search_kernel_is_the_reference(bits):
+    """``mse_errors`` (every candidate of a row in one pass) against the PyTorch search: the errors
+    within float32 summation rounding, and the chosen ratio the reference's or one whose error ties
+    it to that rounding; rows of zeros, one element, values exactly half-way between codes."""
+    from sqdist.quant.kbit_mse import MSE_GRID, kbit_mse_ratio
+
+    torch.manual_seed(bits)
+    levels = 2 ** (bits - 1) - 1
+    for m, n in ((96, 4608), (64, 27), (5, 1)):
+        w = torch.randn(m, n) * 0.05
+        w[0] = 0.0
+        if n > 8:
+            w[1, :8] = (torch.arange(8) + 0.5) * w[1].abs().max() / levels / 2  # half-way at ratio 0.5
+        top = w.abs().amax(dim=1) / levels
+        safe = torch.where(top > 0, top, torch.ones_like(top))
+        ratios = torch.rand(m, 33) * 0.9 + 0.1
+        errors = kernels.ops("cpu").mse_errors(w, safe, ratios, levels)
+        s = (safe[:, None] * ratios)[:, :, None]
+        ref = (torch.div(w[:, None, :], s).round().clamp(-levels, levels) * s - w[:, None, :]).square().double().sum(2)
+        torch.testing.assert_close(errors.double(), ref, rtol=1e-5, atol=1e-12)
+        got = kbit_mse_ratio(w, bits, MSE_GRID)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SQDIST_KERNELS", "reference")
+            want = kbit_mse_ratio(w, bits, MSE_GRID)
+        err = lambda r: (torch.div(w, safe[:, None] * r[:, None]).round().clamp(-levels, levels)  # noqa: E731
+                         * (safe[:, None] * r[:, None]) - w).square().double().sum(1)
+        differ = got != want
+        assert differ.float().mean() <= 0.02, int(differ.sum())
+        torch.testing.assert_close(err(got)[differ], err(want)[differ], rtol=1e-5, atol=1e-12)

@@ -53,7 +53,19 @@ def kbit_codes_at_ratio(w: Tensor, ratio: Tensor, bits: int = 4) -> tuple[Tensor
 
 def _best_ratio(w: Tensor, safe: Tensor, ratios: Tensor, levels: int) -> Tensor:
     """Per row, the ratio ``ratios[i, j]`` whose scale ``safe_i * ratios[i, j]`` has the least
-    squared error (the first one on a tie); ``w`` (m, n), ``ratios`` (m, k) -> (m,)."""
+    squared error (the first one on a tie); ``w`` (m, n), ``ratios`` (m, k) -> (m,). On the CPU the
+    compiled ``mse_errors`` (every candidate of a row in one pass over it) when it is available,
+    else :func:`_best_ratio_reference`."""
+    from .kernels import backend_for, ops
+
+    if w.dtype == torch.float32 and backend_for(w) == "cpu" and hasattr(ops("cpu"), "mse_errors"):
+        errors = ops("cpu").mse_errors(w, safe, ratios, levels)
+        return ratios.gather(1, errors.argmin(dim=1)[:, None]).squeeze(1)
+    return _best_ratio_reference(w, safe, ratios, levels)
+
+
+def _best_ratio_reference(w: Tensor, safe: Tensor, ratios: Tensor, levels: int) -> Tensor:
+    """:func:`_best_ratio` in PyTorch: a pass over ``w`` per candidate (chunks of ~4 MB temporaries)."""
     m, k = ratios.shape
     chunk = max(1, (1 << 20) // max(w.numel(), 1))  # candidates at once: temporaries of ~4 MB
     errors = []

@@ -4,7 +4,9 @@ One compiled op per device, ``torch.ops.sqdist_cpu.quantize`` (C++/OpenMP) and
 ``torch.ops.sqdist_cuda.quantize`` (sm_80/sm_90), computes for every row of a
 list of ``(m, n)`` weights, in one pass over memory after the per-row statistics:
 the codes, the scale, ``Q``, the hybrid weight ``where(mask, Q, W)`` and the
-normalized L1 error. The pure-PyTorch references in :mod:`sqdist.quant.weights`
+normalized L1 error. ``torch.ops.sqdist_cpu.mse_errors`` is k-bit ``mse``'s scale
+search (:mod:`sqdist.quant.kbit_mse`), every candidate of a row in one pass. The
+pure-PyTorch references in :mod:`sqdist.quant.weights` and :mod:`sqdist.quant.kbit_mse`
 stay the ground truth (``tests/test_kernels.py`` holds the kernels to them).
 
 ``SQDIST_KERNELS`` (default ``auto``), read at every call:
