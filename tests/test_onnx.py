@@ -495,15 +495,20 @@ def test_ternary_codes_are_int2_at_opset_25(tmp_path):
 
 
 # ---------------------------------------------------------------- 8-bit activations: integer kernels
-def optimized_ops(path):
-    """Node kinds of the graph a default onnxruntime session runs (its saved optimized model)."""
-    import collections
-
+def optimized_graph(path):
+    """The graph a default onnxruntime session runs (its saved optimized model)."""
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(path) + ".optimized"
     options.log_severity_level = 3
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    return onnx.load(options.optimized_model_filepath).graph
+
+
+def optimized_ops(path):
+    """Node kinds of the graph a default onnxruntime session runs (its saved optimized model)."""
+    import collections
+
+    return collections.Counter(n.op_type for n in optimized_graph(path).node)
 
 
 def test_int8_activations_run_as_integer_kernels(tmp_path):
@@ -534,6 +539,64 @@ def test_int8_activations_run_as_integer_kernels(tmp_path):
     with torch.no_grad():
         float_logits, int8_logits = model(x), net(x)
     assert (float_logits - int8_logits).abs().max() > 1e-3  # 8-bit activations are not the float model
+
+
+@pytest.mark.parametrize("name,size", [("resnet10t", 32), ("resnet18", 64)])
+def test_int8_resnet_runs_on_integers_from_input_to_logits(tmp_path, name, size):
+    """The optimized graph of an int8 ResNet has the structure of onnxruntime's own quantize_static
+    on the FP32 model: every conv, every residual add, the max pool and the global average pool run
+    on uint8 codes; only the input's QuantizeLinear and the logits' DequantizeLinear touch floats."""
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    model, _ = sq_model(name)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    blocks = [n for n, m in model.named_modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    calibration = [torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    path = tmp_path / "int8.onnx"
+    info = export_onnx(model, path, input_size=(3, size, size), keep_fp_bits=8, activations="int8",
+                       calibration=calibration)  # checked against the torch network (0 codes off at a tie)
+    assert info["max_abs_diff"] is not None
+
+    graph = optimized_graph(path)
+    ops = optimized_ops(path)
+    assert ops["QLinearConv"] == len(convs) and ops["QGemm"] == 1
+    assert ops["QLinearAdd"] == len(blocks)  # the last block's add too (it feeds the pool)
+    assert ops["QLinearGlobalAveragePool"] == 1
+    assert ops["NhwcMaxPool"] + ops["MaxPool"] == 1
+    assert not {"Conv", "Add", "Relu", "GlobalAveragePool", "AveragePool", "Gemm", "MatMul"} & set(ops), ops
+    (q,) = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    (dq,) = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert q.input[0] == "input" and dq.output[0] == "logits"  # no float tensor in between
+    pool = next(n for n in graph.node if n.op_type in ("NhwcMaxPool", "MaxPool"))
+    producers = {o: n for n in graph.node for o in n.output}
+    assert producers[pool.input[0]].op_type == "QLinearConv"  # the stem's codes, not a re-quantization
+
+
+def test_integer_global_avg_pool_is_onnxruntimes_kernel_bit_for_bit(tmp_path):
+    """IntegerGlobalAvgPool's forward (the torch side of the export check) against onnxruntime's
+    QLinearGlobalAveragePool, which fuses its graph form; ties included (scale ratio 1/4 on 2x2)."""
+    import warnings
+
+    from sqdist.export.int8 import IntegerGlobalAvgPool
+
+    cases = [((7, 7), 0.05, 0, 0.02, 3), ((2, 2), 0.1, 17, 0.1, 0), ((3, 5), 0.03, 128, 0.011, 140),
+             ((1, 1), 0.2, 5, 0.07, 9)]
+    for k, ((h, w), x_scale, x_zp, y_scale, y_zp) in enumerate(cases):
+        pool = IntegerGlobalAvgPool((torch.tensor(x_scale), x_zp), (torch.tensor(y_scale), y_zp)).eval()
+        codes = torch.randint(0, 256, (5, 37, h, w), generator=torch.Generator().manual_seed(k)).float()
+        x = (codes - x_zp) * torch.tensor(x_scale)  # its own QuantizeLinear gives these codes back exactly
+        path = tmp_path / f"pool{k}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(pool, (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                              output_names=["logits"])
+        assert optimized_ops(path)["QLinearGlobalAveragePool"] == 1  # the fused integer kernel runs
+        with torch.no_grad():
+            ours = pool(x)
+        theirs = onnxruntime_logits(path, x)
+        assert torch.equal(ours, theirs), (h, w, float((ours - theirs).abs().max()))
+        mean = x.mean(dim=(-2, -1), keepdim=True)  # and it is a pool: within half a step of the float mean
+        assert float((ours - mean.clamp((0 - y_zp) * y_scale, (255 - y_zp) * y_scale)).abs().max()) <= 0.51 * y_scale
 
 
 def test_int8_activations_refuse_a_model_with_its_own_activation_quantizers(tmp_path):

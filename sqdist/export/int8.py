@@ -13,12 +13,25 @@ network from a model prepared by :func:`sqdist.quantize_model`:
    weights (each quantized layer; with ``keep_fp_bits=8`` the stem and classifier too);
 3. a ReLU right after such a layer moves into it (its output range starts at 0), a tensor
    that a layer reads is quantized where it is produced (the ReLU after a residual add, a
-   pooling), so that every consumer, the next add included, sees the same codes.
+   pooling), so that every consumer, the next add included, sees the same codes;
+4. the input of a global average pool (``nn.AdaptiveAvgPool2d(1)``) is quantized where it is
+   produced (a ResNet's last residual add then runs as ``QLinearAdd`` too); when a layer with
+   integer weights reads the pool's output (the classifier at ``keep_fp_bits=8``), the pool's
+   output is quantized as well and it runs as ``QLinearGlobalAveragePool``;
+5. a module that hands its input's values on unchanged (MaxPool, Flatten, Identity, Dropout;
+   :data:`PASS_THROUGH`) quantizes its output with its input's scale and zero point: the same
+   codes, so onnxruntime drops that ``DequantizeLinear -> MaxPool -> QuantizeLinear`` and pools
+   the uint8 codes (a ReLU between the stem conv and its MaxPool moves into the conv).
 
-Each layer becomes an :class:`IntegerLayer`. Its forward computes what the fused kernel
-computes, bit for bit: the int32 accumulator of input codes times weight codes (exact, in
-float64), plus the int32 bias, times the float32 multiplier ``(x_scale * w_scale) / y_scale``,
-rounded half to even, saturated to uint8 (onnxruntime's ``QLinearConv`` requantization).
+With these, the optimized graph of a ResNet holds no float tensor between the input's
+``QuantizeLinear`` and the logits' ``DequantizeLinear`` (tests/test_onnx.py), the structure
+onnxruntime's own ``quantize_static`` gives the FP32 model.
+
+Each layer becomes an :class:`IntegerLayer` (each such pool an :class:`IntegerGlobalAvgPool`,
+likewise). Its forward computes what the fused kernel computes, bit for bit: the int32
+accumulator of input codes times weight codes (exact, in float64), plus the int32 bias, times
+the float32 multiplier ``(x_scale * w_scale) / y_scale``, rounded half to even, saturated to
+uint8 (onnxruntime's ``QLinearConv`` requantization).
 Traced to ONNX it is the QDQ pattern onnxruntime fuses. This network, not the float model,
 is what the export check compares onnxruntime with: 8-bit inputs and outputs change the
 logits (by the quantization error), which the float model does not have.
@@ -31,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .format import ExportError
+from .module_trace import _passes_through, _set_module, _trace, fold_batchnorm
 from .qdq import _DequantizeRows, _FakeQuantize, round_codes
 
 QMIN, QMAX = 0, 255  # uint8: onnxruntime's fastest integer kernels on x86 (u8 activations, s8 weights)
@@ -164,142 +178,212 @@ class IntegerLayer(nn.Module):
                 f"input_quantized={self.input_quantized}")
 
 
-# ---------------------------------------------------------------- tracing the module graph
-def _trace(net: nn.Module, x: Tensor, watch: set[str]) -> list[tuple]:
-    """One forward; per call of a leaf module or of a module in ``watch``, in call order:
-    ``(name, input, output, input version, output version)`` (versions reveal in-place changes)."""
-    calls, hooks, versions = [], [], {}
-    for name, module in net.named_modules():
-        if name and (next(module.children(), None) is None or name in watch):
-            def pre(mod, args, name=name):
-                versions[name] = args[0]._version if args and isinstance(args[0], Tensor) else None
+class IntegerGlobalAvgPool(nn.Module):
+    """A global average pool (``nn.AdaptiveAvgPool2d(1)``) on uint8 input and output codes.
 
-            def post(mod, args, out, name=name):
-                x0 = args[0] if args and isinstance(args[0], Tensor) else None
-                calls.append((name, x0, out, versions.get(name), out._version if isinstance(out, Tensor) else None))
-
-            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    try:
-        with torch.no_grad():
-            net(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return calls
-
-
-def _set_module(net: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(net.get_submodule(parent) if parent else net, leaf, module)
-
-
-def _passes_through(calls: list[tuple], i: int, layers: set[str]) -> list[tuple]:
-    """The calls that last handed the input object of call ``i`` on, since the layer in ``layers``
-    that produced it (that layer first), when nothing changed it in place in between; else []."""
-    name, x, _, version, _ = calls[i]
-    chain = [c for c in calls[:i] if c[2] is x]
-    producers = [k for k, c in enumerate(chain) if c[0] in layers]
-    if not producers:
-        return []
-    seq = chain[producers[-1]:]
-    if any(b[3] != a[4] for a, b in zip(seq, seq[1:])) or seq[-1][4] != version:
-        return []
-    return seq
-
-
-# ---------------------------------------------------------------- BatchNorm folding
-def fold_batchnorm(net: nn.Module, x: Tensor, layers: set[str]) -> list[str]:
-    """Fold every BatchNorm whose input is the output of a layer in ``layers`` (weight
-    parametrized by codes and per-row scales) into that layer; returns the folded BN names.
-
-    timm's ``BatchNormAct2d`` keeps its activation (and drop) as a ``nn.Sequential``.
+    ``forward`` is onnxruntime's ``QLinearGlobalAveragePool`` on x86 (MLAS), bit for bit: the
+    int32 sum of the input codes minus ``x_zero_point * n`` (``n`` pixels), times the float32
+    multiplier ``x_scale / (y_scale * n)``, rounded half to even, saturated to uint8. During ONNX
+    export it is ``[QuantizeLinear -> DequantizeLinear] -> GlobalAveragePool -> QuantizeLinear ->
+    DequantizeLinear``, which onnxruntime fuses into that kernel.
     """
-    bns = {n for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    calls = _trace(net, x, layers | bns)
-    count: dict[str, int] = {}
-    for c in calls:
-        count[c[0]] = count.get(c[0], 0) + 1
-    folded = []
-    for i, (name, *_rest) in enumerate(calls):
-        if name not in bns or count[name] != 1:
-            continue
-        seq = _passes_through(calls, i, layers)
-        if len(seq) != 1 or count[seq[0][0]] != 1:  # the BN reads the layer's output directly
-            continue
-        conv, bn = net.get_submodule(seq[0][0]), net.get_submodule(name)
-        if not isinstance(conv, nn.modules.conv._ConvNd) or bn.running_var is None:
-            continue
-        gain = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
-        shift = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_var)
-        k = gain / torch.sqrt(bn.running_var + bn.eps)
-        bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(k)
-        conv.parametrizations.weight[0].scale.mul_(k)
-        conv.bias = nn.Parameter((bias - bn.running_mean) * k + shift, requires_grad=False)
-        rest = [getattr(bn, a) for a in ("drop", "act") if isinstance(getattr(bn, a, None), nn.Module)]
-        _set_module(net, name, nn.Sequential(*rest) if rest else nn.Identity())
-        folded.append(name)
-    return folded
+
+    def __init__(self, x_qparams: tuple[Tensor, int], y_qparams: tuple[Tensor, int],
+                 input_quantized: bool = False):
+        super().__init__()
+        x_scale, x_zero_point = x_qparams
+        y_scale, y_zero_point = y_qparams
+        self.input_quantized = bool(input_quantized)
+        self.register_buffer("x_scale", x_scale.float())
+        self.register_buffer("x_zero_point", torch.tensor(x_zero_point, dtype=torch.uint8))
+        self.register_buffer("y_scale", y_scale.float())
+        self.register_buffer("y_zero_point", torch.tensor(y_zero_point, dtype=torch.uint8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self.graph_forward(x)
+        xz, yz = float(self.x_zero_point), float(self.y_zero_point)
+        if self.input_quantized:  # x = (q - zp) * scale exactly; its codes come back exactly
+            xq = torch.clamp(torch.round(x.float() / self.x_scale) + xz, QMIN, QMAX)
+        else:
+            xq = round_codes(x.float() / self.x_scale, xz, QMIN, QMAX)  # the graph's QuantizeLinear
+        pixels = x.shape[-2] * x.shape[-1]
+        acc = xq.double().sum(dim=(-2, -1), keepdim=True) - xz * pixels  # exact: integers below 2^53
+        # float32, as the kernel: x_scale / (y_scale * float(n)); then float(acc) * multiplier
+        multiplier = self.x_scale / (self.y_scale * torch.tensor(float(pixels), dtype=torch.float32))
+        yq = round_codes(acc.float() * multiplier, yz, QMIN, QMAX)
+        return ((yq - yz) * self.y_scale).to(x.dtype)
+
+    def graph_forward(self, x: Tensor) -> Tensor:
+        """The float QDQ form (what the ONNX graph holds)."""
+        if not self.input_quantized:
+            x = _FakeQuantize.apply(x, self.x_scale, self.x_zero_point, QMIN, QMAX)
+        return _FakeQuantize.apply(F.adaptive_avg_pool2d(x, 1), self.y_scale, self.y_zero_point, QMIN, QMAX)
+
+    def extra_repr(self) -> str:
+        return f"input_quantized={self.input_quantized}"
+
+
+def _is_global_avg_pool(module: nn.Module) -> bool:
+    size = getattr(module, "output_size", None)
+    return type(module) is nn.AdaptiveAvgPool2d and size in (1, (1, 1), [1, 1])
 
 
 # ---------------------------------------------------------------- the integer network
+# modules that hand their input's values on unchanged (a max, a reshape, an identity): their output is
+# quantized with their input's (scale, zero point), so that it holds the same codes and onnxruntime
+# runs them on the codes (it drops DequantizeLinear -> MaxPool / Flatten -> QuantizeLinear of equal parameters)
+PASS_THROUGH = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity, nn.Dropout)
+
+
+def _pool_output_qparams(x_qparams: tuple[Tensor, int], y_qparams: tuple[Tensor, int],
+                         pixels: int) -> tuple[Tensor, int]:
+    """``y_qparams`` of a global average pool, its scale raised where ``x_scale / (y_scale * pixels)``
+    would reach 128 (onnxruntime's kernel refuses 256 and more: an output range of ~0)."""
+    (x_scale, _), (y_scale, y_zero_point) = x_qparams, y_qparams
+    floor = x_scale.float() / (128.0 * pixels)
+    if bool(y_scale >= floor):
+        return y_scale, y_zero_point
+    return floor, max(QMIN, min(QMAX, int(round(y_zero_point * float(y_scale) / float(floor)))))
+
+
 @torch.no_grad()
 def integer_deployable(net: nn.Module, batches: list[Tensor], layers: set[str]) -> nn.Module:
     """Turn ``layers`` of ``net`` (a :func:`sqdist.export.onnx_writer.deployable` copy: weights
-    parametrized by :class:`~sqdist.export.qdq.WeightFromCodes`) into :class:`IntegerLayer` s with
-    ranges calibrated on ``batches`` (model inputs); see the module doc. Changes ``net`` in place
-    and returns it."""
+    parametrized by :class:`~sqdist.export.qdq.WeightFromCodes`) into :class:`IntegerLayer` s, and
+    its global average pools into :class:`IntegerGlobalAvgPool` s, with ranges calibrated on
+    ``batches`` (model inputs); see the module doc. Changes ``net`` in place and returns it."""
     if not batches:
         raise ExportError("8-bit activations need calibration batches; got none")
     fold_batchnorm(net, batches[0], layers)
-    calls = _trace(net, batches[0], layers)
+    pools = {n for n, m in net.named_modules() if _is_global_avg_pool(m)}
+    ints = layers | pools  # the modules that may become integer kernels
+    calls = _trace(net, batches[0], ints)
     count: dict[str, int] = {}
     for c in calls:
         count[c[0]] = count.get(c[0], 0) + 1
+    pools = {n for n in pools if n in count}  # a pool the forward never calls stays as it is
+    ints = layers | pools
+    index = {c[0]: i for i, c in enumerate(calls)}
     relus: dict[str, list[str]] = {}  # layer -> the ReLU modules it absorbs
-    shared: dict[str, str] = {}  # layer -> the layer whose quantized output is its input
-    produced: dict[str, str] = {}  # layer -> the module whose output (quantized there) is its input
-    for i, (name, x, _out, version, _v) in enumerate(calls):
-        if name not in layers or count[name] != 1:
+
+    def from_integer(i: int) -> str | None:
+        """The integer module whose output reaches call ``i`` through Identity / ReLU modules only
+        (a Conv/Linear absorbs those ReLUs, when nothing else reads its output before them)."""
+        seq = _passes_through(calls, i, ints)
+        if not seq or count[seq[0][0]] != 1:
+            return None
+        kinds = [type(net.get_submodule(c[0])) for c in seq[1:]]
+        if not all(k in (nn.Identity, nn.ReLU) and count[c[0]] == 1 for k, c in zip(kinds, seq[1:])):
+            return None
+        found = [c[0] for k, c in zip(kinds, seq[1:]) if k is nn.ReLU]
+        if found:
+            chain = {c[0] for c in seq}
+            last = max(k for k, c in enumerate(seq) if c[0] in found)
+            handed = [(c[2], c[4]) for c in seq[:last]]  # the tensors before its last ReLU, with their versions
+            if seq[0][0] not in layers or any(c[0] not in chain for c in calls
+                                              if any(c[1] is t and c[3] == v for t, v in handed)):
+                return None
+            relus[seq[0][0]] = list(dict.fromkeys(relus.get(seq[0][0], []) + found))
+        return seq[0][0]
+
+    def maker_of(i: int) -> str | None:
+        """The other module whose output is the input of call ``i``, unchanged since."""
+        _name, x, _out, version, _v = calls[i]
+        makers = [c for c in calls[:i] if c[2] is x and c[4] == version and c[0] not in ints]
+        return makers[-1][0] if makers and count[makers[-1][0]] == 1 else None
+
+    inherit: dict[str, str] = {}  # pass-through module -> the module whose output quantization it repeats
+
+    def resolve(m: str) -> None:
+        if m in inherit or not isinstance(net.get_submodule(m), PASS_THROUGH):
+            return
+        source = from_integer(index[m])
+        if source is None:
+            source = maker_of(index[m])
+            if source is None or source == m:
+                return
+            resolve(source)
+        inherit[m] = source
+
+    shared: dict[str, str] = {}  # integer module -> the integer module whose quantized output is its input
+    produced: dict[str, str] = {}  # integer module -> the module whose output (quantized there) is its input
+    for i, (name, *_rest) in enumerate(calls):
+        if name not in ints or count[name] != 1:
             continue
-        seq = _passes_through(calls, i, layers)
-        if seq and count[seq[0][0]] == 1:
-            between = [net.get_submodule(c[0]) for c in seq[1:]]
-            if all(type(m) in (nn.Identity, nn.ReLU) and count[c[0]] == 1 for m, c in zip(between, seq[1:])):
-                if any(type(m) is nn.ReLU for m in between):
-                    relus[seq[0][0]] = [c[0] for c in seq[1:] if type(net.get_submodule(c[0])) is nn.ReLU]
-                shared[name] = seq[0][0]
-                continue
-        makers = [c for c in calls[:i] if c[2] is x and c[4] == version and c[0] not in layers]
-        if makers and count[makers[-1][0]] == 1:
-            produced[name] = makers[-1][0]
-    inputs, outputs = {n: RangeObserver() for n in layers}, {n: RangeObserver() for n in layers}
-    makers = {m: RangeObserver() for m in set(produced.values())}
-    hooks = [net.get_submodule(n).register_forward_hook(
-        lambda mod, args, out, n=n: (inputs[n].update(args[0]),
-                                     outputs[n].update(torch.relu(out) if n in relus else out)) and None)
-        for n in layers]
-    hooks += [net.get_submodule(m).register_forward_hook(lambda mod, args, out, m=m: makers[m].update(out) and None)
-              for m in makers]
+        source = from_integer(i)
+        if source is not None:
+            shared[name] = source
+            continue
+        maker = maker_of(i)
+        if maker is not None:
+            produced[name] = maker
+            resolve(maker)
+    read = set()  # the pools whose output a layer reads (directly or through pass-through modules)
+    for n in layers:
+        source = shared.get(n, produced.get(n))
+        while source in inherit:
+            source = inherit[source]
+        read.add(source)
+    pools = pools & read  # another pool stays float (before a float classifier), its input quantized all the same
+    quantized = set(produced.values())  # modules whose output gets a QuantizeLinear -> DequantizeLinear
+    quantized |= {s for s in inherit.values() if s not in ints}
+    own = {m: RangeObserver() for m in quantized if m not in inherit}
+    inputs, outputs = {n: RangeObserver() for n in ints}, {n: RangeObserver() for n in ints}
+    pixels: dict[str, int] = {}
+
+    def observe(n: str, x: Tensor, out: Tensor) -> None:
+        inputs[n].update(x)
+        outputs[n].update(torch.relu(out) if n in relus else out)
+        if n in pools:
+            pixels[n] = x.shape[-2] * x.shape[-1]
+
+    hooks = [net.get_submodule(n).register_forward_hook(lambda mod, args, out, n=n: observe(n, args[0], out))
+             for n in ints]
+    hooks += [net.get_submodule(m).register_forward_hook(lambda mod, args, out, m=m: own[m].update(out) and None)
+              for m in own]
     try:
         for x in batches:
             net(x)
     finally:
         for h in hooks:
             h.remove()
-    for m, observer in makers.items():
+
+    y_qparams: dict[str, tuple[Tensor, int]] = {}
+
+    def qparams(m: str) -> tuple[Tensor, int]:
+        """(scale, zero point) of the quantized output of ``m`` (an integer module or a quantized one)."""
+        if m in y_qparams:
+            return y_qparams[m]
+        if m in ints:
+            y_qparams[m] = outputs[m].qparams()
+            if m in pools:
+                y_qparams[m] = _pool_output_qparams(x_qparams(m), y_qparams[m], pixels[m])
+        else:
+            y_qparams[m] = qparams(inherit[m]) if m in inherit else own[m].qparams()
+        return y_qparams[m]
+
+    def x_qparams(n: str) -> tuple[Tensor, int]:
+        return qparams(shared[n]) if n in shared else qparams(produced[n]) if n in produced else inputs[n].qparams()
+
+    for m in sorted(quantized, key=index.get):
         module = net.get_submodule(m)
-        module.output_quantizer = OutputQuantizer(*observer.qparams())
+        module.output_quantizer = OutputQuantizer(*qparams(m))
         module.register_forward_hook(_quantize_output_hook)
     for relu_names in relus.values():
         for r in relu_names:
-            _set_module(net, r, nn.Identity())
+            if r not in quantized:  # (a ReLU whose output is quantized keeps its hook; twice is the same)
+                _set_module(net, r, nn.Identity())
     new = {}
-    for n in layers:
+    for n in layers | pools:
+        quantized_input = n in shared or n in produced
+        if n in pools:
+            new[n] = IntegerGlobalAvgPool(x_qparams(n), qparams(n), input_quantized=quantized_input)
+            continue
         layer = net.get_submodule(n)
         p = layer.parametrizations.weight[0]
-        x_qparams = (outputs[shared[n]] if n in shared else makers[produced[n]] if n in produced else inputs[n]).qparams()
-        new[n] = IntegerLayer(layer, p.codes, p.scale, layer.bias, x_qparams, outputs[n].qparams(),
-                              relu=n in relus, input_quantized=n in shared or n in produced)
+        new[n] = IntegerLayer(layer, p.codes, p.scale, layer.bias, x_qparams(n), qparams(n),
+                              relu=n in relus, input_quantized=quantized_input)
     for n, module in new.items():
         _set_module(net, n, module)
     return net

@@ -1,0 +1,85 @@
+"""The module graph of a network as one forward sees it: which module handed which tensor to which
+(:func:`_trace`, :func:`_passes_through`), and the BatchNorm folding built on it (:func:`fold_batchnorm`).
+Used by :mod:`sqdist.export.int8` to decide where activations are quantized.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+# ---------------------------------------------------------------- tracing the module graph
+def _trace(net: nn.Module, x: Tensor, watch: set[str]) -> list[tuple]:
+    """One forward; per call of a leaf module or of a module in ``watch``, in call order:
+    ``(name, input, output, input version, output version)`` (versions reveal in-place changes)."""
+    calls, hooks, versions = [], [], {}
+    for name, module in net.named_modules():
+        if name and (next(module.children(), None) is None or name in watch):
+            def pre(mod, args, name=name):
+                versions[name] = args[0]._version if args and isinstance(args[0], Tensor) else None
+
+            def post(mod, args, out, name=name):
+                x0 = args[0] if args and isinstance(args[0], Tensor) else None
+                calls.append((name, x0, out, versions.get(name), out._version if isinstance(out, Tensor) else None))
+
+            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _set_module(net: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, leaf, module)
+
+
+def _passes_through(calls: list[tuple], i: int, layers: set[str]) -> list[tuple]:
+    """The calls that last handed the input object of call ``i`` on, since the layer in ``layers``
+    that produced it (that layer first), when nothing changed it in place in between; else []."""
+    name, x, _, version, _ = calls[i]
+    chain = [c for c in calls[:i] if c[2] is x]
+    producers = [k for k, c in enumerate(chain) if c[0] in layers]
+    if not producers:
+        return []
+    seq = chain[producers[-1]:]
+    if any(b[3] != a[4] for a, b in zip(seq, seq[1:])) or seq[-1][4] != version:
+        return []
+    return seq
+
+
+# ---------------------------------------------------------------- BatchNorm folding
+def fold_batchnorm(net: nn.Module, x: Tensor, layers: set[str]) -> list[str]:
+    """Fold every BatchNorm whose input is the output of a layer in ``layers`` (weight
+    parametrized by codes and per-row scales) into that layer; returns the folded BN names.
+
+    timm's ``BatchNormAct2d`` keeps its activation (and drop) as a ``nn.Sequential``.
+    """
+    bns = {n for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    calls = _trace(net, x, layers | bns)
+    count: dict[str, int] = {}
+    for c in calls:
+        count[c[0]] = count.get(c[0], 0) + 1
+    folded = []
+    for i, (name, *_rest) in enumerate(calls):
+        if name not in bns or count[name] != 1:
+            continue
+        seq = _passes_through(calls, i, layers)
+        if len(seq) != 1 or count[seq[0][0]] != 1:  # the BN reads the layer's output directly
+            continue
+        conv, bn = net.get_submodule(seq[0][0]), net.get_submodule(name)
+        if not isinstance(conv, nn.modules.conv._ConvNd) or bn.running_var is None:
+            continue
+        gain = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
+        shift = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_var)
+        k = gain / torch.sqrt(bn.running_var + bn.eps)
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(k)
+        conv.parametrizations.weight[0].scale.mul_(k)
+        conv.bias = nn.Parameter((bias - bn.running_mean) * k + shift, requires_grad=False)
+        rest = [getattr(bn, a) for a in ("drop", "act") if isinstance(getattr(bn, a, None), nn.Module)]
+        _set_module(net, name, nn.Sequential(*rest) if rest else nn.Identity())
+        folded.append(name)
+    return folded
