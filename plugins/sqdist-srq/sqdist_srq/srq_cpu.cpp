@@ -29,6 +29,24 @@ namespace {
 
 constexpr int kMaxCodes = 256;
 
+// the element loops are built for AVX-512, AVX2 and plain x86-64 and picked at run time (no FMA)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SRQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define SRQ_INLINE __attribute__((always_inline)) inline
+#else
+#define SRQ_CLONES
+#define SRQ_INLINE inline
+#endif
+
+// clamp(rint(u), qmin, qmax), rint half to even by the 1.5 2^p shift (no libm call, vectorizes): u is
+// clamped to [qmin - 1, qmax + 1] first, which leaves the clamped result as it is
+template <typename T>
+SRQ_INLINE T code_of(T u, long qmin, long qmax) {
+  constexpr T kMagic = sizeof(T) == 4 ? T(12582912.0) : T(6755399441055744.0);
+  const T y = std::min(std::max(u, T(qmin - 1)), T(qmax + 1));
+  return std::min(std::max((y + kMagic) - kMagic, T(qmin)), T(qmax));
+}
+
 struct Level {
   double step, tau, tau0, mult, off;
   long qmin, qmax, K;
@@ -40,7 +58,7 @@ struct Level {
 };
 
 template <typename T>
-inline void element_grads(T u, const Level& L, T& c_out, double& dEdu, double& dEdtau, bool& clamped);
+SRQ_INLINE void element_grads(T u, const Level& L, T& c_out, double& dEdu, double& dEdtau, bool& clamped);
 
 void build_table(Level& L, double h) {
   const double width = L.umax - L.umin;
@@ -62,8 +80,8 @@ void build_table(Level& L, double h) {
 
 // dE/du, dE/dtau of one element from the level's table; c and the clamping as in element_grads
 template <typename T>
-inline void table_grads(T u, const Level& L, T& c_out, double& dEdu, double& dEdtau) {
-  c_out = std::min(std::max(std::nearbyint(u), T(L.qmin)), T(L.qmax));
+SRQ_INLINE void table_grads(T u, const Level& L, T& c_out, double& dEdu, double& dEdtau) {
+  c_out = code_of<T>(u, L.qmin, L.qmax);
   double uc = double(u);
   const bool clamped = uc < L.umin || uc > L.umax;
   uc = std::min(std::max(uc, L.umin), L.umax);
@@ -107,26 +125,30 @@ std::vector<Level> make_levels(const torch::Tensor& steps, const torch::Tensor& 
 }
 
 template <typename T>
+SRQ_CLONES void forward_range(const T* x, const uint8_t* index, T* y, int64_t begin, int64_t end,
+                              const std::vector<Level>& levels, const std::vector<T>& step_t) {
+  for (int64_t e = begin; e < end; ++e) {
+    const int l = index ? index[e] : 0;
+    const Level& L = levels[l];
+    const T s = step_t[l];
+    T u = x[e] / s - T(L.off);
+    y[e] = s * (code_of<T>(u, L.qmin, L.qmax) + T(L.off));
+  }
+}
+
+template <typename T>
 void forward_kernel(const T* x, const uint8_t* index, T* y, int64_t n, const std::vector<Level>& levels,
                     const std::vector<T>& step_t) {
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      const int l = index ? index[e] : 0;
-      const Level& L = levels[l];
-      const T s = step_t[l];
-      T u = x[e] / s - T(L.off);
-      T c = std::min(std::max(std::nearbyint(u), T(L.qmin)), T(L.qmax));
-      y[e] = s * (c + T(L.off));
-    }
-  });
+  at::parallel_for(0, n, 4096,
+                   [&](int64_t begin, int64_t end) { forward_range<T>(x, index, y, begin, end, levels, step_t); });
 }
 
 // dE/du and dE/dtau of one element, in double: one pass over the window's boundaries, then one over
 // its codes with the sums of w, k w, w s, k w s (k counted from the mode: small, no cancellation).
 template <typename T>
-inline void element_grads(T u, const Level& L, T& c_out, double& dEdu, double& dEdtau, bool& clamped) {
+SRQ_INLINE void element_grads(T u, const Level& L, T& c_out, double& dEdu, double& dEdtau, bool& clamped) {
   const double tau = L.tau, inv_tau = 1.0 / L.tau;
-  const T c = std::min(std::max(std::nearbyint(u), T(L.qmin)), T(L.qmax));
+  const T c = code_of<T>(u, L.qmin, L.qmax);
   c_out = c;
   double uc = double(u);
   clamped = uc < L.umin || uc > L.umax;
@@ -177,6 +199,35 @@ inline void element_grads(T u, const Level& L, T& c_out, double& dEdu, double& d
 }
 
 template <typename T>
+SRQ_CLONES void backward_range(const T* x, const uint8_t* index, const T* g, T* gx, int64_t begin, int64_t end,
+                               const std::vector<Level>& levels, const std::vector<T>& step_t, int soft_lo,
+                               int soft_hi, double& ga, double& gs, double& gf) {
+  for (int64_t e = begin; e < end; ++e) {
+    const int l = index ? index[e] : 0;
+    const Level& L = levels[l];
+    const T s = step_t[l];
+    const T u = x[e] / s - T(L.off);
+    T c;
+    double dEdu, dEdtau;
+    if (L.nodes) {
+      table_grads<T>(u, L, c, dEdu, dEdtau);
+    } else {
+      bool clamped;
+      element_grads<T>(u, L, c, dEdu, dEdtau, clamped);
+    }
+    const double ge = double(g[e]);
+    gx[e] = T(ge * dEdu);
+    ga += ge * L.mult * ((double(c) + L.off) - (double(u) + L.off) * dEdu - L.tau0 * dEdtau);
+    gs += ge * dEdtau;
+    if (soft_lo >= 0) {  // d/df of (1 - f) y_lo + f y_hi: g (y_hi - y_lo), both integer grids
+      const T yl = step_t[soft_lo] * code_of<T>(x[e] / step_t[soft_lo], levels[soft_lo].qmin, levels[soft_lo].qmax);
+      const T yh = step_t[soft_hi] * code_of<T>(x[e] / step_t[soft_hi], levels[soft_hi].qmin, levels[soft_hi].qmax);
+      gf += ge * double(yh - yl);
+    }
+  }
+}
+
+template <typename T>
 void backward_kernel(const T* x, const uint8_t* index, const T* g, T* gx, int64_t n, const std::vector<Level>& levels,
                      const std::vector<T>& step_t, int soft_lo, int soft_hi, double& galpha, double& gsigma,
                      double& gsoft) {
@@ -184,31 +235,7 @@ void backward_kernel(const T* x, const uint8_t* index, const T* g, T* gx, int64_
   std::vector<double> acc(3 * threads, 0.0);
   at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
     double ga = 0, gs = 0, gf = 0;
-    for (int64_t e = begin; e < end; ++e) {
-      const int l = index ? index[e] : 0;
-      const Level& L = levels[l];
-      const T s = step_t[l];
-      const T u = x[e] / s - T(L.off);
-      T c;
-      double dEdu, dEdtau;
-      if (L.nodes) {
-        table_grads<T>(u, L, c, dEdu, dEdtau);
-      } else {
-        bool clamped;
-        element_grads<T>(u, L, c, dEdu, dEdtau, clamped);
-      }
-      const double ge = double(g[e]);
-      gx[e] = T(ge * dEdu);
-      ga += ge * L.mult * ((double(c) + L.off) - (double(u) + L.off) * dEdu - L.tau0 * dEdtau);
-      gs += ge * dEdtau;
-      if (soft_lo >= 0) {  // d/df of (1 - f) y_lo + f y_hi: g (y_hi - y_lo), both integer grids
-        const T yl = step_t[soft_lo] * std::min(std::max(std::nearbyint(x[e] / step_t[soft_lo]), T(levels[soft_lo].qmin)),
-                                                T(levels[soft_lo].qmax));
-        const T yh = step_t[soft_hi] * std::min(std::max(std::nearbyint(x[e] / step_t[soft_hi]), T(levels[soft_hi].qmin)),
-                                                T(levels[soft_hi].qmax));
-        gf += ge * double(yh - yl);
-      }
-    }
+    backward_range<T>(x, index, g, gx, begin, end, levels, step_t, soft_lo, soft_hi, ga, gs, gf);
     const int tid = at::get_thread_num();
     acc[3 * tid] += ga;
     acc[3 * tid + 1] += gs;
