@@ -329,6 +329,37 @@ def test_restart_per_stage_starts_each_stage_with_a_fresh_optimizer(tiny_recipe,
 
 
 
+def test_sgd_runs_use_the_fused_optimizer_with_the_foreach_values(tiny_recipe, tmp_path):
+    """A run's SGD is torch's fused kernel; two steps of it give the same weights and momentum as
+    the foreach form (the values the recipes' results were obtained with) on the run's own model."""
+    from sqdist.config import load_recipe
+    from sqdist.train import setup
+
+    recipe = load_recipe(tiny_recipe, [f"run.dir={tmp_path / 'run'}"])
+    run = setup(recipe)
+    opt = run.optimizer
+    while hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["fused"] is True
+    params = [p for g in opt.param_groups for p in g["params"]]
+    start = [p.detach().clone() for p in params]
+    torch.manual_seed(0)
+    grads = [[torch.randn_like(p) for p in params] for _ in range(2)]
+    ends = []
+    for fused in (True, False):
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        o = torch.optim.SGD([{**{k: v for k, v in g.items() if k != "params"}, "params": g["params"], "fused": fused,
+                              "foreach": None if fused else True} for g in opt.param_groups])
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr.clone()
+            o.step()
+        ends.append([p.detach().clone() for p in params] + [o.state[p]["momentum_buffer"] for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*ends))
+    run.tracker.close()
+
 
 # ---------------------------------------------------------------- quantizer hooks
 def test_quantizer_hooks_schedule_loss_term_bn_and_metrics(tmp_path):

@@ -84,6 +84,10 @@ def setup(recipe: dict) -> Run:
         calibrate_activations(model, x.to(accelerator.device))
     o = recipe["optim"]
     opt_kwargs = {"momentum": o["momentum"]} if o["name"] in ("sgd", "momentum", "nesterov") else {}
+    if opt_kwargs and accelerator.device.type in ("cpu", "cuda") and not engine.is_deepspeed(accelerator):
+        # SGD's fused kernel: one pass over every parameter (the same values as the per-tensor and
+        # foreach forms; several times faster on a step with many parameters, e.g. SLB's logits)
+        opt_kwargs["fused"] = True
     groups = (lambda m: optimizer_param_groups(m, o["weight_decay"])) \
         if any(isinstance(m, ActivationQuantizer) and m.weight_decay for m in model.modules()) else None
     optimizer = create_optimizer_v2(model, opt=o["name"], lr=o["lr"], weight_decay=o["weight_decay"],
