@@ -79,7 +79,11 @@ def onnxruntime_codes(path: str | os.PathLike, x: Tensor) -> tuple[Tensor, list[
 
     The codes come from the session's own optimized graph (saved by onnxruntime) with those
     nodes' outputs added as graph outputs and run without further optimization, so they are the
-    codes of the graph the default session runs; its logits must equal the session's.
+    codes of the graph the default session runs; its logits must equal the session's. Where
+    onnxruntime moved a ``QuantizeLinear`` across a ``Transpose`` or ``Reshape`` (its QDQ
+    propagation; the moved node gets another name, e.g. after a ``LayerNorm2d``), the codes are
+    read at the input of the node's own ``DequantizeLinear``, which keeps its name and sees them
+    in the written layout.
     """
     import tempfile
 
@@ -97,6 +101,17 @@ def onnxruntime_codes(path: str | os.PathLike, x: Tensor) -> tuple[Tensor, list[
 
     written = onnx.load(str(path))
     quantizers = [n for n in written.graph.node if n.op_type == "QuantizeLinear"]
+    readers = {}
+    for node in written.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def paired_dequantize(node):  # QuantizeLinear -> [Clip] -> DequantizeLinear, as the export writes it
+        after = readers.get(node.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Clip":
+            after = readers.get(after[0].output[0], [])
+        return after[0].name if len(after) == 1 and after[0].op_type == "DequantizeLinear" else None
+
     written_values = constants(written.graph)
     feed = {INPUT: x.detach().cpu().float().numpy()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,16 +127,22 @@ def onnxruntime_codes(path: str | os.PathLike, x: Tensor) -> tuple[Tensor, list[
                 node.attribute.extend(kept)
         values = constants(optimized.graph)
         alive = {n.name: n for n in optimized.graph.node if n.op_type == "QuantizeLinear"}
+        dequantizers = {n.name: n for n in optimized.graph.node if n.op_type == "DequantizeLinear"}
         outputs, shifts = [], []
         for node in quantizers:
-            mine = alive.get(node.name)
+            mine, codes_name = alive.get(node.name), None
+            if mine is not None:
+                codes_name = mine.output[0]
+            else:  # moved by QDQ propagation: the codes its DequantizeLinear reads
+                mine = dequantizers.get(paired_dequantize(node))
+                codes_name = mine.input[0] if mine is not None else None
             if mine is None or len(mine.input) < 3 or mine.input[2] not in values or len(node.input) < 3:
                 outputs.append(None)
                 continue
             zero_point = values[mine.input[2]]
             optimized.graph.output.append(helper.make_tensor_value_info(
-                mine.output[0], helper.np_dtype_to_tensor_dtype(zero_point.dtype), None))
-            outputs.append(mine.output[0])
+                codes_name, helper.np_dtype_to_tensor_dtype(zero_point.dtype), None))
+            outputs.append(codes_name)
             # onnxruntime may turn int8 codes into uint8 ones (+128); back to the file's zero point
             shifts.append(int(written_values[node.input[2]].reshape(-1)[0]) - int(zero_point.reshape(-1)[0]))
         instrumented = os.path.join(tmp, "instrumented.onnx")
