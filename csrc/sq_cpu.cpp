@@ -177,17 +177,17 @@ TensorList4 quantize_cpu(const std::vector<at::Tensor>& ws, int64_t kind, double
 
 int64_t max_threads() { return std::max(1, at::get_num_threads()); }
 
-// k-bit mse scale search: errors[i, j] = sum_e (clamp(round(w_ie / s_ij), -L, L) s_ij - w_ie)^2 with
-// s_ij = safe_i * ratios_ij, every candidate of a row while the row is in cache (the PyTorch form,
-// kbit_mse._best_ratio_reference, makes a pass over all of w per candidate). Same division, rounding
-// (half to even) and products as that form, summed in float in another order. Built for AVX-512,
-// AVX2 and plain x86-64, picked at run time (no FMA: the products round as PyTorch's do).
+// the element loops below are built for AVX-512, AVX2 and plain x86-64, picked at run time (no FMA)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SQDIST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define SQDIST_CLONES
 #endif
 
+// k-bit mse scale search: errors[i, j] = sum_e (clamp(round(w_ie / s_ij), -L, L) s_ij - w_ie)^2 with
+// s_ij = safe_i * ratios_ij, every candidate of a row while the row is in cache (the PyTorch form,
+// kbit_mse._best_ratio_reference, makes a pass over all of w per candidate). Same division, rounding
+// (half to even) and products as that form, summed in float in another order.
 SQDIST_CLONES float row_mse(const float* row, int64_t n, float s, float lv) {
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: (y + kMagic) - kMagic rounds |y| <= 2^22 half to even
   float acc = 0.f;
@@ -198,6 +198,75 @@ SQDIST_CLONES float row_mse(const float* row, int64_t n, float s, float lv) {
     acc += d * d;
   }
   return acc;
+}
+
+
+// LSQ (Esser et al.): y = round(clamp(x / s, qmin, qmax)) s in one pass; backward in one pass over x
+// and dL/dy: dL/dx = dL/dy where qmin < x / s < qmax (0 outside), and sum dL/dy (round(clamp(v)) - v
+// inside, the bound outside) for the step (summed in double; the caller scales it). The same division
+// and rounding (half to even) as the PyTorch form in sqdist/quant/lsq.py.
+SQDIST_CLONES void lsq_forward_range(const float* x, float* y, int64_t n, float s, float lo, float hi) {
+  constexpr float kMagic = 12582912.0f;
+  for (int64_t e = 0; e < n; ++e) {
+    const float v = std::min(std::max(x[e] / s, lo), hi);
+    y[e] = ((v + kMagic) - kMagic) * s;
+  }
+}
+
+SQDIST_CLONES double lsq_backward_range(const float* x, const float* g, float* gx, int64_t n, float s, float lo,
+                                        float hi) {
+  constexpr float kMagic = 12582912.0f;
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t e = 0; e < n; ++e) {
+    const float v = x[e] / s;
+    const bool inside = v > lo && v < hi;
+    const float c = std::min(std::max(v, lo), hi);
+    const float term = ((c + kMagic) - kMagic) - (inside ? v : 0.f);
+    gx[e] = inside ? g[e] : 0.f;
+    acc += double(g[e] * term);
+  }
+  return acc;
+}
+
+float step_value(const at::Tensor& step) {
+  TORCH_CHECK(step.numel() == 1, "lsq: one step per tensor");
+  return step.to(at::kCPU, at::kFloat).item<float>();
+}
+
+at::Tensor lsq_forward(const at::Tensor& x_in, const at::Tensor& step, int64_t qmin, int64_t qmax) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "lsq: float32 input");
+  const auto x = x_in.contiguous();
+  auto y = at::empty_like(x);
+  const float s = step_value(step), lo = float(qmin), hi = float(qmax);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x.numel(), 16384,
+                   [&](int64_t b, int64_t e) { lsq_forward_range(xp + b, yp + b, e - b, s, lo, hi); });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> lsq_backward(const at::Tensor& x_in, const at::Tensor& g_in, const at::Tensor& step,
+                                                int64_t qmin, int64_t qmax) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && g_in.scalar_type() == at::kFloat, "lsq: float32 input and gradient");
+  const auto x = x_in.contiguous(), g = g_in.contiguous();
+  TORCH_CHECK(x.numel() == g.numel(), "lsq: one gradient per element");
+  auto gx = at::empty_like(x);
+  const float s = step_value(step), lo = float(qmin), hi = float(qmax);
+  const float* xp = x.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  float* gxp = gx.data_ptr<float>();
+  const int64_t n = x.numel(), grain = 16384, chunks = (n + grain - 1) / grain;
+  std::vector<double> partial(std::max<int64_t>(chunks, 1), 0.0);  // fixed chunks: the same sum for any thread count
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c * grain, e = std::min(n, b + grain);
+      partial[c] = lsq_backward_range(xp + b, gp + b, gxp + b, e - b, s, lo, hi);
+    }
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return {gx, at::scalar_tensor(total, x.options().dtype(at::kDouble))};
 }
 
 at::Tensor mse_errors(const at::Tensor& w_in, const at::Tensor& safe_in, const at::Tensor& ratios_in, int64_t levels) {
@@ -227,9 +296,13 @@ TORCH_LIBRARY(sqdist_cpu, m) {
   m.def("source_hash() -> str", &sqdist::source_hash);
   m.def("max_threads() -> int", &sqdist::max_threads);
   m.def("mse_errors(Tensor w, Tensor safe, Tensor ratios, int levels) -> Tensor");
+  m.def("lsq_forward(Tensor x, Tensor step, int qmin, int qmax) -> Tensor");
+  m.def("lsq_backward(Tensor x, Tensor grad, Tensor step, int qmin, int qmax) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sqdist_cpu, CPU, m) {
   m.impl("quantize", &sqdist::quantize_cpu);
   m.impl("mse_errors", &sqdist::mse_errors);
+  m.impl("lsq_forward", &sqdist::lsq_forward);
+  m.impl("lsq_backward", &sqdist::lsq_backward);
 }

@@ -390,12 +390,17 @@ def test_pact_clips_at_the_absolute_value_of_alpha():
     assert torch.equal(outs[0], outs[1]) and float(outs[1].min()) == 0.0 and float(outs[1].max()) == 2.0
 
 
+@pytest.mark.parametrize("kernels", ["cpu", "reference"])
 @pytest.mark.parametrize("qmin,qmax", [(0, 15), (-2, 1)])
-def test_lsq_one_node_backward_equals_the_autograd_reference(qmin, qmax):
-    """The hand-written backward of lsq_quantize against the straight-through ops of the paper:
-    same values, same gradients for x and for a step derived from a parameter (|p|)."""
+def test_lsq_one_node_backward_equals_the_autograd_reference(qmin, qmax, kernels, monkeypatch):
+    """The hand-written backward of lsq_quantize (the compiled CPU ops, or its PyTorch form) against
+    the straight-through ops of the paper: same values, same gradients for x and for a step
+    derived from a parameter (|p|)."""
+    from sqdist.quant import lsq
     from sqdist.quant.weights import lsq_quantize, lsq_quantize_reference
 
+    monkeypatch.setenv("SQDIST_KERNELS", kernels)
+    assert (lsq._compiled(torch.ones(2), torch.ones(1)) is not None) == (kernels == "cpu")
     g = torch.Generator().manual_seed(qmax)
     x = torch.randn(8, 16, 5, 5, generator=g) * 0.7
     x[0, 0, 0] = torch.tensor([0.0, qmin * 0.25, qmax * 0.25, 0.125, -0.125])  # at the bounds, at a .5 tie
