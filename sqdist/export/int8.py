@@ -92,6 +92,14 @@ def _quantize_output_hook(module: nn.Module, args: tuple, output: Tensor) -> Ten
     return module.output_quantizer(output)
 
 
+
+def input_codes(x: Tensor, scale: Tensor, zero_point: float, input_quantized: bool) -> Tensor:
+    """The uint8 codes of an integer layer's input: those of the graph's ``QuantizeLinear``, or, for
+    an input that already is ``(q - zp) * scale`` (``input_quantized``), its own codes, exactly."""
+    if input_quantized:
+        return torch.clamp(torch.round(x.float() / scale) + zero_point, QMIN, QMAX)
+    return round_codes(x.float() / scale, zero_point, QMIN, QMAX)
+
 class IntegerLayer(nn.Module):
     """A Conv/Linear layer on uint8 inputs and outputs with integer weight codes and an int32 bias.
 
@@ -150,10 +158,7 @@ class IntegerLayer(nn.Module):
         if torch.onnx.is_in_onnx_export():
             return self.graph_forward(x)
         xz, yz = float(self.x_zero_point), float(self.y_zero_point)
-        if self.input_quantized:  # x = (q - zp) * scale exactly; its codes come back exactly
-            xq = torch.clamp(torch.round(x.float() / self.x_scale) + xz, QMIN, QMAX)
-        else:
-            xq = round_codes(x.float() / self.x_scale, xz, QMIN, QMAX)  # the graph's QuantizeLinear
+        xq = input_codes(x, self.x_scale, xz, self.input_quantized)
         acc = self._apply_op((xq - xz).double(), self.codes.double(), None)  # exact: integers below 2^53
         shape = (1, -1) + (1,) * (acc.dim() - 2) if self.is_conv else (-1,)
         acc = acc + self.bias_codes.double().view(shape)
@@ -203,10 +208,7 @@ class IntegerGlobalAvgPool(nn.Module):
         if torch.onnx.is_in_onnx_export():
             return self.graph_forward(x)
         xz, yz = float(self.x_zero_point), float(self.y_zero_point)
-        if self.input_quantized:  # x = (q - zp) * scale exactly; its codes come back exactly
-            xq = torch.clamp(torch.round(x.float() / self.x_scale) + xz, QMIN, QMAX)
-        else:
-            xq = round_codes(x.float() / self.x_scale, xz, QMIN, QMAX)  # the graph's QuantizeLinear
+        xq = input_codes(x, self.x_scale, xz, self.input_quantized)
         pixels = x.shape[-2] * x.shape[-1]
         acc = xq.double().sum(dim=(-2, -1), keepdim=True) - xz * pixels  # exact: integers below 2^53
         # float32, as the kernel: x_scale / (y_scale * float(n)); then float(acc) * multiplier
