@@ -269,6 +269,49 @@ std::tuple<at::Tensor, at::Tensor> lsq_backward(const at::Tensor& x_in, const at
   return {gx, at::scalar_tensor(total, x.options().dtype(at::kDouble))};
 }
 
+// k-bit codes at each row's searched ratio (kbit_mse.kbit_codes_at_ratio): scale_i = safe_i * ratio_i with
+// safe_i = max|w_i| / L (1 for a zero row), codes = clamp(round(w / scale), -L, L); a zero row gets
+// scale 0. One pass for the max and one for the codes while the row is in cache; the same
+// divisions and rounding as the PyTorch form.
+SQDIST_CLONES void row_codes_at(const float* row, float* codes, int64_t n, float scale, float lv) {
+  constexpr float kMagic = 12582912.0f;
+  for (int64_t e = 0; e < n; ++e) {
+    const float y = std::min(std::max(row[e] / scale, -lv), lv);
+    codes[e] = (y + kMagic) - kMagic;
+  }
+}
+
+SQDIST_CLONES float row_absmax(const float* row, int64_t n) {
+  float m = 0.f;
+#pragma omp simd reduction(max : m)
+  for (int64_t e = 0; e < n; ++e) m = std::max(m, std::fabs(row[e]));
+  return m;
+}
+
+std::tuple<at::Tensor, at::Tensor> kbit_codes_at_ratio(const at::Tensor& w_in, const at::Tensor& ratio_in,
+                                                       int64_t levels) {
+  TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kFloat, "kbit_codes_at_ratio: w (m, n) float32");
+  const auto w = w_in.contiguous(), ratio = ratio_in.contiguous().to(at::kFloat);
+  const int64_t m = w.size(0), n = w.size(1);
+  TORCH_CHECK(ratio.numel() == m, "kbit_codes_at_ratio: ratio (m,)");
+  auto codes = at::empty_like(w);
+  auto scales = at::empty({m}, w.options());
+  const float* wp = w.data_ptr<float>();
+  const float* rp = ratio.data_ptr<float>();
+  float* cp = codes.data_ptr<float>();
+  float* sp = scales.data_ptr<float>();
+  const float lv = static_cast<float>(levels);
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float top = row_absmax(wp + r * n, n) / lv;
+      const float scale = (top > 0.f ? top : 1.f) * rp[r];
+      row_codes_at(wp + r * n, cp + r * n, n, scale, lv);
+      sp[r] = top > 0.f ? scale : 0.f;
+    }
+  });
+  return {codes, scales};
+}
+
 at::Tensor mse_errors(const at::Tensor& w_in, const at::Tensor& safe_in, const at::Tensor& ratios_in, int64_t levels) {
   TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kFloat, "mse_errors: w (m, n) float32");
   const auto w = w_in.contiguous(), safe = safe_in.contiguous().to(at::kFloat),
@@ -296,6 +339,7 @@ TORCH_LIBRARY(sqdist_cpu, m) {
   m.def("source_hash() -> str", &sqdist::source_hash);
   m.def("max_threads() -> int", &sqdist::max_threads);
   m.def("mse_errors(Tensor w, Tensor safe, Tensor ratios, int levels) -> Tensor");
+  m.def("kbit_codes_at_ratio(Tensor w, Tensor ratio, int levels) -> (Tensor, Tensor)");
   m.def("lsq_forward(Tensor x, Tensor step, int qmin, int qmax) -> Tensor");
   m.def("lsq_backward(Tensor x, Tensor grad, Tensor step, int qmin, int qmax) -> (Tensor, Tensor)");
 }
@@ -303,6 +347,7 @@ TORCH_LIBRARY(sqdist_cpu, m) {
 TORCH_LIBRARY_IMPL(sqdist_cpu, CPU, m) {
   m.impl("quantize", &sqdist::quantize_cpu);
   m.impl("mse_errors", &sqdist::mse_errors);
+  m.impl("kbit_codes_at_ratio", &sqdist::kbit_codes_at_ratio);
   m.impl("lsq_forward", &sqdist::lsq_forward);
   m.impl("lsq_backward", &sqdist::lsq_backward);
 }

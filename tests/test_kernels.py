@@ -382,6 +382,7 @@ def test_kbit_mse_search_kernel_is_the_reference(bits):
     it to that rounding; rows of zeros, one element, values exactly half-way between codes."""
     from sqdist.quant.kbit_mse import MSE_GRID, kbit_mse_ratio
 
+    assert hasattr(kernels.ops("cpu"), "mse_errors")
     torch.manual_seed(bits)
     levels = 2 ** (bits - 1) - 1
     for m, n in ((96, 4608), (64, 27), (5, 1)):
@@ -405,3 +406,29 @@ def test_kbit_mse_search_kernel_is_the_reference(bits):
         differ = got != want
         assert differ.float().mean() <= 0.02, int(differ.sum())
         torch.testing.assert_close(err(got)[differ], err(want)[differ], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kbit_codes_at_ratio_kernel_is_the_reference(bits, monkeypatch):
+    """``kbit_codes_at_ratio`` (compiled, one pass a row) against its PyTorch form: codes and scales
+    equal, and the same gradient for ``w`` through the scale's max|w_i|; a zero row, ties."""
+    from sqdist.quant.kbit_mse import kbit_codes_at_ratio, kbit_codes_at_ratio_reference
+
+    assert hasattr(kernels.ops("cpu"), "kbit_codes_at_ratio")
+    torch.manual_seed(bits)
+    w = torch.randn(64, 577) * 0.05
+    w[0] = 0.0
+    w[1, :5] = torch.tensor([0.5, 1.5, -2.5, 0.0, 3.0]) * 0.01
+    ratio = torch.rand(64) * 0.9 + 0.1
+    ratio[1] = 1.0
+    results = []
+    for mode in ("cpu", "reference"):
+        monkeypatch.setenv("SQDIST_KERNELS", mode)
+        ws = w.clone().requires_grad_()
+        fn = kbit_codes_at_ratio if mode == "cpu" else kbit_codes_at_ratio_reference
+        codes, scale = fn(ws, ratio, bits)
+        (codes.detach() * scale[:, None] * torch.linspace(-1, 1, w.numel()).reshape(w.shape)).sum().backward()
+        results.append((codes, scale.detach(), ws.grad))
+    (c, s, g), (rc, rs, rg) = results
+    assert torch.equal(c, rc) and torch.equal(s, rs) and torch.equal(g, rg)
+    assert s[0] == 0 and g[1].abs().sum() > 0

@@ -41,7 +41,27 @@ def kbit_mse_ratio(w: Tensor, bits: int = 4, grid: tuple[int, int] = MSE_GRID) -
 
 def kbit_codes_at_ratio(w: Tensor, ratio: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
     """k-bit codes and scales of ``w`` (m, n) at ``scale_i = ratio_i * max|w_i| / L`` (``ratio`` (m,)); a zero row
-    gets scale 0. With the ratio of :func:`kbit_mse_ratio` this is :func:`kbit_mse_reference`."""
+    gets scale 0. With the ratio of :func:`kbit_mse_ratio` this is :func:`kbit_mse_reference`. On the CPU
+    (float32) the compiled ``kbit_codes_at_ratio`` (one pass a row), else :func:`kbit_codes_at_ratio_reference`."""
+    from .kernels import backend_for, ops
+
+    if w.dtype == torch.float32 and w.dim() == 2 and backend_for(w) == "cpu" \
+            and hasattr(ops("cpu"), "kbit_codes_at_ratio"):
+        codes, scale = ops("cpu").kbit_codes_at_ratio(w.detach(), ratio, 2 ** (bits - 1) - 1)
+        if w.requires_grad:  # the scale as the reference computes it, with its gradient through max|w_i|
+            scale = _scale_at_ratio(w, ratio, 2 ** (bits - 1) - 1)
+        return codes, scale
+    return kbit_codes_at_ratio_reference(w, ratio, bits)
+
+
+def _scale_at_ratio(w: Tensor, ratio: Tensor, levels: int) -> Tensor:
+    top = w.abs().amax(dim=1) / levels
+    scale = torch.where(top > 0, top, torch.ones_like(top)).float() * ratio
+    return torch.where(top > 0, scale, torch.zeros_like(scale)).to(w.dtype)
+
+
+def kbit_codes_at_ratio_reference(w: Tensor, ratio: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
+    """:func:`kbit_codes_at_ratio` in PyTorch."""
     levels = 2 ** (bits - 1) - 1
     top = w.abs().amax(dim=1) / levels
     safe = torch.where(top > 0, top, torch.ones_like(top)).float()
