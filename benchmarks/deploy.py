@@ -14,7 +14,9 @@ run's training data for digits). Stem and classifier at 8 bits (``--keep-fp-bits
 
 Latency: one default onnxruntime session per file (CPU, ``--threads`` intra-op threads), the
 sessions interleaved in one process (``--reps`` rounds, each file once per round), median.
-``speedup`` = FP32 median / median; ``size_ratio`` = FP32 bytes / bytes.
+``speedup`` = FP32 median / median; ``size_ratio`` = FP32 bytes / bytes. For the resnets,
+onnxruntime's own ``quantize_static`` of the FP32 ONNX (QDQ, per-channel int8, uint8
+activations, the same calibration batches) is timed in the same rounds: the int8 bar to meet.
 """
 from __future__ import annotations
 
@@ -46,6 +48,29 @@ def fp32_onnx(model: torch.nn.Module, path: Path, input_size: tuple[int, int, in
         torch.onnx.export(model.eval(), (torch.randn(2, *input_size),), str(path), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def ort_static(fp32: Path, out: Path, calibration: list) -> Path:
+    """onnxruntime's own int8 path on the FP32 ONNX, the bar to meet: ``quant_pre_process`` then
+    ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, min/max calibration on
+    the same batches as sqdist's export)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.left = iter([{"input": x.numpy()} for x in calibration])
+
+        def get_next(self):
+            return next(self.left, None)
+
+    pre = out.with_name(out.stem + "_pre.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+        warnings.simplefilter("ignore")
+        quant_pre_process(str(fp32), str(pre))
+        quantize_static(str(pre), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
 
 
 def session(path: Path, threads: int):
@@ -105,11 +130,16 @@ def rows_for(name: str, fp32: Path, model, input_size, calibration, folder: Path
         info = export_onnx(model, out, input_size=input_size, keep_fp_bits=args.keep_fp_bits,
                            activations=activations, calibration=calibration if activations == "int8" else None)
         files[activations] = (out, info)
+    if evaluation is None and args.ort_static:  # random-weight resnets: onnxruntime's own int8 beside ours
+        out = ort_static(fp32, folder / f"{name}_ort_static.onnx", calibration)
+        files["ort-static"] = (out, {"bytes": out.stat().st_size, "int2_weights": 0, "int4_weights": 0,
+                                     "int8_weights": None, "max_abs_diff": None})
     rows = []
     for batch in args.batches:
         ms = latencies([fp32] + [f for f, _ in files.values()], input_size, batch, args.reps, args.threads)
-        for (activations, (path, info)), t in zip(files.items(), ms[1:]):
-            row = {"model": name, "weights": "twn", "activations": activations, "batch": batch,
+        for (kind, (path, info)), t in zip(files.items(), ms[1:]):
+            weights, activations = ("int8 (onnxruntime quantize_static)", "int8") if kind == "ort-static" else ("twn", kind)
+            row = {"model": name, "weights": weights, "activations": activations, "batch": batch,
                    "fp32_ms": round(ms[0], 3), "ms": round(t, 3), "speedup": round(ms[0] / t, 3),
                    "fp32_bytes": fp32.stat().st_size, "bytes": info["bytes"],
                    "size_ratio": round(fp32.stat().st_size / info["bytes"], 3),
@@ -144,6 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--digits-run", help="a finished digits_twn run (default: train one, ~1 minute)")
     parser.add_argument("--digits-fp-run", help="a finished digits_fp run (default: train one)")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/deploy.md and deploy.json")
+    parser.add_argument("--no-ort-static", dest="ort_static", action="store_false",
+                        help="skip onnxruntime's own quantize_static rows (timed beside ours on the resnets)")
     args = parser.parse_args(argv)
     for flag in ("reps", "threads"):
         if getattr(args, flag) < 1:
