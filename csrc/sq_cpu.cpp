@@ -14,16 +14,20 @@
 namespace sqdist {
 namespace {
 
-// code_of with a rounding that vectorizes on plain SSE2: for |y| <= 2^22,
-// (y + 1.5 * 2^23) - 1.5 * 2^23 is y rounded half to even, as rintf; clamping
-// to +-(levels + 1) first keeps y in that range and gives the same clamped code.
+// y rounded half to even, as rintf, for |y| <= 2^22, by a rounding that vectorizes on plain
+// SSE2 (no libm call): (y + 1.5 * 2^23) - 1.5 * 2^23. Callers clamp y to a small range first.
+inline float round_small(float y) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  return (y + kMagic) - kMagic;
+}
+
+// code_of with round_small: clamping to +-(levels + 1) first keeps y in its range and gives the
+// same clamped code.
 template <int KIND>
 inline float cpu_code(float x, float thr, float safe, float levels) {
   if (KIND != KIND_KBIT) return code_of<KIND>(x, thr, safe, levels);
-  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
   const float y = std::min(std::max(x / safe, -levels - 1.f), levels + 1.f);
-  const float c = (y + kMagic) - kMagic;
-  return std::min(std::max(c, -levels), levels);
+  return std::min(std::max(round_small(y), -levels), levels);
 }
 
 template <typename T, int KIND>
@@ -189,40 +193,36 @@ int64_t max_threads() { return std::max(1, at::get_num_threads()); }
 // kbit_mse._best_ratio_reference, makes a pass over all of w per candidate). Same division, rounding
 // (half to even) and products as that form, summed in float in another order.
 SQDIST_CLONES float row_mse(const float* row, int64_t n, float s, float lv) {
-  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: (y + kMagic) - kMagic rounds |y| <= 2^22 half to even
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t e = 0; e < n; ++e) {
     const float y = std::min(std::max(row[e] / s, -lv), lv);
-    const float d = ((y + kMagic) - kMagic) * s - row[e];
+    const float d = round_small(y) * s - row[e];
     acc += d * d;
   }
   return acc;
 }
-
 
 // LSQ (Esser et al.): y = round(clamp(x / s, qmin, qmax)) s in one pass; backward in one pass over x
 // and dL/dy: dL/dx = dL/dy where qmin < x / s < qmax (0 outside), and sum dL/dy (round(clamp(v)) - v
 // inside, the bound outside) for the step (summed in double; the caller scales it). The same division
 // and rounding (half to even) as the PyTorch form in sqdist/quant/lsq.py.
 SQDIST_CLONES void lsq_forward_range(const float* x, float* y, int64_t n, float s, float lo, float hi) {
-  constexpr float kMagic = 12582912.0f;
   for (int64_t e = 0; e < n; ++e) {
     const float v = std::min(std::max(x[e] / s, lo), hi);
-    y[e] = ((v + kMagic) - kMagic) * s;
+    y[e] = round_small(v) * s;
   }
 }
 
 SQDIST_CLONES double lsq_backward_range(const float* x, const float* g, float* gx, int64_t n, float s, float lo,
                                         float hi) {
-  constexpr float kMagic = 12582912.0f;
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t e = 0; e < n; ++e) {
     const float v = x[e] / s;
     const bool inside = v > lo && v < hi;
     const float c = std::min(std::max(v, lo), hi);
-    const float term = ((c + kMagic) - kMagic) - (inside ? v : 0.f);
+    const float term = round_small(c) - (inside ? v : 0.f);
     gx[e] = inside ? g[e] : 0.f;
     acc += double(g[e] * term);
   }
@@ -274,10 +274,9 @@ std::tuple<at::Tensor, at::Tensor> lsq_backward(const at::Tensor& x_in, const at
 // scale 0. One pass for the max and one for the codes while the row is in cache; the same
 // divisions and rounding as the PyTorch form.
 SQDIST_CLONES void row_codes_at(const float* row, float* codes, int64_t n, float scale, float lv) {
-  constexpr float kMagic = 12582912.0f;
   for (int64_t e = 0; e < n; ++e) {
     const float y = std::min(std::max(row[e] / scale, -lv), lv);
-    codes[e] = (y + kMagic) - kMagic;
+    codes[e] = round_small(y);
   }
 }
 
