@@ -43,31 +43,31 @@ def kbit_codes_at_ratio(w: Tensor, ratio: Tensor, bits: int = 4) -> tuple[Tensor
     """k-bit codes and scales of ``w`` (m, n) at ``scale_i = ratio_i * max|w_i| / L`` (``ratio`` (m,)); a zero row
     gets scale 0. With the ratio of :func:`kbit_mse_ratio` this is :func:`kbit_mse_reference`. On the CPU
     (float32) the compiled ``kbit_codes_at_ratio`` (one pass a row), else :func:`kbit_codes_at_ratio_reference`."""
-    from .kernels import backend_for, ops
+    from .kernels import cpu_op
 
-    if w.dtype == torch.float32 and w.dim() == 2 and backend_for(w) == "cpu" \
-            and hasattr(ops("cpu"), "kbit_codes_at_ratio"):
-        codes, scale = ops("cpu").kbit_codes_at_ratio(w.detach(), ratio, 2 ** (bits - 1) - 1)
-        if w.requires_grad:  # the scale as the reference computes it, with its gradient through max|w_i|
-            scale = _scale_at_ratio(w, ratio, 2 ** (bits - 1) - 1)
-        return codes, scale
-    return kbit_codes_at_ratio_reference(w, ratio, bits)
+    levels = 2 ** (bits - 1) - 1
+    op = cpu_op("kbit_codes_at_ratio", w) if w.dim() == 2 else None
+    if op is None:
+        return kbit_codes_at_ratio_reference(w, ratio, bits)
+    codes, scale = op(w.detach(), ratio, levels)
+    if w.requires_grad:  # the scale as the reference computes it, with its gradient through max|w_i|
+        scale = _row_scales(w, ratio, levels)[1].to(w.dtype)
+    return codes, scale
 
 
-def _scale_at_ratio(w: Tensor, ratio: Tensor, levels: int) -> Tensor:
+def _row_scales(w: Tensor, ratio: Tensor, levels: int) -> tuple[Tensor, Tensor]:
+    """``(divisor, scale)`` per row at ``ratio``: ``ratio * max|w_i| / L``, except on a zero row, where the
+    codes divide by ``ratio`` (they are 0 whatever it is) and the scale is 0."""
     top = w.abs().amax(dim=1) / levels
-    scale = torch.where(top > 0, top, torch.ones_like(top)).float() * ratio
-    return torch.where(top > 0, scale, torch.zeros_like(scale)).to(w.dtype)
+    divisor = torch.where(top > 0, top, torch.ones_like(top)).float() * ratio
+    return divisor, torch.where(top > 0, divisor, torch.zeros_like(divisor))
 
 
 def kbit_codes_at_ratio_reference(w: Tensor, ratio: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
     """:func:`kbit_codes_at_ratio` in PyTorch."""
     levels = 2 ** (bits - 1) - 1
-    top = w.abs().amax(dim=1) / levels
-    safe = torch.where(top > 0, top, torch.ones_like(top)).float()
-    scale = safe * ratio
-    codes = torch.clamp(torch.round(w.float() / scale[:, None]), -levels, levels)
-    scale = torch.where(top > 0, scale, torch.zeros_like(scale))
+    divisor, scale = _row_scales(w, ratio, levels)
+    codes = torch.clamp(torch.round(w.float() / divisor[:, None]), -levels, levels)
     return codes.to(w.dtype), scale.to(w.dtype)
 
 
@@ -76,12 +76,12 @@ def _best_ratio(w: Tensor, safe: Tensor, ratios: Tensor, levels: int) -> Tensor:
     squared error (the first one on a tie); ``w`` (m, n), ``ratios`` (m, k) -> (m,). On the CPU the
     compiled ``mse_errors`` (every candidate of a row in one pass over it) when it is available,
     else :func:`_best_ratio_reference`."""
-    from .kernels import backend_for, ops
+    from .kernels import cpu_op
 
-    if w.dtype == torch.float32 and backend_for(w) == "cpu" and hasattr(ops("cpu"), "mse_errors"):
-        errors = ops("cpu").mse_errors(w, safe, ratios, levels)
-        return ratios.gather(1, errors.argmin(dim=1)[:, None]).squeeze(1)
-    return _best_ratio_reference(w, safe, ratios, levels)
+    op = cpu_op("mse_errors", w)
+    if op is None:
+        return _best_ratio_reference(w, safe, ratios, levels)
+    return ratios.gather(1, op(w, safe, ratios, levels).argmin(dim=1)[:, None]).squeeze(1)
 
 
 def _best_ratio_reference(w: Tensor, safe: Tensor, ratios: Tensor, levels: int) -> Tensor:

@@ -39,17 +39,6 @@ def lsq_quantize_reference(x: Tensor, step: Tensor, qmin: int, qmax: int, grad_f
     return round_pass(v) * s
 
 
-def _compiled(x: Tensor, step: Tensor):
-    """The compiled CPU ops (``lsq_forward`` / ``lsq_backward`` of csrc/sq_cpu.cpp: one pass each) for
-    a float32 ``x`` on the CPU and one step, when they are available; else None (the PyTorch form)."""
-    from .kernels import backend_for, ops
-
-    if x.dtype != torch.float32 or step.numel() != 1 or backend_for(x) != "cpu":
-        return None
-    compiled = ops("cpu")
-    return compiled if hasattr(compiled, "lsq_backward") else None
-
-
 class _LSQQuantize(torch.autograd.Function):
     """LSQ's forward and both gradients with few passes over ``x`` and no saved temporaries: only
     ``x`` and ``s`` are kept (the layer before usually keeps ``x`` already); the backward recomputes
@@ -58,18 +47,21 @@ class _LSQQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, step, qmin, qmax, grad_factor):
+        from .kernels import cpu_op  # lsq_forward / lsq_backward of csrc/sq_cpu.cpp: one pass each
+
         ctx.save_for_backward(x, step)
         ctx.qmin, ctx.qmax, ctx.grad_factor = qmin, qmax, grad_factor
-        ctx.compiled = _compiled(x, step)
-        if ctx.compiled is not None:
-            return ctx.compiled.lsq_forward(x, step, qmin, qmax)
+        op = cpu_op("lsq_forward", x) if step.numel() == 1 else None
+        ctx.compiled_backward = cpu_op("lsq_backward", x) if op is not None else None
+        if op is not None:
+            return op(x, step, qmin, qmax)
         return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
 
     @staticmethod
     def backward(ctx, grad):
         x, step = ctx.saved_tensors
-        if ctx.compiled is not None and grad.dtype == torch.float32:
-            grad_x, total = ctx.compiled.lsq_backward(x, grad, step, ctx.qmin, ctx.qmax)
+        if ctx.compiled_backward is not None and grad.dtype == torch.float32:
+            grad_x, total = ctx.compiled_backward(x, grad, step, ctx.qmin, ctx.qmax)
             grad_step = total.mul_(ctx.grad_factor).reshape(step.shape).to(step.dtype) if ctx.needs_input_grad[1] else None
             return (grad_x if ctx.needs_input_grad[0] else None), grad_step, None, None, None
         v = torch.div(x, step)

@@ -77,6 +77,14 @@ def backend_for(t: Tensor) -> str | None:
     return dev if ops(dev) is not None else None
 
 
+def cpu_op(name: str, t: Tensor):
+    """The compiled CPU op ``torch.ops.sqdist_cpu.<name>`` for a float32 tensor ``t`` on the CPU, when
+    ``SQDIST_KERNELS`` allows it and the library has it; else None (the caller's PyTorch form)."""
+    if t.dtype != torch.float32 or backend_for(t) != "cpu":
+        return None
+    return getattr(ops("cpu"), name, None)
+
+
 class Fused(NamedTuple):
     """Results of :func:`quantize_many`, one entry per weight (empty lists when not asked)."""
 
