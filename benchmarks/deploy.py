@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
-import os
 import sys
 import tempfile
 import time
@@ -65,7 +65,7 @@ def ort_static(fp32: Path, out: Path, calibration: list) -> Path:
             return next(self.left, None)
 
     pre = out.with_name(out.stem + "_pre.onnx")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
         warnings.simplefilter("ignore")
         quant_pre_process(str(fp32), str(pre))
         quantize_static(str(pre), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,

@@ -86,16 +86,11 @@ class _Expectation1Bit(torch.autograd.Function):
         return torch.stack([-h, h], dim=-1), None
 
 
-_kernel: dict[str, object | None] = {}
-
-
 def kernel():
     """The compiled CPU expectation (``slb_cpu.cpp``, built on first use), or None where it cannot be built."""
-    if "cpu" not in _kernel:
-        from sqdist.quant.kernels._build import load_source
+    from sqdist.quant.kernels._build import load_source
 
-        _kernel["cpu"] = load_source(Path(__file__).with_name("slb_cpu.cpp"))
-    return _kernel["cpu"]
+    return load_source(Path(__file__).with_name("slb_cpu.cpp"))
 
 
 class _ExpectationKernel(torch.autograd.Function):

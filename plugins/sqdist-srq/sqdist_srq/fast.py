@@ -14,7 +14,8 @@ closed forms (``E = sum_k k pi_k``, ``l_k = log pi_k + const``)::
 The CPU kernel (``srq_cpu.cpp``, built on first use into ``$SQDIST_KERNEL_CACHE``) runs that in one
 pass; on a large tensor it computes ``dE/du`` and ``dE/dtau`` once per node of a table over ``u``
 (spacing ``tau / 32``; they depend on ``u`` and the level's ``tau`` only) and each element
-interpolates it (cubic: an error below float32 rounding; ``table_spacing`` decides per level); the pure-PyTorch path below (any device, or when the kernel cannot be built) loops over the
+interpolates it (cubic: an error below float32 rounding; ``table_spacing`` decides per level).
+The pure-PyTorch path below (any device, or when the kernel cannot be built) loops over the
 window's offsets with ``numel``-sized tensors only. ``SQDIST_SRQ_KERNEL=cpu|torch|reference|auto``
 picks (read at every call; ``reference`` is handled by the quantizers).
 
@@ -92,16 +93,11 @@ def table_spacing(tau: float, level: Level, numel: int) -> float:
 
 
 # ---------------------------------------------------------------- the compiled kernel
-_kernel: dict[str, object | None] = {}
-
-
 def kernel():
     """The compiled CPU op module, built once (cached by source hash), or None when it cannot be."""
-    if "cpu" not in _kernel:
-        from sqdist.quant.kernels._build import load_source
+    from sqdist.quant.kernels._build import load_source
 
-        _kernel["cpu"] = load_source(Path(__file__).with_name("srq_cpu.cpp"))
-    return _kernel["cpu"]
+    return load_source(Path(__file__).with_name("srq_cpu.cpp"))
 
 
 def _use_kernel(x: Tensor) -> bool:

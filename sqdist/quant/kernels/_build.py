@@ -10,6 +10,7 @@ Order, per backend (``cpu`` -> ``torch.ops.sqdist_cpu``, ``cuda`` -> ``torch.ops
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -140,10 +141,11 @@ def load(backend: str):
     return getattr(torch.ops, ns)
 
 
+@functools.lru_cache(maxsize=None)
 def load_source(src: Path, flags: tuple[str, ...] = CFLAGS):
     """A plugin's one-file CPU extension (pybind11 module) built on first use into ``cache_root()``,
     keyed on its source, torch and the flags; None (and a warning) where it cannot be built, so
-    the caller takes its PyTorch path."""
+    the caller takes its PyTorch path. Once per process and source: later calls return the same."""
     import warnings
 
     h = hashlib.sha256(src.read_bytes() + f"{torch.__version__}|{sys.version_info[:2]}|{list(flags)}".encode())
