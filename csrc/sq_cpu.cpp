@@ -272,11 +272,12 @@ std::tuple<at::Tensor, at::Tensor> lsq_backward(const at::Tensor& x_in, const at
 // k-bit codes at each row's searched ratio (kbit_mse.kbit_codes_at_ratio): scale_i = safe_i * ratio_i with
 // safe_i = max|w_i| / L (1 for a zero row), codes = clamp(round(w / scale), -L, L); a zero row gets
 // scale 0. One pass for the max and one for the codes while the row is in cache; the same
-// divisions and rounding as the PyTorch form.
-SQDIST_CLONES void row_codes_at(const float* row, float* codes, int64_t n, float scale, float lv) {
+// divisions and rounding as the PyTorch form. values: the first output is codes * scale (the
+// quantized weight, one product per element) instead of the codes.
+SQDIST_CLONES void row_codes_at(const float* row, float* codes, int64_t n, float scale, float lv, float times) {
   for (int64_t e = 0; e < n; ++e) {
     const float y = std::min(std::max(row[e] / scale, -lv), lv);
-    codes[e] = round_small(y);
+    codes[e] = round_small(y) * times;
   }
 }
 
@@ -288,7 +289,7 @@ SQDIST_CLONES float row_absmax(const float* row, int64_t n) {
 }
 
 std::tuple<at::Tensor, at::Tensor> kbit_codes_at_ratio(const at::Tensor& w_in, const at::Tensor& ratio_in,
-                                                       int64_t levels) {
+                                                       int64_t levels, bool values) {
   TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kFloat, "kbit_codes_at_ratio: w (m, n) float32");
   const auto w = w_in.contiguous(), ratio = ratio_in.contiguous().to(at::kFloat);
   const int64_t m = w.size(0), n = w.size(1);
@@ -304,8 +305,8 @@ std::tuple<at::Tensor, at::Tensor> kbit_codes_at_ratio(const at::Tensor& w_in, c
     for (int64_t r = r0; r < r1; ++r) {
       const float top = row_absmax(wp + r * n, n) / lv;
       const float scale = (top > 0.f ? top : 1.f) * rp[r];
-      row_codes_at(wp + r * n, cp + r * n, n, scale, lv);
       sp[r] = top > 0.f ? scale : 0.f;
+      row_codes_at(wp + r * n, cp + r * n, n, scale, lv, values ? sp[r] : 1.f);
     }
   });
   return {codes, scales};
@@ -338,7 +339,7 @@ TORCH_LIBRARY(sqdist_cpu, m) {
   m.def("source_hash() -> str", &sqdist::source_hash);
   m.def("max_threads() -> int", &sqdist::max_threads);
   m.def("mse_errors(Tensor w, Tensor safe, Tensor ratios, int levels) -> Tensor");
-  m.def("kbit_codes_at_ratio(Tensor w, Tensor ratio, int levels) -> (Tensor, Tensor)");
+  m.def("kbit_codes_at_ratio(Tensor w, Tensor ratio, int levels, bool values=False) -> (Tensor, Tensor)");
   m.def("lsq_forward(Tensor x, Tensor step, int qmin, int qmax) -> Tensor");
   m.def("lsq_backward(Tensor x, Tensor grad, Tensor step, int qmin, int qmax) -> (Tensor, Tensor)");
 }

@@ -432,3 +432,21 @@ def test_kbit_codes_at_ratio_kernel_is_the_reference(bits, monkeypatch):
     (c, s, g), (rc, rs, rg) = results
     assert torch.equal(c, rc) and torch.equal(s, rs) and torch.equal(g, rg)
     assert s[0] == 0 and g[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kbit_values_at_ratio_kernel_is_the_reference(bits, monkeypatch):
+    """``kbit_values_at_ratio`` (the compiled op writing ``codes * scale``) equals the reference codes times
+    the reference scales bit for bit, a zero row included, with the kernels and without them."""
+    from sqdist.quant.kbit_mse import kbit_codes_at_ratio_reference, kbit_values_at_ratio
+
+    torch.manual_seed(bits)
+    w = torch.randn(48, 301) * 0.05
+    w[5] = 0.0
+    ratio = torch.rand(48) * 0.9 + 0.1
+    codes, scale = kbit_codes_at_ratio_reference(w, ratio, bits)
+    for mode in ("cpu", "reference"):
+        monkeypatch.setenv("SQDIST_KERNELS", mode)
+        q, s = kbit_values_at_ratio(w, ratio, bits)
+        assert torch.equal(q, codes * scale[:, None]) and torch.equal(s, scale)
+        assert not q[5].any() and s[5] == 0 and q.abs().sum() > 0

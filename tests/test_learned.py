@@ -278,6 +278,11 @@ def test_kbit_mse_between_searches_keeps_each_rows_ratio():
             l2 = (w2d - codes * scale[:, None]).square().sum()
             assert l2 <= 1.02 * (w2d - ref_codes * ref_scale[:, None]).square().sum()
         assert torch.equal(q.mse_ratio, searched)
+        wp = w.clone().requires_grad_()  # the training forward: Q of these codes, the gradient straight through
+        g = torch.randn(w.shape, generator=torch.Generator().manual_seed(step))
+        out = q(wp)
+        (out * g).sum().backward()
+        assert torch.equal(out.detach(), (codes * scale[:, None]).reshape(w.shape)) and torch.equal(wp.grad, g)
     q.eval()  # evaluation and export: the search on every call
     assert torch.equal(q.quantize_codes(w2d)[1], kbit_mse_reference(w2d, 3)[1])
 

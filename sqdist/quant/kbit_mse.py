@@ -1,7 +1,7 @@
 """k-bit's ``mse`` scale: per row, the ratio of ``max |w_i| / L`` with the least squared error.
 
 :func:`kbit_mse_reference` searches it on every call; :func:`kbit_mse_ratio` is that search and
-:func:`kbit_codes_at_ratio` the quantization at a given ratio, so ``KBit(scale="mse")`` can search
+:func:`kbit_codes_at_ratio` (:func:`kbit_values_at_ratio`) the quantization at a given ratio, so ``KBit(scale="mse")`` can search
 every few steps and reuse each row's ratio in between (:class:`sqdist.quant.weights.KBit`).
 """
 from __future__ import annotations
@@ -50,9 +50,22 @@ def kbit_codes_at_ratio(w: Tensor, ratio: Tensor, bits: int = 4) -> tuple[Tensor
     if op is None:
         return kbit_codes_at_ratio_reference(w, ratio, bits)
     codes, scale = op(w.detach(), ratio, levels)
-    if w.requires_grad:  # the scale as the reference computes it, with its gradient through max|w_i|
+    if w.requires_grad and torch.is_grad_enabled():  # the scale as the reference computes it, with its gradient
         scale = _row_scales(w, ratio, levels)[1].to(w.dtype)
     return codes, scale
+
+
+def kbit_values_at_ratio(w: Tensor, ratio: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
+    """``(codes * scale[:, None], scale)`` of :func:`kbit_codes_at_ratio`, no gradient: on the CPU (float32) the
+    compiled op writes the products in its one pass a row (the same float32 product)."""
+    from .kernels import cpu_op
+
+    with torch.no_grad():
+        op = cpu_op("kbit_codes_at_ratio", w) if w.dim() == 2 else None
+        if op is None:
+            codes, scale = kbit_codes_at_ratio_reference(w, ratio, bits)
+            return codes * scale[:, None], scale
+        return op(w, ratio, 2 ** (bits - 1) - 1, True)
 
 
 def _row_scales(w: Tensor, ratio: Tensor, levels: int) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .kbit_mse import MSE_GRID, kbit_codes_at_ratio, kbit_mse_ratio, kbit_mse_reference  # noqa: F401 (public here)
+from .kbit_mse import (MSE_GRID, kbit_codes_at_ratio, kbit_mse_ratio, kbit_mse_reference,  # noqa: F401 (public here)
+                       kbit_values_at_ratio)
 from .lsq import grad_scale, lsq_quantize, lsq_quantize_reference, round_pass  # noqa: F401 (public here)
 from .registry import register_quantizer
 from .steps import initial_step, positive_step
@@ -72,6 +73,22 @@ def quantization_error(w: Tensor, q: Tensor, granularity: str = "channel") -> Te
         diff, ref = diff.sum(dim=1), ref.sum(dim=1)
     at_zero = torch.where(diff > 0, torch.full_like(diff, float("inf")), torch.zeros_like(diff))
     return torch.where(ref > 0, diff / ref.clamp(min=torch.finfo(torch.float32).tiny), at_zero)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, q):
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def straight_through(w: Tensor, q: Tensor) -> Tensor:
+    """``q`` forward, the gradient unchanged to ``w`` backward: the value and gradient of
+    ``q + (w - w.detach())`` (``q`` computed without gradient) without its two passes and temporary."""
+    return _StraightThrough.apply(w, q)
 
 
 # ---------------------------------------------------------------- modules
@@ -173,7 +190,7 @@ class Quantizer(nn.Module):
         if torch.is_grad_enabled() and self.learns:
             return self.fake_quantize(w2d).reshape(weight.shape)
         q, _ = self.quantize(w2d)
-        return q.reshape(weight.shape) + (weight - weight.detach())  # exactly Q; the gradient to W is 1
+        return straight_through(weight, q.reshape(weight.shape))  # exactly Q; the gradient to W is 1
 
     def hybrid(self, weight: Tensor, mask: Tensor | None = None) -> Tensor:
         """SQ hybrid weight ``where(mask, q(W), W)`` (any shape, dim 0 = rows), straight through.
@@ -385,17 +402,27 @@ class KBit(Quantizer):
             return super().fake_quantize(w)
         return lsq_quantize(w, positive_step(self.step), -self.levels, self.levels, 1.0 / math.sqrt(w.numel() * self.levels))
 
+    def quantize(self, w):
+        if self.scale != "mse":
+            return super().quantize(w)
+        with torch.no_grad():  # Q in one pass a row at the row's ratio (kbit_values_at_ratio)
+            return kbit_values_at_ratio(w, self._mse_ratio(w), self.bits)
+
     def _mse_codes(self, w):
-        """``scale="mse"``: the search, or between two searches the rows' last ratios (class docstring)."""
+        """``scale="mse"``: the codes at :meth:`_mse_ratio`."""
+        return kbit_codes_at_ratio(w, self._mse_ratio(w), self.bits)
+
+    def _mse_ratio(self, w):
+        """``scale="mse"``: the rows' ratios; searched now, or between two searches the last ones (class docstring)."""
         ratio = getattr(self, "mse_ratio", None)
         if not self.training or self._step is None or ratio is None or ratio.shape != (w.shape[0],):
-            return kbit_mse_reference(w, self.bits)
+            return kbit_mse_ratio(w.detach(), self.bits)
         if self._searched_at != self._step and (self._step % self.search_every == 0 or self._searched_at is None
                                                  and not self._restored):
             with torch.no_grad():
                 ratio.copy_(kbit_mse_ratio(w.detach(), self.bits))
             self._searched_at = self._step
-        return kbit_codes_at_ratio(w, ratio, self.bits)
+        return ratio
 
     def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         """The trainer's hook, before every optimizer step: ``scale="mse"`` searches at multiples of ``search_every``."""

@@ -187,18 +187,6 @@ def _alpha_option(owner, alpha, bits, linear_bits):
     raise ValueError(f"{owner} alpha={alpha!r}; allowed: 'fit', 'table' or a number > 0")
 
 
-class _StraightThrough(torch.autograd.Function):
-    """``q`` forward, the gradient unchanged to ``w`` backward (``q + (w - w.detach())`` without its two passes)."""
-
-    @staticmethod
-    def forward(ctx, w, q):
-        return q
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def esb_quantize_reference(w: Tensor, levels: Tensor, extra: Tensor | None = None) -> Tensor:
     """The every-step reference: ``s_i P(w_i / s_i)`` with ``s`` searched from scratch (:func:`esb_fit_scale`)."""
     s = esb_fit_scale(w, levels, extra)
@@ -326,11 +314,6 @@ class ESB(Quantizer):
         with torch.no_grad():
             c, s = self._levels_and_scale(w)
             return (c * s[:, None]).to(w.dtype), (s / 2 ** self.linear_bits).to(w.dtype)
-
-    def forward(self, weight: Tensor) -> Tensor:
-        """``Q`` (``weight``'s shape), the gradient straight through to ``weight``."""
-        q, _ = self.quantize(weight.reshape(weight.shape[0], -1))
-        return _StraightThrough.apply(weight, q.reshape(weight.shape))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
