@@ -525,3 +525,27 @@ def test_the_kernel_tabulates_only_large_tensors_with_a_usable_tau():
     assert fast.table_spacing(1 / 3, lv, 1000) == 0.0
     assert fast.table_spacing(1e-6, lv, 512 * 512 * 9) == 0.0
     assert fast.table_spacing(float("nan"), lv, 512 * 512 * 9) == 0.0
+
+
+def test_learned_width_draws_kernel_equals_reference_and_frequency_is_f():
+    """A learned width's per-element draws (``fast.random_widths``): the compiled op and the PyTorch form
+    give the same uint8 widths for the same generator seed (shape kept, lo and lo + 1 only), the share of
+    ``lo + 1`` is ``f`` within sampling error, another seed draws other widths, and the same seed the same."""
+    if fast.kernel() is None:
+        pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
+    n = 300_007
+    for f, lo in ((0.3, 2), (0.925, 3), (0.0, 2), (1.0, 1)):
+        got = fast.random_widths((n // 7, 7), f, lo, torch.Generator().manual_seed(11), "cpu")
+        seeds = tuple(torch.randint(0, 2 ** 32, (2,), generator=torch.Generator().manual_seed(11),
+                                    dtype=torch.int64).tolist())
+        ref = fast.random_widths_reference(got.numel(), seeds, f, lo).reshape(got.shape)
+        assert got.dtype == torch.uint8 and got.shape == (n // 7, 7) and torch.equal(got, ref)
+        assert set(torch.unique(got).tolist()) <= {lo, lo + 1}
+        share = float((got == lo + 1).double().mean())
+        assert abs(share - f) <= 5 * (f * (1 - f) / got.numel()) ** 0.5 + 1e-12, (f, share)
+    a = fast.random_widths((n,), 0.5, 2, torch.Generator().manual_seed(1), "cpu")
+    b = fast.random_widths((n,), 0.5, 2, torch.Generator().manual_seed(2), "cpu")
+    assert torch.equal(a, fast.random_widths((n,), 0.5, 2, torch.Generator().manual_seed(1), "cpu"))
+    assert 0.45 < float((a != b).double().mean()) < 0.55  # independent draws differ on half the elements
+    neighbours = (a[1:] == 3) & (a[:-1] == 3)  # consecutive elements independent: P(both) = 1/4
+    assert abs(float(neighbours.double().mean()) - 0.25) < 0.01

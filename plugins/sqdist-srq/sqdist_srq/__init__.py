@@ -318,8 +318,8 @@ class SRQWeight(Quantizer, _Stochastic):
             lo = min(int(math.floor(float(b.detach()))), self.max_bits - 1)
             f = b - lo  # in [0, 1]: the probability that an element trains at lo + 1 bits
             generator = self._generator(w.device)
-            upper = torch.rand(w.shape, generator=generator, device=w.device) < f.detach()
-            width = upper.to(torch.uint8) + lo  # uint8: the index of an integer grid, as it is
+            # uint8: the index of an integer grid, as it is; lo + 1 with probability f (fast.random_widths)
+            width = fast.random_widths(w.shape, float(f.detach()), lo, generator, w.device)
             soft = (lo, lo + 1)  # the width's gradient: d/df of (1 - f) y_lo + f y_hi, the values held fixed
         if self.drop_prob > 0:  # DropBits on (its scheduled p may have decayed to 0: then nothing is dropped)
             generator = generator or self._generator(w.device)

@@ -178,6 +178,44 @@ def _torch_backward(x, g, index, steps, taus, tau0s, levels, halfwidths, soft):
     return gx, galpha, gsigma, gsoft
 
 
+# ---------------------------------------------------------------- a learned width's draws
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """lowbias32 (C. Wellons' 32-bit integer hash) on int64 values in ``[0, 2^32)``: every product
+    stays below ``2^63`` (both multipliers are below ``2^31``)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def random_widths_reference(n: int, seeds: tuple[int, int], f: float, lo: int, device=None) -> Tensor:
+    """:func:`random_widths` in PyTorch (int64 passes: any device)."""
+    e = torch.arange(n, dtype=torch.int64, device=device) & _M32
+    h = _mix32(_mix32((e + seeds[0]) & _M32) ^ seeds[1])
+    u = (h >> 8).to(torch.float32) * 2.0 ** -24  # the top 24 bits: exact in float32, in [0, 1)
+    return (u < torch.tensor(f, dtype=torch.float32, device=device)).to(torch.uint8) + lo
+
+
+def random_widths(shape, f: float, lo: int, generator: torch.Generator, device) -> Tensor:
+    """Each element's width for one step of a learned width: ``lo + 1`` with probability ``f`` (a float32
+    value), else ``lo``; uint8 of ``shape``. A counter-based draw: element ``e`` gets
+    ``u_e = hash(e, seeds) / 2^32`` (``hash``: :func:`_mix32` twice around the seeds, the top 24 bits),
+    the two 32-bit seeds drawn from ``generator`` (so the draws follow its seed as ``torch.rand`` would,
+    in one pass and without a Mersenne Twister step per element). The compiled ``random_widths``
+    (CPU) and :func:`random_widths_reference` give the same draws."""
+    n = math.prod(shape)
+    seeds = tuple(int(v) for v in torch.randint(0, 2 ** 32, (2,), generator=generator, device=device,
+                                                dtype=torch.int64).tolist())
+    f = float(torch.tensor(f, dtype=torch.float32))
+    if torch.device(device).type == "cpu" and mode() in ("auto", "cpu") and kernel() is not None:
+        return kernel().random_widths(n, seeds[0], seeds[1], f, lo).reshape(shape)
+    return random_widths_reference(n, seeds, f, lo, device).reshape(shape)
+
+
 # ---------------------------------------------------------------- the autograd function
 class SRQFunction(torch.autograd.Function):
     """``y = step_l (c + offset_l)``, ``c`` the mode, each element on its level; gradients as SRQ's

@@ -199,6 +199,10 @@ SRQ_INLINE void element_grads(T u, const Level& L, T& c_out, double& dEdu, doubl
 }
 
 template <typename T>
+SRQ_CLONES double soft_range(const T* x, const T* g, int64_t begin, int64_t end, T s_lo, long lo_min, long lo_max,
+                             T s_hi, long hi_min, long hi_max);
+
+template <typename T>
 SRQ_CLONES void backward_range(const T* x, const uint8_t* index, const T* g, T* gx, int64_t begin, int64_t end,
                                const std::vector<Level>& levels, const std::vector<T>& step_t, int soft_lo,
                                int soft_hi, double& ga, double& gs, double& gf) {
@@ -219,12 +223,25 @@ SRQ_CLONES void backward_range(const T* x, const uint8_t* index, const T* g, T* 
     gx[e] = T(ge * dEdu);
     ga += ge * L.mult * ((double(c) + L.off) - (double(u) + L.off) * dEdu - L.tau0 * dEdtau);
     gs += ge * dEdtau;
-    if (soft_lo >= 0) {  // d/df of (1 - f) y_lo + f y_hi: g (y_hi - y_lo), both integer grids
-      const T yl = step_t[soft_lo] * code_of<T>(x[e] / step_t[soft_lo], levels[soft_lo].qmin, levels[soft_lo].qmax);
-      const T yh = step_t[soft_hi] * code_of<T>(x[e] / step_t[soft_hi], levels[soft_hi].qmin, levels[soft_hi].qmax);
-      gf += ge * double(yh - yl);
-    }
   }
+  if (soft_lo >= 0)
+    gf += soft_range<T>(x, g, begin, end, step_t[soft_lo], levels[soft_lo].qmin, levels[soft_lo].qmax,
+                        step_t[soft_hi], levels[soft_hi].qmin, levels[soft_hi].qmax);
+}
+
+// the learned width's gradient over [begin, end): d/df of (1 - f) y_lo + f y_hi = g (y_hi - y_lo), both
+// integer grids, every element whatever its own level (a loop of its own: no per-element level, it vectorizes)
+template <typename T>
+SRQ_CLONES double soft_range(const T* x, const T* g, int64_t begin, int64_t end, T s_lo, long lo_min, long lo_max,
+                             T s_hi, long hi_min, long hi_max) {
+  double gf = 0;
+#pragma omp simd reduction(+ : gf)
+  for (int64_t e = begin; e < end; ++e) {
+    const T yl = s_lo * code_of<T>(x[e] / s_lo, lo_min, lo_max);
+    const T yh = s_hi * code_of<T>(x[e] / s_hi, hi_min, hi_max);
+    gf += double(g[e]) * double(yh - yl);
+  }
+  return gf;
 }
 
 template <typename T>
@@ -235,7 +252,8 @@ void backward_kernel(const T* x, const uint8_t* index, const T* g, T* gx, int64_
   std::vector<double> acc(3 * threads, 0.0);
   at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
     double ga = 0, gs = 0, gf = 0;
-    backward_range<T>(x, index, g, gx, begin, end, levels, step_t, soft_lo, soft_hi, ga, gs, gf);
+    for (int64_t b = begin; b < end; b += 4096)  // blocks: the soft loop re-reads x and g from the cache
+      backward_range<T>(x, index, g, gx, b, std::min(end, b + 4096), levels, step_t, soft_lo, soft_hi, ga, gs, gf);
     const int tid = at::get_thread_num();
     acc[3 * tid] += ga;
     acc[3 * tid + 1] += gs;
@@ -249,7 +267,34 @@ void backward_kernel(const T* x, const uint8_t* index, const T* g, T* gx, int64_
   }
 }
 
+// lowbias32 (C. Wellons' integer hash): a counter-based generator, element e's draw a hash of e and the seeds
+SRQ_INLINE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
+  return x;
+}
+
+SRQ_CLONES void widths_range(uint8_t* out, int64_t begin, int64_t end, uint32_t s1, uint32_t s2, float f, uint8_t lo) {
+  for (int64_t e = begin; e < end; ++e) {
+    const uint32_t h = mix32(mix32(uint32_t(e) + s1) ^ s2);
+    out[e] = lo + uint8_t(float(h >> 8) * 5.9604644775390625e-08f < f);  // u = top 24 bits / 2^24 in [0, 1)
+  }
+}
+
 }  // namespace
+
+// a learned width's per-element draw: lo + 1 with probability f, else lo (fast.random_widths has the PyTorch form)
+torch::Tensor random_widths(int64_t n, int64_t seed1, int64_t seed2, double f, int64_t lo) {
+  auto out = torch::empty({n}, torch::kUInt8);
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const uint32_t s1 = uint32_t(seed1), s2 = uint32_t(seed2);
+  const float ff = float(f);
+  at::parallel_for(0, n, 65536, [&](int64_t begin, int64_t end) { widths_range(o, begin, end, s1, s2, ff, uint8_t(lo)); });
+  return out;
+}
 
 torch::Tensor srq_forward(torch::Tensor x, c10::optional<torch::Tensor> index, torch::Tensor steps, torch::Tensor taus,
                           torch::Tensor tau0s, std::vector<double> mults, std::vector<double> offs,
@@ -300,5 +345,6 @@ std::vector<torch::Tensor> srq_backward(torch::Tensor x, c10::optional<torch::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &srq_forward, "SRQ forward: the grid point of highest probability");
+  m.def("random_widths", &random_widths, "a learned width per element: lo + (hash(e, seeds) / 2^32 < f), uint8 (n,)");
   m.def("backward", &srq_backward, "SRQ backward: (grad x, [grad alpha, grad sigma, grad soft]); spacings: a table per level (0: exact)");
 }
