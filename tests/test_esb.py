@@ -310,3 +310,31 @@ def test_a_free_standing_quantizer_searches_at_every_call():
         w = rows(kind) * (10.0 if kind == "uniform" else 1.0)
         s = sqdist_esb.esb_fit_scale(w, levels, sqdist_esb.table_alpha(4, 1) * w.std(dim=1, unbiased=False))
         assert torch.equal(q.fitted(w), s)
+
+
+@pytest.mark.parametrize("bits, m", [(3, 0), (4, 1), (5, 2), (8, 5)])
+def test_refined_kernel_is_the_reference(bits, m, monkeypatch):
+    """``esb_codes_refined`` by the compiled kernel (``esb_cpu.cpp``) against its PyTorch form: the
+    same levels and refitted scales (both sum in double), ``values=True`` the levels times the scales,
+    a row with scale 0 all zero, a row of zeros keeping its scale; with ``SQDIST_KERNELS=reference``
+    the PyTorch form itself."""
+    if sqdist_esb.kernel() is None:
+        pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
+    levels = torch.tensor(sqdist_esb.esb_levels(bits, m))
+    g = torch.Generator().manual_seed(bits + m)
+    w = torch.randn(40, 1153, generator=g) * 0.05
+    w[3] = 0.0
+    grid = torch.cat([torch.zeros(1), levels])
+    exact = torch.cat([levels, (grid[1:] + grid[:-1]) / 2])  # levels and midpoints for the scale 0.01
+    w[7, :exact.numel()] = exact * 0.01
+    scale = sqdist_esb.esb_fit_scale(w, levels) * (0.9 + 0.2 * torch.rand(40, generator=g))
+    scale[5] = 0.0
+    scale[7] = 0.01
+    ref_c, ref_s = sqdist_esb.esb_codes_refined_reference(w, levels, scale, m)
+    for mode in ("cpu", "reference"):
+        monkeypatch.setenv("SQDIST_KERNELS", mode)
+        c, s = sqdist_esb.esb_codes_refined(w, levels, scale, m)
+        q, s2 = sqdist_esb.esb_codes_refined(w, levels, scale, m, values=True)
+        assert torch.equal(c, ref_c) and torch.equal(s, ref_s) and torch.equal(s2, ref_s)
+        assert torch.equal(q, ref_c * ref_s[:, None])
+    assert not ref_c[5].any() and s[5] == 0 and s[3] == scale[3] and ref_c.abs().sum() > 0

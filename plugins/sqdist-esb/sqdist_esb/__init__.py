@@ -16,6 +16,7 @@ lists where this one differs.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -152,16 +153,40 @@ def esb_refit_scale(w: Tensor, levels: Tensor, previous: Tensor, linear_bits: in
     return torch.where(wf.abs().amax(dim=1) > 0, best_s, torch.zeros_like(best_s))
 
 
-def esb_codes_refined(w: Tensor, levels: Tensor, scale: Tensor, linear_bits: int) -> tuple[Tensor, Tensor]:
+def kernel():
+    """The compiled CPU form of :func:`esb_codes_refined` (``esb_cpu.cpp``, built on first use), or None
+    where it cannot be built."""
+    from sqdist.quant.kernels._build import load_source
+
+    return load_source(Path(__file__).with_name("esb_cpu.cpp"))
+
+
+def esb_codes_refined(w: Tensor, levels: Tensor, scale: Tensor, linear_bits: int,
+                      values: bool = False) -> tuple[Tensor, Tensor]:
     """``(c, s)``: ``c`` (m, n) the levels of ``w_i / scale_i`` (:func:`esb_round`), and per row
     the scale ``s`` (m,) of least ``||w_i - s c_i||_2`` for those levels (closed form
-    ``<w_i, c_i> / <c_i, c_i>``; ``scale_i`` where ``c_i = 0``). Never a larger error than ``scale``."""
+    ``<w_i, c_i> / <c_i, c_i>``; ``scale_i`` where ``c_i = 0``). Never a larger error than ``scale``.
+    ``values``: ``c * s[:, None]`` (the quantized weight) instead of ``c``. On the CPU (float32 weights,
+    ``SQDIST_KERNELS`` auto or cpu) the compiled ``esb_cpu.cpp`` (two passes a row), else
+    :func:`esb_codes_refined_reference`: the same levels and scales (both sum in double)."""
+    from sqdist.quant import kernels
+
+    if (w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and kernels.mode() in ("auto", "cpu")
+            and kernel() is not None):
+        out, s = kernel().refined(w.detach(), scale.detach(), linear_bits, float(levels[-1]), values)
+        return out, s
+    c, s = esb_codes_refined_reference(w, levels, scale, linear_bits)
+    return (c * s[:, None] if values else c), s
+
+
+def esb_codes_refined_reference(w: Tensor, levels: Tensor, scale: Tensor, linear_bits: int) -> tuple[Tensor, Tensor]:
+    """:func:`esb_codes_refined` in PyTorch (``values=False``)."""
     wf = w.float()
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
     c = esb_round(wf / safe[:, None], linear_bits, float(levels[-1]))
     c.mul_((scale > 0)[:, None])
-    num = torch.bmm(wf[:, None, :], c[:, :, None]).reshape(-1)
-    den = torch.bmm(c[:, None, :], c[:, :, None]).reshape(-1)
+    num = (wf.double() * c).sum(dim=1).float()  # the sums in double (the kernel's): s exact to float32
+    den = c.double().square().sum(dim=1).float()
     return c, torch.where(den > 0, num / den.clamp(min=1e-30), scale.float())
 
 
@@ -312,6 +337,9 @@ class ESB(Quantizer):
     def quantize(self, w):
         """``(Q, scale)``: ``Q = c s`` equals ``codes * scale`` exactly (powers of two apart)."""
         with torch.no_grad():
+            if self.alpha == "fit" and self.search_every > 1:  # Q in the kernel's second pass
+                q, s = esb_codes_refined(w.detach(), self.levels, self.fitted(w.detach()), self.linear_bits, True)
+                return q.to(w.dtype), (s / 2 ** self.linear_bits).to(w.dtype)
             c, s = self._levels_and_scale(w)
             return (c * s[:, None]).to(w.dtype), (s / 2 ** self.linear_bits).to(w.dtype)
 
