@@ -181,7 +181,8 @@ TensorList4 quantize_cpu(const std::vector<at::Tensor>& ws, int64_t kind, double
 
 int64_t max_threads() { return std::max(1, at::get_num_threads()); }
 
-// the element loops below are built for AVX-512, AVX2 and plain x86-64, picked at run time (no FMA)
+// the element loops below are built for AVX-512, AVX2 and plain x86-64, picked at run time (the codes,
+// scales and Q have no multiply-add for GCC to fuse into an FMA; the error sums may be fused)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SQDIST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

@@ -315,3 +315,22 @@ def test_kbit_mse_ratios_resume_from_a_checkpoint_and_old_checkpoints_still_load
     assert torch.equal(c.quantize_codes(w2d)[1], kbit_mse_reference(w2d, 4)[1])
     with pytest.raises(ValueError, match=r"^kbit search_every=0; allowed: an integer >= 1$"):
         KBit(4, search_every=0)
+
+
+def test_a_kbit_subclass_with_its_own_codes_rule_is_what_forward_computes():
+    """``KBit.quantize`` takes the compiled one-pass route for ``scale="mse"`` only when ``quantize_codes``
+    is k-bit's own: a subclass's rule still decides the training forward (``Q`` of its codes)."""
+
+    class Halved(KBit):
+        def quantize_codes(self, w):
+            codes, scale = super().quantize_codes(w)
+            return codes, scale / 2
+
+    w = next(_drifting_weights(1))
+    for cls, factor in ((KBit, 1.0), (Halved, 0.5)):
+        q = cls(4)
+        q.calibrate(w)
+        q.train()
+        q.set_progress(1, 10, 5)
+        codes, scale = KBit.quantize_codes(q, w.reshape(24, -1))
+        assert torch.equal(q(w), (codes * (scale * factor)[:, None]).reshape(w.shape))

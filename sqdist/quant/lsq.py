@@ -1,9 +1,30 @@
 """LSQ fake quantization (Esser et al., ICLR 2020), shared by the activation quantizer and
-k-bit's learned step: the straight-through reference and the one-node op training uses."""
+k-bit's learned step: the straight-through reference and the one-node op training uses; and the
+straight-through weight every quantizer without learned state trains with (:func:`straight_through`)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, q):
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def straight_through(w: Tensor, q: Tensor) -> Tensor:
+    """``q`` forward, the gradient unchanged to ``w`` backward: the value and gradient of
+    ``q + (w - w.detach())`` for a ``q`` computed without gradient, without that form's two passes and
+    temporary. Where the two differ: ``q`` gets no gradient (it must not need one); a ``-0.0`` of
+    ``q`` stays ``-0.0`` (the sum made it ``+0.0``); an infinite or NaN weight leaves ``q`` as it is
+    (the sum gave NaN); and the output is a view of ``q`` made by a custom function, so writing into
+    it in place raises (a layer only reads it)."""
+    return _StraightThrough.apply(w, q)
 
 
 def round_pass(x: Tensor) -> Tensor:

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from .kbit_mse import (MSE_GRID, kbit_codes_at_ratio, kbit_mse_ratio, kbit_mse_reference,  # noqa: F401 (public here)
                        kbit_values_at_ratio)
-from .lsq import grad_scale, lsq_quantize, lsq_quantize_reference, round_pass  # noqa: F401 (public here)
+from .lsq import (grad_scale, lsq_quantize, lsq_quantize_reference, round_pass,  # noqa: F401 (public here)
+                  straight_through)
 from .registry import register_quantizer
 from .steps import initial_step, positive_step
 
@@ -73,22 +74,6 @@ def quantization_error(w: Tensor, q: Tensor, granularity: str = "channel") -> Te
         diff, ref = diff.sum(dim=1), ref.sum(dim=1)
     at_zero = torch.where(diff > 0, torch.full_like(diff, float("inf")), torch.zeros_like(diff))
     return torch.where(ref > 0, diff / ref.clamp(min=torch.finfo(torch.float32).tiny), at_zero)
-
-
-class _StraightThrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, q):
-        return q
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def straight_through(w: Tensor, q: Tensor) -> Tensor:
-    """``q`` forward, the gradient unchanged to ``w`` backward: the value and gradient of
-    ``q + (w - w.detach())`` (``q`` computed without gradient) without its two passes and temporary."""
-    return _StraightThrough.apply(w, q)
 
 
 # ---------------------------------------------------------------- modules
@@ -403,7 +388,7 @@ class KBit(Quantizer):
         return lsq_quantize(w, positive_step(self.step), -self.levels, self.levels, 1.0 / math.sqrt(w.numel() * self.levels))
 
     def quantize(self, w):
-        if self.scale != "mse":
+        if self.scale != "mse" or type(self).quantize_codes is not KBit.quantize_codes:  # a subclass's codes rule
             return super().quantize(w)
         with torch.no_grad():  # Q in one pass a row at the row's ratio (kbit_values_at_ratio)
             return kbit_values_at_ratio(w, self._mse_ratio(w), self.bits)

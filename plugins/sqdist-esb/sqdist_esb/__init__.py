@@ -168,7 +168,8 @@ def esb_codes_refined(w: Tensor, levels: Tensor, scale: Tensor, linear_bits: int
     ``<w_i, c_i> / <c_i, c_i>``; ``scale_i`` where ``c_i = 0``). Never a larger error than ``scale``.
     ``values``: ``c * s[:, None]`` (the quantized weight) instead of ``c``. On the CPU (float32 weights,
     ``SQDIST_KERNELS`` auto or cpu) the compiled ``esb_cpu.cpp`` (two passes a row), else
-    :func:`esb_codes_refined_reference`: the same levels and scales (both sum in double)."""
+    :func:`esb_codes_refined_reference`: the same levels, and the same scales except where the two
+    summation orders (both in double, about 1e-13 relative apart) round across a float32 boundary."""
     from sqdist.quant import kernels
 
     if (w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and kernels.mode() in ("auto", "cpu")
@@ -185,7 +186,8 @@ def esb_codes_refined_reference(w: Tensor, levels: Tensor, scale: Tensor, linear
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
     c = esb_round(wf / safe[:, None], linear_bits, float(levels[-1]))
     c.mul_((scale > 0)[:, None])
-    num = (wf.double() * c).sum(dim=1).float()  # the sums in double (the kernel's): s exact to float32
+    # the sums in double (the kernel's): s exact to float32; (m, n) float64 temporaries on every device
+    num = (wf.double() * c).sum(dim=1).float()
     den = c.double().square().sum(dim=1).float()
     return c, torch.where(den > 0, num / den.clamp(min=1e-30), scale.float())
 
@@ -337,7 +339,8 @@ class ESB(Quantizer):
     def quantize(self, w):
         """``(Q, scale)``: ``Q = c s`` equals ``codes * scale`` exactly (powers of two apart)."""
         with torch.no_grad():
-            if self.alpha == "fit" and self.search_every > 1:  # Q in the kernel's second pass
+            if (self.alpha == "fit" and self.search_every > 1  # Q in the kernel's second pass
+                    and type(self)._levels_and_scale is ESB._levels_and_scale):
                 q, s = esb_codes_refined(w.detach(), self.levels, self.fitted(w.detach()), self.linear_bits, True)
                 return q.to(w.dtype), (s / 2 ** self.linear_bits).to(w.dtype)
             c, s = self._levels_and_scale(w)

@@ -6,8 +6,9 @@
 //            num = sum w_e c_e, den = sum c_e^2 (double)
 //   pass 2   s_i = den > 0 ? num / den : scale_i (float32); out_e = c_e, or c_e * s_i (values)
 //
-// Each c_e is the same float32 arithmetic as the PyTorch form (no FMA: nothing here multiplies and
-// adds in one expression that the compiler may contract); the sums are in double, as there, so s_i is
+// Each c_e is the same float32 arithmetic as the PyTorch form (no multiply-add the compiler could fuse;
+// the double sums may be fused, which changes nothing: a float32 product is exact in double); the
+// sums are in double, as there, so s_i is
 // the same float32 value but where the two summation orders round across a float32 boundary (about
 // 1e-13 relative apart). A row with scale <= 0 gets c = 0.
 #include <torch/extension.h>

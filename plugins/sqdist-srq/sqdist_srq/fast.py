@@ -201,12 +201,13 @@ def random_widths_reference(n: int, seeds: tuple[int, int], f: float, lo: int, d
 
 
 def random_widths(shape, f: float, lo: int, generator: torch.Generator, device) -> Tensor:
-    """Each element's width for one step of a learned width: ``lo + 1`` with probability ``f`` (a float32
-    value), else ``lo``; uint8 of ``shape``. A counter-based draw: element ``e`` gets
-    ``u_e = hash(e, seeds) / 2^32`` (``hash``: :func:`_mix32` twice around the seeds, the top 24 bits),
-    the two 32-bit seeds drawn from ``generator`` (so the draws follow its seed as ``torch.rand`` would,
-    in one pass and without a Mersenne Twister step per element). The compiled ``random_widths``
-    (CPU) and :func:`random_widths_reference` give the same draws."""
+    """Each element's width for one step of a learned width: ``lo + 1`` where ``u_e < f`` (``f`` a float32
+    value), else ``lo``; uint8 of ``shape``. A counter-based draw: ``u_e`` is the top 24 bits of
+    ``hash(e, seeds)`` over ``2^24`` (``hash``: :func:`_mix32` twice around the seeds; ``torch.rand``'s
+    float32 has the same 24 bits), so ``P(lo + 1) = ceil(f 2^24) / 2^24``. The two 32-bit seeds are
+    drawn from ``generator``, so the draws follow its seed as ``torch.rand`` would, in one pass and
+    without a Mersenne Twister step per element. The compiled ``random_widths`` (CPU) and
+    :func:`random_widths_reference` give the same draws."""
     n = math.prod(shape)
     seeds = tuple(int(v) for v in torch.randint(0, 2 ** 32, (2,), generator=generator, device=device,
                                                 dtype=torch.int64).tolist())

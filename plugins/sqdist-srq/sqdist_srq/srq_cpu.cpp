@@ -29,7 +29,9 @@ namespace {
 
 constexpr int kMaxCodes = 256;
 
-// the element loops are built for AVX-512, AVX2 and plain x86-64 and picked at run time (no FMA)
+// the element loops are built for AVX-512, AVX2 and plain x86-64 and picked at run time; GCC may fuse
+// a multiply-add into an FMA in the AVX builds (_build.CFLAGS): the gradients are held to the reference
+// within float tolerance, not bit for bit
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SRQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #define SRQ_INLINE __attribute__((always_inline)) inline
@@ -286,7 +288,8 @@ SRQ_CLONES void widths_range(uint8_t* out, int64_t begin, int64_t end, uint32_t 
 
 }  // namespace
 
-// a learned width's per-element draw: lo + 1 with probability f, else lo (fast.random_widths has the PyTorch form)
+// a learned width's per-element draw: lo + 1 where u < f, u the hash's top 24 bits / 2^24, so with probability
+// ceil(f 2^24) / 2^24 (fast.random_widths has the PyTorch form)
 torch::Tensor random_widths(int64_t n, int64_t seed1, int64_t seed2, double f, int64_t lo) {
   auto out = torch::empty({n}, torch::kUInt8);
   uint8_t* o = out.data_ptr<uint8_t>();
@@ -345,6 +348,6 @@ std::vector<torch::Tensor> srq_backward(torch::Tensor x, c10::optional<torch::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &srq_forward, "SRQ forward: the grid point of highest probability");
-  m.def("random_widths", &random_widths, "a learned width per element: lo + (hash(e, seeds) / 2^32 < f), uint8 (n,)");
+  m.def("random_widths", &random_widths, "a learned width per element: lo + ((hash(e, seeds) >> 8) / 2^24 < f), uint8 (n,)");
   m.def("backward", &srq_backward, "SRQ backward: (grad x, [grad alpha, grad sigma, grad soft]); spacings: a table per level (0: exact)");
 }

@@ -30,7 +30,9 @@ SOURCES = {
 }
 HEADERS = ["sq_common.h", "sq_host.h"]
 # -fno-trapping-math lets the selects and divisions of the row loops vectorize; it does
-# not change results (no reassociation, no contraction: -std=c++20 keeps fp-contract off)
+# not change results. No reassociation; but GCC's C++ default is -ffp-contract=fast, so an
+# AVX build may fuse a * b + c into one FMA: the loops that must equal their PyTorch form bit for
+# bit (codes, scales, Q) have no multiply-add, and the sums are held to theirs within tolerance
 CFLAGS = ("-O3", "-fopenmp", "-fno-trapping-math")
 LDFLAGS = ("-fopenmp",)  # tuples: cpp_extension appends to the lists it is given
 # no FMA contraction, so the device computes Q and the errors with the CPU's roundings
