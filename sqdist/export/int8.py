@@ -92,13 +92,13 @@ def _quantize_output_hook(module: nn.Module, args: tuple, output: Tensor) -> Ten
     return module.output_quantizer(output)
 
 
-
 def input_codes(x: Tensor, scale: Tensor, zero_point: float, input_quantized: bool) -> Tensor:
     """The uint8 codes of an integer layer's input: those of the graph's ``QuantizeLinear``, or, for
     an input that already is ``(q - zp) * scale`` (``input_quantized``), its own codes, exactly."""
     if input_quantized:
         return torch.clamp(torch.round(x.float() / scale) + zero_point, QMIN, QMAX)
     return round_codes(x.float() / scale, zero_point, QMIN, QMAX)
+
 
 class IntegerLayer(nn.Module):
     """A Conv/Linear layer on uint8 inputs and outputs with integer weight codes and an int32 bias.

@@ -39,33 +39,28 @@ def kbit_mse_ratio(w: Tensor, bits: int = 4, grid: tuple[int, int] = MSE_GRID) -
     return _best_ratio(wf, safe, a, levels)
 
 
-def kbit_codes_at_ratio(w: Tensor, ratio: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
+def kbit_codes_at_ratio(w: Tensor, ratio: Tensor, bits: int = 4, values: bool = False) -> tuple[Tensor, Tensor]:
     """k-bit codes and scales of ``w`` (m, n) at ``scale_i = ratio_i * max|w_i| / L`` (``ratio`` (m,)); a zero row
-    gets scale 0. With the ratio of :func:`kbit_mse_ratio` this is :func:`kbit_mse_reference`. On the CPU
-    (float32) the compiled ``kbit_codes_at_ratio`` (one pass a row), else :func:`kbit_codes_at_ratio_reference`."""
+    gets scale 0. With the ratio of :func:`kbit_mse_ratio` this is :func:`kbit_mse_reference`. ``values``:
+    ``codes * scale[:, None]`` (the quantized weight) instead of the codes. On the CPU (float32) the compiled
+    ``kbit_codes_at_ratio`` (one pass a row, the products written there), else :func:`kbit_codes_at_ratio_reference`."""
     from .kernels import cpu_op
 
     levels = 2 ** (bits - 1) - 1
     op = cpu_op("kbit_codes_at_ratio", w) if w.dim() == 2 else None
     if op is None:
-        return kbit_codes_at_ratio_reference(w, ratio, bits)
-    codes, scale = op(w.detach(), ratio, levels)
+        codes, scale = kbit_codes_at_ratio_reference(w, ratio, bits)
+        return (codes * scale[:, None] if values else codes), scale
+    out, scale = op(w.detach(), ratio, levels, values)
     if w.requires_grad and torch.is_grad_enabled():  # the scale as the reference computes it, with its gradient
         scale = _row_scales(w, ratio, levels)[1].to(w.dtype)
-    return codes, scale
+    return out, scale
 
 
 def kbit_values_at_ratio(w: Tensor, ratio: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
-    """``(codes * scale[:, None], scale)`` of :func:`kbit_codes_at_ratio`, no gradient: on the CPU (float32) the
-    compiled op writes the products in its one pass a row (the same float32 product)."""
-    from .kernels import cpu_op
-
+    """``(codes * scale[:, None], scale)`` of :func:`kbit_codes_at_ratio`, no gradient."""
     with torch.no_grad():
-        op = cpu_op("kbit_codes_at_ratio", w) if w.dim() == 2 else None
-        if op is None:
-            codes, scale = kbit_codes_at_ratio_reference(w, ratio, bits)
-            return codes * scale[:, None], scale
-        return op(w, ratio, 2 ** (bits - 1) - 1, True)
+        return kbit_codes_at_ratio(w, ratio, bits, values=True)
 
 
 def _row_scales(w: Tensor, ratio: Tensor, levels: int) -> tuple[Tensor, Tensor]:

@@ -316,11 +316,12 @@ class ESB(Quantizer):
         """Per-row scale ``s`` (m,) of ``w`` (m, n), in level units (as :meth:`quantize` uses it)."""
         return self._levels_and_scale(w)[1]
 
-    def _levels_and_scale(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        """``(c, s)``: ``c`` (m, n) the levels of ``w`` in units of ``s`` (m,): ``Q = c s``."""
+    def _levels_and_scale(self, w: Tensor, values: bool = False) -> tuple[Tensor, Tensor]:
+        """``(c, s)``: ``c`` (m, n) the levels of ``w`` in units of ``s`` (m,): ``Q = c s``; ``values``:
+        ``(Q, s)`` (between two searches the kernel writes ``Q`` in its second pass)."""
         w = w.detach()
         if self.alpha == "fit" and self.search_every > 1:
-            return esb_codes_refined(w, self.levels, self.fitted(w), self.linear_bits)
+            return esb_codes_refined(w, self.levels, self.fitted(w), self.linear_bits, values)
         if self.alpha == "fit":
             s = self.fitted(w)
         else:
@@ -328,7 +329,8 @@ class ESB(Quantizer):
             s = (table if self.alpha == "table" else self.alpha) * std
         safe = torch.where(s > 0, s, torch.ones_like(s))
         c = project(w.float() / safe[:, None], self.levels)
-        return torch.where(s[:, None] > 0, c, torch.zeros_like(c)), s
+        c = torch.where(s[:, None] > 0, c, torch.zeros_like(c))
+        return (c * s[:, None] if values else c), s
 
     def quantize_codes(self, w):
         with torch.no_grad():
@@ -339,12 +341,8 @@ class ESB(Quantizer):
     def quantize(self, w):
         """``(Q, scale)``: ``Q = c s`` equals ``codes * scale`` exactly (powers of two apart)."""
         with torch.no_grad():
-            if (self.alpha == "fit" and self.search_every > 1  # Q in the kernel's second pass
-                    and type(self)._levels_and_scale is ESB._levels_and_scale):
-                q, s = esb_codes_refined(w.detach(), self.levels, self.fitted(w.detach()), self.linear_bits, True)
-                return q.to(w.dtype), (s / 2 ** self.linear_bits).to(w.dtype)
-            c, s = self._levels_and_scale(w)
-            return (c * s[:, None]).to(w.dtype), (s / 2 ** self.linear_bits).to(w.dtype)
+            q, s = self._levels_and_scale(w, values=True)
+            return q.to(w.dtype), (s / 2 ** self.linear_bits).to(w.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -100,9 +100,8 @@ def kernel():
     return load_source(Path(__file__).with_name("srq_cpu.cpp"))
 
 
-def _use_kernel(x: Tensor) -> bool:
-    m = mode()
-    return x.device.type == "cpu" and m in ("auto", "cpu") and kernel() is not None
+def _use_kernel(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cpu" and mode() in ("auto", "cpu") and kernel() is not None
 
 
 # ---------------------------------------------------------------- the PyTorch path
@@ -212,7 +211,7 @@ def random_widths(shape, f: float, lo: int, generator: torch.Generator, device) 
     seeds = tuple(int(v) for v in torch.randint(0, 2 ** 32, (2,), generator=generator, device=device,
                                                 dtype=torch.int64).tolist())
     f = float(torch.tensor(f, dtype=torch.float32))
-    if torch.device(device).type == "cpu" and mode() in ("auto", "cpu") and kernel() is not None:
+    if _use_kernel(device):
         return kernel().random_widths(n, seeds[0], seeds[1], f, lo).reshape(shape)
     return random_widths_reference(n, seeds, f, lo, device).reshape(shape)
 
@@ -232,7 +231,7 @@ class SRQFunction(torch.autograd.Function):
         tau0s = sigma.detach().to(dtype).abs().reshape(1) / steps
         taus = tau0s + TAU_FLOOR
         halfwidths = [window_half_width(float(t), lv.qmax - lv.qmin + 1) for t, lv in zip(taus.tolist(), levels)]
-        use_kernel = _use_kernel(xf) and dtype in (torch.float32, torch.float64)
+        use_kernel = _use_kernel(xf.device) and dtype in (torch.float32, torch.float64)
         if use_kernel:
             y = kernel().forward(xf, index, steps, taus, tau0s, [lv.mult for lv in levels],
                                  [lv.offset for lv in levels], [lv.qmin for lv in levels],
