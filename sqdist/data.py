@@ -11,6 +11,7 @@ import copy
 import gzip
 import os
 import random
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +54,11 @@ def read_idx(path: str) -> np.ndarray:
     Layout: two zero bytes, a type code (0x08 uint8, ...), the number of dimensions, each
     dimension as a big-endian int32, then the values, big-endian, C order.
     """
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        raw = f.read()
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as exc:  # a truncated or non-gzip .gz file (gzip.BadGzipFile)
+        raise ValueError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
         raise ValueError(f"{path}: not an idx file (header {raw[:4].hex()!r})")
     ndim = raw[3]
@@ -185,6 +189,8 @@ def build_datasets(recipe: dict) -> tuple[Dataset, Dataset]:
 
 def eval_view(train: Dataset, test: Dataset) -> Dataset:
     """``train``'s samples as the evaluation set reads them: no augmentation, ``test``'s transform."""
+    if isinstance(train, Subset):  # the part kept by data.holdout_fraction
+        return Subset(eval_view(train.dataset, test), train.indices)
     if isinstance(train, ArrayImages):
         return train.without_augmentation()
     if hasattr(train, "reader") and hasattr(train, "transform"):  # timm's ImageDataset: same files, eval transform

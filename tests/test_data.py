@@ -139,6 +139,45 @@ def test_fashion_mnist_corrupt_file_is_one_line(fake_fashion):
         build_datasets(recipe)
 
 
+def test_fashion_mnist_truncated_or_non_gzip_file_is_one_line_and_exit_2(fake_fashion, capsys):
+    """A .gz that gzip cannot read (cut short, or not gzip at all) names the file in one line, exit 2."""
+    from sqdist.train import main
+
+    images = fake_fashion / "train-images-idx3-ubyte.gz"
+    whole = images.read_bytes()
+    for content, kind in ((whole[: len(whole) // 2], "EOFError"), (b"plain bytes, not gzip", "BadGzipFile")):
+        images.write_bytes(content)
+        assert main([os.path.join(ROOT, "recipes", "fashion_mnist_twn.yaml"), f"data.root={fake_fashion}",
+                     "train.progress=false", f"run.dir={fake_fashion.parent / 'run'}"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert f"{images}: cannot be read ({kind}" in err and "apt-get install --reinstall" in err, err
+
+
+def test_export_calibrates_on_a_fixed_unaugmented_subset(fake_fashion):
+    """--activations int8 calibrates on the training images as the evaluation reads them (no random
+    shift or flip) and on the same subset every time, whatever the global RNG: two exports are equal."""
+    from sqdist.export.onnx_writer import _run_data
+
+    recipe = load_recipe(None, FASHION + [f"data.root={fake_fashion}", "data.augment=true", "data.batch_size=8"])
+    meta = {"config": recipe, "checkpoint": "run"}
+    torch.manual_seed(1)
+    first, _ = _run_data(meta, 2)
+    torch.manual_seed(2)
+    second, _ = _run_data(meta, 2)
+    assert len(first) == 2 and all(torch.equal(a, b) for a, b in zip(first, second))
+    train, _ = build_datasets(recipe)
+    assert train.augment  # the training view is augmented; the calibration images are not
+    plain = torch.stack([x for x, _ in train.without_augmentation().seeded_items(list(range(40)), [0] * 40)])
+    for image in torch.cat(first):
+        assert any(torch.equal(image, p) for p in plain)
+    held = load_recipe(None, FASHION + [f"data.root={fake_fashion}", "data.augment=true", "data.batch_size=8",
+                                        "data.holdout_fraction=0.25"])
+    calibration, _ = _run_data({"config": held, "checkpoint": "run"}, 2)  # the kept part of a holdout split too
+    for image in torch.cat(calibration):
+        assert any(torch.equal(image, p) for p in plain)
+
+
 @pytest.mark.skipif(not all(os.path.isfile(p) for p in fashion_mnist_files(FASHION_MNIST_ROOT)),
                     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_real_fashion_mnist_when_installed():
