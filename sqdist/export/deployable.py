@@ -9,6 +9,7 @@ full-precision ones as 8-bit per-row codes); both writers, the packed file
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -177,3 +178,24 @@ def activation_qdq(quantizer: nn.Module, where: str) -> tuple[float, int, int, i
                           f"qmin={qmin}, qmax={qmax}; allowed: scale > 0, qmin <= zero_point <= qmax, "
                           f"qmin..qmax inside int8 [-128, 127] or uint8 [0, 255]")
     return scale, zero_point, qmin, qmax
+
+
+def model_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of SQ ``model`` without its SQ controller (generators, selector state: not part
+    of the network, and not always copyable); ``model`` is left as it is."""
+    layers = _sq_layers(model)
+    controllers = {name: layer.__dict__.get("_sq") for name, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            layer._sq = None
+        return copy.deepcopy(model)
+    finally:
+        for name, layer in layers.items():
+            layer._sq = controllers[name]
+
+def aliases(model: nn.Module) -> dict[str, list[str]]:
+    """``{first name: [other names]}`` of the modules that ``model`` reaches under more than one name."""
+    by_object: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        by_object.setdefault(id(module), []).append(name)
+    return {names[0]: names[1:] for names in by_object.values() if len(names) > 1}

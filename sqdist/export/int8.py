@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .format import ExportError
-from .module_trace import _passes_through, _set_module, _trace, fold_batchnorm
+from .module_trace import _passes_through, _set_module, _trace, fold_batchnorm, read_only_by
 from .qdq import _DequantizeRows, _FakeQuantize, round_codes
 
 QMIN, QMAX = 0, 255  # uint8: onnxruntime's fastest integer kernels on x86 (u8 activations, s8 weights)
@@ -57,6 +57,14 @@ def check_activations(value, name: str = "activations") -> str:
         raise ExportError(f"{name}={value!r}; allowed: {', '.join(ACTIVATIONS)} (int8: calibrate 8-bit inputs "
                           f"and outputs of the integer layers so that onnxruntime runs them on integers)")
     return value
+
+
+class NotInteger(ExportError):
+    """Layer ``layer`` cannot run as an integer kernel (why: ``reason``); it can stay float."""
+
+    def __init__(self, layer: str, reason: str):
+        super().__init__(f"layer {layer}: {reason}")
+        self.layer = layer
 
 
 class RangeObserver:
@@ -127,8 +135,12 @@ class IntegerLayer(nn.Module):
         if self.is_conv and layer.padding_mode != "zeros":
             raise ExportError(f"padding_mode={layer.padding_mode!r}: 8-bit activations support zero padding only")
         self.relu, self.input_quantized = bool(relu), bool(input_quantized)
-        codes, w_scale = codes.to(torch.int8), w_scale.float().clone()
-        w_scale[w_scale == 0] = 1.0  # an all-zero row: any scale gives the zero weight; 0 would divide the bias
+        codes, w_scale = codes.to(torch.int8).clone(), w_scale.float().clone()
+        zero = w_scale == 0  # a zero row (a BatchNorm gain of 0 folded in): its codes must give the zero weight
+        codes[zero] = 0
+        # any scale then gives the zero weight (0 would divide the bias): the layer's smallest, so that
+        # the row's bias keeps the precision of the others' in int32
+        w_scale[zero] = float(w_scale[~zero].abs().min()) if bool((~zero).any()) else 1.0
         negative = w_scale < 0  # a BatchNorm with a negative gain: keep scales positive, negate the codes
         codes[negative] = -codes[negative]
         w_scale = w_scale.abs()
@@ -257,7 +269,7 @@ def integer_deployable(net: nn.Module, batches: list[Tensor], layers: set[str]) 
     ``batches`` (model inputs); see the module doc. Changes ``net`` in place and returns it."""
     if not batches:
         raise ExportError("8-bit activations need calibration batches; got none")
-    fold_batchnorm(net, batches[0], layers)
+    folded = fold_batchnorm(net, batches[0], layers)
     pools = {n for n, m in net.named_modules() if _is_global_avg_pool(m)}
     ints = layers | pools  # the modules that may become integer kernels
     calls = _trace(net, batches[0], ints)
@@ -283,8 +295,9 @@ def integer_deployable(net: nn.Module, batches: list[Tensor], layers: set[str]) 
             chain = {c[0] for c in seq}
             last = max(k for k, c in enumerate(seq) if c[0] in found)
             handed = [(c[2], c[4]) for c in seq[:last]]  # the tensors before its last ReLU, with their versions
-            if seq[0][0] not in layers or any(c[0] not in chain for c in calls
-                                              if any(c[1] is t and c[3] == v for t, v in handed)):
+            # every read of them, by a module or by a forward's own code, is the chain's: else moving the
+            # ReLU into the layer would change what another reader sees
+            if seq[0][0] not in layers or not all(read_only_by(calls, t, v, chain) for t, v in handed):
                 return None
             relus[seq[0][0]] = list(dict.fromkeys(relus.get(seq[0][0], []) + found))
         return seq[0][0]
@@ -384,11 +397,39 @@ def integer_deployable(net: nn.Module, batches: list[Tensor], layers: set[str]) 
             continue
         layer = net.get_submodule(n)
         p = layer.parametrizations.weight[0]
-        new[n] = IntegerLayer(layer, p.codes, p.scale, layer.bias, x_qparams(n), qparams(n),
-                              relu=n in relus, input_quantized=quantized_input)
+        try:
+            new[n] = IntegerLayer(layer, p.codes, p.scale, layer.bias, x_qparams(n), qparams(n),
+                                  relu=n in relus, input_quantized=quantized_input)
+        except ExportError as exc:
+            raise NotInteger(n, str(exc)) from None
     for n, module in new.items():
         _set_module(net, n, module)
+    net.rounding_points = _rounding_points(new, quantized, qparams, folded, relus)
     return net
+
+
+def _rounding_points(new: dict[str, nn.Module], quantized: set[str], qparams, folded: dict,
+                     relus: dict[str, list[str]]) -> list[tuple]:
+    """Where the integer network rounds activations, named in the model it was converted from:
+    ``(module, where, scale, zero_point, module of this network)``: a layer's own input
+    (``"input"``), or the output of the module of this network (``"output"`` of the model's
+    module, or ``"before"`` it: the input of what a folded ``BatchNormAct2d`` keeps after its
+    normalization, drop and act). A layer's output is its folded BatchNorm's, or its absorbed
+    ReLU's; the modules kept from a folded ``BatchNormAct2d`` are the BN's own."""
+    kept = {f"{bn}.{i}": f"{bn}.{a}" for bn, attrs in folded.values() for i, a in enumerate(attrs)}
+    points = []
+    for n, module in new.items():
+        if not module.input_quantized:
+            points.append((n, "input", module.x_scale, int(module.x_zero_point), n))
+        bn, attrs = folded.get(n, (None, []))
+        end = (n, "output") if bn is None else (f"{bn}.{attrs[0]}", "before") if attrs else (bn, "output")
+        for r in relus.get(n, []):
+            end = (kept.get(r, r), "output")
+        points.append((*end, module.y_scale, int(module.y_zero_point), n))
+    for m in quantized:
+        scale, zero_point = qparams(m)
+        points.append((kept.get(m, m), "output", scale, zero_point, m))
+    return points
 
 
 def integer_layer_names(net: nn.Module) -> set[str]:

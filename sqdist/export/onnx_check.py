@@ -17,6 +17,12 @@ from .qdq import forced_ties
 
 INPUT, OUTPUT = "input", "logits"
 TOLERANCE = 1e-4  # onnxruntime against torch, relative to max(1, max |logit|)
+FLIP_SHARE = 0.01  # at most this share of the codes read may be one step off away from a tie
+# the deployable network against the trained model, one rounding at a time (rounding_parity): at each point
+# at most this share of codes may be more than one step off (int8 arithmetic moves a code by one step at most:
+# the int32 bias, float32 requantization), and the logits with every point given at most this far off
+POINT_TOLERANCE = 0.01
+LOGITS_TOLERANCE = 0.01
 
 
 def _require_onnx():
@@ -75,7 +81,12 @@ def run_onnxruntime(path: str | os.PathLike, x: Tensor) -> Tensor | None:
 def onnxruntime_codes(path: str | os.PathLike, x: Tensor) -> tuple[Tensor, list[Tensor | None]]:
     """Run the ONNX file at ``path`` on ``x`` in a default onnxruntime session (CPU); return its logits
     and, for each ``QuantizeLinear`` of the file (in graph order), the codes it produced (as float,
-    in the file's zero point), or None where onnxruntime fused it into an integer kernel.
+    in the file's zero point, NCHW), or None where they cannot be read.
+
+    Where onnxruntime fused the node into an integer kernel (``QLinearConv``, ``QLinearAdd``, ...:
+    the one whose output scale is the node's), the codes are that kernel's output: every tie it
+    decided can then be forced, not only those of the nodes left standing (a flip there reaches the
+    next layer as a value a few hundredths of a step off, which no tie window explains).
 
     The codes come from the session's own optimized graph (saved by onnxruntime) with those
     nodes' outputs added as graph outputs and run without further optimization, so they are the
@@ -126,20 +137,36 @@ def onnxruntime_codes(path: str | os.PathLike, x: Tensor) -> tuple[Tensor, list[
                 del node.attribute[:]
                 node.attribute.extend(kept)
         values = constants(optimized.graph)
+        last = _channels_last(optimized.graph)
         alive = {n.name: n for n in optimized.graph.node if n.op_type == "QuantizeLinear"}
         dequantizers = {n.name: n for n in optimized.graph.node if n.op_type == "DequantizeLinear"}
         outputs, shifts = [], []
+        fused = [n for n in optimized.graph.node if n.op_type in _FUSED_OUTPUT]
+        taken: set[int] = set()
+
+        def fused_into(node):  # the integer kernel whose output is this QuantizeLinear's codes: same y_scale
+            for k, f in enumerate(fused):
+                i, j = _FUSED_OUTPUT[f.op_type]
+                if k not in taken and len(f.input) > j and f.input[i] == node.input[1]:
+                    taken.add(k)
+                    return f.output[0], f.input[j]
+            return None, None
+
         for node in quantizers:
-            mine, codes_name = alive.get(node.name), None
+            mine, codes_name, zero_point_name = alive.get(node.name), None, None
             if mine is not None:
                 codes_name = mine.output[0]
             else:  # moved by QDQ propagation: the codes its DequantizeLinear reads
                 mine = dequantizers.get(paired_dequantize(node))
                 codes_name = mine.input[0] if mine is not None else None
-            if mine is None or len(mine.input) < 3 or mine.input[2] not in values or len(node.input) < 3:
+            if mine is not None and len(mine.input) >= 3:
+                zero_point_name = mine.input[2]
+            elif mine is None and len(node.input) >= 3:
+                codes_name, zero_point_name = fused_into(node)
+            if codes_name is None or zero_point_name not in values or len(node.input) < 3:
                 outputs.append(None)
                 continue
-            zero_point = values[mine.input[2]]
+            zero_point = values[zero_point_name]
             optimized.graph.output.append(helper.make_tensor_value_info(
                 codes_name, helper.np_dtype_to_tensor_dtype(zero_point.dtype), None))
             outputs.append(codes_name)
@@ -158,27 +185,75 @@ def onnxruntime_codes(path: str | os.PathLike, x: Tensor) -> tuple[Tensor, list[
                           f"(max difference {float(np.abs(results[OUTPUT] - logits).max()):.3g})")
     shift = iter(shifts)
     codes = [None if o is None else torch.from_numpy(results[o].astype(np.float32) + next(shift)) for o in outputs]
+    codes = [c.movedim(-1, 1) if c is not None and o in last and c.dim() >= 3 else c for c, o in zip(codes, outputs)]
     return torch.from_numpy(logits), codes
 
 
+# onnxruntime's integer kernels that fuse a QuantizeLinear: the positions of their output scale and zero point
+_FUSED_OUTPUT = {"QLinearConv": (6, 7), "QLinearAdd": (6, 7), "QLinearMul": (6, 7), "QLinearMatMul": (6, 7),
+                 "QGemm": (7, 8), "QLinearAveragePool": (3, 4), "QLinearGlobalAveragePool": (3, 4),
+                 "QLinearSigmoid": (3, 4), "QLinearLeakyRelu": (3, 4), "QLinearSoftmax": (3, 4)}
+
+# element by element: the output has the layout of the inputs (onnxruntime's layout transformer keeps
+# such ops between two channels-last convolutions in NHWC)
+_ELEMENTWISE = {"QuantizeLinear", "DequantizeLinear", "Relu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh",
+                "Mul", "Add", "Sub", "Div", "Erf", "Gelu", "FastGelu", "QuickGelu", "LeakyRelu", "Identity", "Cast",
+                "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax"}
+
+
+def _channels_last(graph) -> set[str]:
+    """The tensors of onnxruntime's optimized ``graph`` held channels last (NHWC): outputs of its
+    ``channels_last`` kernels (``QLinearConv``, ``NhwcMaxPool``, ...), of a ``Transpose`` to that
+    layout, and of element-wise ops reading one."""
+    import onnx
+
+    last: set[str] = set()
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        data = [i for i in node.input if i]
+        if node.op_type == "Transpose":
+            perm = list(attrs.get("perm", []))
+            rank = len(perm)
+            if rank >= 3 and perm == [0, *range(2, rank), 1] and data[0] not in last:  # NCHW -> NHWC
+                last.add(node.output[0])
+        elif "channels_last" in attrs:
+            if attrs["channels_last"]:
+                last.update(node.output)
+        elif node.op_type.startswith("Nhwc"):
+            last.update(node.output)
+        elif node.op_type in _ELEMENTWISE and any(i in last for i in data):
+            last.update(node.output)
+    return last
+
+
 @torch.no_grad()
-def check_against_torch(path: str | os.PathLike, net: nn.Module, x: Tensor,
-                        model: nn.Module | None = None) -> dict | None:
-    """Compare the logits of a default onnxruntime session on the file at ``path`` with the
-    deployable network ``net`` (what :func:`export_onnx` traced) evaluated in torch on ``x``.
+def check_against_torch(path: str | os.PathLike, net: nn.Module, x: Tensor, model: nn.Module | None = None,
+                        same_network: bool = True) -> dict | None:
+    """Compare the logits of a default onnxruntime session on the file at ``path`` with the trained
+    ``model`` and with the deployable network ``net`` (what :func:`export_onnx` traced) in torch, on ``x``.
 
-    The two must agree within ``TOLERANCE * max(1, max |logit|)``, after one allowance: where
-    an activation's value lies within ``sqdist.export.qdq.TIE_WINDOW`` of a rounding tie
-    (``x / scale = k + 1/2`` up to float32 noise), torch takes onnxruntime's code
-    (:func:`~sqdist.export.qdq.forced_ties`). Two runtimes sum a layer's products in different
-    orders, so such a value lands on either side of the tie; the flipped code moves all later
-    layers by a whole quantization step (a single one gave 1e-2 on a ViT's logits). Every code
-    away from a tie must be the same. With ``model`` (the SQ model, when ``net`` is the same
-    network) its eval logits must equal ``net``'s too.
+    Against the trained model (the user's network, when given): with ``same_network`` (float
+    activations as trained, full-precision layers as floats) its eval logits must equal ``net``'s
+    within the tolerance below. Otherwise (8-bit activations, 8-bit stem and classifier) the
+    export rounds more than the model: :func:`check_rounding` holds ``net`` to the model, and
+    this reports ``model_rel_error`` (``||ort - model|| / ||model||``) and ``model_agreement``
+    (share of equal argmax), what that rounding costs on ``x``.
 
-    Returns ``{"max_abs_diff", "tie_flips", "max_abs_diff_model"}`` (``tie_flips``: codes
-    onnxruntime decided the other way at a tie), None when onnxruntime is not installed;
-    a failure is an :class:`ExportError`.
+    onnxruntime against ``net``: torch computes each quantization of ``net`` from onnxruntime's codes
+    of the one before (every ``QuantizeLinear`` whose codes can be read, fused ones included:
+    :func:`onnxruntime_codes`, :func:`~sqdist.export.qdq.forced_ties`) and its codes must be
+    onnxruntime's, except a value within ``sqdist.export.qdq.TIE_WINDOW`` of a rounding tie
+    (``x / scale = k + 1/2`` up to float noise), which lands on either side in two runtimes that
+    sum in different orders, and at most :data:`FLIP_SHARE` of the codes one step off elsewhere
+    (onnxruntime's float softmax, GELU and LayerNorm move a value by a few hundredths of a step);
+    none more than one step off. The logits must then agree within
+    ``TOLERANCE * max(1, max |logit|)``. A wrong scale or zero point moves codes by whole steps.
+
+    Returns ``{"max_abs_diff", "tie_flips", "near_flips", "max_abs_diff_model", "model_rel_error",
+    "model_agreement"}`` (``tie_flips``: codes onnxruntime decided the other way at a tie,
+    ``near_flips``: one step off away from one; the
+    model's entries None without ``model``), None when onnxruntime is not installed; a failure is
+    an :class:`ExportError`.
     """
     try:
         import onnxruntime  # noqa: F401
@@ -187,9 +262,10 @@ def check_against_torch(path: str | os.PathLike, net: nn.Module, x: Tensor,
     net.eval()
     reference = net(x).float()
     scale = max(1.0, float(reference.abs().max()))
-    model_diff = None
-    if model is not None:
-        model_diff = float((_reference_logits(model, x) - reference).abs().max())
+    model_diff = rel_error = agreement = None
+    trained = _reference_logits(model, x) if model is not None else None
+    if trained is not None and same_network:
+        model_diff = float((trained - reference).abs().max())
         if not model_diff <= TOLERANCE * scale:
             raise ExportError(f"{path}: the exported network's torch logits differ from the model's by "
                               f"{model_diff:.3g} (removed)")
@@ -202,25 +278,127 @@ def check_against_torch(path: str | os.PathLike, net: nn.Module, x: Tensor,
     if logits.shape != reference.shape:
         raise ExportError(f"{path}: onnxruntime gives logits of shape {tuple(logits.shape)}, torch "
                           f"{tuple(reference.shape)} (removed)")
+    if trained is not None:
+        rel_error = float((logits - trained).norm() / trained.norm().clamp_min(1e-12))
+        agreement = float((logits.argmax(-1) == trained.argmax(-1)).float().mean())
     with forced_ties(codes) as record:
         forced = net(x).float()
     if record.calls != len(codes):  # the torch quantizations do not line up with the graph's: compare as is
-        forced, record.flipped = reference, None
+        forced, record.flipped, record.near, record.far = reference, None, None, 0
+    if record.far or (record.near or 0) > FLIP_SHARE * max(record.observed, 1):
+        raise ExportError(f"{path}: onnxruntime's codes differ from torch's computed from the same inputs: "
+                          f"{record.far} by more than one step, {record.near} of {record.observed} by one step away "
+                          f"from a rounding tie (allowed: none, and {100 * FLIP_SHARE:g}%) (removed)")
     diff = float((logits - forced).abs().max())
     if not diff <= TOLERANCE * scale:
         raise ExportError(f"{path}: onnxruntime logits differ from torch's by {diff:.3g} (tolerance "
                           f"{TOLERANCE * scale:.3g}; {record.flipped} codes decided the other way at a rounding tie) "
                           f"(removed)")
-    return {"max_abs_diff": diff, "tie_flips": record.flipped, "max_abs_diff_model": model_diff}
+    return {"max_abs_diff": diff, "tie_flips": record.flipped, "near_flips": record.near,
+            "max_abs_diff_model": model_diff,
+            "model_rel_error": rel_error, "model_agreement": agreement}
+
+
+def check_rounding(path: str | os.PathLike, model: nn.Module, net: nn.Module, x: Tensor,
+                   weights: dict[str, Tensor] | None = None) -> dict:
+    """:func:`rounding_parity` within :data:`POINT_TOLERANCE` and :data:`LOGITS_TOLERANCE`, else an
+    :class:`ExportError` naming the first point where the conversion is off; returns its result."""
+    parity = rounding_parity(model, net, x, weights)
+    if not (parity["worst_share"] <= POINT_TOLERANCE and parity["logits_rel_error"] <= LOGITS_TOLERANCE):
+        raise ExportError(f"{path}: the exported network is not the trained model rounded to 8 bits: at "
+                          f"{parity['worst_point']!r} {100 * parity['worst_share']:.1f}% of the codes are more than "
+                          f"one step off (tolerance {100 * POINT_TOLERANCE:g}%), logits "
+                          f"{parity['logits_rel_error']:.3g} relative (tolerance {LOGITS_TOLERANCE}): a conversion "
+                          f"error (removed)")
+    return parity
+
+
+@torch.no_grad()
+def rounding_parity(model: nn.Module, net: nn.Module, x: Tensor, weights: dict[str, Tensor] | None = None) -> dict:
+    """Hold the deployable network ``net`` to the trained ``model``, one rounding at a time.
+
+    ``net`` rounds activations at ``net.rounding_points`` (:func:`~sqdist.export.int8.integer_deployable`).
+    The model's own modules (no BatchNorm folded, no ReLU moved, the layers in ``weights`` given
+    those weights: 8-bit stem and classifier) compute each of those tensors from ``net``'s value of
+    the one before, round it the same way, and are compared with ``net``'s value there; the model
+    then goes on from ``net``'s value, so each comparison sees one step of the conversion alone
+    (compared whole, two int8 computations of one network differ like int8 and float do: a code
+    one step off early moves many later). What int8 arithmetic explains is a code one step off
+    (the int32 bias, float32 requantization); a conversion error moves codes by many steps.
+
+    Returns ``{"points", "worst_point", "worst_share", "logits_rel_error"}``: ``worst_share`` the
+    largest share of codes more than one step off at a point, ``logits_rel_error``
+    ``||model's logits - net's|| / ||net's||`` with every point taken from ``net``.
+    """
+    from .deployable import model_copy
+    from .int8 import QMAX
+    from .qdq import _FakeQuantize
+
+    points = getattr(net, "rounding_points", [])
+    twin = model_copy(model).cpu().float().eval()
+    for m in twin.modules():  # attention as the export traces it (see _reference_logits)
+        if getattr(m, "fused_attn", None) is True:
+            m.fused_attn = False
+    modules, theirs = dict(twin.named_modules()), dict(net.named_modules())
+    for name, w in (weights or {}).items():
+        weight = modules[name].weight
+        weight.data = w.to(weight.dtype).reshape(weight.shape)
+    values, hooks = {}, []
+    for k, (_name, where, _s, _z, mine) in enumerate(points):
+        if where != "input":
+            hooks.append(theirs[mine].register_forward_hook(  # a copy: a later in-place add (x += shortcut) changes it
+                lambda mod, args, out, k=k: values.__setitem__(k, out.clone())))
+    try:
+        reference = net(x).float()
+    finally:
+        for h in hooks:
+            h.remove()
+    worst = [0.0, None]
+
+    def rounded(t, scale, zero_point):
+        return _FakeQuantize.apply(t, scale, torch.tensor(zero_point, dtype=torch.uint8), 0, QMAX)
+
+    def at_point(out, k):
+        name, _where, scale, zero_point, _mine = points[k]
+        ours, given = rounded(out, scale, zero_point), values.get(k)
+        if given is None or given.shape != ours.shape:
+            share = 1.0
+        else:
+            share = float((((ours - given).abs() / scale).round() > 1).float().mean()) if ours.numel() else 0.0
+        if share > worst[0] or worst[1] is None:
+            worst[:] = [share, name]
+        return ours if given is None or given.shape != ours.shape else given.clone()
+
+    for k, (name, where, scale, zero_point, _mine) in enumerate(points):
+        if where == "input":
+            hooks.append(modules[name].register_forward_pre_hook(
+                lambda mod, args, s=scale, z=zero_point: (rounded(args[0], s, z), *args[1:])))
+        elif where == "before":
+            hooks.append(modules[name].register_forward_pre_hook(lambda mod, args, k=k: (at_point(args[0], k),
+                                                                                         *args[1:])))
+        else:
+            hooks.append(modules[name].register_forward_hook(lambda mod, args, out, k=k: at_point(out, k)))
+    logits = twin(x).float()
+    return {"points": len(points), "worst_point": worst[1], "worst_share": worst[0],
+            "logits_rel_error": float((logits - reference).norm() / reference.norm().clamp_min(1e-12))}
 
 
 @torch.no_grad()
 def _reference_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """The model's eval logits on ``x``, on the CPU (the model's own device runs it), its attention
+    computed as the export traces it (timm's ``fused_attn`` off: ``softmax(q k^T) v``, not the fused
+    kernel, whose other order of sums decides activation rounding ties otherwise, by CPU)."""
     was_training = model.training
+    device = next((p.device for p in model.parameters()), x.device)
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
     model.eval()
     try:
-        return model(x).float()
+        for m in fused:
+            m.fused_attn = False
+        return model(x.to(device)).float().cpu()
     finally:
+        for m in fused:
+            m.fused_attn = True
         model.train(was_training)
 
 

@@ -30,9 +30,11 @@ traced one and its logits are compared with the torch model's.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import tempfile
 import types
 import warnings
 from pathlib import Path
@@ -43,11 +45,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._version import __version__
-from .deployable import _sq_layers, check_ratio, deployable_layers
+from .deployable import _sq_layers, check_ratio, deployable_layers, model_copy
 from .format import ExportError, _one_line, check_keep_fp_bits
-from .int8 import check_activations, integer_deployable, integer_layer_names
+from .int8 import NotInteger, check_activations, integer_deployable, integer_layer_names
 from .onnx_check import (INPUT, OUTPUT, TOLERANCE, _graph_summary, _require_onnx, _top1,  # noqa: F401
-                         check_against_torch, check_onnx, exact_session_options, onnxruntime_codes, run_onnxruntime)
+                         check_against_torch, check_onnx, check_rounding, exact_session_options, onnxruntime_codes,
+                         run_onnxruntime)
 from .qdq import InputQuantizer, WeightFromCodes, _quantize_input_hook
 from .run import load_run
 
@@ -74,16 +77,7 @@ def deployable(model: nn.Module, keep_fp_bits: int = 32, activations: str = "flo
 
     keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
     plain = {sq_cls: base for base, sq_cls in SQ_CLASSES.items()}
-    layers = _sq_layers(model)
-    controllers = {name: layer.__dict__.get("_sq") for name, layer in layers.items()}
-    try:  # the controller (generators, selector state) is not part of the network
-        for layer in layers.values():
-            layer._sq = None
-        net = copy.deepcopy(model)
-    finally:
-        for name, layer in layers.items():
-            layer._sq = controllers[name]
-    net = net.cpu().float().eval()
+    net = model_copy(model).cpu().float().eval()
     for m in net.modules():  # timm attention: the TorchScript exporter cannot trace F.scaled_dot_product_attention
         if isinstance(getattr(m, "fused_attn", None), bool):  # as EVA calls it; the explicit softmax(q k^T) v traces
             m.fused_attn = False
@@ -110,9 +104,57 @@ def deployable(model: nn.Module, keep_fp_bits: int = 32, activations: str = "flo
             raise ExportError("activations='int8' calibrates 8-bit inputs for a model trained with float "
                               "activations; this one quantizes its inputs itself (its own scales are exported "
                               "with activations='float')")
-        net = integer_deployable(net, [b.detach().cpu().float() for b in (calibration or [])],
-                                 integer_layer_names(net))
+        batches = [b.detach().cpu().float() for b in (calibration or [])]
+        base, layers, kept_float = net, integer_layer_names(net), []
+        while True:  # a layer that cannot be an integer kernel stays float (a mixed graph, as quantize_static's)
+            try:
+                net = integer_deployable(copy.deepcopy(base), batches, layers)
+                break
+            except NotInteger as exc:
+                layers, kept_float = layers - {exc.layer}, kept_float + [exc.layer]
+        net.float_layers = kept_float
     return net
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Nothing written to the process's stdout and stderr reaches them (torch.onnx's C++ side prints a
+    whole TorchScript graph beside the error it raises); the Python error still carries the message."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def full_precision_weights(model: nn.Module, keep_fp_bits: int) -> dict[str, Tensor]:
+    """The weights the export gives the model's full-precision layers (8-bit per-row codes times
+    scales at ``keep_fp_bits=8``; none at 32), by layer name."""
+    return {n: d.codes.float() * d.scale.float().view(-1, *([1] * (d.codes.dim() - 1)))
+            for n, d in deployable_layers(model, keep_fp_bits).items() if d.quantizer is None}
+
+
+def check_batch(calibration: list[Tensor] | None, input_size: tuple[int, int, int], size: int = 16) -> Tensor:
+    """What the export check runs: up to ``size`` calibration images (8-bit activations are calibrated
+    on that distribution: random noise would saturate them), else 3 random ones; never the traced
+    batch size, so that the dynamic batch is checked too."""
+    images = torch.cat([b.detach().cpu().float() for b in calibration]) if calibration else None
+    if images is None or images.shape[1:] != tuple(input_size) or len(images) < 3:
+        return torch.randn(3, *input_size, generator=torch.Generator().manual_seed(1))
+    images = images[:size]
+    return images if len(images) != 2 else images[:1]
 
 
 def _linear_as_gemm(layer: nn.Linear, x: Tensor) -> Tensor:
@@ -241,10 +283,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
         opset: ONNX opset: 25 (default) stores ternary/binary codes as INT2 and other codes of
             4 bits or fewer as INT4 initializers (:func:`store_int4`), 21..24 INT4 only, 13..20
             every code as int8.
-        check: run the written file in a default onnxruntime session (when installed) on a batch
-            of 3 and compare its logits with the same network in torch (:func:`check_against_torch`);
-            a difference above ``1e-4 * max(1, max |logit|)`` is an :class:`ExportError` and the
-            file is removed.
+        check: run the written file in a default onnxruntime session (when installed) on
+            :func:`check_batch` and compare its logits with the trained ``model`` and, exactly,
+            with the network that was traced (:func:`check_against_torch`): equal to the model
+            within ``1e-4 * max(1, max |logit|)`` when the export rounds nothing more than it
+            (float activations, ``keep_fp_bits=32``), else within ``MODEL_TOLERANCE`` (0.05)
+            relative error; equal to the traced network within ``1e-4 * max(1, max |logit|)``
+            after forcing rounding ties. A failure is an :class:`ExportError` and the file is removed.
         activations: ``"float"`` (the inputs as trained: float, or the run's own activation
             quantizers) or ``"int8"``: 8-bit inputs and outputs calibrated on ``calibration`` so
             that onnxruntime runs the layers with integer weights as integer kernels
@@ -253,8 +298,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
 
     Returns:
         ``{"path", "bytes", "opset", "input", "activations", "int8_weights", "int4_weights",
-        "qdq_inputs", "max_abs_diff", "tie_flips", "max_abs_diff_model"}`` (the last three None
-        when not checked; see :func:`check_against_torch`).
+        "qdq_inputs", "max_abs_diff", "tie_flips", "max_abs_diff_model", "model_rel_error",
+        "model_agreement"}`` (the last five None when not checked; see :func:`check_against_torch`).
     """
     onnx = _require_onnx()
     keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
@@ -271,7 +316,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
+        with warnings.catch_warnings(), _quiet():  # the exporter's notes, and the graph it prints when it fails
             warnings.simplefilter("ignore")
             torch.onnx.export(net, (traced,), str(tmp), dynamo=False, opset_version=min(opset, TRACE_OPSET),
                               input_names=[INPUT], output_names=[OUTPUT],
@@ -314,19 +359,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
     onnx.save(graph_model, str(tmp))
     os.replace(tmp, path)
     info = {"path": str(path), "bytes": path.stat().st_size, "opset": opset, "input": ["batch", *input_size],
+            "float_layers": list(getattr(net, "float_layers", [])),
             "activations": activations, **_graph_summary(graph_model.graph),
-            "max_abs_diff": None, "tie_flips": None, "max_abs_diff_model": None}
+            "max_abs_diff": None, "tie_flips": None, "max_abs_diff_model": None, "model_rel_error": None,
+            "model_agreement": None}
     if check:
-        x = torch.randn(3, *input_size, generator=torch.Generator().manual_seed(1))  # not the traced batch size
+        x = check_batch(calibration if activations == "int8" else None, input_size)
         on_cpu = all(t.device.type == "cpu" for t in model.parameters())
         same_network = keep_fp_bits == 32 and activations == "float" and on_cpu
         try:
-            result = check_against_torch(path, net, x, model if same_network else None)
+            parity = None if same_network else check_rounding(path, model, net, x, full_precision_weights(model,
+                                                                                                         keep_fp_bits))
+            result = check_against_torch(path, net, x, model, same_network=same_network)
         except ExportError:
             path.unlink(missing_ok=True)
             raise
         if result is not None:
             info.update(result)
+        if parity is not None:
+            info.update(rounding_worst_share=parity["worst_share"], rounding_worst_point=parity["worst_point"])
     return info
 
 
@@ -362,8 +413,12 @@ def export_run_onnx(source: str | os.PathLike, out: str | os.PathLike, force: bo
 
 
 def _run_data(meta: dict, calib_batches: int):
-    """(calibration batches from the run's training split, its evaluation set) from the run's recipe."""
-    from ..data import build_datasets
+    """(calibration batches from the run's training split, its evaluation set) from the run's recipe.
+
+    The calibration images are read as the evaluation reads them (no augmentation, the evaluation
+    transform: :func:`sqdist.data.eval_view`), a fixed subset (seed 0): two exports of one run are equal.
+    """
+    from ..data import build_datasets, eval_view
 
     config = meta["config"]
     if not config or "data" not in config:
@@ -373,7 +428,8 @@ def _run_data(meta: dict, calib_batches: int):
         train, evaluation = build_datasets(config)
     except Exception as exc:  # a missing data.root and the like
         raise ExportError(f"{meta['checkpoint']}: the run's data cannot be loaded ({_one_line(exc)[:200]})") from None
+    view = eval_view(train, evaluation)
     batch = int(config["data"]["batch_size"])
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: calib_batches * batch]
-    calibration = [torch.stack([train[int(i)][0] for i in chunk]) for chunk in order.split(batch)]
+    order = torch.randperm(len(view), generator=torch.Generator().manual_seed(0))[: calib_batches * batch]
+    calibration = [torch.stack([view[int(i)][0] for i in chunk]) for chunk in order.split(batch)]
     return calibration, evaluation

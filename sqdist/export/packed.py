@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .._version import __version__
 from .bits import pack_codes, pack_indexed
-from .deployable import _sq_layers, check_ratio, deployable_layers
+from .deployable import _sq_layers, aliases, check_ratio, deployable_layers
 from .format import (FORMAT, FORMAT_VERSION, INPUTS_VERSION, LEVELS_VERSION, ExportError, _crc32, _dtype_name,
                      _save_atomic, check_keep_fp_bits)
 
@@ -61,7 +61,12 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
     tensors: dict[str, Tensor] = {}
     # a quantizer's own state (learned steps, SLB's 2^b logits per weight) is folded into the codes, scales and
     # input scales below; the loader ignores it, so it is not written
-    quantizer_state = tuple(f"{name}.{part}." for name in layers for part in ("quantizer", "input_quantizer"))
+    # a module reached under several names (coat's shared positional-encoding convs) is one layer: its other
+    # names' weights and quantizer state are not written either (the loader copies the layer to them)
+    names = aliases(model)
+    packed_keys |= {f"{alias}.weight" for name in described for alias in names.get(name, [])}
+    quantizer_state = tuple(f"{alias}.{part}." for name in layers for alias in [name, *names.get(name, [])]
+                            for part in ("quantizer", "input_quantizer"))
     for key, value in model.state_dict().items():
         if key not in packed_keys and not key.startswith(quantizer_state):
             tensors[key] = value.detach().cpu().contiguous().clone()  # clone: safetensors refuses shared storage
@@ -112,3 +117,4 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
 def _activation_config(layers: dict[str, nn.Module]) -> dict:
     acts = [layer.input_quantizer for layer in layers.values() if getattr(layer, "input_quantizer", None) is not None]
     return {"name": acts[0].quantizer_name, "params": acts[0].config()} if acts else {}
+

@@ -19,10 +19,13 @@ TIE_WINDOW = 1e-2
 
 
 class _ForcedCodes:
-    """Codes a runtime chose, one entry per ``QuantizeLinear`` of the graph (None: not observed)."""
+    """Codes a runtime chose, one entry per ``QuantizeLinear`` of the graph (None: not observed), and
+    what taking them found: ``observed`` codes, ``ties``, ``flipped`` (ties decided the other way),
+    ``near`` (one step off away from a tie), ``far`` (more than one step off)."""
 
     def __init__(self, codes: list[Tensor | None]):
         self.codes, self.calls, self.ties, self.flipped = codes, 0, 0, 0
+        self.observed, self.near, self.far = 0, 0, 0
 
 
 _FORCED: list[_ForcedCodes] = []
@@ -31,14 +34,16 @@ _FORCED: list[_ForcedCodes] = []
 @contextlib.contextmanager
 def forced_ties(codes: list[Tensor | None]):
     """Within this context every activation quantization (:func:`quantize_codes`, one call per
-    ``QuantizeLinear`` of the exported graph, in graph order) takes the runtime's code from
-    ``codes`` where its input lies within :data:`TIE_WINDOW` of a rounding tie, and its own
-    everywhere else. Yields the record (``calls``, ``ties``, ``flipped``: ties decided the other way).
+    ``QuantizeLinear`` of the exported graph, in graph order) computes its codes, counts how they
+    differ from the runtime's ``codes`` (a tie within :data:`TIE_WINDOW` decided the other way, one
+    step off elsewhere, more than one step off), then goes on with the runtime's codes. Yields the
+    record (:class:`_ForcedCodes`).
 
-    Why: a value within a few float32 ulps of ``k + 1/2`` rounds either way depending on the
-    order in which a runtime summed the products before it (torch and onnxruntime differ in
-    the last bits); the flipped code then moves every later layer by a full step. Forcing
-    those ties, and only those, compares the two computations instead of their float noise.
+    Why: a value near ``k + 1/2`` rounds either way depending on the order in which a runtime summed
+    before it (torch and onnxruntime differ in the last bits; onnxruntime's float softmax and
+    LayerNorm by more); the flipped code then moves every later layer by a full step. Going on from
+    the runtime's codes compares each quantization on the same input, so every difference counted
+    is one computation's own, not one inherited from an earlier layer.
     """
     record = _ForcedCodes(list(codes))
     _FORCED.append(record)
@@ -66,9 +71,13 @@ def round_codes(t: Tensor, zero_point: float | Tensor, qmin: int, qmax: int) -> 
         if theirs is not None and theirs.shape == q.shape:
             theirs = torch.clamp(theirs.to(q.dtype), qmin, qmax)  # the graph's Clip (below 8 bits) follows
             tie = (t - torch.floor(t) - 0.5).abs() <= TIE_WINDOW
+            steps = (theirs - q).abs()
+            record.observed += q.numel()
             record.ties += int(tie.sum())
-            record.flipped += int((tie & (theirs != q)).sum())
-            q = torch.where(tie, theirs, q)
+            record.flipped += int((tie & (steps > 0)).sum())
+            record.near += int((~tie & (steps == 1)).sum())
+            record.far += int((steps > 1).sum())
+            q = theirs
     return q
 
 

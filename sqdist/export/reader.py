@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .bits import unpack_codes, unpack_indexed
+from .deployable import aliases
 from .format import (_DTYPES, FORMAT, LEVELS_VERSION, READABLE_VERSIONS, ExportError, _crc32, _json_field, _load_strict,
                      _one_line)
 
@@ -128,6 +129,10 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     except Exception as exc:  # unknown name or kwargs: timm raises several types
         raise ExportError(f"{path}: timm.create_model({model_info['name']!r}, **{model_info['kwargs']}) "
                           f"failed: {_one_line(exc)}") from None
+    for first, others in aliases(model).items():  # a module under several names: its state under each
+        for key in [k for k in state if k.startswith(first + ".")]:
+            for other in others:
+                state.setdefault(other + key[len(first):], state[key])
     _load_strict(model, state, str(path))
     if meta["inputs"]:
         from .qdq import InputQuantizer, _quantize_input_hook
