@@ -650,7 +650,11 @@ def test_digits_run_with_int8_activations_keeps_its_top1(digits_run, tmp_path, c
     assert info["activations"] == "int8" and info["int2_weights"] == len(layers)  # ternary codes: INT2
     assert info["top1_model"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
     assert abs(info["top1_onnx"] - info["top1_model"]) <= 1.0  # a default onnxruntime session, integer kernels
+    assert info["agreement"] >= 98.0  # onnxruntime predicts what the trained model predicts
+    assert info["rounding_worst_share"] <= 0.01 and info["model_rel_error"] is not None
     assert optimized_ops(out)["QLinearConv"] >= len(layers)
+    code, stdout, _ = cli(capsys, run, out, "--activations", "int8", "--calib-batches", "4")
+    assert code == 0 and f"the same prediction on {info['agreement']:.2f}% of {info['eval_examples']}" in stdout
 
 
 @pytest.mark.slow

@@ -97,8 +97,18 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             checked = (f"onnxruntime (default session) max |logit difference| {info['max_abs_diff']:.2e}"
                        if info["max_abs_diff"] is not None else "not checked: onnxruntime is not installed")
-            top1 = (f"; top-1 onnxruntime {info['top1_onnx']:.2f}% vs the run's {info['top1_model']:.2f}% "
-                    f"({info['eval_examples']} examples)" if "top1_onnx" in info else "")
+            if info.get("rounding_worst_share") is not None:
+                checked += (f" from the network it runs; against the trained model: codes more than one step off at "
+                            f"most {100 * info['rounding_worst_share']:.2f}% at a rounding, logits "
+                            f"{info['model_rel_error']:.3g} relative on the check batch")
+            top1 = (f"; top-1 onnxruntime {info['top1_onnx']:.2f}% vs the run's {info['top1_model']:.2f}%, "
+                    f"the same prediction on {info['agreement']:.2f}% of {info['eval_examples']} examples"
+                    if "top1_onnx" in info else "")
+            if info.get("wide_weight_codes"):
+                checked += (f"; {len(info['wide_weight_codes'])} layers hold 8-bit weight codes above 64: onnxruntime "
+                            f"runs them bit for bit on x86 CPUs with VNNI or AMX (this one: "
+                            f"{ {True: 'yes', False: 'no', None: 'unknown'}[info['cpu_vnni']]}), without VNNI its "
+                            f"int16 pair sums may saturate")
             print(f"wrote {info['path']}: {info['int2_weights']} int2 + {info['int4_weights']} int4 + "
                   f"{info['int8_weights']} int8 weights "
                   f"(DequantizeLinear, axis 0), {info['activations']} activations, opset {info['opset']}, input "

@@ -404,20 +404,24 @@ def _reference_logits(model: nn.Module, x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _top1(model: nn.Module, path: str, evaluation, batch_size: int) -> dict:
-    """Top-1 (percent) of the ONNX file (default onnxruntime session) and of ``model`` on ``evaluation``."""
+    """Top-1 (percent) of the ONNX file (default onnxruntime session) and of ``model`` on ``evaluation``,
+    and ``agreement``: the percent of examples on which the two predict the same class."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     loader = torch.utils.data.DataLoader(evaluation, batch_size=batch_size)
-    right_onnx = right_model = total = 0
+    right_onnx = right_model = same = total = 0
     model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for x, y in loader:
         (logits,) = session.run([OUTPUT], {INPUT: x.float().numpy()})
-        right_onnx += int((torch.from_numpy(logits).argmax(1) == y).sum())
-        right_model += int((model(x).argmax(1) == y).sum())
+        theirs, ours = torch.from_numpy(logits).argmax(1), model(x.to(device)).argmax(1).cpu()
+        right_onnx += int((theirs == y).sum())
+        right_model += int((ours == y).sum())
+        same += int((theirs == ours).sum())
         total += len(y)
     return {"top1_onnx": 100.0 * right_onnx / total, "top1_model": 100.0 * right_model / total,
-            "eval_examples": total}
+            "agreement": 100.0 * same / total, "eval_examples": total}
 
 
 def check_onnx(path: str | os.PathLike) -> dict:

@@ -378,7 +378,31 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
             info.update(result)
         if parity is not None:
             info.update(rounding_worst_share=parity["worst_share"], rounding_worst_point=parity["worst_point"])
+    if activations == "int8":
+        info["wide_weight_codes"] = wide_weight_codes(net)
+        info["cpu_vnni"] = cpu_has_vnni()
     return info
+
+
+def wide_weight_codes(net: nn.Module) -> list[str]:
+    """The integer layers of ``net`` with a weight code above 64 in magnitude: onnxruntime's x86 u8s8
+    kernels without VNNI sum two products in int16 (``VPMADDUBSW``), which 255 * (|w0| + |w1|) can
+    saturate only then. With VNNI (or AMX) they sum in int32: bit for bit everywhere."""
+    from .int8 import IntegerLayer
+
+    return [n for n, m in net.named_modules() if isinstance(m, IntegerLayer) and int(m.codes.abs().max()) > 64]
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI or AMX (Linux ``/proc/cpuinfo``); None where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def export_run_onnx(source: str | os.PathLike, out: str | os.PathLike, force: bool = False, keep_fp_bits: int = 32,
