@@ -71,7 +71,8 @@ def ops(backend: str):
         except Exception as exc:  # any build/load/import failure means: use the reference
             reason = str(exc).strip().splitlines()
             reason = reason[-1] if reason else type(exc).__name__
-            warnings.warn(f"sqdist: the {backend} SQ kernels are unavailable ({reason}); "
+            what = "Triton" if backend == "triton" else f"compiled {backend}"
+            warnings.warn(f"sqdist: the {what} SQ kernels are unavailable ({reason}); "
                           "using the PyTorch reference (set SQDIST_KERNELS=reference to silence this)",
                           RuntimeWarning, stacklevel=2)
             _ops[backend] = None
