@@ -305,3 +305,55 @@ def test_sqdist_kernels_chooses_triton_for_cuda_tensors(monkeypatch):
         for value, want in (("auto", "triton"), ("cuda", "triton"), ("cpu", None), ("reference", None)):
             monkeypatch.setenv("SQDIST_KERNELS", value)
             assert kernels.backend_for(w.cuda()) == want, value
+
+
+# ------------------------------------------------------------------ the GPU build, without a GPU
+COMPILE_FOR_SM90 = r"""
+import re, sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from sqdist.quant.kernels import triton_ops as T
+
+assert not T.INTERPRETED
+W = {"w_ptr": "*{dt}", "mask_ptr": "*u8", "thr_ptr": "*fp32", "values_ptr": "*{dt}", "codes_ptr": "*{dt}",
+     "scales_ptr": "*{dt}", "err_ptr": "*fp32", "n": "i32", "delta": "fp32", "levels": "fp32"}
+F = {"VALUES": True, "CODES": True, "SCALES": True, "ERR_CH": True, "ERR_EL": False, "BLOCK": 1024}
+jobs = [(T._quantize_rows, {k: v.format(dt=dt) for k, v in W.items()},
+         dict(F, KIND=kind, MASK=mask, LAYER_THR=layer, ERR_CH=not el, ERR_EL=el))
+        for dt, kind, mask, layer, el in [("fp32", 0, 1, False, False), ("fp32", 1, 2, True, True),
+                                          ("fp32", 1, 0, False, False), ("fp32", 2, 1, False, True),
+                                          ("bf16", 2, 2, False, False), ("fp16", 1, 1, False, False)]]
+jobs += [(T._mse_errors, {"w_ptr": "*fp32", "safe_ptr": "*fp32", "ratios_ptr": "*fp32", "err_ptr": "*fp32",
+                          "n": "i32", "k": "i32", "levels": "fp32"}, {"BLOCK_K": 64, "BLOCK": 64}),
+         (T._codes_at_ratio, {"w_ptr": "*fp32", "ratio_ptr": "*fp32", "out_ptr": "*fp32", "scales_ptr": "*fp32",
+                              "n": "i32", "levels": "fp32"}, {"VALUES": True, "BLOCK": 1024}),
+         (T._lsq_forward, {"x_ptr": "*fp32", "y_ptr": "*fp32", "step_ptr": "*fp32", "numel": "i32", "lo": "fp32",
+                           "hi": "fp32"}, {"BLOCK": 1024}),
+         (T._lsq_backward, {"x_ptr": "*fp32", "g_ptr": "*fp32", "gx_ptr": "*fp32", "partial_ptr": "*fp64",
+                            "step_ptr": "*fp32", "numel": "i32", "lo": "fp32", "hi": "fp32"}, {"BLOCK": 1024})]
+ops = set()
+for fn, sig, consts in jobs:
+    k = compile(ASTSource(fn, {**sig, **{c: "constexpr" for c in consts}}, constexprs=consts),
+                target=GPUTarget("cuda", 90, 32), options=dict(T.EXACT))
+    assert len(k.asm["cubin"]) > 0
+    ops |= set(re.findall(r"\b(div\.[a-z0-9.]+|fma\.[a-z0-9.]+)", k.asm["ptx"]))
+print(len(jobs), sorted(ops))
+"""
+
+
+def test_kernels_compile_for_sm90_with_ieee_divisions_and_no_fma(tmp_path):
+    """Every kernel (the main variants of ``quantize``) goes through Triton's whole GPU build, to an sm_90 cubin
+    (ptxas ships with triton), in a process without the interpreter: what a GPU would compile, checked without
+    one. The PTX divides with ``div.rn`` (IEEE, as torch) and fuses no multiply-add (``EXACT``)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                                           env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count, ops = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(count) == 10 and ops == "['div.rn.f32', 'div.rn.f64']", proc.stdout  # f64: the row means

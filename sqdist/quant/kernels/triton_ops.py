@@ -17,7 +17,8 @@ op                           reference
 
 Without a GPU, ``TRITON_INTERPRET=1`` (set before this module is imported: ``triton.jit`` reads it
 when it decorates) runs the same kernels on CPU tensors with numpy; that is how CI runs them.
-Everything is computed in float32 (row sums in float64, as the CPU op does), rounding is half to even
+Everything is computed in float32 (row sums in float64, as the CPU op does) with IEEE divisions and no
+FMA contraction (:data:`EXACT`), rounding is half to even
 by :func:`_rint` (exact and the same on the GPU and in the interpreter), and NaN propagates as in
 the references: a reduction does not rely on ``tl.max`` for NaN (it ignores NaN on the GPU, numpy
 does not), but on the row's sum of ``|w|``.
@@ -33,7 +34,10 @@ KIND_BWN, KIND_TWN, KIND_KBIT = 0, 1, 2
 OUT_VALUES, OUT_CODES, OUT_SCALES, OUT_ERROR_CHANNEL, OUT_ERROR_ELEMENT = 1, 2, 4, 8, 16
 MASK_ALL, MASK_ROW, MASK_ELEMENT = 0, 1, 2
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TINY = torch.finfo(torch.float32).tiny
+# Launch options of every kernel: no a * b + c contracted into one FMA, so the products and differences
+# round as the references' separate operations do (the divisions are tl.div_rn, IEEE round to nearest:
+# Triton's `/` on float32 is the approximate div.full.f32)
+EXACT = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -92,10 +96,10 @@ def _quantize_rows(w_ptr, mask_ptr, thr_ptr, values_ptr, codes_ptr, scales_ptr, 
             keep = (a > thr) & (offs < n)
             kept_sum += (a * keep.to(tl.float32)).to(tl.float64)  # a NaN |w| makes the scale NaN, as |w| * keep does
             kept += keep.to(tl.float32)
-        scale = (tl.sum(kept_sum, axis=0).to(tl.float32) / tl.maximum(tl.sum(kept, axis=0), 1.0))
+        scale = tl.div_rn(tl.sum(kept_sum, axis=0).to(tl.float32), tl.maximum(tl.sum(kept, axis=0), 1.0))
     else:  # k-bit: max |w| / L; a NaN in the row makes it NaN (tl.max ignores NaN on the GPU)
         amax = tl.where(sum_abs == sum_abs, tl.max(top, axis=0), float("nan"))
-        scale = amax / levels
+        scale = tl.div_rn(amax, levels)
         safe = tl.where(scale > 0.0, scale, 1.0)
     scale_t = scale.to(dtype)
     if SCALES:
@@ -117,7 +121,7 @@ def _quantize_rows(w_ptr, mask_ptr, thr_ptr, values_ptr, codes_ptr, scales_ptr, 
             sign = tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, 0.0))  # torch.sign: 0 for 0 and NaN
             c = sign * (tl.abs(x) > thr).to(tl.float32)
         else:
-            c = _rint(_clamp(x / safe, -levels, levels))
+            c = _rint(_clamp(tl.div_rn(x, safe), -levels, levels))
         q_t = (sq * c).to(dtype)
         e = tl.abs(x - q_t.to(tl.float32))
         if CODES:
@@ -130,7 +134,7 @@ def _quantize_rows(w_ptr, mask_ptr, thr_ptr, values_ptr, codes_ptr, scales_ptr, 
             tl.store(values_ptr + base + offs, tl.where(sel, q_t, wt), mask=ok)
         if ERR_EL:
             a = tl.abs(x)
-            rel = tl.where(a > 0.0, e / tl.maximum(a, 1.1754943508222875e-38),
+            rel = tl.where(a > 0.0, tl.div_rn(e, tl.maximum(a, 1.1754943508222875e-38)),
                            tl.where(e > 0.0, float("inf"), 0.0))
             tl.store(err_ptr + base + offs, rel, mask=ok)
         if ERR_CH:
@@ -138,7 +142,8 @@ def _quantize_rows(w_ptr, mask_ptr, thr_ptr, values_ptr, codes_ptr, scales_ptr, 
     if ERR_CH:
         d = tl.sum(diff, axis=0).to(tl.float32)
         ref = sum_abs.to(tl.float32)
-        rel = tl.where(ref > 0.0, d / tl.maximum(ref, 1.1754943508222875e-38), tl.where(d > 0.0, float("inf"), 0.0))
+        rel = tl.where(ref > 0.0, tl.div_rn(d, tl.maximum(ref, 1.1754943508222875e-38)),
+                       tl.where(d > 0.0, float("inf"), 0.0))
         tl.store(err_ptr + row, rel)
 
 
@@ -193,7 +198,7 @@ def quantize(ws: list[Tensor], kind: int, delta: float, levels: int, layer_thres
                              n, float(delta), float(levels), KIND=kind, MASK=mask_kind, LAYER_THR=layer,
                              VALUES=values is not None, CODES=codes is not None, SCALES=scales is not None,
                              ERR_CH=bool(outputs & OUT_ERROR_CHANNEL), ERR_EL=bool(outputs & OUT_ERROR_ELEMENT),
-                             BLOCK=_block(n))
+                             BLOCK=_block(n), **EXACT)
     return out
 
 
@@ -209,7 +214,7 @@ def _mse_errors(w_ptr, safe_ptr, ratios_ptr, err_ptr, n, k, levels, BLOCK_K: tl.
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(w_ptr + row * n + offs, mask=offs < n, other=0.0)[None, :]
-        d = _rint(_clamp(x / s[:, None], -levels, levels)) * s[:, None] - x  # 0 past the row's end
+        d = _rint(_clamp(tl.div_rn(x, s[:, None]), -levels, levels)) * s[:, None] - x  # 0 past the row's end
         acc += tl.sum(d * d, axis=1)
     tl.store(err_ptr + row * k + cand, acc, mask=cand < k)
 
@@ -223,7 +228,7 @@ def mse_errors(w: Tensor, safe: Tensor, ratios: Tensor, levels: int) -> Tensor:
     if m and k:
         block_k = triton.next_power_of_2(k)
         _mse_errors[(m,)](w, safe, ratios, errors, n, k, float(levels), BLOCK_K=block_k,
-                          BLOCK=_block(n, max(16, 4096 // block_k)))
+                          BLOCK=_block(n, max(16, 4096 // block_k)), **EXACT)
     return errors
 
 
@@ -238,14 +243,15 @@ def _codes_at_ratio(w_ptr, ratio_ptr, out_ptr, scales_ptr, n, levels, VALUES: tl
         x = tl.load(w_ptr + row * n + offs, mask=offs < n, other=0.0)
         top = tl.maximum(top, tl.abs(x))
         nan = tl.maximum(nan, (x != x).to(tl.int32))
-    top = tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(top, axis=0)) / levels
-    divisor = tl.where(top > 0.0, top, 1.0) * tl.load(ratio_ptr + row)
-    scale = tl.where(top > 0.0, divisor, 0.0)
+    row_top = tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(top, axis=0))
+    row_top = tl.div_rn(row_top, levels)  # NaN as torch's amax
+    divisor = tl.where(row_top > 0.0, row_top, 1.0) * tl.load(ratio_ptr + row)
+    scale = tl.where(row_top > 0.0, divisor, 0.0)
     tl.store(scales_ptr + row, scale)
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(w_ptr + row * n + offs, mask=offs < n, other=0.0)
-        c = _rint(_clamp(x / divisor, -levels, levels))
+        c = _rint(_clamp(tl.div_rn(x, divisor), -levels, levels))
         if VALUES:
             c = c * scale
         tl.store(out_ptr + row * n + offs, c, mask=offs < n)
@@ -258,7 +264,7 @@ def kbit_codes_at_ratio(w: Tensor, ratio: Tensor, levels: int, values: bool = Fa
     m, n = w.shape
     out, scales = torch.empty_like(w), w.new_empty(m)
     if m:
-        _codes_at_ratio[(m,)](w, ratio, out, scales, n, float(levels), VALUES=values, BLOCK=_block(n))
+        _codes_at_ratio[(m,)](w, ratio, out, scales, n, float(levels), VALUES=values, BLOCK=_block(n), **EXACT)
     return out, scales
 
 
@@ -271,7 +277,7 @@ def _lsq_forward(x_ptr, y_ptr, step_ptr, numel, lo, hi, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     s = tl.load(step_ptr).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0)
-    tl.store(y_ptr + offs, _rint(_clamp(x / s, lo, hi)) * s, mask=offs < numel)
+    tl.store(y_ptr + offs, _rint(_clamp(tl.div_rn(x, s), lo, hi)) * s, mask=offs < numel)
 
 
 @triton.jit
@@ -284,7 +290,7 @@ def _lsq_backward(x_ptr, g_ptr, gx_ptr, partial_ptr, step_ptr, numel, lo, hi, BL
     s = tl.load(step_ptr).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=ok, other=0.0)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0)
-    v = x / s
+    v = tl.div_rn(x, s)
     inside = (v > lo) & (v < hi)
     term = _rint(_clamp(v, lo, hi)) - tl.where(inside, v, 0.0)
     tl.store(gx_ptr + offs, tl.where(inside, g, 0.0), mask=ok)
@@ -300,7 +306,7 @@ def lsq_forward(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
     y = torch.empty_like(x)
     if x.numel():
         _lsq_forward[(triton.cdiv(x.numel(), LSQ_BLOCK),)](x, y, step.detach().reshape(1), x.numel(), float(qmin),
-                                                           float(qmax), BLOCK=LSQ_BLOCK)
+                                                           float(qmax), BLOCK=LSQ_BLOCK, **EXACT)
     return y
 
 
@@ -317,7 +323,7 @@ def lsq_backward(x: Tensor, grad: Tensor, step: Tensor, qmin: int, qmax: int) ->
     partial = torch.zeros(max(blocks, 1), dtype=torch.float64, device=x.device)
     if blocks:
         _lsq_backward[(blocks,)](x, grad, gx, partial, step.detach().reshape(1), x.numel(), float(qmin), float(qmax),
-                                 BLOCK=LSQ_BLOCK)
+                                 BLOCK=LSQ_BLOCK, **EXACT)
     return gx, partial.sum()
 
 
