@@ -66,7 +66,17 @@ def ops(torch, device: str, small: bool) -> dict:
                 fn()
         return run
 
+    found = {}
+    try:  # the ESB plugin's kernel, where the plugin is installed
+        import sqdist_esb
+
+        levels = torch.tensor(sqdist_esb.esb_levels(4, 1), device=device)
+        kept = sqdist_esb.esb_fit_scale(w, levels)
+        found["esb4 levels + refit"] = (lambda: sqdist_esb.esb_codes_refined(w, levels, kept, 1, values=True), 2 * nw)
+    except ImportError:
+        pass
     return {
+        **found,
         "sq_step bwn": (sq_step(BWN()), 3 * nw),  # read W for the errors and the hybrid, write W~
         "sq_step twn": (sq_step(TWN()), 3 * nw),
         "sq_step kbit4 max": (sq_step(KBit(4, scale="max")), 3 * nw),
