@@ -128,8 +128,9 @@ def quantize_many(ws: Sequence[Tensor], kind: str, *, delta: float = 0.7, bits: 
                   threshold: str = "row", masks: Sequence[Tensor | None] | None = None,
                   values: bool = False, codes: bool = False, scales: bool = False,
                   error: str | None = None) -> Fused | None:
-    """Run the fused op on weights ``ws`` (each (m, n), any layout) in as few launches as
-    their devices and dtypes allow; None when no compiled op serves them all.
+    """Run the fused op on weights ``ws`` (each (m, n), any layout), one call per backend, device and
+    dtype (the C++ op loops over all its weights; Triton launches once per weight); None when no fast op
+    serves them all.
 
     Args:
         kind: ``bwn``, ``twn`` or ``kbit`` (with ``delta``/``threshold`` or ``bits``).
@@ -184,7 +185,7 @@ class _HybridWeight(torch.autograd.Function):
 def hybrid_weight(weight: Tensor, kind: str, mask: Tensor | None = None, *, delta: float = 0.7,
                   bits: int = 4, threshold: str = "row") -> Tensor | None:
     """Fused hybrid weight of ``weight`` (any shape, dim 0 = rows) with straight-through
-    gradient, or None when no compiled op serves it.
+    gradient, or None when no fast op serves it.
 
     ``mask``: None (all quantized), bool (rows,) or the weight's own shape per element.
     """

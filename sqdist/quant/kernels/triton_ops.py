@@ -17,11 +17,12 @@ op                           reference
 
 Without a GPU, ``TRITON_INTERPRET=1`` (set before this module is imported: ``triton.jit`` reads it
 when it decorates) runs the same kernels on CPU tensors with numpy; that is how CI runs them.
-Everything is computed in float32 (row sums in float64, as the CPU op does) with IEEE divisions and no
-FMA contraction (:data:`EXACT`), rounding is half to even
-by :func:`_rint` (exact and the same on the GPU and in the interpreter), and NaN propagates as in
-the references: a reduction does not rely on ``tl.max`` for NaN (it ignores NaN on the GPU, numpy
-does not), but on the row's sum of ``|w|``.
+Everything is computed in float32 (row sums in float64, as the CPU op does) with IEEE divisions and
+no FMA contraction (:data:`EXACT`); rounding is half to even by :func:`_rint` (exact, and the same on
+the GPU and in the interpreter); NaN propagates as in the references: a reduction does not rely on
+``tl.max`` for NaN (it ignores NaN on the GPU, numpy does not), but on the row's sum of ``|w|``.
+The gradients need no kernel of their own but LSQ's: the hybrid weight's is straight through
+(``kernels._HybridWeight``). Plugins keep their kernels with them (ESB: ``sqdist_esb/esb_triton.py``).
 """
 from __future__ import annotations
 
