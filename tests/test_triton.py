@@ -203,8 +203,18 @@ def test_mse_errors_match_reference(bits, triton_kernels):
     want = (torch.div(w[:, None, :], s).round().clamp(-levels, levels) * s - w[:, None, :]).square().sum(2)
     torch.testing.assert_close(errors, want, rtol=1e-5, atol=1e-12, equal_nan=True)
     assert errors[3].isnan().all() and (errors[1] == 0).all()  # the NaN row, the zero row
+    # the search through these errors picks the reference's ratio, or on a near-tie (another summation
+    # order, a GPU's) one whose error equals it to float32 rounding
     finite = [0, 1, 2, 4, 5, 6]
-    assert torch.equal(kbit_mse_ratio(w[finite], bits), _ratio_by_reference(w[finite], bits))
+    got, want = kbit_mse_ratio(w[finite], bits), _ratio_by_reference(w[finite], bits)
+    wf, sf = w[finite], safe[finite]
+
+    def err(r):
+        s = (sf * r)[:, None]
+        return (torch.div(wf, s).round().clamp(-levels, levels) * s - wf).square().double().sum(1)
+    differ = got != want
+    assert int(differ.sum()) <= 1
+    torch.testing.assert_close(err(got)[differ], err(want)[differ], rtol=1e-5, atol=1e-12)
 
 
 def _ratio_by_reference(w, bits):

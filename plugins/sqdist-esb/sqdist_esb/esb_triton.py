@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sqdist.quant.kernels.triton_ops import EXACT
+from sqdist.quant.kernels.triton_ops import launch
 
 
 @triton.jit
@@ -69,6 +69,6 @@ def refined(w: Tensor, scale: Tensor, linear_bits: int, top: float, values: bool
     add = (1 << (22 - linear_bits)) - 1
     mask = ~((1 << (23 - linear_bits)) - 1)  # negative: the same bits as the reference's int32 mask
     if m:
-        _refined[(m,)](w, scale, out, s, n, add, mask, float(top), VALUES=values,
-                       BLOCK=max(16, min(triton.next_power_of_2(max(n, 1)), 2048)), **EXACT)
+        launch(_refined, (m,), w, w, scale, out, s, n, add, mask, float(top), VALUES=values,
+               BLOCK=max(16, min(triton.next_power_of_2(max(n, 1)), 2048)))
     return out, s

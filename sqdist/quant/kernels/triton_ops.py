@@ -26,6 +26,8 @@ The gradients need no kernel of their own but LSQ's: the hybrid weight's is stra
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -39,6 +41,13 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # round as the references' separate operations do (the divisions are tl.div_rn, IEEE round to nearest:
 # Triton's `/` on float32 is the approximate div.full.f32)
 EXACT = {"enable_fp_fusion": False}
+
+
+def launch(kernel, grid: tuple, like: Tensor, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` with :data:`EXACT`, on the GPU that holds ``like`` (Triton launches on
+    the current device, which need not be the tensor's)."""
+    with torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext():
+        kernel[grid](*args, **kwargs, **EXACT)
 
 
 @triton.jit
@@ -194,12 +203,12 @@ def quantize(ws: list[Tensor], kind: int, delta: float, levels: int, layer_thres
         layer = kind == KIND_TWN and layer_threshold
         thr = (delta * (w.float() - w.float().mean()).abs().mean()).reshape(1) if layer else w
         mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else w  # bool as bytes: one load path
-        _quantize_rows[(m,)](w, mask_u8, thr, values if values is not None else w, codes if codes is not None else w,
+        launch(_quantize_rows, (m,), w, w, mask_u8, thr, values if values is not None else w, codes if codes is not None else w,
                              scales if scales is not None else w, error if error is not None else w,
                              n, float(delta), float(levels), KIND=kind, MASK=mask_kind, LAYER_THR=layer,
                              VALUES=values is not None, CODES=codes is not None, SCALES=scales is not None,
                              ERR_CH=bool(outputs & OUT_ERROR_CHANNEL), ERR_EL=bool(outputs & OUT_ERROR_ELEMENT),
-                             BLOCK=_block(n), **EXACT)
+                             BLOCK=_block(n))
     return out
 
 
@@ -228,8 +237,8 @@ def mse_errors(w: Tensor, safe: Tensor, ratios: Tensor, levels: int) -> Tensor:
     errors = torch.empty(m, k, device=w.device)
     if m and k:
         block_k = triton.next_power_of_2(k)
-        _mse_errors[(m,)](w, safe, ratios, errors, n, k, float(levels), BLOCK_K=block_k,
-                          BLOCK=_block(n, max(16, 4096 // block_k)), **EXACT)
+        launch(_mse_errors, (m,), w, w, safe, ratios, errors, n, k, float(levels), BLOCK_K=block_k,
+               BLOCK=_block(n, max(16, 4096 // block_k)))
     return errors
 
 
@@ -265,7 +274,7 @@ def kbit_codes_at_ratio(w: Tensor, ratio: Tensor, levels: int, values: bool = Fa
     m, n = w.shape
     out, scales = torch.empty_like(w), w.new_empty(m)
     if m:
-        _codes_at_ratio[(m,)](w, ratio, out, scales, n, float(levels), VALUES=values, BLOCK=_block(n), **EXACT)
+        launch(_codes_at_ratio, (m,), w, w, ratio, out, scales, n, float(levels), VALUES=values, BLOCK=_block(n))
     return out, scales
 
 
@@ -306,8 +315,8 @@ def lsq_forward(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
     if x.numel():
-        _lsq_forward[(triton.cdiv(x.numel(), LSQ_BLOCK),)](x, y, step.detach().reshape(1), x.numel(), float(qmin),
-                                                           float(qmax), BLOCK=LSQ_BLOCK, **EXACT)
+        launch(_lsq_forward, (triton.cdiv(x.numel(), LSQ_BLOCK),), x, x, y, step.detach().reshape(1), x.numel(),
+               float(qmin), float(qmax), BLOCK=LSQ_BLOCK)
     return y
 
 
@@ -323,8 +332,8 @@ def lsq_backward(x: Tensor, grad: Tensor, step: Tensor, qmin: int, qmax: int) ->
     blocks = triton.cdiv(x.numel(), LSQ_BLOCK)
     partial = torch.zeros(max(blocks, 1), dtype=torch.float64, device=x.device)
     if blocks:
-        _lsq_backward[(blocks,)](x, grad, gx, partial, step.detach().reshape(1), x.numel(), float(qmin), float(qmax),
-                                 BLOCK=LSQ_BLOCK, **EXACT)
+        launch(_lsq_backward, (blocks,), x, x, grad, gx, partial, step.detach().reshape(1), x.numel(), float(qmin),
+               float(qmax), BLOCK=LSQ_BLOCK)
     return gx, partial.sum()
 
 
