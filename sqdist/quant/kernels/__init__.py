@@ -87,7 +87,8 @@ def backend_for(t: Tensor) -> str | None:
         return None
     if m == "triton":
         # a CPU tensor only when the interpreter runs the kernels (a compiled Triton kernel needs a GPU)
-        backend = "triton" if dev == "cuda" or (ops("triton") is not None and ops("triton").INTERPRETED) else None
+        interpreted = dev == "cpu" and ops("triton") is not None and ops("triton").INTERPRETED
+        backend = "triton" if dev == "cuda" or interpreted else None
     elif dev == "cpu" and m in ("auto", "cpu"):
         backend = "cpu"
     elif dev == "cuda" and m in ("auto", "cuda"):
