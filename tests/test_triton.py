@@ -310,6 +310,7 @@ def test_esb_refined_matches_reference(bits, m):
     ``esb_codes_refined_reference``: levels exactly (midpoints included), scales within the float64 sums'
     order, ``values`` the levels times the scales; a row with scale 0, a zero row, a NaN."""
     sqdist_esb = pytest.importorskip("sqdist_esb")
+    from sqdist_esb import esb_triton  # the plugin's Triton kernel: not optional where the plugin is installed
     levels = torch.tensor(sqdist_esb.esb_levels(bits, m))
     g = torch.Generator().manual_seed(bits + m)
     w = torch.randn(9, 301, generator=g) * 0.05
@@ -325,6 +326,7 @@ def test_esb_refined_matches_reference(bits, m):
     c, s = sqdist_esb.esb_codes_refined(w, levels, scale, m)
     q, s2 = sqdist_esb.esb_codes_refined(w, levels, scale, m, values=True)
     assert same(c, ref_c) and same(s2, s) and same(q, c * s[:, None])
+    assert same(c, esb_triton.refined(w, scale, m, float(levels[-1]))[0])  # the kernel, called directly
     torch.testing.assert_close(s, ref_s, rtol=1e-6, atol=0, equal_nan=True)
     # (a NaN's bits may round to +inf, then the top level, or stay NaN, with linear_bits: as in the reference)
     assert not c[5].any() and s[5] == 0 and s[3] == scale[3] and c.abs().nansum() > 0
