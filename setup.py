@@ -1,11 +1,12 @@
-"""Optional install-time build of sqdist's compiled SQ kernels (csrc/).
+"""Optional install-time build of sqdist's compiled CPU SQ kernels (csrc/).
 
 A plain ``pip install -e .`` compiles nothing: sqdist JIT-builds the kernels on
 first use, once per source change, into ``~/.cache/sqdist/kernels``
 (``SQDIST_KERNEL_CACHE``). To compile them during the install instead::
 
-    SQDIST_BUILD_EXT=cpu  pip install --no-build-isolation -e .   # the C++/OpenMP op
-    SQDIST_BUILD_EXT=cuda pip install --no-build-isolation -e .   # and the CUDA op (nvcc)
+    SQDIST_BUILD_EXT=cpu pip install --no-build-isolation -e .   # the C++/OpenMP op
+
+(The GPU's kernels are Triton's, compiled by Triton on first use: nothing to build here.)
 
 ``--no-build-isolation`` lets the build see the installed torch. A failed build
 is reported and skipped: sqdist then falls back to the JIT build or the reference.
@@ -24,8 +25,8 @@ def _kernel_build_options() -> dict:
     want = os.environ.get("SQDIST_BUILD_EXT", "").strip().lower()
     if want in ("", "0", "no", "none"):
         return {}
-    if want not in ("1", "cpu", "cuda"):
-        sys.exit(f"SQDIST_BUILD_EXT={want!r}; allowed: cpu, cuda (or unset)")
+    if want not in ("1", "cpu"):
+        sys.exit(f"SQDIST_BUILD_EXT={want!r}; allowed: cpu (or unset; the GPU's Triton kernels need no build)")
     try:
         from torch.utils import cpp_extension
     except ImportError:
@@ -39,30 +40,13 @@ def _kernel_build_options() -> dict:
     csrc = ROOT / "csrc"
     out_dir = ROOT / "sqdist" / "quant" / "kernels"
 
-    def ext(backend):
-        key = kb.source_hash(backend)
-        sources = [str((csrc / s).relative_to(ROOT)) for s in kb.SOURCES[backend]]
-        cxx = [*kb.CFLAGS, f"-DSQDIST_SOURCE_HASH={key}"]
-        if backend == "cpu":
-            e = cpp_extension.CppExtension("sqdist.quant.kernels._sq_cpu", sources, include_dirs=[str(csrc)],
-                                           extra_compile_args=cxx, extra_link_args=list(kb.LDFLAGS))
-        else:
-            e = cpp_extension.CUDAExtension("sqdist.quant.kernels._sq_cuda", sources, include_dirs=[str(csrc)],
-                                            extra_compile_args={"cxx": cxx, "nvcc": list(kb.NVCC_FLAGS)},
-                                            extra_link_args=list(kb.LDFLAGS))
-        e.sqdist_stamp = (out_dir / f"_sq_{backend}.hash", key)
-        return e
-
-    exts = [ext("cpu")]
-    if want == "cuda":
-        home = kb.cuda_home()
-        if home is None:
-            print("sqdist: SQDIST_BUILD_EXT=cuda but no CUDA toolkit found (set CUDA_HOME); building the CPU op only",
-                  file=sys.stderr)
-        else:
-            cpp_extension.CUDA_HOME = home
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", kb.CUDA_ARCH_LIST)
-            exts.append(ext("cuda"))
+    key = kb.source_hash("cpu")
+    sources = [str((csrc / s).relative_to(ROOT)) for s in kb.SOURCES["cpu"]]
+    ext = cpp_extension.CppExtension("sqdist.quant.kernels._sq_cpu", sources, include_dirs=[str(csrc)],
+                                     extra_compile_args=[*kb.CFLAGS, f"-DSQDIST_SOURCE_HASH={key}"],
+                                     extra_link_args=list(kb.LDFLAGS))
+    ext.sqdist_stamp = (out_dir / "_sq_cpu.hash", key)
+    exts = [ext]
 
     class BuildKernels(cpp_extension.BuildExtension):
         """Builds each op; a failure is reported, never fatal (the JIT build or the reference remain)."""

@@ -226,9 +226,10 @@ def kill_resume(recipe: str, overrides: list[str], work: str, kill_after: int, t
 
 # ---------------------------------------------------------------- summary
 def junit_counts(paths: list[str]) -> dict:
-    """passed/failed/errors/skipped over junit files; the same for the tests whose id names cuda."""
+    """passed/failed/errors/skipped over junit files; the same for the tests whose id names cuda, and for
+    the Triton kernels' tests (tests/test_triton.py)."""
     total = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    cuda = dict(total)
+    cuda, triton = dict(total), dict(total)
     failed_ids = []
     for path in paths:
         try:
@@ -244,9 +245,11 @@ def junit_counts(paths: list[str]) -> dict:
             name = f"{case.get('classname', '')}::{case.get('name', '')}"
             if "cuda" in name.lower():
                 cuda[outcome] += 1
+            if "test_triton" in name:
+                triton[outcome] += 1
             if outcome in ("failed", "errors"):
                 failed_ids.append(name)
-    return {**total, "cuda": cuda, "failed_ids": failed_ids[:50]}
+    return {**total, "cuda": cuda, "triton": triton, "failed_ids": failed_ids[:50]}
 
 
 def _load_json(path: str):
@@ -270,12 +273,13 @@ def summary(work: str, out: str, mode: str) -> dict:
                     steps[s.pop("name")] = s
     env = _load_json(os.path.join(work, "env.json"))
     report = {
-        "issue": 17, "mode": mode, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "issue": [17, 35], "mode": mode, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": env.get("device"), "torch": env.get("torch"), "cuda": env.get("cuda"), "python": env.get("python"),
         "env": env, "steps": steps,
         "tests": junit_counts(sorted(glob.glob(os.path.join(work, "junit*.xml")))),
     }
-    for key, name in (("build", "build.json"), ("kernels", "kernels.json"), ("throughput", "throughput.json")):
+    for key, name in (("build", "build.json"), ("kernels", "kernels.json"), ("throughput", "throughput.json"),
+                      ("triton_kernels", "triton_kernels.json"), ("methods", "methods.json")):
         path = os.path.join(work, name)
         if os.path.exists(path):
             report[key] = _load_json(path)
@@ -300,7 +304,8 @@ def figures(report: dict) -> dict:
     fig: dict = {}
     t = report["tests"]
     fig["tests"] = f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped " \
-                   f"(cuda: {t['cuda']['passed']} passed, {t['cuda']['failed']} failed, {t['cuda']['skipped']} skipped)"
+                   f"(cuda: {t['cuda']['passed']} passed, {t['cuda']['failed']} failed, {t['cuda']['skipped']} skipped; " \
+                   f"triton: {t['triton']['passed']} passed, {t['triton']['failed']} failed, {t['triton']['skipped']} skipped)"
     k = report.get("kernels") or {}
     if "info" in k:
         fig["copy_gbps"] = k["info"].get("copy_gbps")
@@ -309,6 +314,12 @@ def figures(report: dict) -> dict:
                 fig[f"kernels/{name}"] = {key: r.get(key) for key in ("kernel_s", "speedup", "gbps", "of_copy",
                                                                      "device_s", "device_gbps", "device_of_copy")
                                           if key in r}
+    for name, r in ((report.get("triton_kernels") or {}).get("ops") or {}).items():
+        fig[f"triton/{name}"] = {key: r.get(key) for key in ("reference_ms", "triton_ms", "speedup", "gbps", "of_copy")
+                                 if key in r}
+    methods = (report.get("methods") or {}).get("resnet50") or []
+    if methods:
+        fig["resnet50_step_ms"] = {r["method"]: r.get("step_ms", r.get("status")) for r in methods}
     tp = report.get("throughput") or {}
     if "results" in tp:
         fig["throughput_images_per_s"] = {n: r.get("images_per_s") for n, r in tp["results"].items()}

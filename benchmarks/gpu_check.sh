@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The GPU check (issue 17), in one go, in under 8 minutes; everything it keeps goes under $OUT:
+# The GPU check (issues 17 and 35), in one go, in under 10 minutes; everything it keeps goes under $OUT:
 #   gpu.json       the summary: device, torch, test counts, every figure, each step's outcome
 #   gpu_check.log  one line per step, the table, and the tail of each failing step's log
 #   logs.tar.gz    every step's full log and raw output (junit, benchmark JSON, run summaries)
 # (three files: the device machine brings back at most eight.)
 #
 # Steps, each bounded by `timeout` and by what is left of the budget ($GPU_CHECK_BUDGET_S,
-# default 450 s), in the order of what matters most; a failing step is recorded and the
+# default 540 s), in the order of what matters most; a failing step is recorded and the
 # script goes on:
 #   env         python/torch/device (+ nvidia-smi)
-#   build_*     the CPU and the CUDA SQ ops (in parallel)
+#   build_cpu   the CPU SQ op (the GPU's kernels are Triton's: compiled by Triton on first use)
+#   triton_tests  tests marked triton (tests/test_triton.py) natively on CUDA tensors (junit)
 #   tests       tests/test_kernels.py + tests/test_dist.py (junit), then every other test marked gpu
+#   triton_kernels  benchmarks/triton_kernels.py --json: each Triton kernel against its PyTorch
+#               reference and against the measured copy bandwidth
+#   methods_r50 benchmarks/method_speed.py: a resnet50 224x224 training step with every method
 #   kernels     benchmarks/kernels.py --device cuda --json: GB/s against the measured copy bandwidth
 #   throughput  benchmarks/throughput.py --json: resnet50, batch 128, 224x224, bf16, channels_last
 #   digits_*    recipes/digits_sq_twn.yaml with fused and with reference kernels (top-1, SQ share
@@ -45,14 +49,13 @@ done
 cd "$root"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export SQDIST_KERNEL_CACHE=${SQDIST_KERNEL_CACHE:-/tmp/sqdist-kernels}  # the .so files stay out of $OUT
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export WANDB_MODE=offline WANDB_SILENT=true
 log=$out/gpu_check.log
 : > "$log"
 say() { echo "$*" | tee -a "$log"; }
 
-budget=${GPU_CHECK_BUDGET_S:-450}  # seconds from the start; the summary's 30 s at most come on top
+budget=${GPU_CHECK_BUDGET_S:-540}  # seconds from the start; the summary's 30 s at most come on top
 reserve=20  # a killed step's 5 s grace, and the archive
 left() { echo $(( budget - reserve - ($(date +%s) - start_all) )); }
 
@@ -120,6 +123,9 @@ if [ "$dry" = 1 ]; then
   half=fp32  # the kill-and-resume's precision: fp16 needs a GPU, and bf16 convolutions crawl on a CPU
   kern=(--device cpu --repeats 1 --warmup 1 --quantizers bwn,twn)  # kbit4: its CPU reference is slow
   thru=(--device cpu --model resnet18 --batch 4 --image-size 32 --steps 2 --warmup 1 --dtype fp32)
+  tkern=(--device cpu --repeats 1 --warmup 1)  # tiny sizes in Triton's interpreter
+  r50_rows="FP,TWN"  # a resnet50 step at 224x224 takes seconds on a CPU
+  r50=(--r50-batch 2 --r50-steps 1)
 else
   digits=(train.progress=false)  # the recipe as it is
   mixed=()
@@ -128,39 +134,44 @@ else
   half=fp16
   kern=(--device cuda --repeats 10)
   thru=(--device cuda --model resnet50 --batch 128 --image-size 224 --steps 30 --warmup 10 --dtype bf16)
+  tkern=(--device cuda --repeats 20)
+  r50_rows=$("$py" benchmarks/method_speed.py --list 2>/dev/null | paste -sd, -)  # every method
+  r50=(--r50-batch 32 --r50-steps 1)
 fi
 
 step env 60 "$py" benchmarks/gpu_check.py env --json "$work/env.json"
 say "$(cat "$work/env.json" 2>/dev/null | tr -d '\n' | cut -c1-400)"
 
-# ---- 1. build the ops (CPU and CUDA in parallel; the cache keeps them for the steps after)
-step build_cpu 120 "$py" -m sqdist.quant.kernels._build cpu &
-if [ "$dry" = 0 ]; then
-  step build_cuda 240 "$py" -m sqdist.quant.kernels._build cuda &
-else
-  skip build_cuda "cpu dry run"
-fi
-wait
+# ---- 1. build the CPU op (the cache keeps it for the steps after)
+step build_cpu 120 "$py" -m sqdist.quant.kernels._build cpu
 
-# ---- 2. tests: the kernel and broadcast tests (CUDA ones run here), then the rest marked gpu
+# ---- 2. tests: the Triton kernels natively (in the dry run: in the interpreter, which conftest selects
+# without a GPU), the kernel and broadcast tests (CUDA ones run here), then the rest marked gpu
+step triton_tests 150 "$py" -m pytest -q -rs -p no:cacheprovider -m triton tests/test_triton.py \
+  --junitxml="$work/junit-triton.xml"
 step tests 180 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_dist.py \
   --junitxml="$work/junit-kernels.xml"
 ok_rc="0 5" step tests_gpu_marked 90 "$py" -m pytest -q -rs -p no:cacheprovider -m gpu tests \
   --ignore=tests/test_kernels.py --ignore=tests/test_dist.py --junitxml="$work/junit-gpu.xml"  # 5: none collected
 
-# ---- 3. the SQ step against the copy bandwidth
+# ---- 3. each Triton kernel against its reference and the copy bandwidth; a resnet50 step with every method
+stdout_to=$work/triton_kernels.json step triton_kernels 120 "$py" benchmarks/triton_kernels.py --json "${tkern[@]}"
+stdout_to=$work/methods.json step methods_r50 180 "$py" benchmarks/method_speed.py --json --no-memory --rows FP \
+  --steps 1 --rounds 1 --warmup 0 --r50-rows "$r50_rows" "${r50[@]}"
+
+# ---- 4. the SQ step against the copy bandwidth
 stdout_to=$work/kernels.json step kernels 120 "$py" benchmarks/kernels.py --json "${kern[@]}"
 
-# ---- 4. training throughput: FP, QAT, SQ (fused and reference)
+# ---- 5. training throughput: FP, QAT, SQ (fused and reference)
 stdout_to=$work/throughput.json step throughput 180 "$py" benchmarks/throughput.py --json "${thru[@]}"
 
-# ---- 5. the digits recipe on one device: fused vs reference kernels (one at a time: timed)
+# ---- 6. the digits recipe on one device: fused vs reference kernels (one at a time: timed)
 step digits_fused 120 env SQDIST_KERNELS=auto "$py" benchmarks/gpu_check.py train "$recipe" "${digits[@]}" \
   run.dir="$work/runs/fused" --json "$work/digits_fused.json"
 step digits_reference 120 env SQDIST_KERNELS=reference "$py" benchmarks/gpu_check.py train "$recipe" "${digits[@]}" \
   run.dir="$work/runs/reference" --json "$work/digits_reference.json"
 
-# ---- 6. mixed precision: bf16, fp16 and the fp16 kill-and-resume side by side (accuracy and bits, not time)
+# ---- 7. mixed precision: bf16, fp16 and the fp16 kill-and-resume side by side (accuracy and bits, not time)
 step digits_bf16 150 "$py" benchmarks/gpu_check.py train "$recipe" "${digits[@]}" ${mixed[@]+"${mixed[@]}"} engine.mixed_precision=bf16 \
   run.dir="$work/runs/bf16" --json "$work/digits_bf16.json" &
 if [ "$dry" = 0 ]; then

@@ -4,7 +4,8 @@ One "SQ step" is what training does every iteration for every quantized layer:
 the errors of all layers (``SQController.errors``, channel granularity) and the
 hybrid weight ``where(mask, q(W), W)`` of every layer (a 50% channel mask), both
 without autograd. It runs through sqdist's own API, once with
-``SQDIST_KERNELS=reference`` and once with the compiled op of the device, in the
+``SQDIST_KERNELS=reference`` and once with the fast path of the device (``SQDIST_KERNELS=cpu``:
+the C++ op; ``cuda``: the Triton kernels), in the
 same process, interleaved repeat by repeat; the median of the repeats is reported.
 
 On a GPU, ``gbps`` is the bytes the step must move (read W twice: errors and

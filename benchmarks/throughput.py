@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     info = {"model": args.model, "batch": args.batch, "image_size": args.image_size, "dtype": args.dtype,
             "steps": args.steps, "warmup": args.warmup, "device": device.type, "torch": torch.__version__,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "compiled_kernels": kernels.ops(device.type) is not None}
+            "kernel_backend": kernels.backend_for(torch.empty(0, device=device))}
     report = {"info": info, "results": results, "ratios": ratios(results)}
     print(json.dumps(report, indent=1) if args.json else table(report))
     return 0 if all("error" not in r for r in results.values()) else 1

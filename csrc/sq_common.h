@@ -1,6 +1,6 @@
-// Per-row math of the fused SQ ops, shared by the CPU (sq_cpu.cpp) and CUDA
-// (sq_cuda_kernel.cu) implementations. Mirrors the references in
-// sqdist/quantizers.py: bwn_reference, twn_reference, kbit_reference,
+// Per-row math of the fused CPU SQ op (sq_cpu.cpp; the GPU's is the Triton kernel
+// sqdist/quant/kernels/triton_ops.py). Mirrors the references in
+// sqdist/quant/weights.py: bwn_reference, twn_reference, kbit_reference,
 // quantization_error. Everything is computed in fp32 (sums in fp64) whatever
 // the storage dtype; the scale is rounded to the storage dtype before Q is
 // formed, so Q, the codes and the errors describe the weight the model uses.
@@ -8,11 +8,7 @@
 #include <cstdint>
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define SQ_HD __host__ __device__ __forceinline__
-#else
 #define SQ_HD inline
-#endif
 
 namespace sqdist {
 
@@ -31,7 +27,7 @@ enum MaskKind : int32_t { MASK_ALL = 0, MASK_ROW = 1, MASK_ELEMENT = 2 };
 
 // One (m, n) weight and where its results go. Pointers of outputs not asked
 // for are null. Rows of all jobs of one call are numbered consecutively from
-// row0, so one launch (or one OpenMP loop) covers every layer.
+// row0, so one OpenMP loop covers every layer.
 struct Job {
   const void* w;
   void* values;

@@ -1,4 +1,4 @@
-// Argument checks and output allocation shared by the CPU and CUDA ops.
+// Argument checks and output allocation of the CPU op.
 #pragma once
 #include <ATen/ATen.h>
 #include <string>
@@ -12,7 +12,7 @@ namespace sqdist {
 using TensorList4 = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>,
                                std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
-// Schema of the op, identical in both namespaces (sqdist_cpu, sqdist_cuda):
+// Schema of the op (sqdist_cpu; the Triton module sqdist.quant.kernels.triton_ops takes the same arguments):
 //   ws       (m, n) weights, contiguous, one device, one dtype (fp32/fp16/bf16)
 //   kind     0 bwn, 1 twn, 2 kbit
 //   delta    TWN threshold factor; levels: k-bit positive levels 2^(k-1)-1

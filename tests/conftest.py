@@ -1,6 +1,16 @@
 """Shared fixtures of the sqdist test suite (keep small; add what several files need)."""
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels (tests marked ``triton``) run in Triton's interpreter. ``triton.jit``
+# reads TRITON_INTERPRET when it decorates a kernel, so it is set here, before any test module imports
+# sqdist's kernels. Nothing else changes: the interpreter serves CPU tensors only where SQDIST_KERNELS=triton
+# asks for it (``auto`` keeps the C++ ops on the CPU), and torch reads the variable only for
+# inductor's GPU kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -43,11 +43,11 @@ def kbit_codes_at_ratio(w: Tensor, ratio: Tensor, bits: int = 4, values: bool = 
     """k-bit codes and scales of ``w`` (m, n) at ``scale_i = ratio_i * max|w_i| / L`` (``ratio`` (m,)); a zero row
     gets scale 0. With the ratio of :func:`kbit_mse_ratio` this is :func:`kbit_mse_reference`. ``values``:
     ``codes * scale[:, None]`` (the quantized weight) instead of the codes. On the CPU (float32) the compiled
-    ``kbit_codes_at_ratio`` (one pass a row, the products written there), else :func:`kbit_codes_at_ratio_reference`."""
-    from .kernels import cpu_op
+    ``kbit_codes_at_ratio`` (on CUDA its Triton kernel; one pass a row, the products written there), else :func:`kbit_codes_at_ratio_reference`."""
+    from .kernels import fast_op
 
     levels = 2 ** (bits - 1) - 1
-    op = cpu_op("kbit_codes_at_ratio", w) if w.dim() == 2 else None
+    op = fast_op("kbit_codes_at_ratio", w) if w.dim() == 2 else None
     if op is None:
         codes, scale = kbit_codes_at_ratio_reference(w, ratio, bits)
         return (codes * scale[:, None] if values else codes), scale
@@ -82,11 +82,11 @@ def kbit_codes_at_ratio_reference(w: Tensor, ratio: Tensor, bits: int = 4) -> tu
 def _best_ratio(w: Tensor, safe: Tensor, ratios: Tensor, levels: int) -> Tensor:
     """Per row, the ratio ``ratios[i, j]`` whose scale ``safe_i * ratios[i, j]`` has the least
     squared error (the first one on a tie); ``w`` (m, n), ``ratios`` (m, k) -> (m,). On the CPU the
-    compiled ``mse_errors`` (every candidate of a row in one pass over it) when it is available,
+    compiled ``mse_errors`` (on CUDA its Triton kernel; every candidate of a row in one pass over it) when it is available,
     else :func:`_best_ratio_reference`."""
-    from .kernels import cpu_op
+    from .kernels import fast_op
 
-    op = cpu_op("mse_errors", w)
+    op = fast_op("mse_errors", w)
     if op is None:
         return _best_ratio_reference(w, safe, ratios, levels)
     return ratios.gather(1, op(w, safe, ratios, levels).argmin(dim=1)[:, None]).squeeze(1)

@@ -64,16 +64,16 @@ class _LSQQuantize(torch.autograd.Function):
     """LSQ's forward and both gradients with few passes over ``x`` and no saved temporaries: only
     ``x`` and ``s`` are kept (the layer before usually keeps ``x`` already); the backward recomputes
     ``x / s`` and yields ``grad_x`` and ``grad_s`` together. On the CPU (float32) the compiled ops
-    do each direction in one pass; the PyTorch form below is their reference."""
+    do each direction in one pass (the Triton kernels on CUDA); the PyTorch form below is their reference."""
 
     @staticmethod
     def forward(ctx, x, step, qmin, qmax, grad_factor):
-        from .kernels import cpu_op  # lsq_forward / lsq_backward of csrc/sq_cpu.cpp: one pass each
+        from .kernels import fast_op  # lsq_forward / lsq_backward: one pass each (C++ on the CPU, Triton on CUDA)
 
         ctx.save_for_backward(x, step)
         ctx.qmin, ctx.qmax, ctx.grad_factor = qmin, qmax, grad_factor
-        op = cpu_op("lsq_forward", x) if step.numel() == 1 else None
-        ctx.compiled_backward = cpu_op("lsq_backward", x) if op is not None else None
+        op = fast_op("lsq_forward", x) if step.numel() == 1 else None
+        ctx.compiled_backward = fast_op("lsq_backward", x) if op is not None else None
         if op is not None:
             return op(x, step, qmin, qmax)
         return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)

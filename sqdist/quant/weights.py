@@ -193,7 +193,7 @@ class Quantizer(nn.Module):
         return torch.where(mask, quantized, weight)
 
     def fused_spec(self) -> dict | None:
-        """Parameters of the compiled SQ op (csrc/) that computes this quantizer, or None."""
+        """Parameters of the fused SQ op (C++ on the CPU, Triton on CUDA) that computes this quantizer, or None."""
         return None
 
     # what a subclass may redefine and still be what the fused op computes: nothing of these
@@ -256,8 +256,8 @@ class Quantizer(nn.Module):
 def layer_errors(quantizers: list[Quantizer], weights: list[Tensor], granularity: str = "channel") -> list[Tensor]:
     """``quantizers[i].error(weights[i], granularity)`` for every layer, (m,) or (m, n) each.
 
-    Layers whose quantizers the compiled op implements with the same parameters share one
-    call (one launch on a GPU for all of them); the others use their own ``error``.
+    Layers whose quantizers the fused op implements with the same parameters share one
+    call (one OpenMP loop on the CPU; on a GPU one Triton launch per layer); the others use their own ``error``.
     """
     out: list[Tensor | None] = [None] * len(weights)
     groups: dict[tuple, list[int]] = {}

@@ -167,15 +167,19 @@ def esb_codes_refined(w: Tensor, levels: Tensor, scale: Tensor, linear_bits: int
     the scale ``s`` (m,) of least ``||w_i - s c_i||_2`` for those levels (closed form
     ``<w_i, c_i> / <c_i, c_i>``; ``scale_i`` where ``c_i = 0``). Never a larger error than ``scale``.
     ``values``: ``c * s[:, None]`` (the quantized weight) instead of ``c``. On the CPU (float32 weights,
-    ``SQDIST_KERNELS`` auto or cpu) the compiled ``esb_cpu.cpp`` (two passes a row), else
-    :func:`esb_codes_refined_reference`: the same levels, and the same scales except where the two
-    summation orders (both in double, about 1e-13 relative apart) round across a float32 boundary."""
+    ``SQDIST_KERNELS`` auto or cpu) the compiled ``esb_cpu.cpp`` (two passes a row), on CUDA its Triton twin
+    (``esb_triton.py``), else :func:`esb_codes_refined_reference`: the same levels, and the same scales except
+    where the two summation orders (both in double, about 1e-13 relative apart) round across a float32 boundary."""
     from sqdist.quant import kernels
 
     if (w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and kernels.mode() in ("auto", "cpu")
             and kernel() is not None):
         out, s = kernel().refined(w.detach(), scale.detach(), linear_bits, float(levels[-1]), values)
         return out, s
+    if w.dtype == torch.float32 and w.dim() == 2 and kernels.backend_for(w) == "triton":
+        from .esb_triton import refined
+
+        return refined(w.detach(), scale.detach(), linear_bits, float(levels[-1]), values)
     c, s = esb_codes_refined_reference(w, levels, scale, linear_bits)
     return (c * s[:, None] if values else c), s
 

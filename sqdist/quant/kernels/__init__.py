@@ -1,23 +1,29 @@
-"""Fused SQ kernels (csrc/), chosen by ``SQDIST_KERNELS=reference|cpu|cuda|auto``.
+"""Fused SQ kernels, chosen by ``SQDIST_KERNELS=reference|cpu|cuda|triton|auto``.
 
-One compiled op per device, ``torch.ops.sqdist_cpu.quantize`` (C++/OpenMP) and
-``torch.ops.sqdist_cuda.quantize`` (sm_80/sm_90), computes for every row of a
-list of ``(m, n)`` weights, in one pass over memory after the per-row statistics:
-the codes, the scale, ``Q``, the hybrid weight ``where(mask, Q, W)`` and the
-normalized L1 error. ``torch.ops.sqdist_cpu.mse_errors`` is k-bit ``mse``'s scale
-search (:mod:`sqdist.quant.kbit_mse`), every candidate of a row in one pass. The
-pure-PyTorch references in :mod:`sqdist.quant.weights` and :mod:`sqdist.quant.kbit_mse`
-stay the ground truth (``tests/test_kernels.py`` holds the kernels to them).
+Two fast backends, each beside the pure-PyTorch references (in :mod:`sqdist.quant.weights`,
+:mod:`sqdist.quant.kbit_mse`, :mod:`sqdist.quant.lsq`), which stay the ground truth the tests hold
+them to:
+
+- ``cpu``: the compiled C++/OpenMP library ``torch.ops.sqdist_cpu`` (``csrc/sq_cpu.cpp``);
+- ``triton``: the Triton kernels of :mod:`sqdist.quant.kernels.triton_ops` (the GPU path; on CPU
+  tensors they run only under ``TRITON_INTERPRET=1``, which is how CI runs them).
+
+Both offer the same ops with the same signatures: ``quantize`` (for every row of a list of ``(m, n)``
+weights, in one pass over memory after the per-row statistics: the codes, the scale, ``Q``, the hybrid
+weight ``where(mask, Q, W)`` and the normalized L1 error), ``mse_errors`` (k-bit ``mse``'s scale search,
+every candidate of a row in one pass), ``kbit_codes_at_ratio`` and ``lsq_forward`` / ``lsq_backward``.
 
 ``SQDIST_KERNELS`` (default ``auto``), read at every call:
 
 - ``reference``: always the PyTorch reference;
-- ``cpu`` / ``cuda``: the compiled op for tensors on that device, the reference elsewhere;
-- ``auto``: the compiled op of the tensor's device (cpu or cuda) when it is available.
+- ``cpu``: the C++ ops for CPU tensors, the reference elsewhere;
+- ``cuda``: the Triton kernels for CUDA tensors, the reference elsewhere;
+- ``triton``: the Triton kernels for tensors on any device (CPU ones under ``TRITON_INTERPRET=1``);
+- ``auto``: the C++ ops on the CPU, the Triton kernels on CUDA.
 
-The compiled ops come from an install-time build or are JIT-built once into a
-cache (see :mod:`sqdist.quant.kernels._build`). When one cannot be built or loaded,
-sqdist warns once and uses the reference: the kernels are never required.
+The C++ ops come from an install-time build or are JIT-built once into a cache (see
+:mod:`sqdist.quant.kernels._build`); Triton compiles its kernels on first use. When a backend cannot
+be built or imported, sqdist warns once and uses the reference: the kernels are never required.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-MODES = ("reference", "cpu", "cuda", "auto")
+MODES = ("reference", "cpu", "cuda", "triton", "auto")
 KINDS = {"bwn": 0, "twn": 1, "kbit": 2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # bits of the op's `outputs` argument (csrc/sq_common.h)
@@ -47,19 +53,26 @@ def mode() -> str:
 
 
 def ops(backend: str):
-    """The loaded op namespace of ``backend`` (``cpu`` or ``cuda``), or None if unavailable.
+    """The op namespace of ``backend`` (``cpu``: ``torch.ops.sqdist_cpu``; ``triton``: the module
+    :mod:`sqdist.quant.kernels.triton_ops`), or None if unavailable.
 
-    The first call builds or loads it; a failure warns once and is remembered.
+    The first call builds, loads or imports it; a failure warns once and is remembered.
     """
     if backend not in _ops:
-        from . import _build
-
         try:
-            _ops[backend] = _build.load(backend)
-        except Exception as exc:  # any build/load failure means: use the reference
+            if backend == "triton":
+                from . import triton_ops  # imports triton: only where a tensor asks for it
+
+                _ops[backend] = triton_ops
+            else:
+                from . import _build
+
+                _ops[backend] = _build.load(backend)
+        except Exception as exc:  # any build/load/import failure means: use the reference
             reason = str(exc).strip().splitlines()
             reason = reason[-1] if reason else type(exc).__name__
-            warnings.warn(f"sqdist: the compiled {backend} SQ kernels are unavailable ({reason}); "
+            what = "Triton" if backend == "triton" else f"compiled {backend}"
+            warnings.warn(f"sqdist: the {what} SQ kernels are unavailable ({reason}); "
                           "using the PyTorch reference (set SQDIST_KERNELS=reference to silence this)",
                           RuntimeWarning, stacklevel=2)
             _ops[backend] = None
@@ -67,22 +80,35 @@ def ops(backend: str):
 
 
 def backend_for(t: Tensor) -> str | None:
-    """``"cpu"`` or ``"cuda"`` when a compiled op serves tensor ``t``, else None (reference)."""
+    """``"cpu"`` (the C++ ops) or ``"triton"`` when a fast op serves tensor ``t``, else None (reference)."""
     m = mode()
     dev = t.device.type
-    if m == "reference" or dev not in ("cpu", "cuda") or t.dtype not in DTYPES:
+    if m == "reference" or t.dtype not in DTYPES:
         return None
-    if m != "auto" and m != dev:
+    if m == "triton":
+        # a CPU tensor only when the interpreter runs the kernels (a compiled Triton kernel needs a GPU)
+        interpreted = dev == "cpu" and ops("triton") is not None and ops("triton").INTERPRETED
+        backend = "triton" if dev == "cuda" or interpreted else None
+    elif dev == "cpu" and m in ("auto", "cpu"):
+        backend = "cpu"
+    elif dev == "cuda" and m in ("auto", "cuda"):
+        backend = "triton"
+    else:
         return None
-    return dev if ops(dev) is not None else None
+    return backend if backend is not None and ops(backend) is not None else None
+
+
+def fast_op(name: str, t: Tensor):
+    """The fast op ``<name>`` (``mse_errors``, ``kbit_codes_at_ratio``, ``lsq_forward``, ``lsq_backward``) for a
+    float32 tensor ``t``: the C++ op on the CPU, the Triton kernel on CUDA, as ``SQDIST_KERNELS`` allows;
+    else None (the caller's PyTorch form)."""
+    backend = backend_for(t) if t.dtype == torch.float32 else None
+    return getattr(ops(backend), name, None) if backend is not None else None
 
 
 def cpu_op(name: str, t: Tensor):
-    """The compiled CPU op ``torch.ops.sqdist_cpu.<name>`` for a float32 tensor ``t`` on the CPU, when
-    ``SQDIST_KERNELS`` allows it and the library has it; else None (the caller's PyTorch form)."""
-    if t.dtype != torch.float32 or backend_for(t) != "cpu":
-        return None
-    return getattr(ops("cpu"), name, None)
+    """:func:`fast_op` when it is the compiled CPU op ``torch.ops.sqdist_cpu.<name>``, else None."""
+    return fast_op(name, t) if backend_for(t) == "cpu" else None
 
 
 class Fused(NamedTuple):
@@ -103,8 +129,9 @@ def quantize_many(ws: Sequence[Tensor], kind: str, *, delta: float = 0.7, bits: 
                   threshold: str = "row", masks: Sequence[Tensor | None] | None = None,
                   values: bool = False, codes: bool = False, scales: bool = False,
                   error: str | None = None) -> Fused | None:
-    """Run the fused op on weights ``ws`` (each (m, n), any layout) in as few launches as
-    their devices and dtypes allow; None when no compiled op serves them all.
+    """Run the fused op on weights ``ws`` (each (m, n), any layout), one call per backend, device and
+    dtype (the C++ op loops over all its weights; Triton launches once per weight); None when no fast op
+    serves them all.
 
     Args:
         kind: ``bwn``, ``twn`` or ``kbit`` (with ``delta``/``threshold`` or ``bits``).
@@ -125,10 +152,10 @@ def quantize_many(ws: Sequence[Tensor], kind: str, *, delta: float = 0.7, bits: 
     args = spec_args(kind, delta, bits, threshold)
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(ws):
-        groups.setdefault((w.device, w.dtype), []).append(i)
+        groups.setdefault((backend_for(w), w.device, w.dtype), []).append(i)
     out = [[None] * len(ws) for _ in range(4)]
-    for (device, _), idx in groups.items():
-        op = ops(device.type).quantize
+    for (backend, device, _), idx in groups.items():
+        op = ops(backend).quantize
         gw = [ws[i].detach().reshape(ws[i].shape[0], math.prod(ws[i].shape[1:])).contiguous() for i in idx]
         gm = [] if masks is None else [
             torch.empty(0, dtype=torch.bool, device=device) if masks[i] is None
@@ -159,7 +186,7 @@ class _HybridWeight(torch.autograd.Function):
 def hybrid_weight(weight: Tensor, kind: str, mask: Tensor | None = None, *, delta: float = 0.7,
                   bits: int = 4, threshold: str = "row") -> Tensor | None:
     """Fused hybrid weight of ``weight`` (any shape, dim 0 = rows) with straight-through
-    gradient, or None when no compiled op serves it.
+    gradient, or None when no fast op serves it.
 
     ``mask``: None (all quantized), bool (rows,) or the weight's own shape per element.
     """

@@ -1,6 +1,7 @@
-"""Find or build the compiled SQ ops (csrc/) and load them into ``torch.ops``.
+"""Find or build the compiled CPU SQ ops (csrc/) and load them into ``torch.ops.sqdist_cpu``.
 
-Order, per backend (``cpu`` -> ``torch.ops.sqdist_cpu``, ``cuda`` -> ``torch.ops.sqdist_cuda``):
+(The GPU's ops are Triton kernels, :mod:`sqdist.quant.kernels.triton_ops`: Triton compiles them itself.)
+Order:
 
 1. a library built at install time (``setup.py`` with ``SQDIST_BUILD_EXT=1``) next to
    this file, when its recorded source hash matches ``csrc/`` (or no ``csrc/`` ships);
@@ -13,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,12 +22,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[2] / "csrc"
-CUDA_ARCH_LIST = "8.0;9.0"
 
-SOURCES = {
-    "cpu": ["sq_cpu.cpp"],
-    "cuda": ["sq_cuda.cpp", "sq_cuda_kernel.cu"],
-}
+SOURCES = {"cpu": ["sq_cpu.cpp"]}
 HEADERS = ["sq_common.h", "sq_host.h"]
 # -fno-trapping-math lets the selects and divisions of the row loops vectorize; it does
 # not change results. No reassociation; but GCC's C++ default is -ffp-contract=fast, so an
@@ -35,8 +31,6 @@ HEADERS = ["sq_common.h", "sq_host.h"]
 # bit (codes, scales, Q) have no multiply-add, and the sums are held to theirs within tolerance
 CFLAGS = ("-O3", "-fopenmp", "-fno-trapping-math")
 LDFLAGS = ("-fopenmp",)  # tuples: cpp_extension appends to the lists it is given
-# no FMA contraction, so the device computes Q and the errors with the CPU's roundings
-NVCC_FLAGS = ("-O3", "-lineinfo", "--fmad=false")
 
 
 def source_hash(backend: str, csrc: Path = CSRC) -> str:
@@ -46,30 +40,11 @@ def source_hash(backend: str, csrc: Path = CSRC) -> str:
         h.update(name.encode())
         h.update((csrc / name).read_bytes())
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{list(CFLAGS)}|{list(LDFLAGS)}".encode())
-    if backend == "cuda":
-        h.update(f"{list(NVCC_FLAGS)}|{arch_list()}|{torch.version.cuda}".encode())
     return h.hexdigest()[:16]
-
-
-def arch_list() -> str:
-    return os.environ.get("TORCH_CUDA_ARCH_LIST") or CUDA_ARCH_LIST
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("SQDIST_KERNEL_CACHE") or Path.home() / ".cache" / "sqdist" / "kernels")
-
-
-def cuda_home() -> str | None:
-    """The CUDA toolkit root: $CUDA_HOME, else /usr/local/cuda, else nvcc's real location
-    (a wrapper script at /usr/local/bin/nvcc makes torch guess /usr/local, which has no headers)."""
-    guesses = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        guesses.append(str(Path(nvcc).resolve().parents[1]))
-    for cand in guesses:
-        if cand and (Path(cand) / "include" / "cuda_runtime.h").exists() and (Path(cand) / "bin" / "nvcc").exists():
-            return cand
-    return None
 
 
 def prebuilt(backend: str) -> Path | None:
@@ -89,12 +64,9 @@ def build(backend: str, verbose: bool = False) -> Path:
     Raises RuntimeError with the reason when it cannot be built.
     """
     if backend not in SOURCES:
-        raise ValueError(f"backend={backend!r}; allowed: cpu, cuda")
+        raise ValueError(f"backend={backend!r}; allowed: cpu (the GPU's kernels are Triton's, compiled by Triton)")
     if not CSRC.exists():
         raise RuntimeError(f"no sources at {CSRC} (a wheel install without the compiled kernels)")
-    home = cuda_home()
-    if home and not os.environ.get("CUDA_HOME"):
-        os.environ["CUDA_HOME"] = home  # before cpp_extension reads it on import (else a wrong guess and a warning)
     key = source_hash(backend)
     name = f"sqdist_{backend}_{key}"
     build_dir = cache_root() / name
@@ -112,21 +84,7 @@ def build(backend: str, verbose: bool = False) -> Path:
     started = time.time()
     print(f"[sqdist] building the {backend} SQ kernels into {build_dir} (once per source change)...",
           file=sys.stderr, flush=True)
-    if backend == "cuda":
-        if home is None:
-            raise RuntimeError("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
-        cpp_extension.CUDA_HOME = home  # read at build time by cpp_extension
-        old_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list()
-        try:
-            cpp_extension.load(extra_cuda_cflags=list(NVCC_FLAGS), with_cuda=True, **kw)
-        finally:
-            if old_arch is None:
-                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-            else:
-                os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
-    else:
-        cpp_extension.load(with_cuda=False, **kw)
+    cpp_extension.load(with_cuda=False, **kw)
     print(f"[sqdist] built {lib.name} in {time.time() - started:.1f} s", file=sys.stderr, flush=True)
     if not lib.exists():
         raise RuntimeError(f"build finished but {lib} is missing")
@@ -172,7 +130,7 @@ def _registered(ns: str) -> bool:
         return False
 
 
-if __name__ == "__main__":  # python -m sqdist.quant.kernels._build cpu|cuda|all
+if __name__ == "__main__":  # python -m sqdist.quant.kernels._build [cpu]
     targets = sys.argv[1:] or ["cpu"]
-    for b in (["cpu", "cuda"] if targets == ["all"] else targets):
+    for b in (["cpu"] if targets == ["all"] else targets):
         print(build(b, verbose="-v" in os.environ.get("SQDIST_BUILD_FLAGS", "")))
