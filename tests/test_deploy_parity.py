@@ -123,7 +123,7 @@ def test_a_conversion_error_fails_the_check(tmp_path, monkeypatch):
 def test_rounding_parity_is_local_and_counts_whole_steps():
     """rounding_parity compares one rounding at a time: the converted network against the model's own
     modules, each from the network's value before it. A scale 1% off shows at its own point only."""
-    from sqdist.export.onnx_check import rounding_parity
+    from sqdist.export.parity import rounding_parity
 
     model = trained_like(timm.create_model("resnet10t", num_classes=10), "kbit")
     cal = calibration(32)

@@ -18,11 +18,6 @@ from .qdq import forced_ties
 INPUT, OUTPUT = "input", "logits"
 TOLERANCE = 1e-4  # onnxruntime against torch, relative to max(1, max |logit|)
 FLIP_SHARE = 0.01  # at most this share of the codes read may be one step off away from a tie
-# the deployable network against the trained model, one rounding at a time (rounding_parity): at each point
-# at most this share of codes may be more than one step off (int8 arithmetic moves a code by one step at most:
-# the int32 bias, float32 requantization), and the logits with every point given at most this far off
-POINT_TOLERANCE = 0.01
-LOGITS_TOLERANCE = 0.01
 
 
 def _require_onnx():
@@ -235,7 +230,7 @@ def check_against_torch(path: str | os.PathLike, net: nn.Module, x: Tensor, mode
     Against the trained model (the user's network, when given): with ``same_network`` (float
     activations as trained, full-precision layers as floats) its eval logits must equal ``net``'s
     within the tolerance below. Otherwise (8-bit activations, 8-bit stem and classifier) the
-    export rounds more than the model: :func:`check_rounding` holds ``net`` to the model, and
+    export rounds more than the model: :func:`sqdist.export.parity.check_rounding` holds ``net`` to the model, and
     this reports ``model_rel_error`` (``||ort - model|| / ||model||``) and ``model_agreement``
     (share of equal argmax), what that rounding costs on ``x``.
 
@@ -297,90 +292,6 @@ def check_against_torch(path: str | os.PathLike, net: nn.Module, x: Tensor, mode
     return {"max_abs_diff": diff, "tie_flips": record.flipped, "near_flips": record.near,
             "max_abs_diff_model": model_diff,
             "model_rel_error": rel_error, "model_agreement": agreement}
-
-
-def check_rounding(path: str | os.PathLike, model: nn.Module, net: nn.Module, x: Tensor,
-                   weights: dict[str, Tensor] | None = None) -> dict:
-    """:func:`rounding_parity` within :data:`POINT_TOLERANCE` and :data:`LOGITS_TOLERANCE`, else an
-    :class:`ExportError` naming the first point where the conversion is off; returns its result."""
-    parity = rounding_parity(model, net, x, weights)
-    if not (parity["worst_share"] <= POINT_TOLERANCE and parity["logits_rel_error"] <= LOGITS_TOLERANCE):
-        raise ExportError(f"{path}: the exported network is not the trained model rounded to 8 bits: at "
-                          f"{parity['worst_point']!r} {100 * parity['worst_share']:.1f}% of the codes are more than "
-                          f"one step off (tolerance {100 * POINT_TOLERANCE:g}%), logits "
-                          f"{parity['logits_rel_error']:.3g} relative (tolerance {LOGITS_TOLERANCE}): a conversion "
-                          f"error (removed)")
-    return parity
-
-
-@torch.no_grad()
-def rounding_parity(model: nn.Module, net: nn.Module, x: Tensor, weights: dict[str, Tensor] | None = None) -> dict:
-    """Hold the deployable network ``net`` to the trained ``model``, one rounding at a time.
-
-    ``net`` rounds activations at ``net.rounding_points`` (:func:`~sqdist.export.int8.integer_deployable`).
-    The model's own modules (no BatchNorm folded, no ReLU moved, the layers in ``weights`` given
-    those weights: 8-bit stem and classifier) compute each of those tensors from ``net``'s value of
-    the one before, round it the same way, and are compared with ``net``'s value there; the model
-    then goes on from ``net``'s value, so each comparison sees one step of the conversion alone
-    (compared whole, two int8 computations of one network differ like int8 and float do: a code
-    one step off early moves many later). What int8 arithmetic explains is a code one step off
-    (the int32 bias, float32 requantization); a conversion error moves codes by many steps.
-
-    Returns ``{"points", "worst_point", "worst_share", "logits_rel_error"}``: ``worst_share`` the
-    largest share of codes more than one step off at a point, ``logits_rel_error``
-    ``||model's logits - net's|| / ||net's||`` with every point taken from ``net``.
-    """
-    from .deployable import model_copy
-    from .int8 import QMAX
-    from .qdq import _FakeQuantize
-
-    points = getattr(net, "rounding_points", [])
-    twin = model_copy(model).cpu().float().eval()
-    for m in twin.modules():  # attention as the export traces it (see _reference_logits)
-        if getattr(m, "fused_attn", None) is True:
-            m.fused_attn = False
-    modules, theirs = dict(twin.named_modules()), dict(net.named_modules())
-    for name, w in (weights or {}).items():
-        weight = modules[name].weight
-        weight.data = w.to(weight.dtype).reshape(weight.shape)
-    values, hooks = {}, []
-    for k, (_name, where, _s, _z, mine) in enumerate(points):
-        if where != "input":
-            hooks.append(theirs[mine].register_forward_hook(  # a copy: a later in-place add (x += shortcut) changes it
-                lambda mod, args, out, k=k: values.__setitem__(k, out.clone())))
-    try:
-        reference = net(x).float()
-    finally:
-        for h in hooks:
-            h.remove()
-    worst = [0.0, None]
-
-    def rounded(t, scale, zero_point):
-        return _FakeQuantize.apply(t, scale, torch.tensor(zero_point, dtype=torch.uint8), 0, QMAX)
-
-    def at_point(out, k):
-        name, _where, scale, zero_point, _mine = points[k]
-        ours, given = rounded(out, scale, zero_point), values.get(k)
-        if given is None or given.shape != ours.shape:
-            share = 1.0
-        else:
-            share = float((((ours - given).abs() / scale).round() > 1).float().mean()) if ours.numel() else 0.0
-        if share > worst[0] or worst[1] is None:
-            worst[:] = [share, name]
-        return ours if given is None or given.shape != ours.shape else given.clone()
-
-    for k, (name, where, scale, zero_point, _mine) in enumerate(points):
-        if where == "input":
-            hooks.append(modules[name].register_forward_pre_hook(
-                lambda mod, args, s=scale, z=zero_point: (rounded(args[0], s, z), *args[1:])))
-        elif where == "before":
-            hooks.append(modules[name].register_forward_pre_hook(lambda mod, args, k=k: (at_point(args[0], k),
-                                                                                         *args[1:])))
-        else:
-            hooks.append(modules[name].register_forward_hook(lambda mod, args, out, k=k: at_point(out, k)))
-    logits = twin(x).float()
-    return {"points": len(points), "worst_point": worst[1], "worst_share": worst[0],
-            "logits_rel_error": float((logits - reference).norm() / reference.norm().clamp_min(1e-12))}
 
 
 @torch.no_grad()

@@ -48,9 +48,9 @@ from .._version import __version__
 from .deployable import _sq_layers, check_ratio, deployable_layers, model_copy
 from .format import ExportError, _one_line, check_keep_fp_bits
 from .int8 import NotInteger, check_activations, integer_deployable, integer_layer_names
+from .parity import check_rounding, cpu_has_vnni, full_precision_weights, wide_weight_codes
 from .onnx_check import (INPUT, OUTPUT, TOLERANCE, _graph_summary, _require_onnx, _top1,  # noqa: F401
-                         check_against_torch, check_onnx, check_rounding, exact_session_options, onnxruntime_codes,
-                         run_onnxruntime)
+                         check_against_torch, check_onnx, exact_session_options, onnxruntime_codes, run_onnxruntime)
 from .qdq import InputQuantizer, WeightFromCodes, _quantize_input_hook
 from .run import load_run
 
@@ -137,13 +137,6 @@ def _quiet():
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
-
-
-def full_precision_weights(model: nn.Module, keep_fp_bits: int) -> dict[str, Tensor]:
-    """The weights the export gives the model's full-precision layers (8-bit per-row codes times
-    scales at ``keep_fp_bits=8``; none at 32), by layer name."""
-    return {n: d.codes.float() * d.scale.float().view(-1, *([1] * (d.codes.dim() - 1)))
-            for n, d in deployable_layers(model, keep_fp_bits).items() if d.quantizer is None}
 
 
 def check_batch(calibration: list[Tensor] | None, input_size: tuple[int, int, int], size: int = 16) -> Tensor:
@@ -382,27 +375,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
         info["wide_weight_codes"] = wide_weight_codes(net)
         info["cpu_vnni"] = cpu_has_vnni()
     return info
-
-
-def wide_weight_codes(net: nn.Module) -> list[str]:
-    """The integer layers of ``net`` with a weight code above 64 in magnitude: onnxruntime's x86 u8s8
-    kernels without VNNI sum two products in int16 (``VPMADDUBSW``), which 255 * (|w0| + |w1|) can
-    saturate only then. With VNNI (or AMX) they sum in int32: bit for bit everywhere."""
-    from .int8 import IntegerLayer
-
-    return [n for n, m in net.named_modules() if isinstance(m, IntegerLayer) and int(m.codes.abs().max()) > 64]
-
-
-def cpu_has_vnni() -> bool | None:
-    """Whether this x86 CPU has VNNI or AMX (Linux ``/proc/cpuinfo``); None where that cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return None
-    if flags is None:
-        return None
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def export_run_onnx(source: str | os.PathLike, out: str | os.PathLike, force: bool = False, keep_fp_bits: int = 32,

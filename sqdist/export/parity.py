@@ -1,0 +1,132 @@
+"""The export check against the model that was trained, when the export rounds more than it did
+(8-bit activations, an 8-bit stem and classifier): :func:`check_rounding` holds the converted
+network to the model one rounding at a time (:func:`rounding_parity`); and what a user's CPU
+changes in onnxruntime's integer kernels (:func:`wide_weight_codes`, :func:`cpu_has_vnni`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from .deployable import deployable_layers
+from .format import ExportError
+
+# the deployable network against the trained model, one rounding at a time (rounding_parity): at each point
+# at most this share of codes may be more than one step off (int8 arithmetic moves a code by one step at most:
+# the int32 bias, float32 requantization), and the logits with every point given at most this far off
+POINT_TOLERANCE = 0.01
+LOGITS_TOLERANCE = 0.01
+
+
+def full_precision_weights(model: nn.Module, keep_fp_bits: int) -> dict[str, Tensor]:
+    """The weights the export gives the model's full-precision layers (8-bit per-row codes times
+    scales at ``keep_fp_bits=8``; none at 32), by layer name."""
+    return {n: d.codes.float() * d.scale.float().view(-1, *([1] * (d.codes.dim() - 1)))
+            for n, d in deployable_layers(model, keep_fp_bits).items() if d.quantizer is None}
+
+
+def check_rounding(path: str | os.PathLike, model: nn.Module, net: nn.Module, x: Tensor,
+                   weights: dict[str, Tensor] | None = None) -> dict:
+    """:func:`rounding_parity` within :data:`POINT_TOLERANCE` and :data:`LOGITS_TOLERANCE`, else an
+    :class:`ExportError` naming the first point where the conversion is off; returns its result."""
+    parity = rounding_parity(model, net, x, weights)
+    if not (parity["worst_share"] <= POINT_TOLERANCE and parity["logits_rel_error"] <= LOGITS_TOLERANCE):
+        raise ExportError(f"{path}: the exported network is not the trained model rounded to 8 bits: at "
+                          f"{parity['worst_point']!r} {100 * parity['worst_share']:.1f}% of the codes are more than "
+                          f"one step off (tolerance {100 * POINT_TOLERANCE:g}%), logits "
+                          f"{parity['logits_rel_error']:.3g} relative (tolerance {LOGITS_TOLERANCE}): a conversion "
+                          f"error (removed)")
+    return parity
+
+
+@torch.no_grad()
+def rounding_parity(model: nn.Module, net: nn.Module, x: Tensor, weights: dict[str, Tensor] | None = None) -> dict:
+    """Hold the deployable network ``net`` to the trained ``model``, one rounding at a time.
+
+    ``net`` rounds activations at ``net.rounding_points`` (:func:`~sqdist.export.int8.integer_deployable`).
+    The model's own modules (no BatchNorm folded, no ReLU moved, the layers in ``weights`` given
+    those weights: 8-bit stem and classifier) compute each of those tensors from ``net``'s value of
+    the one before, round it the same way, and are compared with ``net``'s value there; the model
+    then goes on from ``net``'s value, so each comparison sees one step of the conversion alone
+    (compared whole, two int8 computations of one network differ like int8 and float do: a code
+    one step off early moves many later). What int8 arithmetic explains is a code one step off
+    (the int32 bias, float32 requantization); a conversion error moves codes by many steps.
+
+    Returns ``{"points", "worst_point", "worst_share", "logits_rel_error"}``: ``worst_share`` the
+    largest share of codes more than one step off at a point, ``logits_rel_error``
+    ``||model's logits - net's|| / ||net's||`` with every point taken from ``net``.
+    """
+    from .deployable import model_copy
+    from .int8 import QMAX
+    from .qdq import _FakeQuantize
+
+    points = getattr(net, "rounding_points", [])
+    twin = model_copy(model).cpu().float().eval()
+    for m in twin.modules():  # attention as the export traces it (see _reference_logits)
+        if getattr(m, "fused_attn", None) is True:
+            m.fused_attn = False
+    modules, theirs = dict(twin.named_modules()), dict(net.named_modules())
+    for name, w in (weights or {}).items():
+        weight = modules[name].weight
+        weight.data = w.to(weight.dtype).reshape(weight.shape)
+    values, hooks = {}, []
+    for k, (_name, where, _s, _z, mine) in enumerate(points):
+        if where != "input":
+            hooks.append(theirs[mine].register_forward_hook(  # a copy: a later in-place add (x += shortcut) changes it
+                lambda mod, args, out, k=k: values.__setitem__(k, out.clone())))
+    try:
+        reference = net(x).float()
+    finally:
+        for h in hooks:
+            h.remove()
+    worst = [0.0, None]
+
+    def rounded(t, scale, zero_point):
+        return _FakeQuantize.apply(t, scale, torch.tensor(zero_point, dtype=torch.uint8), 0, QMAX)
+
+    def at_point(out, k):
+        name, _where, scale, zero_point, _mine = points[k]
+        ours, given = rounded(out, scale, zero_point), values.get(k)
+        if given is None or given.shape != ours.shape:
+            share = 1.0
+        else:
+            share = float((((ours - given).abs() / scale).round() > 1).float().mean()) if ours.numel() else 0.0
+        if share > worst[0] or worst[1] is None:
+            worst[:] = [share, name]
+        return ours if given is None or given.shape != ours.shape else given.clone()
+
+    for k, (name, where, scale, zero_point, _mine) in enumerate(points):
+        if where == "input":
+            hooks.append(modules[name].register_forward_pre_hook(
+                lambda mod, args, s=scale, z=zero_point: (rounded(args[0], s, z), *args[1:])))
+        elif where == "before":
+            hooks.append(modules[name].register_forward_pre_hook(lambda mod, args, k=k: (at_point(args[0], k),
+                                                                                         *args[1:])))
+        else:
+            hooks.append(modules[name].register_forward_hook(lambda mod, args, out, k=k: at_point(out, k)))
+    logits = twin(x).float()
+    return {"points": len(points), "worst_point": worst[1], "worst_share": worst[0],
+            "logits_rel_error": float((logits - reference).norm() / reference.norm().clamp_min(1e-12))}
+
+
+def wide_weight_codes(net: nn.Module) -> list[str]:
+    """The integer layers of ``net`` with a weight code above 64 in magnitude: onnxruntime's x86 u8s8
+    kernels without VNNI sum two products in int16 (``VPMADDUBSW``), which 255 * (|w0| + |w1|) can
+    saturate only then. With VNNI (or AMX) they sum in int32: bit for bit everywhere."""
+    from .int8 import IntegerLayer
+
+    return [n for n, m in net.named_modules() if isinstance(m, IntegerLayer) and int(m.codes.abs().max()) > 64]
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI or AMX (Linux ``/proc/cpuinfo``); None where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
