@@ -36,6 +36,7 @@ from .walk import QUANTIZERS, PTQConfig, ptq_model
 
 DEFAULTS = PTQConfig()
 BITS = {"kbit": (2, 8), "twn": (2, 2), "bwn": (1, 1)}
+HESSIANS = ("centred", "plain")
 
 
 class PTQError(ExportError):
@@ -59,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", type=int, default=DEFAULTS.block, help=f"GPTQ columns per lazy update "
                                                                      f"(default {DEFAULTS.block})")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--hessian", default="centred", help="centred (default): (X - mean)^T (X - mean) for a layer "
+                                                        "whose output goes into a BatchNorm, X^T X otherwise; "
+                                                        "plain: X^T X everywhere")
+    p.add_argument("--no-walk-bn", action="store_true", help="do not re-estimate each BatchNorm from the calibration "
+                                                             "inputs as the walk reaches it (done by default where "
+                                                             "the walk runs on cached activations)")
+    p.add_argument("--no-cache", action="store_true", help="run the network up to each layer (one partial forward "
+                                                           "per layer, one chunk's memory) instead of one forward "
+                                                           "over cached activations")
     p.add_argument("--seed", type=int, default=None, help="calibration images (default: the run's train.seed)")
     p.add_argument("--bn-recalibrate", type=int, default=None, metavar="N",
                    help="re-estimate BN statistics on N training batches after quantizing (default: the run's "
@@ -85,6 +95,8 @@ def _validate(args) -> tuple[PTQConfig, int]:
         raise PTQError(f"--bits={bits} with --quantizer {args.quantizer}; allowed: {allowed}")
     if args.method not in METHODS:
         raise PTQError(f"--method={args.method!r}; allowed: {', '.join(METHODS)}")
+    if args.hessian not in HESSIANS:
+        raise PTQError(f"--hessian={args.hessian!r}; allowed: {', '.join(HESSIANS)}")
     for flag, value in (("--calib-images", args.calib_images), ("--block", args.block)):
         if value < 1:
             raise PTQError(f"{flag}={value}; allowed: an integer >= 1")
@@ -99,7 +111,8 @@ def _validate(args) -> tuple[PTQConfig, int]:
     params = {"bits": bits} if args.quantizer == "kbit" else {}
     return PTQConfig(quantizer=args.quantizer, params=params, method=args.method, calib_images=args.calib_images,
                      damp=args.damp, block=args.block, act_order=args.act_order,
-                     seed=0 if args.seed is None else args.seed), keep_fp_bits
+                     seed=0 if args.seed is None else args.seed, centred=args.hessian == "centred",
+                     walk_bn=not args.no_walk_bn, cache=not args.no_cache), keep_fp_bits
 
 
 def run(args, on_stage=None) -> int:
@@ -145,7 +158,8 @@ def run(args, on_stage=None) -> int:
     if on_stage is not None:
         on_stage("final", model)
     errors = {r["layer"]: r["output_error"] for r in records}
-    settings = {**config.to_dict(), "source": str(ckpt), "bn_recalibrate": bn_batches}
+    settings = {**config.to_dict(), "source": str(ckpt), "bn_recalibrate": bn_batches,
+                "walk": records[0]["walk"], "walk_bn": records[0]["walk_bn"]}
     summary = {"method": config.method, "quantizer": config.quantizer, "bits": model_bits(model),
                "top1": top1, "top1_fp": top1_fp, "layer_output_error": errors,
                "layer_output_error_sum": sum(errors.values()), "settings": settings}
