@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"GPTQ dampening, a fraction of the mean Hessian diagonal (default {DEFAULTS.damp})")
     p.add_argument("--block", type=int, default=DEFAULTS.block, help=f"GPTQ columns per lazy update "
                                                                      f"(default {DEFAULTS.block})")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=DEFAULTS.act_order,
+                   help="GPTQ: columns by decreasing Hessian diagonal (default: on)")
     p.add_argument("--hessian", default="centred", help="centred (default): (X - mean)^T (X - mean) for a layer "
                                                         "whose output goes into a BatchNorm, X^T X otherwise; "
                                                         "plain: X^T X everywhere")

@@ -53,7 +53,8 @@ class PTQConfig:
     calib_images: training images whose layer inputs make the Hessians (and the reported errors).
     damp: GPTQ's dampening, a fraction of the mean Hessian diagonal added to the diagonal.
     block: GPTQ's columns per lazy update.
-    act_order: GPTQ's columns by decreasing Hessian diagonal.
+    act_order: GPTQ's columns by decreasing Hessian diagonal (the default since round 2: it was
+        above RTN at every width on digits, ``benchmarks/results/ptq_objective.md``).
     seed: which calibration images.
     centred: the Hessian of a layer whose output goes straight into a BatchNorm is
         ``(X - mean)^T (X - mean)`` (the BN re-estimated after PTQ absorbs the mean error);
@@ -73,7 +74,7 @@ class PTQConfig:
     calib_images: int = 512
     damp: float = 0.01
     block: int = 128
-    act_order: bool = False
+    act_order: bool = True
     seed: int = 0
     centred: bool = True
     walk_bn: bool = True
