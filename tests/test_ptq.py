@@ -23,6 +23,7 @@ import sqdist
 from sqdist import create_quantizer, export_model, load_quantized
 from sqdist.export import read_packed
 from sqdist.ptq import PTQConfig, gptq_quantize, ptq_model, quantize_weight, row_grid
+from sqdist.ptq.adaround import AdaRoundConfig, adaround_codes, beta_at
 from sqdist.ptq.calib import InputStatistics, call_counts
 from sqdist.ptq.walk import reestimate_batchnorm
 from sqdist.ptq.cli import main
@@ -342,6 +343,55 @@ def test_layer_on_windows_folded_into_the_batch_and_an_untraceable_network():
     assert torch.equal(results[True], results[False])   # the untraceable network fell back to the per-layer walk
 
 
+# ---------------------------------------------------------------- AdaRound
+def test_adaround_schedule_warms_up_then_anneals_beta_from_20_to_2():
+    config = AdaRoundConfig(iters=100)
+    assert beta_at(0, config) is None and beta_at(19, config) is None
+    assert beta_at(20, config) == 20.0 and abs(beta_at(99, config) - 2.0) < 0.01
+    betas = [beta_at(i, config) for i in range(20, 100)]
+    assert all(a > b for a, b in zip(betas, betas[1:]))
+
+
+@pytest.mark.parametrize("name", ["kbit", "twn"])
+def test_adaround_decisions_become_0_or_1_with_less_output_error_than_rtn(name):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 48, generator=g, dtype=torch.float64) * 0.1
+    x = torch.relu(torch.randn(3000, 48, generator=g, dtype=torch.float64) @ torch.randn(48, 48, generator=g,
+                                                                                         dtype=torch.float64))
+    x = (x - x.mean(0)) / x.std(0)   # what a layer after BN sees, roughly
+    h = x.T @ x
+    q = create_quantizer(name, **({"bits": 3} if name == "kbit" else {}))
+    grid = row_grid(q, w)
+    codes, info = adaround_codes(w, h, grid.scale, grid.levels, 3000.0)   # 1000 steps, the default
+    soft = info["h"]
+    assert bool(((soft == 0) | (soft == 1)).all())   # every rounding decided, none left in between
+    rtn, _ = q.quantize_codes(w)
+    assert torch.equal(codes.abs().clamp(max=grid.levels), codes.abs()) and not torch.equal(codes, rtn)
+    floor = torch.floor(w / grid.scale[:, None])
+    assert bool(((codes == floor) | (codes == floor + 1) | (codes.abs() == grid.levels)).all())  # down or up
+
+    def error(c):
+        d = w - c * grid.scale[:, None]
+        return float(((d @ h) * d).sum())
+
+    assert error(codes) < error(rtn)
+
+
+def test_adaround_walk_keeps_every_layer_at_or_below_rtn_error():
+    torch.manual_seed(0)
+    net = BNNet().eval()
+    records = ptq_model(net, images(), PTQConfig(params={"bits": 2}, method="adaround", calib_images=96,
+                                                 adaround_iters=300), device="cpu", batch_size=32)
+    assert [r["layer"] for r in records] == ["conv", "plain"]
+    for r in records:
+        assert 0 < r["output_error"] <= r["output_error_rtn"], r
+    codes = net.conv.quantizer.codes
+    assert torch.equal(codes, codes.round()) and codes.abs().max() <= 1
+    with pytest.raises(ValueError, match="allowed: kbit, twn"):
+        ptq_model(BNNet().eval(), images(), PTQConfig(quantizer="bwn", params={}, method="adaround"), device="cpu",
+                  batch_size=32)
+
+
 # ---------------------------------------------------------------- the file
 @pytest.mark.parametrize("quantizer, params", [("kbit", {"bits": 4}), ("twn", {})])
 def test_packed_file_reloads_with_identical_logits(tmp_path, quantizer, params):
@@ -394,6 +444,17 @@ def test_command_writes_files_load_quantized_reads_and_gptq_beats_rtn(digits_run
     assert evaluate(load_quantized(tmp_path / "gptq.safetensors"), test_set, recipe, "cpu", 0, 1) == gptq["top1"]
 
 
+def test_command_adaround_writes_a_file_that_reloads(digits_run, tmp_path, capsys):
+    out = tmp_path / "ada.safetensors"
+    assert main([str(digits_run), str(out), "--method", "adaround", "--bits", "3", "--calib-images", "128",
+                 "--adaround-iters", "200", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "adaround" and result["bits"] == 3 and result["reload_max_abs_diff"] == 0.0
+    assert result["settings"]["adaround_iters"] == 200 and result["settings"]["walk"] == "cached"
+    for layer, error in result["layer_output_error"].items():
+        assert error <= result["layer_output_error_rtn"][layer] + 1e-9, layer
+
+
 def test_command_keep_fp_bits_and_onnx(digits_run, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "twn.safetensors"
@@ -411,7 +472,10 @@ def test_command_keep_fp_bits_and_onnx(digits_run, tmp_path, capsys):
     (["--quantizer", "nope"], "--quantizer='nope'; allowed: kbit, twn, bwn"),
     (["--bits", "9"], "--bits=9 with --quantizer kbit; allowed: an integer from 2 to 8"),
     (["--quantizer", "twn", "--bits", "3"], "--bits=3 with --quantizer twn; allowed: 2"),
-    (["--method", "awq"], "--method='awq'; allowed: gptq, rtn"),
+    (["--method", "awq"], "--method='awq'; allowed: gptq, rtn, adaround"),
+    (["--method", "adaround", "--adaround-iters", "0"], "--adaround-iters=0; allowed: an integer >= 1"),
+    (["--method", "adaround", "--adaround-reg", "-1"], "--adaround-reg=-1.0; allowed: a number > 0"),
+    (["--method", "adaround", "--quantizer", "bwn"], "--method adaround with --quantizer bwn"),
     (["--damp", "0"], "--damp=0.0; allowed: a number > 0"),
     (["--hessian", "diag"], "--hessian='diag'; allowed: centred, plain"),
     (["missing run"], "no such run or checkpoint folder"),

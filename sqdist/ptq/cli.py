@@ -2,6 +2,7 @@
 
     python -m sqdist.ptq RUN OUT.safetensors --bits 3                       # GPTQ, k-bit 3 (mse scale)
     python -m sqdist.ptq RUN OUT.safetensors --bits 3 --method rtn          # round-to-nearest baseline
+    python -m sqdist.ptq RUN OUT.safetensors --bits 3 --method adaround     # AdaRound (k-bit, TWN)
     python -m sqdist.ptq RUN OUT.safetensors --quantizer twn --act-order --json
     python -m sqdist.ptq RUN OUT.onnx --bits 8                              # ONNX, checked by onnxruntime
     accelerate launch --multi_gpu --num_processes 2 -m sqdist.ptq RUN OUT.safetensors --bits 4
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      f"(default {DEFAULTS.block})")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=DEFAULTS.act_order,
                    help="GPTQ: columns by decreasing Hessian diagonal (default: on)")
+    p.add_argument("--adaround-iters", type=int, default=DEFAULTS.adaround_iters, metavar="N",
+                   help=f"AdaRound: Adam steps per layer (default {DEFAULTS.adaround_iters})")
+    p.add_argument("--adaround-reg", type=float, default=DEFAULTS.adaround_reg, metavar="LAMBDA",
+                   help=f"AdaRound: the rounding regulariser's weight (default {DEFAULTS.adaround_reg}, the paper's)")
     p.add_argument("--hessian", default="centred", help="centred (default): (X - mean)^T (X - mean) for a layer "
                                                         "whose output goes into a BatchNorm, X^T X otherwise; "
                                                         "plain: X^T X everywhere")
@@ -98,11 +103,16 @@ def _validate(args) -> tuple[PTQConfig, int]:
         raise PTQError(f"--method={args.method!r}; allowed: {', '.join(METHODS)}")
     if args.hessian not in HESSIANS:
         raise PTQError(f"--hessian={args.hessian!r}; allowed: {', '.join(HESSIANS)}")
-    for flag, value in (("--calib-images", args.calib_images), ("--block", args.block)):
+    if args.method == "adaround" and args.quantizer == "bwn":
+        raise PTQError("--method adaround with --quantizer bwn (no zero code to round to); allowed: kbit, twn")
+    for flag, value in (("--calib-images", args.calib_images), ("--block", args.block),
+                        ("--adaround-iters", args.adaround_iters)):
         if value < 1:
             raise PTQError(f"{flag}={value}; allowed: an integer >= 1")
     if not (args.damp > 0 and math.isfinite(args.damp)):
         raise PTQError(f"--damp={args.damp}; allowed: a number > 0 (0.01 in the paper)")
+    if not (args.adaround_reg > 0 and math.isfinite(args.adaround_reg)):
+        raise PTQError(f"--adaround-reg={args.adaround_reg}; allowed: a number > 0 (0.01 in the paper)")
     for flag, value in (("--seed", args.seed), ("--bn-recalibrate", args.bn_recalibrate)):
         if value is not None and value < 0:
             raise PTQError(f"{flag}={value}; allowed: an integer >= 0")
@@ -113,7 +123,8 @@ def _validate(args) -> tuple[PTQConfig, int]:
     return PTQConfig(quantizer=args.quantizer, params=params, method=args.method, calib_images=args.calib_images,
                      damp=args.damp, block=args.block, act_order=args.act_order,
                      seed=0 if args.seed is None else args.seed, centred=args.hessian == "centred",
-                     walk_bn=not args.no_walk_bn, cache=not args.no_cache), keep_fp_bits
+                     walk_bn=not args.no_walk_bn, cache=not args.no_cache, adaround_iters=args.adaround_iters,
+                     adaround_reg=args.adaround_reg), keep_fp_bits
 
 
 def run(args, on_stage=None) -> int:

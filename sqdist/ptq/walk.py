@@ -1,4 +1,4 @@
-"""The walk over a network: quantize every Conv2d/Linear in turn (GPTQ or round-to-nearest).
+"""The walk over a network: quantize every Conv2d/Linear in turn (GPTQ, AdaRound or round-to-nearest).
 
 For each layer, in the order the forward runs them (the stem conv and the classifier stay
 full precision, as ``sqdist.quantize_model`` keeps them):
@@ -38,6 +38,7 @@ from ..compress.layers import candidate_layers, execution_order, output_error
 from ..compress.walk import _all_reduce, _broadcast, _world, calibration_chunks
 from ..data import loader
 from .calib import InputStatistics, NotTraceable, call_counts, per_layer_statistics, staged_walk, trace
+from .adaround import AdaRoundConfig
 from .gptq import METHODS, quantize_weight
 
 QUANTIZERS = ("kbit", "twn", "bwn")
@@ -49,7 +50,7 @@ class PTQConfig:
 
     quantizer, params: a registered quantizer with a fixed per-row grid (``kbit``, ``twn``, ``bwn``)
         and its parameters (``{"bits": 3}``).
-    method: ``gptq`` or ``rtn`` (the quantizer applied once).
+    method: ``gptq``, ``rtn`` (the quantizer applied once) or ``adaround`` (k-bit and TWN).
     calib_images: training images whose layer inputs make the Hessians (and the reported errors).
     damp: GPTQ's dampening, a fraction of the mean Hessian diagonal added to the diagonal.
     block: GPTQ's columns per lazy update.
@@ -63,6 +64,7 @@ class PTQConfig:
         reaches it, so later layers see the statistics the final re-estimation would give
         (on cached activations only: with ``cache`` false, or a network ``torch.fx`` cannot trace
         (a warning), the walk goes without it).
+    adaround_iters, adaround_reg: AdaRound's Adam steps per layer and its regulariser's lambda.
     cache: walk on cached activations (one forward of the calibration set in all,
         :func:`sqdist.ptq.calib.staged_walk`); false, or a network ``torch.fx`` cannot trace: the
         network runs up to each layer (one partial forward per layer, one chunk's memory).
@@ -79,6 +81,8 @@ class PTQConfig:
     centred: bool = True
     walk_bn: bool = True
     cache: bool = True
+    adaround_iters: int = 1000
+    adaround_reg: float = 0.01
 
     def to_dict(self) -> dict:
         return {**asdict(self), "params": dict(self.params)}
@@ -137,6 +141,8 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
 
     if config.method not in METHODS:
         raise ValueError(f"method={config.method!r}; allowed: {', '.join(METHODS)}")
+    if config.method == "adaround" and config.quantizer == "bwn":
+        raise ValueError("method='adaround' with quantizer 'bwn' (no zero code to round to); allowed: kbit, twn")
     quantizer = create_quantizer(config.quantizer, **dict(config.params)).to(device)
     rank, world = _world()
     chunks = calibration_chunks(train_set, config.calib_images, batch_size, config.seed)
@@ -166,7 +172,8 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
         scale = torch.zeros(rows, dtype=weight.dtype, device=weight.device)
         if rank == 0:
             c, s = quantize_weight(weight, hessian, quantizer, config.method, damp=config.damp, block=config.block,
-                                   act_order=config.act_order)
+                                   act_order=config.act_order, rows=float(stats.rows),
+                                   adaround=AdaRoundConfig(iters=config.adaround_iters, reg=config.adaround_reg))
             codes.copy_(c)
             scale.copy_(s)
         _broadcast(codes)
