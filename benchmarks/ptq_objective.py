@@ -34,6 +34,7 @@ VARIANTS = {
     "GPTQ plain + walk BN": ["--hessian", "plain", "--no-act-order"],
     "GPTQ centred + walk BN": ["--hessian", "centred", "--no-act-order"],
     "GPTQ centred + walk BN + act-order (default)": ["--hessian", "centred", "--act-order"],
+    "AdaRound": ["--method", "adaround"],
 }
 WIDTHS = {"kbit8": ["--quantizer", "kbit", "--bits", "8"], "kbit2": ["--quantizer", "kbit", "--bits", "2"], "kbit3": ["--quantizer", "kbit", "--bits", "3"],
           "kbit4": ["--quantizer", "kbit", "--bits", "4"], "TWN": ["--quantizer", "twn"]}
@@ -45,7 +46,10 @@ def main() -> None:
     p.add_argument("--data", default="digits", choices=sorted(EPOCHS))
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--widths", default="kbit2,kbit3,kbit4,kbit8,TWN")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "AdaRound"),
+                   help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all but AdaRound)")
+    p.add_argument("--out", default=None, help="the .md/.json path without suffix "
+                                               "(default benchmarks/results/ptq_objective[_<data>])")
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args()
     widths, variants = args.widths.split(","), args.variants.split(",")
@@ -70,7 +74,7 @@ def main() -> None:
     fp_top1 = [r["summary"]["final_accuracy"] for r in fp]
     lines = [f"# GPTQ's objective against BN re-estimation ({args.data}, {args.seeds} paired seeds)", "",
              f"Command: `python benchmarks/ptq_objective.py --data {args.data} --seeds {args.seeds} "
-             f"--widths {args.widths}`", "",
+             f"--widths {args.widths} --variants \"{args.variants}\"`", "",
              f"FP: {stats(fp_top1)['mean']:.2f} (seeds {', '.join(f'{v:.2f}' for v in fp_top1)}). {CALIB_IMAGES} "
              "calibration images; BN re-estimated on 10 training batches after every variant.", "",
              "| width | variant | top-1 mean ± std | 95% CI | paired vs RTN [95% CI] |", "|---|---|---:|---|---|"]
@@ -90,9 +94,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     name = "ptq_objective" if args.data == "digits" else f"ptq_objective_{args.data}"
-    results_dir = Path(__file__).resolve().parent / "results"
-    (results_dir / f"{name}.md").write_text(text)
-    (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / name
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
 if __name__ == "__main__":
