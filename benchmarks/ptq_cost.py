@@ -8,8 +8,9 @@ walk that runs the network up to each layer (one partial forward per layer).
 Each (model, walk) runs in a fresh process with one thread (``OMP_NUM_THREADS=1`` unless set):
 ``sqdist.ptq.ptq_model`` (GPTQ, k-bit 4, calibration chunks of 32) on random images of the
 given size (the cost does not depend on the pixels; random initial weights, 1000 classes).
-Reported: the walk's wall time, the forwards of the calibration set it ran (counted at the stem),
-and the peak memory: the process's peak RSS, and how much the walk added to the peak RSS before
+Reported: the walk's wall time, the forwards of the calibration set it ran (the stem's calls
+over the number of chunks; three of those calls are passes over one chunk that find the layers,
+their order and which feed a BatchNorm), and the peak memory: the process's peak RSS, and how much the walk added to the peak RSS before
 it (on CUDA: the peak memory allocated on the device). Prints a table and writes
 ``benchmarks/results/ptq_cost.md`` (``--out`` to change).
 """
@@ -84,8 +85,9 @@ def main() -> None:
                    str(args.size), "--device", args.device]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+                said = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
                 row = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else \
-                    {"model": model, "walk": walk, "error": proc.stderr.strip().splitlines()[-1]}
+                    {"model": model, "walk": walk, "error": said}
             except subprocess.TimeoutExpired:
                 row = {"model": model, "walk": walk, "error": f"longer than {args.timeout} s"}
             print(json.dumps(row), flush=True)

@@ -302,7 +302,8 @@ def test_layer_run_twice_per_forward_is_quantized_on_both_calls_inputs():
     stats.add(second)
     expected, scale = quantize_weight(net.shared.weight, stats.hessian(False), create_quantizer("kbit", bits=3), "gptq",
                                       act_order=PTQConfig().act_order)
-    records = ptq_model(net, data, PTQConfig(params={"bits": 3}, calib_images=64), device="cpu", batch_size=32)
+    with pytest.warns(UserWarning, match=r"run more than once per forward: shared \(2 calls\); walking layer by layer"):
+        records = ptq_model(net, data, PTQConfig(params={"bits": 3}, calib_images=64), device="cpu", batch_size=32)
     assert [r["layer"] for r in records] == ["shared"] and not records[0]["centred"]
     assert torch.allclose(net.shared.quantizer.codes, expected) and torch.allclose(net.shared.quantizer.scale, scale)
 
