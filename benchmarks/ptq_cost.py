@@ -10,9 +10,9 @@ Each (model, walk) runs in a fresh process with one thread (``OMP_NUM_THREADS=1`
 given size (the cost does not depend on the pixels; random initial weights, 1000 classes).
 Reported: the walk's wall time, the forwards of the calibration set it ran (the stem's calls
 over the number of chunks; three of those calls are passes over one chunk that find the layers,
-their order and which feed a BatchNorm), and the peak memory: the process's peak RSS, and how much the walk added to the peak RSS before
-it (on CUDA: the peak memory allocated on the device). Prints a table and writes
-``benchmarks/results/ptq_cost.md`` (``--out`` to change).
+their order and which feed a BatchNorm), and the peak memory: the process's peak RSS, and how
+much the walk added to the peak RSS before it (on CUDA: the peak memory allocated on the
+device). Prints a table and writes ``benchmarks/results/ptq_cost.md`` (``--out`` to change).
 """
 from __future__ import annotations
 
@@ -95,12 +95,13 @@ def main() -> None:
     lines = [f"# PTQ walk cost ({args.images} images at {args.size}x{args.size}, GPTQ k-bit 4, {args.device})", "",
              f"Command: `python benchmarks/ptq_cost.py --models {args.models} --walks {args.walks} --images "
              f"{args.images} --size {args.size} --device {args.device}`", "",
-             "| model | walk | layers | forwards of the calibration set | seconds | peak RSS MiB | added by the walk MiB"
-             + (" | CUDA peak MiB |" if args.device == "cuda" else " |"),
+             "| model | walk | layers | forwards of the calibration set | seconds | peak RSS MiB "
+             "| added by the walk MiB" + (" | CUDA peak MiB |" if args.device == "cuda" else " |"),
              "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if args.device == "cuda" else "")]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['walk']} | | | {r['error']} | | |" + (" |" if args.device == "cuda" else ""))
+            cuda = " |" if args.device == "cuda" else ""
+            lines.append(f"| {r['model']} | {r['walk']} | | | {r['error']} | | |{cuda}")
             continue
         cuda = f" {r['cuda_peak_mib']} |" if args.device == "cuda" else ""
         lines.append(f"| {r['model']} | {r['walk']} | {r['layers']} | {r['forwards']} | {r['seconds']} | "

@@ -182,7 +182,8 @@ def test_centred_hessian_is_the_gram_of_the_centred_unfolded_inputs():
         assert torch.allclose(stats.hessian(False)[g_], cols.T @ cols)
         centred = cols - cols.mean(0)
         # float32 products summed in float64: exact to float32 rounding of the uncentred Gram
-        assert torch.allclose(stats.hessian(True)[g_], centred.T @ centred, atol=1e-5 * float((cols.T @ cols).abs().max()))
+        tolerance = 1e-5 * float((cols.T @ cols).abs().max())
+        assert torch.allclose(stats.hessian(True)[g_], centred.T @ centred, atol=tolerance)
     assert int(stats.rows) == 5 * 36
 
 

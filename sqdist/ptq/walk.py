@@ -133,9 +133,9 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
         One record per layer: ``layer``, ``shape``, ``groups``, ``centred`` (the Hessian was
         centred), ``output_error`` (relative ``||X W - X Q|| / ||X W||`` on the calibration inputs
         the layer saw, ``X`` centred where the Hessian was), ``walk`` (``cached`` or
-        ``per-layer``), ``walk_bn`` (BN re-estimated on the way) and, for GPTQ,
-        ``output_error_rtn`` (round-to-nearest's, the same way). ``model``'s quantized layers are then SQ layers
-        holding :class:`FixedCodes`.
+        ``per-layer``), ``walk_bn`` (BN re-estimated on the way) and, for GPTQ and AdaRound,
+        ``output_error_rtn`` (round-to-nearest's, the same way). ``model``'s quantized layers
+        are then SQ layers holding :class:`FixedCodes`.
     """
     from tqdm import tqdm
 
