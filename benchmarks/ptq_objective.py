@@ -72,9 +72,11 @@ def main() -> None:
     for j, r in zip(ptq, results):
         table.setdefault(j["width"], {}).setdefault(j["variant"], []).append(r["top1"])
     fp_top1 = [r["summary"]["final_accuracy"] for r in fp]
-    lines = [f"# GPTQ's objective against BN re-estimation ({args.data}, {args.seeds} paired seeds)", "",
+    title = "GPTQ's objective against BN re-estimation" if args.out is None else "PTQ variants against RTN"
+    lines = [f"# {title} ({args.data}, {args.seeds} paired seeds)", "",
              f"Command: `python benchmarks/ptq_objective.py --data {args.data} --seeds {args.seeds} "
-             f"--widths {args.widths} --variants \"{args.variants}\"`", "",
+             f"--widths {args.widths} --variants \"{args.variants}\""
+             + (f" --out {args.out}" if args.out else "") + "`", "",
              f"FP: {stats(fp_top1)['mean']:.2f} (seeds {', '.join(f'{v:.2f}' for v in fp_top1)}). {CALIB_IMAGES} "
              "calibration images; BN re-estimated on 10 training batches after every variant.", "",
              "| width | variant | top-1 mean ± std | 95% CI | paired vs RTN [95% CI] |", "|---|---|---:|---|---|"]
