@@ -167,7 +167,7 @@ def per_layer_statistics(model: nn.Module, module: nn.Module, chunks, stats: Inp
     try:
         for x in chunks:
             try:
-                model(x)
+                model(x.clone())   # the chunk is used again for the next layer
             except _Stop:
                 pass
     finally:

@@ -150,11 +150,11 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
     first = mine[0] if mine else next(iter(loader(train_set, chunks[:1], 0, seed=config.seed)))[0].to(device)
     was_training = model.training
     model.eval()
-    names = ptq_layers(model, first)
+    names = ptq_layers(model, first.clone())   # clones: the cached images stay as loaded whatever a forward does
     if not names:
         raise ValueError("the model has no Conv2d/Linear layer besides the stem and the classifier: "
                          "nothing to quantize")
-    calls, feeds_bn = call_counts(model, names, first)
+    calls, feeds_bn = call_counts(model, names, first.clone())
     modules = dict(model.named_modules())
     decided: dict[str, tuple[Tensor, Tensor]] = {}
     records = []
