@@ -58,13 +58,13 @@ def beta_at(step: int, config: AdaRoundConfig) -> float | None:
 
 
 def adaround_codes(w: Tensor, hessian: Tensor, scale: Tensor, levels: int, rows: float,
-                   config: AdaRoundConfig = AdaRoundConfig(), generator_seed: int = 0) -> tuple[Tensor, dict]:
+                   config: AdaRoundConfig = AdaRoundConfig()) -> tuple[Tensor, dict]:
     """Integer codes (m, n) of ``w`` (m, n) on the grid ``scale`` (m,) * ``[-levels, levels]``,
     learned against ``hessian`` (n, n) (``X^T X`` of the inputs, ``rows`` of them).
 
-    Returns (codes in float64, ``{"h": h(V) at the end, "loss": [reconstruction per step]}``).
+    Deterministic (``V`` starts from the weights). Returns (codes in float64,
+    ``{"h": h(V) at the end, "loss": [reconstruction per step]}``).
     """
-    torch.manual_seed(generator_seed)
     w = w.detach().double()
     h = hessian.detach().double()
     s = torch.where(scale > 0, scale, torch.ones_like(scale)).double()[:, None]
