@@ -1,10 +1,12 @@
-"""Post-training quantization (GPTQ, round-to-nearest): the algorithm, the walk, the file, the command.
+"""Post-training quantization (GPTQ, AdaRound, round-to-nearest): the algorithm, the walk, the file, the command.
 
 GPTQ is held to a plain reference written here (Optimal Brain Quantization's column loop with
 the explicit inverse Hessian downdated after every column: no Cholesky factor, no blocks), the
 walk to the output error it must lower against round-to-nearest on the same inputs, grouped and
-depthwise convs to a per-group computation from their own unfolded inputs, and the command to
-a real digits run read back by ``sqdist.load_quantized``.
+depthwise convs to a per-group computation from their own unfolded inputs, the centred Hessian
+to the Gram matrix of centred inputs, the cached walk to the per-layer walk (and to one forward
+of the calibration set), AdaRound to the paper's behaviour (decisions end at 0 or 1, less output
+error than RTN), and the command to a real digits run read back by ``sqdist.load_quantized``.
 """
 import json
 import os
