@@ -1,7 +1,8 @@
 """Leaderboard rows of post-training quantization: ``python -m sqdist.ptq`` on each seed's FP run.
 
-Each row quantizes the FP row's run of seed ``s`` (no training of its own) by round-to-nearest or
-GPTQ, at the bits of a QAT row (its ``base``: the paired difference says what training buys).
+Each row quantizes the FP row's run of seed ``s`` (no training of its own) by round-to-nearest,
+GPTQ or AdaRound (the command's defaults), at the bits of a QAT row (its ``base``: the paired
+difference says what training buys).
 The stem conv and the classifier stay full precision, as in the QAT rows; BN statistics are
 re-estimated on 10 training batches, as before every leaderboard evaluation; 512 calibration
 images. The size is the packed file the command writes (the same format as ``sqdist.export``).
@@ -18,9 +19,10 @@ from pathlib import Path
 from digits_common import safe_job
 
 # label: (method, quantizer, bits, the QAT row of the same bits, in words)
+SHOWN = {"rtn": "RTN", "gptq": "GPTQ", "adaround": "AdaRound"}
 PTQ_ROWS = {
-    f"PTQ {method.upper()} {name}": (method, quantizer, bits, base, f"{what}, {method.upper()} of the FP run")
-    for method in ("rtn", "gptq")
+    f"PTQ {SHOWN[method]} {name}": (method, quantizer, bits, base, f"{what}, {SHOWN[method]} of the FP run")
+    for method in ("rtn", "gptq", "adaround")
     for name, quantizer, bits, base, what in (
         ("kbit8", "kbit", 8, "kbit8", "k-bit 8, mse scale"),
         ("kbit4", "kbit", 4, "kbit4", "k-bit 4, mse scale"),
@@ -29,6 +31,9 @@ PTQ_ROWS = {
         ("TWN", "twn", 2, "TWN", "TWN (ternary)"),
     )
 }
+# part of each cached file's name: files written by the command before round 2 (its GPTQ
+# minimised another objective under the same flags) are not read back
+PTQ_VERSION = 2
 CALIB_IMAGES = 512
 
 
@@ -45,7 +50,7 @@ def ptq_jobs(labels: list[str], jobs: list[dict], results: list[dict], fresh: bo
         if label not in PTQ_ROWS:
             continue
         flags = ptq_flags(label)
-        tag = hashlib.sha1(json.dumps(flags).encode()).hexdigest()[:8]
+        tag = hashlib.sha1(json.dumps([flags, PTQ_VERSION]).encode()).hexdigest()[:8]
         for j, r in zip(jobs, results):
             if j["label"] == label and "error" not in r:
                 out.append({"label": label, "seed": j["seed"], "run_dir": r["run_dir"], "flags": flags, "fresh": fresh,

@@ -1,15 +1,18 @@
-"""Post-training quantization (GPTQ, round-to-nearest): the algorithm, the walk, the file, the command.
+"""Post-training quantization (GPTQ, AdaRound, round-to-nearest): the algorithm, the walk, the file, the command.
 
 GPTQ is held to a plain reference written here (Optimal Brain Quantization's column loop with
 the explicit inverse Hessian downdated after every column: no Cholesky factor, no blocks), the
 walk to the output error it must lower against round-to-nearest on the same inputs, grouped and
-depthwise convs to a per-group computation from their own unfolded inputs, and the command to
-a real digits run read back by ``sqdist.load_quantized``.
+depthwise convs to a per-group computation from their own unfolded inputs, the centred Hessian
+to the Gram matrix of centred inputs, the cached walk to the per-layer walk (and to one forward
+of the calibration set), AdaRound to the paper's behaviour (decisions end at 0 or 1, less output
+error than RTN), and the command to a real digits run read back by ``sqdist.load_quantized``.
 """
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import timm
@@ -22,6 +25,9 @@ import sqdist
 from sqdist import create_quantizer, export_model, load_quantized
 from sqdist.export import read_packed
 from sqdist.ptq import PTQConfig, gptq_quantize, ptq_model, quantize_weight, row_grid
+from sqdist.ptq.adaround import AdaRoundConfig, adaround_codes, beta_at
+from sqdist.ptq.calib import InputStatistics, call_counts
+from sqdist.ptq.walk import reestimate_batchnorm
 from sqdist.ptq.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,6 +171,232 @@ def test_walk_lowers_every_layers_output_error_against_round_to_nearest():
     assert torch.equal(net.stem.weight, fp["stem.weight"]) and torch.equal(net.fc.weight, fp["fc.weight"])
 
 
+# ---------------------------------------------------------------- the objective: BN re-estimated after PTQ
+def test_centred_hessian_is_the_gram_of_the_centred_unfolded_inputs():
+    g = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    x = torch.rand(5, 4, 6, 6, generator=g) + 1.0
+    stats = InputStatistics(conv)
+    stats.add(x[:2])
+    stats.add(x[2:])   # chunks accumulate
+    for g_ in range(2):
+        cols = F.unfold(x[:, 2 * g_:2 * g_ + 2], 3, padding=1).transpose(1, 2).reshape(-1, 18).double()
+        assert torch.allclose(stats.hessian(False)[g_], cols.T @ cols)
+        centred = cols - cols.mean(0)
+        # float32 products summed in float64: exact to float32 rounding of the uncentred Gram
+        tolerance = 1e-5 * float((cols.T @ cols).abs().max())
+        assert torch.allclose(stats.hessian(True)[g_], centred.T @ centred, atol=tolerance)
+    assert int(stats.rows) == 5 * 36
+
+
+class BNNet(nn.Module):
+    """stem -> conv -> BN -> ReLU -> conv (no BN) -> ReLU -> classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.plain = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.bn(self.conv(x)))
+        return self.fc(F.relu(self.plain(x)).mean(dim=(2, 3)))
+
+
+def test_only_layers_that_feed_a_batchnorm_get_the_centred_hessian():
+    torch.manual_seed(0)
+    net = BNNet().eval()
+    counts, feeds = call_counts(net, ["conv", "plain"], images(8)[:][0])
+    assert counts == {"conv": 1, "plain": 1} and feeds == {"conv"}
+    records = ptq_model(net, images(), PTQConfig(params={"bits": 2}, calib_images=96), device="cpu", batch_size=32)
+    assert {r["layer"]: r["centred"] for r in records} == {"conv": True, "plain": False}
+    plain = ptq_model(BNNet().eval(), images(), PTQConfig(params={"bits": 2}, calib_images=96, centred=False),
+                      device="cpu", batch_size=32)
+    assert not any(r["centred"] for r in plain)
+
+
+def test_centred_gptq_has_less_error_left_after_the_mean_is_removed():
+    """What BN re-estimation leaves of a layer's output error is the centred part: GPTQ on the
+    centred Hessian leaves less of it than GPTQ on X^T X, whose compensation goes to the mean."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 32, generator=g, dtype=torch.float64)
+    mix = torch.randn(32, 32, generator=g, dtype=torch.float64)
+    x = torch.relu(torch.randn(2000, 32, generator=g, dtype=torch.float64) @ mix)   # correlated, post-ReLU: mean > 0
+    xc = x - x.mean(0)
+    q = create_quantizer("kbit", bits=2)
+    grid = row_grid(q, w)
+    left = {}
+    for name, h in (("plain", x.T @ x), ("centred", xc.T @ xc)):
+        codes = gptq_quantize(w, 2 * h, grid)
+        left[name] = ((xc @ (w - codes * grid.scale[:, None]).T) ** 2).sum()
+    rtn, scale = q.quantize_codes(w)
+    left["rtn"] = ((xc @ (w - rtn * scale[:, None]).T) ** 2).sum()
+    assert left["centred"] < left["plain"] and left["centred"] < left["rtn"], left
+
+
+def test_walk_bn_sets_each_batchnorm_to_its_calibration_inputs_statistics():
+    torch.manual_seed(0)
+    net = BNNet().eval()
+    data = images()
+    records = ptq_model(net, data, PTQConfig(params={"bits": 3}, calib_images=96), device="cpu", batch_size=32)
+    assert records[0]["walk"] == "cached" and records[0]["walk_bn"]
+    x = data[:][0]   # 96 images: the calibration set is all of them
+    with torch.no_grad():
+        inputs = net.conv(F.relu(net.stem(x)))   # conv holds its quantized weight already
+    ref = nn.BatchNorm2d(8, momentum=None).train()
+    ref(inputs)
+    assert torch.allclose(net.bn.running_mean, ref.running_mean, atol=1e-5)
+    assert torch.allclose(net.bn.running_var, ref.running_var, rtol=1e-4)
+    single = nn.BatchNorm2d(8)
+    reestimate_batchnorm(single, [inputs[:50], inputs[50:]])   # chunks add up
+    assert torch.allclose(single.running_var, ref.running_var, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the walk's cost, layers that run more than once
+def test_cached_walk_runs_the_network_once_and_decides_what_the_per_layer_walk_decides():
+    data = images(64)
+    nets, stem_calls = {}, {}
+    for cache in (True, False):
+        torch.manual_seed(0)
+        net = timm.create_model("resnet10t", **DIGITS_NET).eval()
+        calls = [0]
+        net.conv1[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        records = ptq_model(net, data, PTQConfig(params={"bits": 3}, calib_images=64, cache=cache, walk_bn=False),
+                            device="cpu", batch_size=16)
+        nets[cache], stem_calls[cache] = net, calls[0]
+    assert len(records) == 14
+    # 4 chunks: the cached walk forwards each once (+ a few passes on one chunk to find the layers);
+    # the per-layer walk forwards them again for every layer
+    setup = stem_calls[True] - 4
+    assert 0 < setup <= 3 and stem_calls[False] == 14 * 4 + setup
+    for (name, a), b in zip(nets[True].named_modules(), nets[False].modules()):
+        if hasattr(a, "quantizer") and hasattr(a.quantizer, "codes"):
+            assert torch.equal(a.quantizer.codes, b.quantizer.codes), name
+
+
+class SharedConvNet(nn.Module):
+    """One conv applied twice per forward (timm has blocks that reuse a layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.shared(x))
+        x = F.relu(self.shared(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_layer_run_twice_per_forward_is_quantized_on_both_calls_inputs():
+    torch.manual_seed(0)
+    net = SharedConvNet().eval()
+    data = images(64)
+    with torch.no_grad():
+        first = F.relu(net.stem(data[:][0]))
+        second = F.relu(net.shared(first))
+    stats = InputStatistics(net.shared)
+    stats.add(first)
+    stats.add(second)
+    expected, scale = quantize_weight(net.shared.weight, stats.hessian(False), create_quantizer("kbit", bits=3), "gptq",
+                                      act_order=PTQConfig().act_order)
+    with pytest.warns(UserWarning, match=r"run more than once per forward: shared \(2 calls\); walking layer by layer"):
+        records = ptq_model(net, data, PTQConfig(params={"bits": 3}, calib_images=64), device="cpu", batch_size=32)
+    assert [r["layer"] for r in records] == ["shared"] and not records[0]["centred"]
+    assert torch.allclose(net.shared.quantizer.codes, expected) and torch.allclose(net.shared.quantizer.scale, scale)
+
+
+class WindowNet(nn.Module):
+    """A conv on windows folded into the batch (as efficientvit's attention does), behind Python
+    control flow on a value, which torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.local = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        if float(x.mean()) >= 0:   # always true; untraceable
+            b, c, h, w = x.shape
+            windows = x.reshape(b, c, 2, h // 2, 2, w // 2).permute(0, 2, 4, 1, 3, 5).reshape(b * 4, c, h // 2, w // 2)
+            x = F.relu(self.local(windows)).reshape(b, 4, c, h // 2, w // 2).mean(dim=1)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_layer_on_windows_folded_into_the_batch_and_an_untraceable_network():
+    """Before: 'layer local saw the inputs of 256 calibration images, expected 64'."""
+    results = {}
+    for cache in (True, False):
+        torch.manual_seed(0)
+        net = WindowNet().eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            records = ptq_model(net, images(64), PTQConfig(params={"bits": 3}, calib_images=64, cache=cache),
+                                device="cpu", batch_size=32)
+        said = [str(w.message) for w in caught if "walking layer by layer" in str(w.message)]
+        assert len(said) == cache and all("cannot trace WindowNet" in m for m in said), said
+        assert [r["layer"] for r in records] == ["local"] and 0 < records[0]["output_error"] < 1
+        assert records[0]["walk"] == "per-layer" and not records[0]["walk_bn"]
+        results[cache] = net.local.quantizer.codes
+    assert torch.equal(results[True], results[False])   # the untraceable network fell back to the per-layer walk
+
+
+# ---------------------------------------------------------------- AdaRound
+def test_adaround_schedule_warms_up_then_anneals_beta_from_20_to_2():
+    config = AdaRoundConfig(iters=100)
+    assert beta_at(0, config) is None and beta_at(19, config) is None
+    assert beta_at(20, config) == 20.0 and abs(beta_at(99, config) - 2.0) < 0.01
+    betas = [beta_at(i, config) for i in range(20, 100)]
+    assert all(a > b for a, b in zip(betas, betas[1:]))
+
+
+@pytest.mark.parametrize("name", ["kbit", "twn"])
+def test_adaround_decisions_become_0_or_1_with_less_output_error_than_rtn(name):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 48, generator=g, dtype=torch.float64) * 0.1
+    x = torch.relu(torch.randn(3000, 48, generator=g, dtype=torch.float64) @ torch.randn(48, 48, generator=g,
+                                                                                         dtype=torch.float64))
+    x = (x - x.mean(0)) / x.std(0)   # what a layer after BN sees, roughly
+    h = x.T @ x
+    q = create_quantizer(name, **({"bits": 3} if name == "kbit" else {}))
+    grid = row_grid(q, w)
+    codes, info = adaround_codes(w, h, grid.scale, grid.levels, 3000.0)   # 1000 steps, the default
+    soft = info["h"]
+    assert bool(((soft == 0) | (soft == 1)).all())   # every rounding decided, none left in between
+    rtn, _ = q.quantize_codes(w)
+    assert torch.equal(codes.abs().clamp(max=grid.levels), codes.abs()) and not torch.equal(codes, rtn)
+    floor = torch.floor(w / grid.scale[:, None])
+    assert bool(((codes == floor) | (codes == floor + 1) | (codes.abs() == grid.levels)).all())  # down or up
+
+    def error(c):
+        d = w - c * grid.scale[:, None]
+        return float(((d @ h) * d).sum())
+
+    assert error(codes) < error(rtn)
+
+
+def test_adaround_walk_keeps_every_layer_at_or_below_rtn_error():
+    torch.manual_seed(0)
+    net = BNNet().eval()
+    records = ptq_model(net, images(), PTQConfig(params={"bits": 2}, method="adaround", calib_images=96,
+                                                 adaround_iters=300), device="cpu", batch_size=32)
+    assert [r["layer"] for r in records] == ["conv", "plain"]
+    for r in records:
+        assert 0 < r["output_error"] <= r["output_error_rtn"], r
+    codes = net.conv.quantizer.codes
+    assert torch.equal(codes, codes.round()) and codes.abs().max() <= 1
+    with pytest.raises(ValueError, match="allowed: kbit, twn"):
+        ptq_model(BNNet().eval(), images(), PTQConfig(quantizer="bwn", params={}, method="adaround"), device="cpu",
+                  batch_size=32)
+
+
 # ---------------------------------------------------------------- the file
 @pytest.mark.parametrize("quantizer, params", [("kbit", {"bits": 4}), ("twn", {})])
 def test_packed_file_reloads_with_identical_logits(tmp_path, quantizer, params):
@@ -217,6 +449,17 @@ def test_command_writes_files_load_quantized_reads_and_gptq_beats_rtn(digits_run
     assert evaluate(load_quantized(tmp_path / "gptq.safetensors"), test_set, recipe, "cpu", 0, 1) == gptq["top1"]
 
 
+def test_command_adaround_writes_a_file_that_reloads(digits_run, tmp_path, capsys):
+    out = tmp_path / "ada.safetensors"
+    assert main([str(digits_run), str(out), "--method", "adaround", "--bits", "3", "--calib-images", "128",
+                 "--adaround-iters", "200", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "adaround" and result["bits"] == 3 and result["reload_max_abs_diff"] == 0.0
+    assert result["settings"]["adaround_iters"] == 200 and result["settings"]["walk"] == "cached"
+    for layer, error in result["layer_output_error"].items():
+        assert error <= result["layer_output_error_rtn"][layer] + 1e-9, layer
+
+
 def test_command_keep_fp_bits_and_onnx(digits_run, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "twn.safetensors"
@@ -234,8 +477,12 @@ def test_command_keep_fp_bits_and_onnx(digits_run, tmp_path, capsys):
     (["--quantizer", "nope"], "--quantizer='nope'; allowed: kbit, twn, bwn"),
     (["--bits", "9"], "--bits=9 with --quantizer kbit; allowed: an integer from 2 to 8"),
     (["--quantizer", "twn", "--bits", "3"], "--bits=3 with --quantizer twn; allowed: 2"),
-    (["--method", "awq"], "--method='awq'; allowed: gptq, rtn"),
+    (["--method", "awq"], "--method='awq'; allowed: gptq, rtn, adaround"),
+    (["--method", "adaround", "--adaround-iters", "0"], "--adaround-iters=0; allowed: an integer >= 1"),
+    (["--method", "adaround", "--adaround-reg", "-1"], "--adaround-reg=-1.0; allowed: a number > 0"),
+    (["--method", "adaround", "--quantizer", "bwn"], "--method adaround with --quantizer bwn"),
     (["--damp", "0"], "--damp=0.0; allowed: a number > 0"),
+    (["--hessian", "diag"], "--hessian='diag'; allowed: centred, plain"),
     (["missing run"], "no such run or checkpoint folder"),
     (["low-bit run"], "quant.enabled is true"),
 ])

@@ -2,8 +2,12 @@
 
 - :mod:`.gptq`: one weight matrix on the quantizer's fixed per-row grid (GPTQ's column-wise
   rounding with error compensation, or the quantizer applied once);
+- :mod:`.calib`: each layer's input statistics (plain or centred Hessian), collected while the
+  network runs once over the cached calibration activations (``torch.fx``), or layer by layer
+  where it cannot be traced;
 - :mod:`.walk`: the walk over a network (each layer on the inputs of the partly quantized
-  network, as ``sqdist.compress`` walks it), ending in SQ layers that ``sqdist.export`` packs.
+  network, BatchNorm statistics re-estimated on the way), ending in SQ layers that
+  ``sqdist.export`` packs.
 
 Command line: ``python -m sqdist.ptq RUN OUT.safetensors --bits 3`` (:mod:`.cli`). From Python::
 
@@ -13,7 +17,8 @@ Command line: ``python -m sqdist.ptq RUN OUT.safetensors --bits 3`` (:mod:`.cli`
     sqdist.export_model(model, "out.safetensors", model_name="resnet10t", model_kwargs={...})
 """
 from .gptq import METHODS, RowGrid, damped_inverse_factor, gptq_quantize, quantize_weight, row_grid
+from .calib import InputStatistics
 from .walk import QUANTIZERS, FixedCodes, PTQConfig, ptq_layers, ptq_model
 
-__all__ = ["FixedCodes", "METHODS", "PTQConfig", "QUANTIZERS", "RowGrid", "damped_inverse_factor", "gptq_quantize",
-           "ptq_layers", "ptq_model", "quantize_weight", "row_grid"]
+__all__ = ["FixedCodes", "InputStatistics", "METHODS", "PTQConfig", "QUANTIZERS", "RowGrid", "damped_inverse_factor",
+           "gptq_quantize", "ptq_layers", "ptq_model", "quantize_weight", "row_grid"]

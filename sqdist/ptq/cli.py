@@ -2,6 +2,7 @@
 
     python -m sqdist.ptq RUN OUT.safetensors --bits 3                       # GPTQ, k-bit 3 (mse scale)
     python -m sqdist.ptq RUN OUT.safetensors --bits 3 --method rtn          # round-to-nearest baseline
+    python -m sqdist.ptq RUN OUT.safetensors --bits 3 --method adaround     # AdaRound (k-bit, TWN)
     python -m sqdist.ptq RUN OUT.safetensors --quantizer twn --act-order --json
     python -m sqdist.ptq RUN OUT.onnx --bits 8                              # ONNX, checked by onnxruntime
     accelerate launch --multi_gpu --num_processes 2 -m sqdist.ptq RUN OUT.safetensors --bits 4
@@ -36,6 +37,7 @@ from .walk import QUANTIZERS, PTQConfig, ptq_model
 
 DEFAULTS = PTQConfig()
 BITS = {"kbit": (2, 8), "twn": (2, 2), "bwn": (1, 1)}
+HESSIANS = ("centred", "plain")
 
 
 class PTQError(ExportError):
@@ -58,7 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"GPTQ dampening, a fraction of the mean Hessian diagonal (default {DEFAULTS.damp})")
     p.add_argument("--block", type=int, default=DEFAULTS.block, help=f"GPTQ columns per lazy update "
                                                                      f"(default {DEFAULTS.block})")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=DEFAULTS.act_order,
+                   help="GPTQ: columns by decreasing Hessian diagonal (default: on)")
+    p.add_argument("--adaround-iters", type=int, default=DEFAULTS.adaround_iters, metavar="N",
+                   help=f"AdaRound: Adam steps per layer (default {DEFAULTS.adaround_iters})")
+    p.add_argument("--adaround-reg", type=float, default=DEFAULTS.adaround_reg, metavar="LAMBDA",
+                   help=f"AdaRound: the rounding regulariser's weight (default {DEFAULTS.adaround_reg}, the paper's)")
+    p.add_argument("--hessian", default="centred", help="centred (default): (X - mean)^T (X - mean) for a layer "
+                                                        "whose output goes into a BatchNorm, X^T X otherwise; "
+                                                        "plain: X^T X everywhere")
+    p.add_argument("--no-walk-bn", action="store_true", help="do not re-estimate each BatchNorm from the calibration "
+                                                             "inputs as the walk reaches it (done by default where "
+                                                             "the walk runs on cached activations)")
+    p.add_argument("--no-cache", action="store_true", help="run the network up to each layer (one partial forward "
+                                                           "per layer, one chunk's memory) instead of one forward "
+                                                           "over cached activations")
     p.add_argument("--seed", type=int, default=None, help="calibration images (default: the run's train.seed)")
     p.add_argument("--bn-recalibrate", type=int, default=None, metavar="N",
                    help="re-estimate BN statistics on N training batches after quantizing (default: the run's "
@@ -85,11 +101,18 @@ def _validate(args) -> tuple[PTQConfig, int]:
         raise PTQError(f"--bits={bits} with --quantizer {args.quantizer}; allowed: {allowed}")
     if args.method not in METHODS:
         raise PTQError(f"--method={args.method!r}; allowed: {', '.join(METHODS)}")
-    for flag, value in (("--calib-images", args.calib_images), ("--block", args.block)):
+    if args.hessian not in HESSIANS:
+        raise PTQError(f"--hessian={args.hessian!r}; allowed: {', '.join(HESSIANS)}")
+    if args.method == "adaround" and args.quantizer == "bwn":
+        raise PTQError("--method adaround with --quantizer bwn (no zero code to round to); allowed: kbit, twn")
+    for flag, value in (("--calib-images", args.calib_images), ("--block", args.block),
+                        ("--adaround-iters", args.adaround_iters)):
         if value < 1:
             raise PTQError(f"{flag}={value}; allowed: an integer >= 1")
     if not (args.damp > 0 and math.isfinite(args.damp)):
         raise PTQError(f"--damp={args.damp}; allowed: a number > 0 (0.01 in the paper)")
+    if not (args.adaround_reg > 0 and math.isfinite(args.adaround_reg)):
+        raise PTQError(f"--adaround-reg={args.adaround_reg}; allowed: a number > 0 (0.01 in the paper)")
     for flag, value in (("--seed", args.seed), ("--bn-recalibrate", args.bn_recalibrate)):
         if value is not None and value < 0:
             raise PTQError(f"{flag}={value}; allowed: an integer >= 0")
@@ -99,7 +122,9 @@ def _validate(args) -> tuple[PTQConfig, int]:
     params = {"bits": bits} if args.quantizer == "kbit" else {}
     return PTQConfig(quantizer=args.quantizer, params=params, method=args.method, calib_images=args.calib_images,
                      damp=args.damp, block=args.block, act_order=args.act_order,
-                     seed=0 if args.seed is None else args.seed), keep_fp_bits
+                     seed=0 if args.seed is None else args.seed, centred=args.hessian == "centred",
+                     walk_bn=not args.no_walk_bn, cache=not args.no_cache, adaround_iters=args.adaround_iters,
+                     adaround_reg=args.adaround_reg), keep_fp_bits
 
 
 def run(args, on_stage=None) -> int:
@@ -145,7 +170,8 @@ def run(args, on_stage=None) -> int:
     if on_stage is not None:
         on_stage("final", model)
     errors = {r["layer"]: r["output_error"] for r in records}
-    settings = {**config.to_dict(), "source": str(ckpt), "bn_recalibrate": bn_batches}
+    settings = {**config.to_dict(), "source": str(ckpt), "bn_recalibrate": bn_batches,
+                "walk": records[0]["walk"], "walk_bn": records[0]["walk_bn"]}
     summary = {"method": config.method, "quantizer": config.quantizer, "bits": model_bits(model),
                "top1": top1, "top1_fp": top1_fp, "layer_output_error": errors,
                "layer_output_error_sum": sum(errors.values()), "settings": settings}

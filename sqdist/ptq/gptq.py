@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from ..quant.weights import twn_threshold
+from .adaround import AdaRoundConfig, adaround_codes
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "rtn", "adaround")
 
 
 @dataclass
@@ -117,13 +118,16 @@ def gptq_quantize(w: Tensor, hessian: Tensor, grid: RowGrid, *, damp: float = 0.
 
 
 def quantize_weight(weight: Tensor, grams: Tensor, quantizer, method: str, *, damp: float = 0.01,
-                    block: int = 128, act_order: bool = False) -> tuple[Tensor, Tensor]:
+                    block: int = 128, act_order: bool = False, rows: float = 1.0,
+                    adaround: AdaRoundConfig = AdaRoundConfig()) -> tuple[Tensor, Tensor]:
     """Codes and per-row scale of a Conv/Linear ``weight`` (C_out, ...) by ``method``.
 
     ``grams``: (groups, D_g, D_g) ``X_g^T X_g`` of the layer's unfolded inputs per conv group
     (1 for a Linear; ``sqdist.compress.layers.input_statistics``); ``weight`` is seen as
     (C_out, C_in/groups * kh * kw) and the rows of group ``g`` use ``grams[g]``, so a grouped or
     depthwise conv is quantized group by group. ``rtn``: ``quantizer.quantize_codes`` once.
+    ``adaround``: :func:`sqdist.ptq.adaround.adaround_codes` on the same grid (k-bit, TWN), its
+    error normalised by ``rows`` (the input rows the Gram matrices sum over).
     Returns (``codes`` (C_out, D_g) in the weight's dtype, ``scale`` (C_out,)).
     """
     if method not in METHODS:
@@ -132,12 +136,18 @@ def quantize_weight(weight: Tensor, grams: Tensor, quantizer, method: str, *, da
     if method == "rtn":
         return quantizer.quantize_codes(w)
     grid = row_grid(quantizer, w)
+    if method == "adaround" and grid.kind == "bwn":
+        raise ValueError("method='adaround' with quantizer 'bwn' (no zero code to round to); allowed: kbit, twn")
     groups = grams.shape[0]
     per = w.shape[0] // groups
     codes = torch.empty_like(w)
     for g in range(groups):
-        rows = slice(g * per, (g + 1) * per)
+        part = slice(g * per, (g + 1) * per)
+        if method == "adaround":
+            c, _ = adaround_codes(w[part], grams[g], grid.scale[part], grid.levels, rows, adaround)
+            codes[part] = c.to(w.dtype)
+            continue
         # 2 X^T X: the factor cancels in the update, kept so H is the paper's
-        codes[rows] = gptq_quantize(w[rows], 2 * grams[g], grid, damp=damp, block=block, act_order=act_order,
-                                    rows=rows).to(w.dtype)
+        codes[part] = gptq_quantize(w[part], 2 * grams[g], grid, damp=damp, block=block, act_order=act_order,
+                                    rows=part).to(w.dtype)
     return codes, grid.scale.to(w.dtype)
