@@ -161,6 +161,12 @@ class IntegerLayer(nn.Module):
         self.register_buffer("w_zero_point", torch.zeros(codes.shape[0], dtype=torch.int8))
         self.register_buffer("b_zero_point", torch.zeros(codes.shape[0], dtype=torch.int32))
 
+    @property
+    def weight(self) -> Tensor:
+        """The weight it computes with, dequantized: for a model that reads a layer's ``weight`` (XCiT, for its
+        device and dtype)."""
+        return self.codes.float() * self.w_scale.view(-1, *([1] * (self.codes.dim() - 1)))
+
     def _apply_op(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         if not self.is_conv:
             return F.linear(x, w, b)
