@@ -4,8 +4,9 @@
     python benchmarks/deploy.py --json           # {"rows": [...], "setup": {...}}
     python benchmarks/deploy.py --quick          # resnet18 only, fewer repetitions
 
-Models: timm resnet18 and resnet50 at 224x224, 1000 classes, random weights (speed and size
-do not depend on the values), and a digits resnet10t trained with recipes/digits_twn.yaml
+Models: timm resnet18 and resnet50 at 224x224, 1000 classes, random weights with BatchNorm
+gains drawn in [0.5, 1.5] as in a trained network (speed and size do not depend on the values;
+the export check does), and a digits resnet10t trained with recipes/digits_twn.yaml
 (and its float twin recipes/digits_fp.yaml for the FP32 row), for accuracy on real test data.
 For each: the FP32 ONNX (torch.onnx, opset 17), and sqdist's ONNX of the TWN model
 (``export_onnx``, opset 25: INT2 ternary codes) with float activations and with 8-bit activations
@@ -40,6 +41,17 @@ sys.path.insert(0, str(ROOT))
 from sqdist import QuantConfig, SQConfig, quantize_model  # noqa: E402
 from sqdist.export import export_onnx, load_run  # noqa: E402
 from sqdist.export.onnx_writer import _run_data  # noqa: E402
+
+
+def look_trained(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm gains drawn in [0.5, 1.5], as in a trained network: timm zero-initialises the last gain of
+    each residual block, which makes an untrained network's blocks identities (and an int8 export of it
+    checks nothing there)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+    return model
 
 
 def fp32_onnx(model: torch.nn.Module, path: Path, input_size: tuple[int, int, int]) -> None:
@@ -210,7 +222,7 @@ def main(argv=None) -> int:
                                  round(top1(fp32, evaluation), 2), run_top1)
                 continue
             torch.manual_seed(0)
-            model = timm.create_model(name, num_classes=1000).eval()
+            model = look_trained(timm.create_model(name, num_classes=1000)).eval()
             fp32 = folder / f"{name}_fp32.onnx"
             fp32_onnx(model, fp32, (3, 224, 224))
             quantize_model(model, QuantConfig(quantizer="twn", sq=SQConfig(ratios=(1.0,))))

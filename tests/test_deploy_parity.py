@@ -248,3 +248,54 @@ def test_an_op_the_exporter_cannot_write_is_one_line_and_prints_nothing(tmp_path
     out, err = capfd.readouterr()
     assert out == "" and err == "", (out[:300], err[:300])
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_the_flagship_resnet18_exports_with_8bit_activations_and_a_float_stem(tmp_path):
+    """timm resnet18, 1000 classes, BatchNorm gains as after training, TWN, --activations int8 with the default
+    float stem and classifier (a review refused it: onnxruntime 4e-3 off after forcing the ties the check could
+    read; a tie decided inside a fused QLinearConv could not be read, and reaches the next layer's codes as a
+    value a few hundredths of a step off). Every fused kernel's codes are read now; whether such a tie occurs
+    depends on the CPU, so this holds the outcome, not the old failure."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=1000)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    quantize_model(model, QuantConfig(quantizer="twn", sq=SQConfig(ratios=(1.0,))))
+    model.eval()
+    info = export_onnx(model, tmp_path / "m.onnx", input_size=(3, 96, 96), activations="int8",
+                       calibration=calibration(96))
+    assert info["max_abs_diff"] <= 1e-4 * 10 and info["rounding_worst_share"] <= 0.01
+    assert info["model_agreement"] >= 0.9 and info["float_layers"] == []
+
+
+def test_a_tie_decided_inside_a_fused_kernel_is_read(tmp_path):
+    """resnet10t, kbit4, 8-bit activations, float stem and classifier: onnxruntime decides a few rounding ties
+    inside fused QLinearConv / QLinearAdd kernels the other way; the check used to read only standing
+    QuantizeLinear nodes, could not force those ties and refused the export (2.8e-3 off). It reads every fused
+    kernel's output codes now (channels last put back in NCHW) and forces them."""
+    from sqdist.export.onnx_check import onnxruntime_codes
+    from sqdist.export.onnx_writer import check_batch
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    quantize_model(model, QuantConfig(quantizer="kbit", params={"bits": 4}, sq=SQConfig(ratios=(1.0,))))
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model.train()
+    model(x).logsumexp(1).mean().backward()
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    model.eval()
+    cal = calibration(32)
+    path = tmp_path / "m.onnx"
+    info = export_onnx(model, path, input_size=(3, 32, 32), activations="int8", calibration=cal)
+    assert info["max_abs_diff"] <= 1e-4 * 10 and info["near_flips"] == 0
+    _, codes = onnxruntime_codes(path, check_batch(cal, (3, 32, 32)))
+    # every QuantizeLinear's codes are read, fused ones included, but the max pool's: onnxruntime pools the
+    # codes it is handed (its input's, the same scale), so those are read where they were made
+    assert sum(c is None for c in codes) == 1 and len(codes) > 15
