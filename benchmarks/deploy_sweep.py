@@ -153,10 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per architecture")
     parser.add_argument("--out", default="", help="write the rows and the summary as JSON here")
+    parser.add_argument("--report", default="", help="print a results JSON (--out) as a markdown table and exit")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.mode = args.mode or "int8"
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+        flag = "--lsq8" if result["mode"] == "lsq8" else "--int8"
+        print(markdown(result, f"python benchmarks/deploy_sweep.py {flag} --n {result['n']} --seed {result['seed']}"
+                               f" --out {args.report}"), end="")
+        return 0
     if args.one:
         print(json.dumps(one(args.one, args.mode, args.size, args.keep_fp_bits, args.tmp)))
         return 0
@@ -194,6 +201,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write(args, rows, skipped)
     return 0
+
+
+def markdown(result: dict, command: str) -> str:
+    """The sweep's rows as a table (what benchmarks/results/deploy_sweep.md holds)."""
+    lines = [f"`{command}`", "",
+             f"{len(result['rows'])} architectures: {result['counts']['pass']} pass, {result['counts']['refused']} "
+             f"refused, {result['counts']['failed']} failed ({len(result['skipped'])} drawn did not build or train).",
+             "", "| # | architecture | input | status | logits vs the model (relative) | argmax agrees | "
+             "codes > 1 step off at a rounding | onnxruntime: ties / one step off | float layers | s |",
+             "|---:|---|---|---|---:|---:|---:|---|---:|---:|"]
+    for k, r in enumerate(result["rows"], 1):
+        def num(key, fmt):
+            return "" if r.get(key) is None else format(r[key], fmt)
+        status = r["status"] if r["status"] == "pass" else f"{r['status']}: {r.get('line', '')[:160]}"
+        lines.append(f"| {k} | {r['name']} | {'x'.join(map(str, r.get('input', [])[1:]))} | {status} | "
+                     f"{num('model_rel_error', '.4f')} | {num('model_agreement', '.3f')} | "
+                     f"{num('rounding_worst_share', '.2%')} | {num('tie_flips', 'd')} / {num('near_flips', 'd')} | "
+                     f"{len(r.get('float_layers') or [])} | {r.get('seconds', '')} |")
+    return "\n".join(lines) + "\n"
 
 
 def write(args, rows: list[dict], skipped: list[dict]) -> None:

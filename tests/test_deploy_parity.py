@@ -299,3 +299,45 @@ def test_a_tie_decided_inside_a_fused_kernel_is_read(tmp_path):
     # every QuantizeLinear's codes are read, fused ones included, but the max pool's: onnxruntime pools the
     # codes it is handed (its input's, the same scale), so those are read where they were made
     assert sum(c is None for c in codes) == 1 and len(codes) > 15
+
+
+class TinyInput(nn.Module):
+    """conv2 reads values ~1e-9: its bias does not fit int32 at its input's 8-bit scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+        with torch.no_grad():
+            self.conv2.bias.fill_(5.0)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.conv1(x) * 1e-9).mean((2, 3)))
+
+
+def test_a_layer_that_cannot_be_an_integer_kernel_stays_float(tmp_path):
+    """A bias that does not fit int32 at the input's scale refused the whole export; that layer now stays a
+    float convolution in an otherwise integer graph (as quantize_static leaves such parts), named in the result."""
+    model = trained_like(TinyInput())
+    info = export_onnx(model, tmp_path / "m.onnx", input_size=(3, 8, 8), activations="int8", calibration=calibration(8))
+    assert info["float_layers"] == ["conv2"] and info["rounding_worst_share"] <= 0.01
+    net = deployable(model, 32, "int8", calibration(8))
+    assert isinstance(net.conv1, IntegerLayer) and isinstance(net.fc, IntegerLayer)
+    assert not isinstance(net.conv2, IntegerLayer)
+
+
+@pytest.mark.parametrize("bits,wide", [(4, False), (8, True)])
+def test_wide_weight_codes_and_the_cpus_vnni_are_reported(tmp_path, bits, wide):
+    """onnxruntime's x86 u8s8 kernels without VNNI sum two products in int16, which only weight codes above 64
+    can saturate: the export names such layers and says whether this CPU has VNNI."""
+    from sqdist.export.parity import cpu_has_vnni
+
+    torch.manual_seed(0)
+    model = SideRead()
+    quantize_model(model, QuantConfig(quantizer="kbit", params={"bits": bits}, keep_stem_and_classifier=False,
+                                      sq=SQConfig(ratios=(1.0,))))
+    model.eval()
+    info = export_onnx(model, tmp_path / "m.onnx", input_size=(3, 16, 16), activations="int8", calibration=calibration())
+    assert bool(info["wide_weight_codes"]) is wide and info["cpu_vnni"] is cpu_has_vnni()
+    with open("/proc/cpuinfo") as f:
+        flags = " ".join(line for line in f if line.startswith("flags"))
+    assert cpu_has_vnni() is ("avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags)
