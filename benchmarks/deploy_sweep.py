@@ -76,6 +76,11 @@ def one(name: str, mode: str, size: int, keep_fp_bits: int, out_dir: str) -> dic
             for m in model.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
                     m.weight.uniform_(0.5, 1.5)
+            model.train()(torch.randn(2, *input_size)).sum()  # timm trains it at this size
+    except Exception as exc:
+        row.update(status="untrainable", line=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        return row
+    try:  # from here on a failure is sqdist's
         lsq = mode == "lsq8"
         quantize_model(model, QuantConfig(quantizer="kbit", params={"bits": 4}, activations="lsq" if lsq else None,
                                           activation_params={"bits": 8} if lsq else {}, sq=SQConfig(ratios=(1.0,))))
@@ -89,7 +94,7 @@ def one(name: str, mode: str, size: int, keep_fp_bits: int, out_dir: str) -> dic
         if not bool(torch.isfinite(loss)):
             raise RuntimeError("loss is not finite")
     except Exception as exc:
-        row.update(status="untrainable", line=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        row.update(status="failed", line=f"training with sqdist: {type(exc).__name__}: {str(exc)[:200]}")
         return row
     model.eval()
     calibration = [torch.randn(8, *input_size, generator=torch.Generator().manual_seed(10 + i)) for i in range(2)]

@@ -191,6 +191,8 @@ def eval_view(train: Dataset, test: Dataset) -> Dataset:
     """``train``'s samples as the evaluation set reads them: no augmentation, ``test``'s transform."""
     if isinstance(train, Subset):  # the part kept by data.holdout_fraction
         return Subset(eval_view(train.dataset, test), train.indices)
+    while isinstance(test, Subset):  # a held-out part: its dataset has the evaluation transform
+        test = test.dataset
     if isinstance(train, ArrayImages):
         return train.without_augmentation()
     if hasattr(train, "reader") and hasattr(train, "transform"):  # timm's ImageDataset: same files, eval transform

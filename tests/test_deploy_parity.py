@@ -122,18 +122,28 @@ def test_a_conversion_error_fails_the_check(tmp_path, monkeypatch):
 
 def test_rounding_parity_is_local_and_counts_whole_steps():
     """rounding_parity compares one rounding at a time: the converted network against the model's own
-    modules, each from the network's value before it. A scale 1% off shows at its own point only."""
+    modules, each from the network's value before it. A scale 5% off shows at its own layer; a bias 0.9 of
+    a step off in every layer (no code more than one step off) shows as channels off in one direction."""
     from sqdist.export.parity import rounding_parity
 
     model = trained_like(timm.create_model("resnet10t", num_classes=10), "kbit")
     cal = calibration(32)
     net = deployable(model, 32, "int8", cal)
     parity = rounding_parity(model, net, cal[0])
-    assert parity["points"] > 10 and parity["worst_share"] <= 0.01 and parity["logits_rel_error"] <= 0.01
+    assert parity["points"] > 10 and parity["failure"] is None and parity["worst_share"] <= 0.01
+    assert parity["worst_step_share"] <= 0.1 and parity["logits_rel_error"] <= 0.01
     layer = net.get_submodule("layer2.0.conv1")
-    layer.w_scale.mul_(1.05)  # a rescaling error in one layer
+    scale = layer.w_scale.clone()
+    layer.w_scale.mul_(1.05)  # a rescaling error in one layer: codes many steps off there, and only there
     broken = rounding_parity(model, net, cal[0])
     assert broken["worst_share"] > 0.05 and broken["worst_point"].startswith("layer2.0.")
+    assert "'layer2.0." in broken["failure"]
+    layer.w_scale.copy_(scale)
+    for m in net.modules():  # a bias off by 0.9 of an output step in every layer: each code at most one step off
+        if isinstance(m, IntegerLayer):
+            m.bias_codes.add_(torch.round(0.9 * m.y_scale / m.b_scale).to(torch.int32))
+    shifted = rounding_parity(model, net, cal[0])
+    assert shifted["failure"] is not None and shifted["worst_channel_steps"] > 0.5
 
 
 def test_channels_last_codes_are_read_in_the_graphs_layout(tmp_path):

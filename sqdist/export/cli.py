@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             checked = (f"onnxruntime (default session) max |logit difference| {info['max_abs_diff']:.2e}"
                        if info["max_abs_diff"] is not None else "not checked: onnxruntime is not installed")
-            if info.get("rounding_worst_share") is not None:
+            if info.get("rounding_worst_share") is not None and info.get("model_rel_error") is not None:
                 checked += (f" from the network it runs; against the trained model: codes more than one step off at "
                             f"most {100 * info['rounding_worst_share']:.2f}% at a rounding, logits "
                             f"{info['model_rel_error']:.3g} relative on the check batch")

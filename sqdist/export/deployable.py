@@ -193,6 +193,7 @@ def model_copy(model: nn.Module) -> nn.Module:
         for name, layer in layers.items():
             layer._sq = controllers[name]
 
+
 def aliases(model: nn.Module) -> dict[str, list[str]]:
     """``{first name: [other names]}`` of the modules that ``model`` reaches under more than one name."""
     by_object: dict[int, list[str]] = {}

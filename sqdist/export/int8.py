@@ -32,9 +32,9 @@ likewise). Its forward computes what the fused kernel computes, bit for bit: the
 accumulator of input codes times weight codes (exact, in float64), plus the int32 bias, times
 the float32 multiplier ``(x_scale * w_scale) / y_scale``, rounded half to even, saturated to
 uint8 (onnxruntime's ``QLinearConv`` requantization).
-Traced to ONNX it is the QDQ pattern onnxruntime fuses. This network, not the float model,
-is what the export check compares onnxruntime with: 8-bit inputs and outputs change the
-logits (by the quantization error), which the float model does not have.
+Traced to ONNX it is the QDQ pattern onnxruntime fuses. The export check compares onnxruntime
+with this network exactly, and this network with the trained model one rounding at a time
+(:mod:`sqdist.export.parity`; :func:`integer_deployable` records where it rounds).
 """
 from __future__ import annotations
 
@@ -158,6 +158,8 @@ class IntegerLayer(nn.Module):
         if bool((b_int.abs() > 2 ** 31 - 1).any()):
             raise ExportError("a bias does not fit int32 at the input's calibrated scale (an input range of ~0?)")
         self.register_buffer("bias_codes", b_int.to(torch.int32))
+        # what int32 rounding changes in the bias (float32): the export check adds it to the model's own output
+        self.register_buffer("bias_rounding", (b_int * self.b_scale.double() - b.double()).float(), persistent=False)
         self.register_buffer("w_zero_point", torch.zeros(codes.shape[0], dtype=torch.int8))
         self.register_buffer("b_zero_point", torch.zeros(codes.shape[0], dtype=torch.int32))
 

@@ -277,12 +277,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
             4 bits or fewer as INT4 initializers (:func:`store_int4`), 21..24 INT4 only, 13..20
             every code as int8.
         check: run the written file in a default onnxruntime session (when installed) on
-            :func:`check_batch` and compare its logits with the trained ``model`` and, exactly,
-            with the network that was traced (:func:`check_against_torch`): equal to the model
-            within ``1e-4 * max(1, max |logit|)`` when the export rounds nothing more than it
-            (float activations, ``keep_fp_bits=32``), else within ``MODEL_TOLERANCE`` (0.05)
-            relative error; equal to the traced network within ``1e-4 * max(1, max |logit|)``
-            after forcing rounding ties. A failure is an :class:`ExportError` and the file is removed.
+            :func:`check_batch` and compare it with the trained ``model``: its logits within
+            ``1e-4 * max(1, max |logit|)`` of the model's when the export rounds nothing more
+            (float activations, ``keep_fp_bits=32``); else the converted network held to the model
+            one rounding at a time (:func:`sqdist.export.parity.check_rounding`) and onnxruntime to
+            that network, its codes and logits (:func:`check_against_torch`). A failure is an
+            :class:`ExportError` and the file is removed.
         activations: ``"float"`` (the inputs as trained: float, or the run's own activation
             quantizers) or ``"int8"``: 8-bit inputs and outputs calibrated on ``calibration`` so
             that onnxruntime runs the layers with integer weights as integer kernels

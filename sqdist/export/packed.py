@@ -117,4 +117,3 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, model_name: str |
 def _activation_config(layers: dict[str, nn.Module]) -> dict:
     acts = [layer.input_quantizer for layer in layers.values() if getattr(layer, "input_quantizer", None) is not None]
     return {"name": acts[0].quantizer_name, "params": acts[0].config()} if acts else {}
-

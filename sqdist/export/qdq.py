@@ -21,11 +21,13 @@ TIE_WINDOW = 1e-2
 class _ForcedCodes:
     """Codes a runtime chose, one entry per ``QuantizeLinear`` of the graph (None: not observed), and
     what taking them found: ``observed`` codes, ``ties``, ``flipped`` (ties decided the other way),
-    ``near`` (one step off away from a tie), ``far`` (more than one step off)."""
+    ``near`` (one step off away from a tie; ``worst_near`` the largest share of that in one call),
+    ``far`` (more than one step off), ``unmatched`` (calls whose codes had another shape)."""
 
     def __init__(self, codes: list[Tensor | None]):
         self.codes, self.calls, self.ties, self.flipped = codes, 0, 0, 0
         self.observed, self.near, self.far = 0, 0, 0
+        self.worst_near, self.unmatched = 0.0, 0  # the largest share one step off in one call; codes of another shape
 
 
 _FORCED: list[_ForcedCodes] = []
@@ -68,14 +70,18 @@ def round_codes(t: Tensor, zero_point: float | Tensor, qmin: int, qmax: int) -> 
         record = _FORCED[-1]
         theirs = record.codes[record.calls] if record.calls < len(record.codes) else None
         record.calls += 1
-        if theirs is not None and theirs.shape == q.shape:
+        if theirs is not None and theirs.shape != q.shape:
+            record.unmatched += 1
+        elif theirs is not None:
             theirs = torch.clamp(theirs.to(q.dtype), qmin, qmax)  # the graph's Clip (below 8 bits) follows
             tie = (t - torch.floor(t) - 0.5).abs() <= TIE_WINDOW
             steps = (theirs - q).abs()
             record.observed += q.numel()
             record.ties += int(tie.sum())
             record.flipped += int((tie & (steps > 0)).sum())
-            record.near += int((~tie & (steps == 1)).sum())
+            near = int((~tie & (steps == 1)).sum())
+            record.near += near
+            record.worst_near = max(record.worst_near, near / max(q.numel(), 1))
             record.far += int((steps > 1).sum())
             q = theirs
     return q
