@@ -650,11 +650,26 @@ def test_digits_run_with_int8_activations_keeps_its_top1(digits_run, tmp_path, c
     assert info["activations"] == "int8" and info["int2_weights"] == len(layers)  # ternary codes: INT2
     assert info["top1_model"] == pytest.approx(summary["final_accuracy"], abs=1e-9)
     assert abs(info["top1_onnx"] - info["top1_model"]) <= 1.0  # a default onnxruntime session, integer kernels
-    assert info["agreement"] >= 98.0  # onnxruntime predicts what the trained model predicts
+    assert info["agreement"] >= 95.0  # one epoch: more images near a decision boundary than a finished run has
     assert info["rounding_worst_share"] <= 0.01 and info["model_rel_error"] is not None
     assert optimized_ops(out)["QLinearConv"] >= len(layers)
     code, stdout, _ = cli(capsys, run, out, "--activations", "int8", "--calib-batches", "4")
     assert code == 0 and f"the same prediction on {info['agreement']:.2f}% of {info['eval_examples']}" in stdout
+
+
+@pytest.mark.slow
+def test_finished_digits_twn_run_with_int8_activations_predicts_what_it_predicts(tmp_path, capsys):
+    """recipes/digits_twn.yaml trained to the end, exported with --activations int8: onnxruntime predicts the
+    trained model's class on at least 98% of the test images (the command prints the share)."""
+    from sqdist.config import load_recipe
+    from sqdist.train import train
+
+    run = tmp_path / "run"
+    train(load_recipe(os.path.join(ROOT, "recipes", "digits_twn.yaml"), [f"run.dir={run}", "train.progress=false"]))
+    code, stdout, stderr = cli(capsys, run, tmp_path / "int8.onnx", "--activations", "int8")
+    assert code == 0, stderr
+    share = float(stdout.split("the same prediction on ")[1].split("%")[0])
+    assert share >= 98.0, stdout
 
 
 @pytest.mark.slow
