@@ -167,8 +167,9 @@ def test_channels_last_codes_are_read_in_the_graphs_layout(tmp_path):
     net = deployable(model, 32, "int8", cal)
     with torch.no_grad(), forced_ties(codes) as record:
         net(x)
-    assert record.calls == len(codes) and record.observed > 0
-    assert record.flipped <= 0.001 * record.observed  # the codes line up: only ties differ
+    assert record.calls == len(codes) and record.observed > 0 and record.unmatched == 0
+    assert record.far == 0 and record.worst_near <= 0.01  # the codes line up: only ties differ
+    assert record.flipped <= 0.001 * record.observed
 
 
 class SharedConv(nn.Module):
