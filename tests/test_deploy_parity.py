@@ -64,6 +64,18 @@ def trained_like(model, quantizer="twn"):
     return model.eval()
 
 
+def timm_with_gains(name, num_classes, quantizer, params=None):
+    """A timm model with BatchNorm gains in [0.5, 1.5] (as after training; timm zero-initialises some), quantized."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=num_classes)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    quantize_model(model, QuantConfig(quantizer=quantizer, params=params or {}, sq=SQConfig(ratios=(1.0,))))
+    return model
+
+
 def calibration(size=16, n=2):
     return [torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(10 + i)) for i in range(n)]
 
@@ -268,14 +280,7 @@ def test_the_flagship_resnet18_exports_with_8bit_activations_and_a_float_stem(tm
     read; a tie decided inside a fused QLinearConv could not be read, and reaches the next layer's codes as a
     value a few hundredths of a step off). Every fused kernel's codes are read now; whether such a tie occurs
     depends on the CPU, so this holds the outcome, not the old failure."""
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18", num_classes=1000)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-    quantize_model(model, QuantConfig(quantizer="twn", sq=SQConfig(ratios=(1.0,))))
-    model.eval()
+    model = timm_with_gains("resnet18", 1000, "twn").eval()
     info = export_onnx(model, tmp_path / "m.onnx", input_size=(3, 96, 96), activations="int8",
                        calibration=calibration(96))
     assert info["max_abs_diff"] <= 1e-4 * 10 and info["rounding_worst_share"] <= 0.01
@@ -290,13 +295,7 @@ def test_a_tie_decided_inside_a_fused_kernel_is_read(tmp_path):
     from sqdist.export.onnx_check import onnxruntime_codes
     from sqdist.export.onnx_writer import check_batch
 
-    torch.manual_seed(0)
-    model = timm.create_model("resnet10t", num_classes=10)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-    quantize_model(model, QuantConfig(quantizer="kbit", params={"bits": 4}, sq=SQConfig(ratios=(1.0,))))
+    model = timm_with_gains("resnet10t", 10, "kbit", {"bits": 4})
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     model.train()
     model(x).logsumexp(1).mean().backward()
