@@ -200,3 +200,13 @@ def aliases(model: nn.Module) -> dict[str, list[str]]:
     for name, module in model.named_modules(remove_duplicate=False):
         by_object.setdefault(id(module), []).append(name)
     return {names[0]: names[1:] for names in by_object.values() if len(names) > 1}
+
+
+def unfuse_attention(model: nn.Module) -> list[nn.Module]:
+    """Turn timm's fused attention off in ``model`` (the explicit ``softmax(q k^T) v``: the TorchScript
+    exporter cannot trace ``F.scaled_dot_product_attention`` as EVA calls it, and the export check must
+    sum in the traced order); returns the modules it changed, to turn back on."""
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
+    for m in fused:
+        m.fused_attn = False
+    return fused

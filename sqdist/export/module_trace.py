@@ -24,11 +24,16 @@ class Trace(list):
     def __init__(self):
         super().__init__()
         self.reads: list[tuple[tuple[str, ...], list[tuple[Tensor, int]]]] = []
+        self._by_tensor: dict[int, list[tuple[tuple[str, ...], int]]] | None = None
 
     def readers(self, t: Tensor, version: int | None = None) -> list[tuple[str, ...]]:
         """The module stacks of the function calls that read ``t`` (at ``version``, when given)."""
-        return [stack for stack, inputs in self.reads
-                if any(u is t and (version is None or v == version) for u, v in inputs)]
+        if self._by_tensor is None:  # indexed once (``reads`` holds every tensor: their ids stay unique)
+            self._by_tensor = {}
+            for stack, inputs in self.reads:
+                for u, v in {(id(u), v): (u, v) for u, v in inputs}.values():
+                    self._by_tensor.setdefault(id(u), []).append((stack, v))
+        return [stack for stack, v in self._by_tensor.get(id(t), []) if version is None or v == version]
 
 
 class _Reads(TorchFunctionMode):
@@ -135,7 +140,7 @@ def fold_batchnorm(net: nn.Module, x: Tensor, layers: set[str]) -> dict[str, tup
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(k)
         conv.parametrizations.weight[0].scale.mul_(k)
         conv.bias = nn.Parameter((bias - bn.running_mean) * k + shift, requires_grad=False)
-        rest = [getattr(bn, a) for a in ("drop", "act") if isinstance(getattr(bn, a, None), nn.Module)]
-        _set_module(net, name, nn.Sequential(*rest) if rest else nn.Identity())
-        folded[seq[0][0]] = (name, [a for a in ("drop", "act") if isinstance(getattr(bn, a, None), nn.Module)])
+        kept = [a for a in ("drop", "act") if isinstance(getattr(bn, a, None), nn.Module)]
+        _set_module(net, name, nn.Sequential(*[getattr(bn, a) for a in kept]) if kept else nn.Identity())
+        folded[seq[0][0]] = (name, kept)
     return folded

@@ -319,11 +319,11 @@ def _reference_logits(model: nn.Module, x: Tensor) -> Tensor:
     kernel, whose other order of sums decides activation rounding ties otherwise, by CPU)."""
     was_training = model.training
     device = next((p.device for p in model.parameters()), x.device)
-    fused = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
+    from .deployable import unfuse_attention
+
     model.eval()
+    fused = unfuse_attention(model)
     try:
-        for m in fused:
-            m.fused_attn = False
         return model(x.to(device)).float().cpu()
     finally:
         for m in fused:

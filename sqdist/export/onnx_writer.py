@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._version import __version__
-from .deployable import _sq_layers, check_ratio, deployable_layers, model_copy
+from .deployable import _sq_layers, check_ratio, deployable_layers, model_copy, unfuse_attention
 from .format import ExportError, _one_line, check_keep_fp_bits
 from .int8 import NotInteger, check_activations, integer_deployable, integer_layer_names
 from .parity import check_rounding, cpu_has_vnni, full_precision_weights, wide_weight_codes
@@ -78,9 +78,7 @@ def deployable(model: nn.Module, keep_fp_bits: int = 32, activations: str = "flo
     keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
     plain = {sq_cls: base for base, sq_cls in SQ_CLASSES.items()}
     net = model_copy(model).cpu().float().eval()
-    for m in net.modules():  # timm attention: the TorchScript exporter cannot trace F.scaled_dot_product_attention
-        if isinstance(getattr(m, "fused_attn", None), bool):  # as EVA calls it; the explicit softmax(q k^T) v traces
-            m.fused_attn = False
+    unfuse_attention(net)
     described = deployable_layers(net, keep_fp_bits)  # before SQ layers turn plain
     modules = dict(net.named_modules())
     with torch.no_grad():
@@ -290,9 +288,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
         calibration: model inputs (a list of batches) for ``activations="int8"``.
 
     Returns:
-        ``{"path", "bytes", "opset", "input", "activations", "int8_weights", "int4_weights",
-        "qdq_inputs", "max_abs_diff", "tie_flips", "max_abs_diff_model", "model_rel_error",
-        "model_agreement"}`` (the last five None when not checked; see :func:`check_against_torch`).
+        ``{"path", "bytes", "opset", "input", "float_layers", "activations", "int8_weights",
+        "int4_weights", "qdq_inputs", "max_abs_diff", "tie_flips", "near_flips", "max_abs_diff_model",
+        "model_rel_error", "model_agreement"}`` (the check's entries None when not checked; see
+        :func:`check_against_torch`), with ``"rounding_worst_share"``, ``"rounding_worst_point"``
+        when the converted network was held to the model (:func:`sqdist.export.parity.check_rounding`)
+        and ``"wide_weight_codes"``, ``"cpu_vnni"`` with 8-bit activations.
     """
     onnx = _require_onnx()
     keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
@@ -354,8 +355,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
     info = {"path": str(path), "bytes": path.stat().st_size, "opset": opset, "input": ["batch", *input_size],
             "float_layers": list(getattr(net, "float_layers", [])),
             "activations": activations, **_graph_summary(graph_model.graph),
-            "max_abs_diff": None, "tie_flips": None, "max_abs_diff_model": None, "model_rel_error": None,
-            "model_agreement": None}
+            "max_abs_diff": None, "tie_flips": None, "near_flips": None, "max_abs_diff_model": None,
+            "model_rel_error": None, "model_agreement": None}
     if check:
         x = check_batch(calibration if activations == "int8" else None, input_size)
         on_cpu = all(t.device.type == "cpu" for t in model.parameters())

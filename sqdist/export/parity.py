@@ -63,15 +63,13 @@ def rounding_parity(model: nn.Module, net: nn.Module, x: Tensor, weights: dict[s
     ``||model's logits - net's|| / ||net's||`` with every point taken from ``net``, and the first
     tolerance broken (a sentence) or None.
     """
-    from .deployable import model_copy
+    from .deployable import model_copy, unfuse_attention
     from .int8 import QMAX
     from .qdq import _FakeQuantize
 
     points = getattr(net, "rounding_points", [])
     twin = model_copy(model).cpu().float().eval()
-    for m in twin.modules():  # attention as the export traces it (see _reference_logits)
-        if getattr(m, "fused_attn", None) is True:
-            m.fused_attn = False
+    unfuse_attention(twin)  # the attention the export traces
     modules, theirs = dict(twin.named_modules()), dict(net.named_modules())
     for name, w in (weights or {}).items():
         weight = modules[name].weight

@@ -72,8 +72,7 @@ def round_codes(t: Tensor, zero_point: float | Tensor, qmin: int, qmax: int) -> 
         record.calls += 1
         if theirs is not None and theirs.shape != q.shape and theirs.dim() >= 3:
             # read in the other layout than the graph's analysis said (channels last or not): the shape tells
-            other = theirs.movedim(1, -1) if theirs.movedim(1, -1).shape == q.shape else theirs.movedim(-1, 1)
-            theirs = other if other.shape == q.shape else theirs
+            theirs = next((o for o in (theirs.movedim(1, -1), theirs.movedim(-1, 1)) if o.shape == q.shape), theirs)
         if theirs is not None and theirs.shape != q.shape:
             record.unmatched += 1
         elif theirs is not None:
