@@ -32,9 +32,9 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 if [ "$(cat "$venv/.sqdist-deps" 2>/dev/null)" != "$stamp_src" ]; then
-  echo "[install] installing dependencies (torch 2.14.1, timm, accelerate, deepspeed, wandb, ...)"
+  echo "[install] installing dependencies (torch 2.14.1, timm, accelerate, deepspeed, wandb, mkdocs, ...)"
   quietly "$venv/bin/python" -m pip install -q --upgrade pip
-  quietly "$venv/bin/python" -m pip install -q -e "$root[dev,deepspeed,wandb,onnx]" "${plugins[@]}"
+  quietly "$venv/bin/python" -m pip install -q -e "$root[dev,deepspeed,wandb,onnx,docs]" "${plugins[@]}"
   echo "$stamp_src" > "$venv/.sqdist-deps"
 fi
 quietly "$venv/bin/python" -m pip install -q --no-deps -e "$root" "${plugins[@]}"
