@@ -49,7 +49,7 @@ def test_mkdocs_site_builds_strict_without_importing_torch(tmp_path):
     assert "SQ-TWN (paper)" in leaderboard
     assert "golden-stick" in (site / "plugins" / "slb" / "index.html").read_text()
     api = (site / "api" / "sqdist" / "index.html").read_text()
-    assert "quantize_model" in api and "SQConfig" in api
+    assert "quantize_model" in api and "SQConfig" in api and "load_quantized" in api
 
 
 def readme_links() -> list[str]:
