@@ -75,6 +75,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "log_every": 10,
         "bn_recalibrate": 0,       # batches to re-estimate BN statistics before each evaluation
         "progress": True,
+        "distill": {               # knowledge distillation from a finished run (sqdist.train.distill); a mapping
+            "teacher": None,       # of fixed keys. teacher: a run folder (its final/) or a checkpoint folder; null: off
+            "weight": 0.5,         # loss = (1 - weight) * cross-entropy + weight * temperature^2 * KL(teacher || student)
+            "temperature": 4.0,    # both logits divided by it before the softmax
+        },
     },
     "engine": {
         "name": "ddp",             # ddp | deepspeed
@@ -186,6 +191,15 @@ def _set(recipe: dict, key: str, value: Any) -> None:
     if len(parts) > 2 and parts[1] in ("kwargs", "params", "activations"):  # free-form: model.kwargs.drop_rate=0.1
         recipe[section].setdefault(parts[1], {})[".".join(parts[2:])] = value
         return
+    fixed = DEFAULTS[section].get(parts[1])
+    if isinstance(fixed, dict) and fixed and (len(parts) > 2 or isinstance(value, dict)):  # train.distill.weight=0.9
+        items = {".".join(parts[2:]): value}.items() if len(parts) > 2 else value.items()
+        for sub, item in items:
+            if sub not in fixed:
+                raise RecipeError(f"unknown recipe key '{section}.{parts[1]}.{sub}'; allowed in {section}.{parts[1]}: "
+                                  f"{', '.join(fixed)}")
+            recipe[section][parts[1]][sub] = item
+        return
     if name not in DEFAULTS[section]:
         close = difflib.get_close_matches(name, DEFAULTS[section], n=1)
         hint = f" (did you mean {section}.{close[0]}?)" if close else ""
@@ -262,6 +276,7 @@ def validate(recipe: dict) -> None:
                           "precision with probability proportional to the error and has no probability rule; "
                           "allowed with it: linear (the default), or sq.variant=paper")
     _validate_finite_quant_params(recipe)
+    _validate_distill(recipe["train"]["distill"])
     _validate_num_classes(recipe)
     _validate_names(recipe)
     _validate_split_fractions(recipe)
@@ -278,6 +293,17 @@ def _validate_finite_quant_params(recipe: dict) -> None:
             values = value if isinstance(value, (list, tuple)) else [value]
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 raise RecipeError(f"quant.{section}.{name}={value!r}: expected a finite number")
+
+
+def _validate_distill(cfg: dict) -> None:
+    """Teacher a folder name or null, weight in [0, 1], temperature > 0 (the teacher is read when training starts)."""
+    if cfg["teacher"] is not None and (not isinstance(cfg["teacher"], str) or not cfg["teacher"]):
+        raise RecipeError(f"train.distill.teacher={cfg['teacher']!r}: expected a run or checkpoint folder, or null")
+    for name, ok, what in (("weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"), ("temperature", lambda v: v > 0, "a number > 0")):
+        value = cfg[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value) or value == float("inf"):
+            raise RecipeError(f"train.distill.{name}={value!r}: expected {what}")
+        cfg[name] = float(value)
 
 
 def _validate_num_classes(recipe: dict) -> None:

@@ -72,11 +72,11 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
     raise ExportError(f"{src}: neither a checkpoint folder (meta.json) nor a run folder with final/{hint}")
 
 
-def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module, dict]:
+def load_run(source: str | os.PathLike, force: bool = False, allow_float: bool = False) -> tuple[nn.Module, dict]:
     """The trained SQ model of a run or checkpoint folder, in eval mode, and what its ``meta.json`` says.
 
-    Refuses (:class:`ExportError`) a full-precision run, and one whose SQ ratio is below 1
-    unless ``force``. The returned dict holds ``model_name``, ``model_kwargs``, ``ratio``,
+    Refuses (:class:`ExportError`) a full-precision run unless ``allow_float`` (then the plain timm
+    model is returned, ``meta["enabled"]`` False), and one whose SQ ratio is below 1 unless ``force``. The returned dict holds ``model_name``, ``model_kwargs``, ``ratio``,
     ``sq``, ``checkpoint`` (the folder) and ``config`` (the run's ``config.yaml`` as a dict,
     or None when the run folder has none).
     """
@@ -87,9 +87,9 @@ def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module,
 
     ckpt = resolve_checkpoint(source)
     meta = _read_meta(ckpt)
-    if not meta["enabled"]:
+    if not meta["enabled"] and not allow_float:
         raise ExportError(f"{meta['path']}: quant.enabled is false (a full-precision run): there is nothing to pack")
-    if meta["ratio"] < 1.0 and not force:
+    if meta["enabled"] and meta["ratio"] < 1.0 and not force:
         raise ExportError(f"{meta['path']}: sq.ratio={meta['ratio']:g} < 1.0, so training had not reached the "
                           f"fully quantized stage and the exported model differs from the trained one; "
                           f"finish training or pass --force")
@@ -98,6 +98,8 @@ def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module,
     except Exception as exc:  # unknown name or kwargs: timm raises several types
         raise ExportError(f"{meta['path']}: timm.create_model({meta['model_name']!r}, **{meta['model_kwargs']}) "
                           f"failed: {_one_line(exc)}") from None
+    if not meta["enabled"]:
+        return _load_weights(model, ckpt), {**meta, "ratio": 0.0, "checkpoint": ckpt, "config": _run_config(ckpt)}
     act = {k: v for k, v in meta["activations"].items() if k not in ("name", "layers")}
     try:
         sq = quantize_model(model, QuantConfig(quantizer=meta["quantizer"], params=meta["params"],
@@ -114,10 +116,13 @@ def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module,
     if meta["activations"] and list(sq.activation_quantizers) != list(meta["activations"].get("layers", [])):
         raise ExportError(f"{meta['path']}: quant.activations.layers does not match the layers whose input "
                           f"{meta['model_name']} quantizes ({list(sq.activation_quantizers)[:3]}...)")
+    return _load_weights(model, ckpt), {**meta, "ratio": float(meta["ratio"]), "checkpoint": ckpt, "config": _run_config(ckpt)}
+
+
+def _load_weights(model: nn.Module, ckpt: Path) -> nn.Module:
     weights = ckpt / "model.safetensors"
     _load_strict(model, _load_safetensors(weights), str(weights))
-    model.eval()
-    return model, {**meta, "ratio": float(meta["ratio"]), "checkpoint": ckpt, "config": _run_config(ckpt)}
+    return model.eval()
 
 
 def _run_config(ckpt: Path) -> dict | None:

@@ -25,6 +25,7 @@ from .. import dist as sqdist_dist
 from ..config import RecipeError, load_recipe
 from ..data import loader
 from .build import HOOK_BN_BATCHES, call_hooks, lr_factor, reset_optimizer_state
+from .distill import distill_loss
 from .evaluation import recalibrate_bn
 from .run import Run, finish, save, setup, stage_eval
 
@@ -40,7 +41,13 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
         call_hooks(run, "set_progress", run.step, run.total_steps, run.steps_per_epoch)
     with run.accelerator.accumulate(run.model):
         logits = run.model(x)
-        loss = F.cross_entropy(logits, y)
+        if run.teacher is None:
+            loss = F.cross_entropy(logits, y)
+        else:
+            with torch.no_grad():
+                teacher_logits = run.teacher(x)
+            distill = recipe["train"]["distill"]
+            loss = distill_loss(logits, teacher_logits, y, distill["weight"], distill["temperature"])
         terms = [t for t in call_hooks(run, "regularization") if t is not None]
         if terms:
             loss = loss + torch.stack([t.reshape(()) for t in terms]).sum()

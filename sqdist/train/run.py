@@ -16,6 +16,7 @@ from ..nn import SQController
 from ..quant.activations import ActivationQuantizer, calibrate_activations
 from .build import (build_model, call_hooks, layer_bits, model_meta, optimizer_param_groups, quantizer_modules, rng_state,
                     set_rng_state)
+from .distill import load_teacher
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_state_dict
 from .evaluation import evaluate, recalibrate_bn
 from .tracking import Tracker
@@ -45,6 +46,7 @@ class Run:
     trained: tuple[int, float] = (0, 0.0)  # (stage, ratio) of the last step trained
     resumed_from: int | None = None
     quantizers: list = field(default_factory=list)  # quantizer_modules(net), for the hooks
+    teacher: torch.nn.Module | None = None  # train.distill.teacher, frozen (sqdist.train.distill)
 
     @property
     def deepspeed(self) -> bool:
@@ -77,11 +79,14 @@ def setup(recipe: dict) -> Run:
     train_set, test_set = build_datasets(recipe)
     model, sq = build_model(recipe, rank)
     model.to(accelerator.device)
-    if sq is not None and sq.activation_quantizers:
+    teacher = None
+    if sq is not None and sq.activation_quantizers or tcfg["distill"]["teacher"] is not None:
         # every rank the same batch (rank 0's first of a one-process run): the same initial step sizes
         first = EpochBatches(len(train_set), recipe["data"]["batch_size"], tcfg["seed"], 0, 1).batches(0)[:1]
         x, _ = next(iter(loader(train_set, first, 0, seed=tcfg["seed"], epoch=0)))
-        calibrate_activations(model, x.to(accelerator.device))
+        if sq is not None and sq.activation_quantizers:
+            calibrate_activations(model, x.to(accelerator.device))
+        teacher = load_teacher(recipe, model, x, accelerator.device)
     o = recipe["optim"]
     opt_kwargs = {"momentum": o["momentum"]} if o["name"] in ("sgd", "momentum", "nesterov") else {}
     if opt_kwargs and accelerator.device.type in ("cpu", "cuda") and not engine.is_deepspeed(accelerator):
@@ -119,7 +124,7 @@ def setup(recipe: dict) -> Run:
             engine.load_engine_state(model, ckpt)
     run = Run(recipe, accelerator, model, optimizer, sq, train_set, test_set, sampler,
               Tracker(run_dir, recipe, active=accelerator.is_main_process), base_lrs, steps_per_epoch, total_steps,
-              trained=(sq.stage, sq.ratio) if sq else (0, 0.0))
+              trained=(sq.stage, sq.ratio) if sq else (0, 0.0), teacher=teacher)
     run.quantizers = quantizer_modules(run.net)
     call_hooks(run, "set_run_seed", tcfg["seed"])
     if state is not None:
@@ -186,6 +191,7 @@ def finish(run: Run, final_acc: float, seconds: float) -> dict:
                "model": recipe["model"]["name"], "quantizer": recipe["quant"]["name"] if sq else None,
                "activations": (recipe["quant"]["activations"].get("name") if sq else None) or None,
                "bits": bits_label(recipe), "sq_ratio": run.trained[1] if sq else 0.0,
+               "distill": dict(recipe["train"]["distill"]) if run.teacher is not None else None,
                **(layer_bits(sq) if sq else {})}
     final_state = engine.full_state_dict(run.accelerator, run.model)  # collective under DeepSpeed: fp32, consolidated
     if run.accelerator.is_main_process:
