@@ -63,10 +63,11 @@ def choose_epochs(args, setting: list[str], per_epoch: int) -> dict:
     Returns {"epochs": E or None (the ladder is not finished), "curve": [{"epochs", "holdout_top1", "runs"}],
     "gains": [...]}."""
     holdout = [f"data.holdout_fraction={args.holdout}"]
+    held_epoch = steps_per_epoch(load("digits_fp", list(setting) + holdout))  # fewer steps: the holdout is out
     curve, gains = [], []
     for i, epochs in enumerate(args.ladder):
         jobs = plan(["FP"], args.ladder_seeds, epochs, per_epoch, args.runs, False, list(setting) + holdout)
-        jobs = [{**j, "name": "FP_holdout"} for j in with_checkpoints(jobs, per_epoch, args.report)]
+        jobs = [{**j, "name": "FP_holdout"} for j in with_checkpoints(jobs, held_epoch, args.report)]
         results = train_all(jobs, args.workers, keep_going=True)
         errors = [r["error"] for r in results if "error" in r]
         if errors:
@@ -117,7 +118,9 @@ def header(meta: dict, ladder: dict, budget: str) -> str:
     state = (f"**partial: {meta['runs_done']} of {meta['runs_total']} runs** (rows whose seeds are not all finished "
              "show `not trained yet`; rerun the command to continue)" if meta["runs_done"] < meta["runs_total"]
              else f"complete: {meta['runs_total']} runs")
-    return (f"# Leaderboard at convergence: {meta['data']}\n\n    {meta['command']}\n\n"
+    made = ("\n\nThis page: the same command with `--report` (reads the finished runs back, trains nothing)."
+            if meta["report"] else "")
+    return (f"# Leaderboard at convergence: {meta['data']}\n\n    {meta['command']}{made}\n\n"
             f"![top-1 against file size]({meta['png']})\n\n{state}.\n\n"
             f"Setting: {meta['model']}, {meta['image_size']}x{meta['image_size']} inputs, {meta['optim']} (SLB: its "
             f"recipe's optimizer), {meta['epochs']} epochs ({meta['steps_per_epoch']} steps each; SQ paper protocol: "
@@ -191,7 +194,8 @@ def main() -> None:
             "runs_total": len(jobs) or len(rows) * args.seeds, "runs_done": sum("error" not in r for r in results),
             "runs_cached": sum(bool(r.get("cached")) for r in results), "png": f"{data_name}.png",
             "wall_seconds": round(time.time() - t0, 1), "runs_folder": args.runs,
-            "command": shlex.join(["python", "benchmarks/leaderboard_converged.py", *sys.argv[1:]])}
+            "command": shlex.join(["python", "benchmarks/leaderboard_converged.py", *(a for a in sys.argv[1:] if a != "--report")]),
+            "report": args.report}
     text = table(ordered, meta)
     payload = {"rows": list(ordered.values()), "ladder": ladder, "meta": meta}
     folder = save_results(args.out, text, payload)
