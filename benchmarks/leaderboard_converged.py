@@ -2,6 +2,8 @@
 
     nohup nice -n 19 python benchmarks/leaderboard_converged.py --publish > /work/leaderboard-runs/log.txt 2>&1 &
     python benchmarks/leaderboard_converged.py --report     # what is finished so far, trains nothing
+    kill -TERM -- -PGID; sleep 60; kill -KILL -- -PGID      # stop it (setsid: PGID = its pid): the workers
+                                                            # checkpoint on SIGTERM, then wait for the dead parent
     python benchmarks/leaderboard_converged.py --data digits --ladder 1,2 --ladder-seeds 1 --seeds 1 \\
         --rows "FP,TWN + KD" --runs /tmp/smoke --json       # the smoke test's configuration
 
@@ -71,7 +73,8 @@ def choose_epochs(args, setting: list[str], per_epoch: int) -> dict:
         results = train_all(jobs, args.workers, keep_going=True)
         errors = [r["error"] for r in results if "error" in r]
         if errors:
-            return {"epochs": None, "curve": curve, "gains": gains, "status": f"rung {epochs}: {errors[0]}"}
+            why = errors[0].replace("LookupError: ", "")
+            return {"epochs": None, "curve": curve, "gains": gains, "status": f"the {epochs}-epoch rung: {why}"}
         top1 = [r["summary"]["final_accuracy"] for r in results]
         curve.append({"epochs": epochs, "holdout_top1": round(sum(top1) / len(top1), 3), "runs": top1})
         print(f"ladder: FP {epochs} epochs, holdout top-1 {top1}", file=sys.stderr, flush=True)
@@ -115,21 +118,23 @@ def header(meta: dict, ladder: dict, budget: str) -> str:
     curve = ", ".join(f"{c['epochs']}: {c['holdout_top1']:.2f}" for c in ladder["curve"])
     gains = "; ".join(f"{g['from']}->{g['to']}: {g['mean']:+.2f}" + (f" [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]"
                       if g.get("ci95") else "") for g in ladder["gains"])
+    e = meta["epochs"] or "E (not chosen yet)"
+    png = f"![top-1 against file size]({meta['png']})\n\n" if meta["runs_done"] else ""
     state = (f"**partial: {meta['runs_done']} of {meta['runs_total']} runs** (rows whose seeds are not all finished "
              "show `not trained yet`; rerun the command to continue)" if meta["runs_done"] < meta["runs_total"]
              else f"complete: {meta['runs_total']} runs")
     made = ("\n\nThis page: the same command with `--report` (reads the finished runs back, trains nothing)."
             if meta["report"] else "")
     return (f"# Leaderboard at convergence: {meta['data']}\n\n    {meta['command']}{made}\n\n"
-            f"![top-1 against file size]({meta['png']})\n\n{state}.\n\n"
+            f"{png}{state}.\n\n"
             f"Setting: {meta['model']}, {meta['image_size']}x{meta['image_size']} inputs, {meta['optim']} (SLB: its "
-            f"recipe's optimizer), {meta['epochs']} epochs ({meta['steps_per_epoch']} steps each; SQ paper protocol: "
-            f"4 runs of {meta['epochs']}), {meta['seeds']} paired seeds, test set. KD rows: teacher = the same seed's "
+            f"recipe's optimizer), {e} epochs ({meta['steps_per_epoch']} steps each; SQ paper protocol: "
+            f"4 runs of {e}), {meta['seeds']} paired seeds, test set. KD rows: teacher = the same seed's "
             f"FP run, weight 0.5, temperature 4; their paired difference is against the method without KD.\n\n"
             f"Epoch count: FP on a {meta['holdout']:.0%} holdout of the training split (not the test set), "
             f"{meta['ladder_seeds']} paired seeds per rung of the ladder {meta['ladder']}; E = the first rung whose "
             f"next gains less than {meta['min_gain']} points (paired mean). Holdout top-1 by epochs: {curve or 'none yet'}"
-            f"; gains {gains or 'none yet'}; chosen E = {meta['epochs']} ({ladder['status']}).\n\n{budget}\n\n")
+            f"; gains {gains or 'none yet'}; chosen E = {e} ({ladder['status']}).\n\n{budget}\n\n")
 
 
 def main() -> None:
@@ -152,6 +157,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
     check_counts(parser, args, ("seeds", "ladder_seeds", "workers"))
+    if args.report:
+        args.workers = 1  # reading back: in this process, no workers to start
     try:
         args.ladder = [int(e) for e in args.ladder.split(",") if e.strip()]
     except ValueError:
@@ -166,6 +173,15 @@ def main() -> None:
         parser.error(f"--rows: {unknown[0] if unknown else '(empty)'!r} is not a row; allowed: {', '.join(ROWS)}")
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     args.out = args.out or str(Path(args.runs) / "out")
+    if not args.report:  # one training process per runs folder: two would write the same run folders
+        import fcntl
+
+        lock = open(Path(args.runs) / ".lock", "w")  # noqa: SIM115 - held until the process exits
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            parser.exit(2, f"--runs={args.runs}: another leaderboard_converged.py is training there; allowed: "
+                           "wait for it, or --report to read what it has finished\n")
 
     t0 = time.time()
     setting = setting_overrides(args.data)

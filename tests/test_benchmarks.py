@@ -221,3 +221,9 @@ def test_leaderboard_converged_smoke_chooses_epochs_distills_and_continues(tmp_p
     bad = subprocess.run([*cmd[:-1], "--json", "--rows", "FP,nope"], capture_output=True, text=True, cwd=ROOT,
                          timeout=300, env=env)
     assert bad.returncode == 2 and "--rows: 'nope' is not a row" in bad.stderr
+    import fcntl
+
+    with open(runs / ".lock", "w") as lock:  # a second training process on the same runs folder is refused
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert busy.returncode == 2 and "another leaderboard_converged.py is training there" in busy.stderr
