@@ -48,7 +48,10 @@ def train_job(job: dict) -> dict:
     """Train ``job`` in this process (one thread), or read it back; returns {summary, run_dir, cached}.
 
     ``job``: ``recipe`` (stem), ``overrides``, ``name`` (folder prefix), ``seed``, ``runs``
-    (folder of run folders), optional ``fresh`` (retrain) and ``cache`` (more folders to search).
+    (folder of run folders), optional ``fresh`` (retrain) and ``cache`` (more folders to search),
+    ``checkpoint_every`` (steps: the run checkpoints that often and, when its folder holds a checkpoint
+    from an interrupted attempt, resumes from it with ``train.resume=auto`` instead of starting again;
+    left out of the digest) and ``cached_only`` (read back or raise LookupError, never train).
     """
     import torch
 
@@ -65,12 +68,31 @@ def train_job(job: dict) -> dict:
                 if (found / "summary.json").exists() and (found / "final" / "model.safetensors").exists():
                     return {"summary": json.loads((found / "summary.json").read_text()), "run_dir": str(found),
                             "cached": True}
-    if run_dir.exists():
+    if job.get("cached_only"):
+        raise LookupError("not trained yet")
+    every = job.get("checkpoint_every")
+    resuming = bool(every) and not job.get("fresh") and (run_dir / "checkpoints" / "latest").is_file()
+    if run_dir.exists() and not resuming:
         shutil.rmtree(run_dir)
     recipe["run"]["dir"] = str(run_dir)
+    if every:  # after the digest: how often a run saves does not change what it computes (resume is bit-exact)
+        recipe["train"]["checkpoint_every"], recipe["train"]["resume"] = int(every), "auto"
     with contextlib.redirect_stdout(io.StringIO()):  # the trainer's one-line "final top-1" per run
         summary = train(recipe)
+    if summary.get("preempted"):
+        raise RuntimeError(f"preempted at step {summary['total_steps']}: the same command resumes it")
+    if every:
+        prune_checkpoints(run_dir)
     return {"summary": summary, "run_dir": str(run_dir), "cached": False}
+
+
+def prune_checkpoints(run_dir: Path) -> None:
+    """Delete a finished run's checkpoints but the latest (its final/ and summary.json are what is read back)."""
+    root = run_dir / "checkpoints"
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    for folder in root.glob("step-*"):
+        if folder.name != latest:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def safe_job(fn, job: dict) -> dict:

@@ -17,6 +17,12 @@ schedule (jobs longest first onto ``--workers`` workers), plus the step timing i
 end. A PQ row is priced as its fine-tuning, as many steps as the FP run at the FP step cost (the
 FP run it compresses is the FP row's, read back from the cache: the FP row's jobs start
 first); its EM iterations are not measured.
+
+``--converged`` prices ``benchmarks/leaderboard_converged.py`` (its rows, 3 seeds, ``--epochs``
+default 20): a KD row is its method's step plus the teacher's forward pass (FP's evaluation cost
+per image x the batch), and the FP ladder on the holdout (90% of the steps a rung) is added, every
+rung of it (the worst case: no rung stops it early) and the rungs up to the chosen E + 1 rung.
+``--note`` writes the estimate to ``<runs>/budget.md``, which the converged table's header shows.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import time
 
 from digits_common import ROOT, load
 from leaderboard import DATASETS, ROWS, missing, plan, setting_overrides, steps_per_epoch
+from leaderboard_converged import CONVERGED_ROWS, KD, LADDER, LADDER_SEEDS, RUNS
 
 
 def cpu_costs(recipe: dict, steps: int, eval_batches: int) -> dict:
@@ -73,6 +80,12 @@ def cpu_costs(recipe: dict, steps: int, eval_batches: int) -> dict:
     return {"start": start, "step": step, "evaluation": evaluation}
 
 
+def test_images(recipe: dict) -> int:
+    from sqdist.data import build_datasets
+
+    return len(build_datasets(recipe)[1])
+
+
 def evaluations(recipe: dict) -> int:
     """Evaluations of one run: one per SQ stage (each stage ends with one), else the final one."""
     q, sq = recipe["quant"], recipe["sq"]
@@ -98,24 +111,36 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=3, help="evaluation batches timed per row")
     parser.add_argument("--timed-steps", type=int, default=30, help="the leaderboard's --timed-steps")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--converged", action="store_true", help="price benchmarks/leaderboard_converged.py "
+                        "(its rows, 3 seeds, 20 epochs unless --seeds/--epochs, and its FP ladder)")
+    parser.add_argument("--note", action="store_true", help="--converged: write the estimate to <runs>/budget.md")
+    parser.add_argument("--runs", default=RUNS, help=f"--note: the converged runs folder (default {RUNS})")
     args = parser.parse_args()
     data = DATASETS[args.data]
-    seeds = data.seeds if args.seeds is None else args.seeds
-    epochs = data.epochs if args.epochs is None else args.epochs
-    rows = list(data.rows) if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
+    seeds = (3 if args.converged else data.seeds) if args.seeds is None else args.seeds
+    epochs = (20 if args.converged else data.epochs) if args.epochs is None else args.epochs
+    default_rows = CONVERGED_ROWS if args.converged else data.rows
+    rows = list(default_rows) if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
+    if (args.converged or any(r in KD for r in rows)) and "FP" not in rows:
+        rows = ["FP", *rows]  # a KD row's teacher forward is priced from FP's
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"--rows: {unknown[0]!r} is not a row; allowed: {', '.join(ROWS)}")
     setting = setting_overrides(args.data)
     per_epoch = steps_per_epoch(load("digits_fp", setting))
-    out, costs, fp_step = {}, [], None
-    for label in rows:
+    out, costs, fp_step, measured = {}, [], None, {}
+    for label in sorted(rows, key=lambda r: r in KD):  # FP and the methods before their KD rows
         if missing(ROWS[label]):
             out[label] = {"status": missing(ROWS[label])}
             continue
-        jobs = plan([label], seeds, epochs, per_epoch, "unused", False, setting)
+        jobs = plan([KD.get(label, label)], seeds, epochs, per_epoch, "unused", False, setting)
         recipe = load(jobs[0]["recipe"], jobs[0]["overrides"])
-        c = cpu_costs(recipe, args.steps, args.eval_batches)
+        if KD.get(label, label) not in measured:
+            measured[KD.get(label, label)] = cpu_costs(recipe, args.steps, args.eval_batches)
+        c = dict(measured[KD.get(label, label)])
+        if label in KD:  # + the teacher's forward pass of every batch: FP's evaluation, per image
+            fp_recipe = load("digits_fp", setting)
+            c["step"] += measured["FP"]["evaluation"] * recipe["data"]["batch_size"] / test_images(fp_recipe)
         steps = recipe["train"]["epochs"] * per_epoch
         run = c["start"] + steps * c["step"] + evaluations(recipe) * c["evaluation"]
         if label == "FP":
@@ -131,10 +156,30 @@ def main() -> None:
               f"{c['evaluation']:5.1f} s + start {c['start']:4.1f} s = {run:7.1f} s a run, {run * seeds:8.1f} s "
               f"for {seeds} seeds", file=sys.stderr, flush=True)
     timing = sum(args.timed_steps * v["step_ms"] / 1000 * 1.5 for v in out.values() if "step_ms" in v)  # + setup
-    total = makespan(costs, args.workers) + timing
+    ladder = {}
+    if args.converged:  # no step timing; FP's holdout ladder first, 2 seeds a rung at once on the workers
+        timing = 0.0
+        rung = lambda e: out["FP"]["start_s"] + 0.9 * e * per_epoch * fp_step + out["FP"]["eval_s"]  # noqa: E731
+        after = [e for e in LADDER if e > epochs][:1]
+        ladder = {"all_rungs_s": round(sum(rung(e) for e in LADDER) * LADDER_SEEDS / args.workers, 1),
+                  "to_chosen_s": round(sum(rung(e) for e in LADDER if e <= epochs or e in after) * LADDER_SEEDS
+                                       / args.workers, 1)}
+    total = makespan(costs, args.workers) + timing + ladder.get("to_chosen_s", 0.0)
     summary = {"data": args.data, "seeds": seeds, "epochs": epochs, "steps_per_epoch": per_epoch,
                "workers": args.workers, "rows": out, "cpu_seconds": round(sum(costs), 1),
-               "estimated_wall_seconds": round(total, 1), "fp_step_ms": round(1000 * fp_step, 2) if fp_step else None}
+               "estimated_wall_seconds": round(total, 1), "fp_step_ms": round(1000 * fp_step, 2) if fp_step else None,
+               "ladder": ladder}
+    if args.note:
+        from pathlib import Path
+
+        worst = makespan(costs, args.workers) + ladder.get("all_rungs_s", 0.0)
+        Path(args.runs).mkdir(parents=True, exist_ok=True)
+        (Path(args.runs) / "budget.md").write_text(
+            f"Run time, planned before the run (`python benchmarks/leaderboard_budget.py --converged --epochs {epochs} "
+            f"--note`, CPU time per step measured on one thread): {sum(costs):.0f} CPU seconds of training for "
+            f"{seeds} seeds x {epochs} epochs; on {args.workers} idle cores about {total / 3600:.1f} h with the FP "
+            f"ladder up to E + one rung ({ladder.get('to_chosen_s', 0) / 3600:.1f} h of it); every ladder rung: "
+            f"{worst / 3600:.1f} h. Each epoch more or less in E moves the rows by {sum(costs) / epochs / args.workers / 3600:.2f} h.\n")
     if args.json:
         print(json.dumps(summary))
         return

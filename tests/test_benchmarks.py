@@ -118,3 +118,112 @@ def test_deploy_refuses_unknown_models():
     proc = subprocess.run([sys.executable, "benchmarks/deploy.py", "--models", "resnet18,vgg"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "unknown 'vgg'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _benchmarks_import(*names):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import digits_common
+    finally:
+        sys.path.pop(0)
+    return [getattr(digits_common, n) for n in names]
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_leaderboard_run_interrupted_mid_run_resumes_from_its_epoch_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    from sqdist.train import train
+
+    load, recipe_digest, train_job = _benchmarks_import("load", "recipe_digest", "train_job")
+    overrides = ["train.epochs=2", "train.progress=false", "track.wandb=false"]
+    job = {"recipe": "digits_twn", "overrides": overrides, "name": "TWN", "seed": 0, "checkpoint_every": 21}
+    whole = train_job({**job, "runs": str(tmp_path / "a")})
+    assert whole["summary"]["total_steps"] == 42 and whole["summary"]["resumed_from_step"] is None
+    # the same run in another folder, killed at step 30 (after its epoch-1 checkpoint at step 21)
+    recipe = load("digits_twn", overrides)
+    run_dir = tmp_path / "b" / f"TWN_s0_{recipe_digest(recipe)}"
+    recipe["run"]["dir"], recipe["train"]["checkpoint_every"] = str(run_dir), 21
+
+    def crash(step, net, sq):
+        if step == 30:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(recipe, on_step=crash)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-0000021"
+    assert not (run_dir / "summary.json").exists()
+    resumed = train_job({**job, "runs": str(tmp_path / "b")})
+    assert resumed["run_dir"] == str(run_dir) and not resumed["cached"]
+    assert resumed["summary"]["resumed_from_step"] == 21
+    assert resumed["summary"]["final_accuracy"] == whole["summary"]["final_accuracy"]
+    a = load_file(os.path.join(whole["run_dir"], "final", "model.safetensors"))
+    b = load_file(str(run_dir / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # bit-exact resume
+    # a finished run keeps only its last checkpoint and is read back, not retrained
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-0000042"]
+    again = train_job({**job, "runs": str(tmp_path / "b")})
+    assert again["cached"] and again["run_dir"] == str(run_dir)
+    with pytest.raises(LookupError):  # --report: read back or nothing
+        train_job({**job, "runs": str(tmp_path / "c"), "cached_only": True})
+
+
+@pytest.mark.slow
+def test_leaderboard_converged_smoke_chooses_epochs_distills_and_continues(tmp_path):
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "benchmarks/leaderboard_converged.py", "--data", "digits", "--ladder", "1,2",
+           "--ladder-seeds", "1", "--seeds", "1", "--rows", "FP,TWN + KD", "--runs", str(runs), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads(proc.stdout)
+    rows = {r["method"]: r for r in first["rows"]}
+    assert rows["FP"]["status"] == "ok" and rows["TWN + KD"]["status"] == "ok", rows
+    assert [c["epochs"] for c in first["ladder"]["curve"]] == [1, 2] and len(first["ladder"]["gains"]) == 1
+    gain = first["ladder"]["gains"][0]["mean"]
+    assert first["meta"]["epochs"] == (2 if gain >= 0.2 else 1)  # the rule, applied to the holdout curve
+    # the ladder's FP runs were evaluated on the holdout split; the table's runs train E epochs on the full split
+    import yaml
+
+    def config(folder):
+        return yaml.safe_load((folder / "config.yaml").read_text())
+
+    ladder = sorted(config(p)["train"]["epochs"] for p in runs.glob("FP_holdout_s0_*"))
+    assert ladder == [1, 2] and all(config(p)["data"]["holdout_fraction"] == 0.1 for p in runs.glob("FP_holdout_s0_*"))
+    assert config(next(runs.glob("FP_s0_*")))["data"]["holdout_fraction"] == 0.0
+    fp_dir = next(runs.glob("FP_s0_*"))
+    kd_dir = next(runs.glob("TWN_+_KD_s0_*"))
+    kd = json.loads((kd_dir / "summary.json").read_text())
+    assert kd["distill"]["teacher"] == str(fp_dir) and kd["total_steps"] == 21 * first["meta"]["epochs"]
+    assert first["meta"]["runs_done"] == first["meta"]["runs_total"] == 2 and first["meta"]["runs_cached"] == 0
+    # an interruption: the KD run lost its end (summary, final/); the same command finishes it from its
+    # checkpoint and reads everything else back
+    (kd_dir / "summary.json").unlink()
+    for f in (kd_dir / "final").iterdir():
+        f.unlink()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = json.loads(proc.stdout)
+    assert second["meta"]["runs_cached"] == 1 and second["meta"]["runs_done"] == 2
+    assert json.loads((kd_dir / "summary.json").read_text())["resumed_from_step"] == kd["total_steps"]
+    assert {r["method"]: r["top1_mean"] for r in second["rows"]} == {r["method"]: r["top1_mean"] for r in first["rows"]}
+    # --report trains nothing and says what is missing
+    proc = subprocess.run([*cmd[:-3], "--runs", str(tmp_path / "empty"), "--epochs", "1", "--report", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["meta"]["runs_done"] == 0 and all(r["status"].startswith("not trained yet") for r in report["rows"])
+    assert not list((tmp_path / "empty").glob("FP_*"))
+    bad = subprocess.run([*cmd[:-1], "--json", "--rows", "FP,nope"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300, env=env)
+    assert bad.returncode == 2 and "--rows: 'nope' is not a row" in bad.stderr
+    import fcntl
+
+    with open(runs / ".lock", "w") as lock:  # a second training process on the same runs folder is refused
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert busy.returncode == 2 and "another leaderboard_converged.py is training there" in busy.stderr
