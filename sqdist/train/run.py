@@ -16,6 +16,7 @@ from ..nn import SQController
 from ..quant.activations import ActivationQuantizer, calibrate_activations
 from .build import (build_model, call_hooks, layer_bits, model_meta, optimizer_param_groups, quantizer_modules, rng_state,
                     set_rng_state)
+from .compiling import check_recipe, compile_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_state_dict
 from .evaluation import evaluate, recalibrate_bn
 from .tracking import Tracker
@@ -63,6 +64,7 @@ def setup(recipe: dict) -> Run:
 
     from . import engine
 
+    check_recipe(recipe["train"])
     accelerator = engine.make_accelerator(recipe)  # may update recipe["engine"] from engine.config
     rank, world = accelerator.process_index, accelerator.num_processes
     run_dir, tcfg = recipe["run"]["dir"], recipe["train"]
@@ -120,6 +122,8 @@ def setup(recipe: dict) -> Run:
     run = Run(recipe, accelerator, model, optimizer, sq, train_set, test_set, sampler,
               Tracker(run_dir, recipe, active=accelerator.is_main_process), base_lrs, steps_per_epoch, total_steps,
               trained=(sq.stage, sq.ratio) if sq else (0, 0.0))
+    if tcfg["compile"]:  # in place: the same module, state_dict keys and engine wrapper (docs/compile.md)
+        compile_model(run.net, tcfg["compile_mode"], tcfg["compile_backend"])
     run.quantizers = quantizer_modules(run.net)
     call_hooks(run, "set_run_seed", tcfg["seed"])
     if state is not None:
