@@ -31,6 +31,11 @@ CASES = {
     "pow2 + act_pow2": ("kbit_pow2", {}, "act_pow2", {}, [0.5, 1.0]),
     "pow2 learned": ("kbit_pow2_learned", {}, None, {}, [0.5, 1.0]),
 }
+# known graph breaks, still to remove (strict: the test fails once one traces whole, to drop it from here)
+BREAKS = {
+    "esb + esb act": "ESB decides its scale search from the buffer searched_at (int() of a tensor in the forward)",
+    "srq + srq act": "SRQ's autograd.Function reads a float tensor with tolist()",
+}
 
 
 def small_net():
@@ -43,11 +48,13 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=f"graph break: {BREAKS[k]}"))
+                                  if k in BREAKS else k for k in CASES])
 def test_every_quantizer_traces_whole_and_gives_eager_gradients(case):
     """fullgraph=True under aot_eager (the whole forward and backward traced by AOTAutograd, run by
     eager kernels): no graph break anywhere, and the same outputs and gradients as eager, bit for bit,
-    on two steps with a new SQ mask each (the masks are inputs of the graph, not constants in it)."""
+    on four steps with a new SQ mask each (the masks are inputs of the graph, not constants in it);
+    from the third step on, no recompilation (the step number is no constant of the graph)."""
     q, params, act, act_params, ratios = CASES[case]
     model = small_net()
     sq = quantize_model(model, QuantConfig(quantizer=q, params=params, activations=act, activation_params=act_params,
@@ -59,7 +66,10 @@ def test_every_quantizer_traces_whole_and_gives_eager_gradients(case):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     masks = []
-    for step in range(2):
+    for step in range(4):
+        if step == 2:  # steps 0 and 1 may each need a graph (a search due, then not); later ones reuse them
+            stance = torch.compiler.set_stance("fail_on_recompile")
+            stance.__enter__()
         sq.draw_masks()
         masks.append({n: None if layer.sq_mask is None else layer.sq_mask.clone() for n, layer in sq.layers.items()})
         for m in model.modules():
@@ -76,6 +86,7 @@ def test_every_quantizer_traces_whole_and_gives_eager_gradients(case):
         assert torch.equal(out, eager_out)
         assert got.keys() == expected.keys() and len(got) > 0
         assert [k for k in got if not torch.equal(got[k], expected[k])] == []
+    stance.__exit__(None, None, None)
     if ratios[0] < 1.0:  # two different draws really reached the graph
         assert any(not torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
 
@@ -115,6 +126,18 @@ def test_slb_kernel_is_a_custom_op_held_to_its_reference():
     torch.library.opcheck(sqdist_slb.expectation_backward, (a, levels, 1.5, torch.randn(30)))
     ref = sqdist_slb.expectation_reference(a, sqdist_slb.slb_levels(2), 1.5)
     torch.testing.assert_close(sqdist_slb.expectation_forward(a, levels, 1.5), ref)
+    # the hard phase: the level of the first largest logit (ties, NaN as torch.argmax), zero gradient
+    a[0] = torch.tensor([1.0, 3.0, 3.0, 0.0])
+    a[1, 2] = float("nan")
+    a[2] = torch.tensor([float("nan"), 5.0, float("nan"), 1.0])
+    torch.library.opcheck(sqdist_slb.argmax_levels, (a, levels))
+    assert torch.equal(sqdist_slb.argmax_levels(a, levels), sqdist_slb.slb_levels(2)[a.argmax(dim=-1)])
+    logits = torch.randn(5, 3, 4, requires_grad=True)
+    ref = sqdist_slb.hard_levels_reference(logits, sqdist_slb.slb_levels(2))
+    got = sqdist_slb._HardLevelsKernel.apply(logits, tuple(levels))
+    assert torch.equal(got, ref)
+    (got * torch.randn(5, 3)).sum().backward()
+    assert logits.grad is not None and torch.equal(logits.grad, torch.zeros(5, 3, 4))
 
 
 # ---------------------------------------------------------------- train.compile=true through the trainer

@@ -141,6 +141,38 @@ class _ExpectationKernel(torch.autograd.Function):
         return expectation_backward(a, list(ctx.levels), ctx.t, grad.reshape(-1)).reshape(ctx.shape), None, None
 
 
+@torch.library.custom_op("sqdist_slb::argmax_levels", mutates_args=())
+def argmax_levels(a: Tensor, levels: list[float]) -> Tensor:
+    """``v[argmax_j a_mj]`` (M,) of the logits ``a`` (M, n) by the CPU kernel (:func:`hard_levels_reference`)."""
+    return kernel().argmax_levels(a, levels)
+
+
+@argmax_levels.register_fake
+def _(a, levels):
+    return a.new_empty(a.shape[:1])
+
+
+def hard_levels_reference(logits: Tensor, levels: Tensor) -> Tensor:
+    """The hard phase: the level of each weight's largest logit, the logits kept in the graph at zero gradient."""
+    return levels.to(logits.dtype)[logits.argmax(dim=-1)] + 0.0 * logits.sum()
+
+
+class _HardLevelsKernel(torch.autograd.Function):
+    """:func:`hard_levels_reference` by the CPU kernel: one pass over the logits, and their zero gradient
+    written once (the reference reduces the logits to a sum and broadcasts its gradient back)."""
+
+    @staticmethod
+    def forward(ctx, logits, levels):
+        n = logits.shape[-1]
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return argmax_levels(logits.reshape(-1, n), list(levels)).reshape(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        # zero: the argmax has no gradient; the logits stay in the graph because DDP and ZeRO expect one
+        return grad.new_zeros(ctx.shape, dtype=ctx.dtype), None
+
+
 def _use_kernel(logits: Tensor) -> bool:
     m = os.environ.get("SQDIST_SLB_KERNEL", "auto")
     if m not in ("auto", "cpu", "torch"):
@@ -344,7 +376,9 @@ class SLB(Quantizer):
         with the logits kept in the graph at zero gradient (DDP and ZeRO expect every parameter)."""
         logits = self._logits2d(w.shape[0])
         if self.hard or not self.training:
-            return self.levels.to(w.dtype)[logits.argmax(dim=-1)] + 0.0 * logits.sum()
+            if self.fused and _use_kernel(logits):
+                return _HardLevelsKernel.apply(logits, self.level_values).to(w.dtype)
+            return hard_levels_reference(logits, self.levels).to(w.dtype)
         if self.fused:
             return expectation(logits, self.levels, self.temperature, binary=self.bits == 1,
                                level_values=self.level_values).to(w.dtype)
