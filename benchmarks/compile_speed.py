@@ -39,8 +39,9 @@ SCALE = ["model.name=resnet18", "model.kwargs={num_classes: 10}", "data.image_si
 DEFAULT_ROWS = ("FP", "TWN", "W4A4 LSQ", "SLB W2", "SRQ W2A2")
 
 
-# "<row> (before)": the row with SLB's PyTorch paths (SQDIST_SLB_KERNEL=torch): its hard phase as before the
-# argmax kernel (the hard phase is all of a run shorter than 0.9 of an epoch's steps... see docs/compile.md)
+# "<row> (before)": the row with SLB's PyTorch paths (SQDIST_SLB_KERNEL=torch), i.e. its hard phase as it was
+# before the argmax kernel. A short train() run is in SLB's hard phase (its temperature schedule ends at 0.9 of
+# the run's epochs: from the first step in a run under an epoch): benchmarks/results/compile_speed.md
 BEFORE = " (before)"
 
 
@@ -127,6 +128,11 @@ def main(argv=None) -> int:
     import torch
 
     labels = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in labels + (args.values_rows or "").split(",") if r and r.removesuffix(BEFORE) not in ROWS]
+    if unknown:
+        print(f"compile_speed.py: --rows {unknown[0]!r}: not a leaderboard row; allowed: {', '.join(ROWS)} "
+              f"(each optionally with '{BEFORE}')", file=sys.stderr)
+        return 2
     results = {"load_before": os.getloadavg(), "torch": torch.__version__, "rows": {}, "values": {}}
     print(f"load before: {os.getloadavg()}", flush=True)
     for threads in args.threads:

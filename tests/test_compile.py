@@ -204,3 +204,18 @@ def test_compile_mode_without_its_backend_is_one_line_and_exit_2(tmp_path, capsy
     assert code == 2 and len(err) == 1
     assert "train.compile_mode='max-autotune': has no effect with train.compile_backend='aot_eager'" in err[0]
     assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
+def test_unwrap_compiled_gives_the_module_and_its_keys():
+    """A torch.compile wrapper prefixes every key with ``_orig_mod.``; unwrap_compiled gives the module back, and
+    compile_model (what train.compile uses) compiles in place: the same object, the same keys."""
+    from sqdist.train.compiling import compile_model, is_compiled, unwrap_compiled
+
+    model = small_net()
+    keys = list(model.state_dict())
+    wrapped = torch.compile(model, backend="aot_eager")
+    assert all(k.startswith("_orig_mod.") for k in wrapped.state_dict())
+    assert unwrap_compiled(wrapped) is model and unwrap_compiled(model) is model and is_compiled(wrapped)
+    assert not is_compiled(model)
+    assert compile_model(model, backend="aot_eager") is model and is_compiled(model)
+    assert list(model.state_dict()) == keys

@@ -55,7 +55,9 @@ class Run:
 
     @property
     def net(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        # keep_torch_compile=False: the module itself even under a torch.compile wrapper (state_dict keys
+        # without "_orig_mod."); train.compile compiles in place and has no wrapper
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
 
 def setup(recipe: dict) -> Run:
