@@ -18,7 +18,11 @@
 #   kernels     benchmarks/kernels.py --device cuda --json: GB/s against the measured copy bandwidth
 #   throughput  benchmarks/throughput.py --json: resnet50, batch 128, 224x224, bf16, channels_last
 #   digits_*    recipes/digits_sq_twn.yaml with fused and with reference kernels (top-1, SQ share
-#               of the step time), then bf16, fp16 and the fp16 kill-and-resume side by side
+#               of the step time), compiled (train.compile=true, inductor: digits_compiled), then bf16,
+#               fp16 and the fp16 kill-and-resume side by side
+#   compile_*   tests/test_compile.py (junit), then benchmarks/compile_speed.py on the GPU: resnet18
+#               32x32 b64 through the trainer, compiled vs eager, FP / TWN / W4A4 LSQ, and inductor's
+#               value differences (compile_speed.json)
 #   summary     $OUT/gpu.json (benchmarks/gpu_check.py summary)
 #
 # Usage, from anywhere:
@@ -171,6 +175,10 @@ step digits_fused 120 env SQDIST_KERNELS=auto "$py" benchmarks/gpu_check.py trai
 step digits_reference 120 env SQDIST_KERNELS=reference "$py" benchmarks/gpu_check.py train "$recipe" "${digits[@]}" \
   run.dir="$work/runs/reference" --json "$work/digits_reference.json"
 
+# ---- 6b. compiled (inductor on CUDA): the same recipe, its top-1 and step time beside digits_fused
+step digits_compiled 150 env SQDIST_KERNELS=auto "$py" benchmarks/gpu_check.py train "$recipe" "${digits[@]}" \
+  train.compile=true run.dir="$work/runs/compiled" --json "$work/digits_compiled.json"
+
 # ---- 7. mixed precision: bf16, fp16 and the fp16 kill-and-resume side by side (accuracy and bits, not time)
 step digits_bf16 150 "$py" benchmarks/gpu_check.py train "$recipe" "${digits[@]}" ${mixed[@]+"${mixed[@]}"} engine.mixed_precision=bf16 \
   run.dir="$work/runs/bf16" --json "$work/digits_bf16.json" &
@@ -185,5 +193,14 @@ step "resume_$half" 180 "$py" benchmarks/gpu_check.py kill-resume "$recipe" "${r
   --work "$work/runs/resume" --kill-after $kill_after --timeout $rt \
   --json "$work/resume_$half.json" &
 wait
+
+# ---- 8. torch.compile: the trace tests, then compiled vs eager through the trainer on this device
+step compile_tests 150 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_compile.py --junitxml="$work/junit-compile.xml"
+if [ "$dry" = 1 ]; then
+  cspeed=(--rows FP,TWN --threads 1 --steps 2 --skip 1 --rounds 1 --no-values)
+else
+  cspeed=(--rows "FP,TWN,W4A4 LSQ" --threads 4 --steps 20 --skip 10 --rounds 1 --values-rows "TWN,W4A4 LSQ")
+fi
+step compile_speed 180 "$py" benchmarks/compile_speed.py "${cspeed[@]}" --json "$work/compile_speed.json"
 
 finish

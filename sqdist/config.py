@@ -80,6 +80,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             "weight": 0.5,         # loss = (1 - weight) * cross-entropy + weight * temperature^2 * KL(teacher || student)
             "temperature": 4.0,    # both logits divided by it before the softmax
         },
+        "compile": False,          # torch.compile the model (docs/compile.md); evaluation stays eager
+        "compile_mode": "default", # inductor's mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+        "compile_backend": "inductor",  # inductor | aot_eager (traced, eager kernels) | eager
     },
     "engine": {
         "name": "ddp",             # ddp | deepspeed
@@ -90,14 +93,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "gradient_clipping": 0.0,  # 0: off
         "config": None,            # path to a DeepSpeed JSON config (overrides the keys above)
     },
-    "track": {
-        "wandb": False,
-        "project": "sqdist",
-        "entity": None,
-    },
-    "run": {
-        "dir": None,               # default: runs/<recipe file stem>
-    },
+    "track": {"wandb": False, "project": "sqdist", "entity": None},
+    "run": {"dir": None},          # run.dir default: runs/<recipe file stem>
 }
 # fmt: on
 
@@ -110,6 +107,8 @@ CHOICES = {
     "sched.name": ("cosine", "step", "constant"),
     "engine.name": ("ddp", "deepspeed"),
     "engine.mixed_precision": ("no", "bf16", "fp16"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
 }
 # numeric keys: (low, high, (low included, high included)); high None: no upper bound
 RANGES = {

@@ -110,6 +110,10 @@ class ActivationQuantizer(nn.Module):
         ``fill_``, ``load_state_dict`` or DDP's broadcast at construction): reading a CUDA tensor is a
         device sync, and this runs in every forward."""
         buffer = self._buffers[name]
+        if torch.compiler.is_compiling() and name in self._flag_reads:
+            # under torch.compile: the value the last eager read saw, a constant the graph is guarded on (a read
+            # of the buffer would be data-dependent control flow; prime_flags reads it before compiling)
+            return self._flag_reads[name][3]
         key = (buffer, buffer.data_ptr(), buffer._version)
         seen = self._flag_reads.get(name)
         if seen is None or seen[0] is not buffer or seen[1:] != key[1:]:
@@ -281,4 +285,14 @@ def calibrate_activations(model: nn.Module, x: Tensor) -> int:
     missing = [q for q in quantizers if not q._calibrated]
     if missing:
         raise RuntimeError(f"sqdist: {len(missing)} activation quantizer(s) saw no input in the calibration forward")
+    return len(quantizers)
+
+
+def read_flags(model: nn.Module) -> int:
+    """Read every activation quantizer's ``signed``/``calibrated`` flags once, eagerly: a model compiled
+    afterwards (``torch.compile``) sees them as constants and recompiles if they change, instead of
+    reading a buffer inside the graph. Returns how many quantizers were read."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    for q in quantizers:
+        q._signed, q._calibrated  # noqa: B018 - the reads fill the cache that a compiled forward uses
     return len(quantizers)

@@ -370,6 +370,7 @@ class KBit(Quantizer):
         if scale == "lsq":
             self.step = nn.Parameter(torch.tensor([1.0]))  # (1,), set from the weight by calibrate()
         self._step = self._searched_at = None  # scale="mse": the trainer's step, the step of the last search
+        self._search_driven = self._search_due = False  # set_progress was called; a search is due in the next forward
         self._restored = False  # scale="mse": ratios loaded from a checkpoint, not searched in this process
 
     def quantize_codes(self, w):
@@ -400,18 +401,20 @@ class KBit(Quantizer):
     def _mse_ratio(self, w):
         """``scale="mse"``: the rows' ratios; searched now, or between two searches the last ones (class docstring)."""
         ratio = getattr(self, "mse_ratio", None)
-        if not self.training or self._step is None or ratio is None or ratio.shape != (w.shape[0],):
+        if not self.training or not self._search_driven or ratio is None or ratio.shape != (w.shape[0],):
             return kbit_mse_ratio(w.detach(), self.bits)
-        if self._searched_at != self._step and (self._step % self.search_every == 0 or self._searched_at is None
-                                                 and not self._restored):
+        if self._search_due:  # decided by set_progress: a compiled forward reads one flag, not the step number
             with torch.no_grad():
                 ratio.copy_(kbit_mse_ratio(w.detach(), self.bits))
-            self._searched_at = self._step
+            self._search_due = False
         return ratio
 
     def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
-        """The trainer's hook, before every optimizer step: ``scale="mse"`` searches at multiples of ``search_every``."""
-        self._step = step
+        """The trainer's hook, before every optimizer step: ``scale="mse"`` searches at multiples of ``search_every``
+        (and at the first step reported, unless the ratios come from a checkpoint), in the next training forward."""
+        self._step, self._search_driven = step, True
+        if self._searched_at != step and (step % self.search_every == 0 or self._searched_at is None and not self._restored):
+            self._search_due, self._searched_at = True, step
 
     def calibrate(self, weight):
         if self.scale == "lsq":

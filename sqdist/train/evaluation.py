@@ -5,6 +5,7 @@ import torch
 
 from .. import dist as sqdist_dist
 from ..data import eval_batches, loader
+from .compiling import eager
 
 
 def set_bn_train_only(model: torch.nn.Module) -> None:
@@ -33,8 +34,9 @@ def recalibrate_bn(model, dataset, batches, device, n_batches: int, workers: int
         m.momentum = None  # cumulative average
     set_bn_train_only(model)
     try:
-        for x, _ in loader(dataset, batches[:n_batches], workers, seed=seed):
-            model(x.to(device))
+        with eager():  # a compiled model (train.compile): its eager forward, no compilation for a few batches
+            for x, _ in loader(dataset, batches[:n_batches], workers, seed=seed):
+                model(x.to(device))
     finally:
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum
@@ -58,7 +60,8 @@ def evaluate(model, dataset, recipe: dict, device, rank: int, world: int) -> flo
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     seen = 0
     for x, y in loader(dataset, batches, recipe["data"]["workers"]):
-        pred = model(x.to(device)).argmax(dim=1)
+        with eager():  # a compiled model (train.compile): its eager forward
+            pred = model(x.to(device)).argmax(dim=1)
         keep = max(0, min(len(y), real - seen))  # the padding repeats a sample: count it once
         seen += len(y)
         counts[0] += (pred[:keep] == y[:keep].to(device)).sum()

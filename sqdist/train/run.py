@@ -17,6 +17,7 @@ from ..quant.activations import ActivationQuantizer, calibrate_activations
 from .build import (build_model, call_hooks, layer_bits, model_meta, optimizer_param_groups, quantizer_modules, rng_state,
                     set_rng_state)
 from .distill import load_teacher
+from .compiling import check_recipe, compile_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_state_dict
 from .evaluation import evaluate, recalibrate_bn
 from .tracking import Tracker
@@ -56,7 +57,9 @@ class Run:
 
     @property
     def net(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        # keep_torch_compile=False: the module itself even under a torch.compile wrapper (state_dict keys
+        # without "_orig_mod."); train.compile compiles in place and has no wrapper
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
 
 def setup(recipe: dict) -> Run:
@@ -65,6 +68,7 @@ def setup(recipe: dict) -> Run:
 
     from . import engine
 
+    check_recipe(recipe["train"])
     accelerator = engine.make_accelerator(recipe)  # may update recipe["engine"] from engine.config
     rank, world = accelerator.process_index, accelerator.num_processes
     run_dir, tcfg = recipe["run"]["dir"], recipe["train"]
@@ -125,6 +129,8 @@ def setup(recipe: dict) -> Run:
     run = Run(recipe, accelerator, model, optimizer, sq, train_set, test_set, sampler,
               Tracker(run_dir, recipe, active=accelerator.is_main_process), base_lrs, steps_per_epoch, total_steps,
               trained=(sq.stage, sq.ratio) if sq else (0, 0.0), teacher=teacher)
+    if tcfg["compile"]:  # in place: the same module, state_dict keys and engine wrapper (docs/compile.md)
+        compile_model(run.net, tcfg["compile_mode"], tcfg["compile_backend"])
     run.quantizers = quantizer_modules(run.net)
     call_hooks(run, "set_run_seed", tcfg["seed"])
     if state is not None:

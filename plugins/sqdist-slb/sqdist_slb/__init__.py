@@ -93,6 +93,36 @@ def kernel():
     return load_source(Path(__file__).with_name("slb_cpu.cpp"))
 
 
+@torch.compiler.assume_constant_result
+def kernel_available() -> bool:
+    """Whether :func:`kernel` can be built: a constant to ``torch.compile`` (which cannot trace the build)."""
+    return kernel() is not None
+
+
+# The kernel's two directions as custom ops: torch.compile keeps them whole in the graph (a pybind11
+# function would stop it), their fake kernels give the tracer the output shapes.
+@torch.library.custom_op("sqdist_slb::expectation_forward", mutates_args=())
+def expectation_forward(a: Tensor, levels: list[float], t: float) -> Tensor:
+    """``E`` (M,) of the logits ``a`` (M, n) by the CPU kernel."""
+    return kernel().forward(a, levels, t)
+
+
+@expectation_forward.register_fake
+def _(a, levels, t):
+    return a.new_empty(a.shape[:1])
+
+
+@torch.library.custom_op("sqdist_slb::expectation_backward", mutates_args=())
+def expectation_backward(a: Tensor, levels: list[float], t: float, grad: Tensor) -> Tensor:
+    """``dL/dA`` (M, n) from ``dL/dE`` (M,) by the CPU kernel."""
+    return kernel().backward(a, levels, t, grad)
+
+
+@expectation_backward.register_fake
+def _(a, levels, t, grad):
+    return a.new_empty(a.shape)
+
+
 class _ExpectationKernel(torch.autograd.Function):
     """:func:`expectation_reference` by the CPU kernel, in the logits' own layout: one pass forward,
     one backward (``p`` recomputed from the logits, so only the logits are kept)."""
@@ -103,12 +133,44 @@ class _ExpectationKernel(torch.autograd.Function):
         a = logits.reshape(-1, n)
         ctx.save_for_backward(a)
         ctx.levels, ctx.t, ctx.shape = levels, t, logits.shape
-        return kernel().forward(a, list(levels), t).reshape(logits.shape[:-1])
+        return expectation_forward(a, list(levels), t).reshape(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad):
         (a,) = ctx.saved_tensors
-        return kernel().backward(a, list(ctx.levels), ctx.t, grad.reshape(-1)).reshape(ctx.shape), None, None
+        return expectation_backward(a, list(ctx.levels), ctx.t, grad.reshape(-1)).reshape(ctx.shape), None, None
+
+
+@torch.library.custom_op("sqdist_slb::argmax_levels", mutates_args=())
+def argmax_levels(a: Tensor, levels: list[float]) -> Tensor:
+    """``v[argmax_j a_mj]`` (M,) of the logits ``a`` (M, n) by the CPU kernel (:func:`hard_levels_reference`)."""
+    return kernel().argmax_levels(a, levels)
+
+
+@argmax_levels.register_fake
+def _(a, levels):
+    return a.new_empty(a.shape[:1])
+
+
+def hard_levels_reference(logits: Tensor, levels: Tensor) -> Tensor:
+    """The hard phase: the level of each weight's largest logit, the logits kept in the graph at zero gradient."""
+    return levels.to(logits.dtype)[logits.argmax(dim=-1)] + 0.0 * logits.sum()
+
+
+class _HardLevelsKernel(torch.autograd.Function):
+    """:func:`hard_levels_reference` by the CPU kernel: one pass over the logits, and their zero gradient
+    written once (the reference reduces the logits to a sum and broadcasts its gradient back)."""
+
+    @staticmethod
+    def forward(ctx, logits, levels):
+        n = logits.shape[-1]
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return argmax_levels(logits.reshape(-1, n), list(levels)).reshape(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        # zero: the argmax has no gradient; the logits stay in the graph because DDP and ZeRO expect one
+        return grad.new_zeros(ctx.shape, dtype=ctx.dtype), None
 
 
 def _use_kernel(logits: Tensor) -> bool:
@@ -116,17 +178,20 @@ def _use_kernel(logits: Tensor) -> bool:
     if m not in ("auto", "cpu", "torch"):
         raise ValueError(f"SQDIST_SLB_KERNEL={m!r}; allowed: auto, cpu, torch")
     return (m != "torch" and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64)
-            and logits.shape[-1] in (2, 4, 8, 16) and kernel() is not None)
+            and logits.shape[-1] in (2, 4, 8, 16) and kernel_available())
 
 
-def expectation(logits: Tensor, levels: Tensor, t: float, binary: bool = False) -> Tensor:
+def expectation(logits: Tensor, levels: Tensor, t: float, binary: bool = False,
+                level_values: tuple[float, ...] | None = None) -> Tensor:
     """``sum_j softmax(t A)_j v_j`` (the fast path of :func:`expectation_reference`); ``binary``:
     the levels are ``(-1, +1)`` (1 bit), computed as a tanh. On the CPU the compiled kernel
-    (``SQDIST_SLB_KERNEL=torch`` takes the PyTorch path, transposed logits)."""
+    (``SQDIST_SLB_KERNEL=torch`` takes the PyTorch path, transposed logits). ``level_values``: ``levels``
+    as Python floats, when the caller has them (a read of the tensor would stop ``torch.compile``'s graph)."""
     if binary:
         return _Expectation1Bit.apply(logits, float(t))
     if _use_kernel(logits):
-        return _ExpectationKernel.apply(logits, tuple(float(v) for v in levels.tolist()), float(t))
+        values = level_values if level_values is not None else tuple(float(v) for v in levels.tolist())
+        return _ExpectationKernel.apply(logits, values, float(t))
     return _Expectation.apply(logits, levels.to(logits.dtype), float(t))
 
 
@@ -231,6 +296,7 @@ class SLB(Quantizer):
             raise ValueError(f"slb t_end={t_end!r}; allowed: a number in [t_start={t_start!r}, 1]")
         self.factor = _number("factor", factor, 1.0, 1e3)
         self.register_buffer("levels", slb_levels(bits), persistent=False)  # (n,)
+        self.level_values = tuple(float(v) for v in self.levels.tolist())  # the same, for the kernel
         self.logits = nn.Parameter(torch.zeros(0))  # W.shape + (n,), set by calibrate()
         self.temperature, self.hard = self.t0, False
         self._epochs: int | None = None
@@ -310,9 +376,12 @@ class SLB(Quantizer):
         with the logits kept in the graph at zero gradient (DDP and ZeRO expect every parameter)."""
         logits = self._logits2d(w.shape[0])
         if self.hard or not self.training:
-            return self.levels.to(w.dtype)[logits.argmax(dim=-1)] + 0.0 * logits.sum()
+            if self.fused and _use_kernel(logits):
+                return _HardLevelsKernel.apply(logits, self.level_values).to(w.dtype)
+            return hard_levels_reference(logits, self.levels).to(w.dtype)
         if self.fused:
-            return expectation(logits, self.levels, self.temperature, binary=self.bits == 1).to(w.dtype)
+            return expectation(logits, self.levels, self.temperature, binary=self.bits == 1,
+                               level_values=self.level_values).to(w.dtype)
         return expectation_reference(logits, self.levels, self.temperature).to(w.dtype)
 
     def code_levels(self) -> list[int]:

@@ -126,7 +126,44 @@ void dispatch_n(int64_t n, F&& f) {
   }
 }
 
+// the hard phase (argmax): v[argmax_j a_mj] per element, the first maximum (a NaN counts as the maximum,
+// as torch.argmax has it); one pass over the logits where torch's argmax reduces one short row at a time
+template <typename T, int N>
+void argmax_levels_rows(const T* a, T* out, int64_t r0, int64_t r1, const T* v) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = a + r * N;
+    int best = 0;
+    T top = row[0];
+    for (int j = 1; j < N; ++j) {
+      const T x = row[j];
+      if (!(x <= top) && !std::isnan(top)) {
+        top = x;
+        best = j;
+      }
+    }
+    out[r] = v[best];
+  }
+}
+
 }  // namespace
+
+torch::Tensor slb_argmax_levels(torch::Tensor logits, std::vector<double> levels) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) == int64_t(levels.size()), "slb: logits (M, n), n levels");
+  logits = logits.contiguous();
+  const int64_t m = logits.size(0), n = logits.size(1);
+  auto out = torch::empty({m}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "slb_argmax_levels", [&] {
+    std::vector<scalar_t> v(levels.begin(), levels.end());
+    const scalar_t* a = logits.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    dispatch_n<scalar_t>(n, [&](auto N) {
+      at::parallel_for(0, m, 16384, [&](int64_t r0, int64_t r1) {
+        argmax_levels_rows<scalar_t, decltype(N)::value>(a, o, r0, r1, v.data());
+      });
+    });
+  });
+  return out;
+}
 
 torch::Tensor slb_forward(torch::Tensor logits, std::vector<double> levels, double t) {
   TORCH_CHECK(logits.dim() == 2 && logits.size(1) == int64_t(levels.size()), "slb: logits (M, n), n levels");
@@ -163,4 +200,5 @@ torch::Tensor slb_backward(torch::Tensor logits, std::vector<double> levels, dou
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &slb_forward, "SLB forward: E = softmax(t A) v over the last dim of A (M, n)");
   m.def("backward", &slb_backward, "SLB backward: dL/dA = t p (v - E) dL/dE");
+  m.def("argmax_levels", &slb_argmax_levels, "SLB hard phase: v[argmax_j A_j] over the last dim of A (M, n)");
 }

@@ -93,11 +93,13 @@ def build(backend: str, verbose: bool = False) -> Path:
 
 def load(backend: str):
     """Load the ops of ``backend`` into ``torch.ops``; returns the op namespace."""
+    from .fake import register_fakes  # shapes for torch.compile's tracer (the C++ registers a CPU kernel only)
+
     ns = f"sqdist_{backend}"
-    if _registered(ns):
-        return getattr(torch.ops, ns)
-    lib = prebuilt(backend) or build(backend)
-    torch.ops.load_library(str(lib))
+    if not _registered(ns):
+        lib = prebuilt(backend) or build(backend)
+        torch.ops.load_library(str(lib))
+    register_fakes(ns)
     return getattr(torch.ops, ns)
 
 

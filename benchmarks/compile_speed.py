@@ -1,0 +1,186 @@
+"""Step time through the trainer, compiled (``train.compile=true``, inductor) against eager, and how far
+inductor's values move from eager's.
+
+    flock /tmp/sqdist-bench.lock python benchmarks/compile_speed.py                  # the table in benchmarks/results/
+    python benchmarks/compile_speed.py --rows "FP,TWN" --threads 1 --steps 8 --rounds 1   # a quick look
+
+Each row is a leaderboard recipe (``benchmarks/leaderboard.py`` ``ROWS``) at scale: timm ``resnet18``
+(10 classes, 3 input channels) on the digits images upscaled to 32x32, batch 64. Every measurement is
+a whole ``sqdist.train.train`` run (data loading, SQ masks, hooks, logging, the optimizer: everything a
+run does) of ``--skip + --steps`` steps; a step's time is the wall time between two ``on_step`` calls,
+and a run's time is the median of its steps after the first ``--skip`` (compilation, the first
+recompilations and the allocator's warm-up fall there; the first step's time is shown as ``first``).
+In each round every row runs eager and compiled back to back, so a change of the machine's load is seen
+by both; ``x`` is eager's median over compiled's, ``x FP`` a row's median over FP's, both per round,
+then the median over rounds. ``--threads``: torch's intra-op threads.
+
+Values: for each row, one step of the same model and batch, eager and compiled with inductor, from the
+same weights: the largest absolute difference of the logits, of the loss and of any gradient,
+relative to that tensor's largest magnitude.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits_common import ROOT, load  # noqa: E402
+from leaderboard import ROWS  # noqa: E402
+
+SCALE = ["model.name=resnet18", "model.kwargs={num_classes: 10}", "data.image_size=32", "data.batch_size=64",
+         "train.progress=false", "track.wandb=false", "train.log_every=5"]
+DEFAULT_ROWS = ("FP", "TWN", "W4A4 LSQ", "SLB W2", "SRQ W2A2")
+
+
+# "<row> (before)": the row with SLB's PyTorch paths (SQDIST_SLB_KERNEL=torch), i.e. its hard phase as it was
+# before the argmax kernel. A short train() run is in SLB's hard phase (its temperature schedule ends at 0.9 of
+# the run's epochs: from the first step in a run under an epoch): benchmarks/results/compile_speed.md
+BEFORE = " (before)"
+
+
+def row_env(label: str):
+    import contextlib
+    from unittest import mock
+
+    return mock.patch.dict(os.environ, {"SQDIST_SLB_KERNEL": "torch"}) if label.endswith(BEFORE) else contextlib.nullcontext()
+
+
+def recipe_of(label: str, steps: int, compiled: bool, folder: str) -> dict:
+    row = ROWS[label.removesuffix(BEFORE)]
+    extra = [f"train.max_steps={steps}", f"run.dir={folder}"]
+    if compiled:
+        extra += ["train.compile=true", "train.compile_backend=inductor"]
+    return load(row.recipe, [*row.overrides, *SCALE, *extra])
+
+
+def timed_train(recipe: dict) -> list[float]:
+    """Seconds of every step of ``sqdist.train.train(recipe)`` (wall time between two ``on_step`` calls;
+    the first from the start of ``train``, setup and compilation included)."""
+    import contextlib
+    import io
+
+    from sqdist.train import train
+
+    stamps = [time.perf_counter()]
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(recipe, on_step=lambda *a: stamps.append(time.perf_counter()))
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def value_differences(label: str) -> dict:
+    """One step, eager and inductor, from the same weights and batch: relative max differences."""
+    import torch
+
+    from digits_common import timed_run
+
+    with tempfile.TemporaryDirectory() as folder:
+        recipe = load(ROWS[label].recipe, [*ROWS[label].overrides, *SCALE])
+        run, x, y = timed_run(recipe, folder)
+        net = run.net
+        for _, q in run.quantizers:
+            if hasattr(q, "set_progress"):
+                q.set_progress(0, 100, 20)
+        if run.sq is not None:
+            run.sq.draw_masks()
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+
+        def step():
+            net.load_state_dict(state)
+            net.zero_grad(set_to_none=True)
+            logits = net(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            loss.backward()
+            return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+        eager = step()
+        net.compile(backend="inductor")
+        step()  # compile
+        comp = step()
+        net._compiled_call_impl = None
+
+        def rel(a, b):
+            return float((a - b).abs().max() / a.abs().max().clamp(min=1e-30))
+
+        grads = [rel(eager[2][k], comp[2][k]) for k in eager[2]]
+        return {"logits": rel(eager[0], comp[0]), "loss": rel(eager[1], comp[1]), "grad_max": max(grads),
+                "grad_median": statistics.median(grads)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS))
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=16, help="timed steps per run")
+    p.add_argument("--skip", type=int, default=6, help="steps not timed at the start of each run")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--no-values", action="store_true")
+    p.add_argument("--eager-only", action="store_true", help="no compiled runs (SLB's step against FP's)")
+    p.add_argument("--values-rows", default=None, help="rows of the value comparison (default: --rows)")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "out" / "compile_speed.json"))
+    args = p.parse_args(argv)
+    import torch
+
+    labels = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in labels + (args.values_rows or "").split(",") if r and r.removesuffix(BEFORE) not in ROWS]
+    if unknown:
+        print(f"compile_speed.py: --rows {unknown[0]!r}: not a leaderboard row; allowed: {', '.join(ROWS)} "
+              f"(each optionally with '{BEFORE}')", file=sys.stderr)
+        return 2
+    results = {"load_before": os.getloadavg(), "torch": torch.__version__, "rows": {}, "values": {}}
+    print(f"load before: {os.getloadavg()}", flush=True)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for r in range(args.rounds):
+            for label in labels:
+                for compiled in (False,) if args.eager_only else (False, True):
+                    with tempfile.TemporaryDirectory() as folder, row_env(label):
+                        times = timed_train(recipe_of(label, args.skip + args.steps, compiled, folder))
+                    entry = results["rows"].setdefault(f"{label}|{threads}|{int(compiled)}", [])
+                    entry.append({"median": statistics.median(times[args.skip:]), "first": times[0]})
+                    print(f"threads {threads} round {r} {label:10s} {'compiled' if compiled else 'eager':8s} "
+                          f"median {entry[-1]['median'] * 1e3:8.1f} ms  first {times[0]:6.1f} s  load "
+                          f"{os.getloadavg()[0]:.1f}", flush=True)
+    if not args.no_values:
+        torch.set_num_threads(args.threads[0])
+        for label in (args.values_rows or args.rows).split(","):
+            results["values"][label] = value_differences(label)
+            print(label, results["values"][label], flush=True)
+    results["load_after"] = os.getloadavg()
+    print(f"load after: {os.getloadavg()}", flush=True)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1))
+    print(table(results, labels, args.threads, args.rounds, args.eager_only))
+    return 0
+
+
+def table(results: dict, labels: list[str], threads: list[int], rounds: int, eager_only: bool = False) -> str:
+    rows = results["rows"]
+    lines = ["| row | threads | eager ms | compiled ms | compiled speed-up | eager x FP | compiled x FP | first step eager / compiled (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in threads:
+        for label in labels:
+            e = rows[f"{label}|{t}|0"]
+            c = e if eager_only else rows[f"{label}|{t}|1"]
+            fe, fc = rows.get(f"FP|{t}|0"), rows.get(f"FP|{t}|1")
+            speed = statistics.median(e[i]["median"] / c[i]["median"] for i in range(rounds))
+            xe = statistics.median(e[i]["median"] / fe[i]["median"] for i in range(rounds)) if fe else float("nan")
+            xc = statistics.median(c[i]["median"] / fc[i]["median"] for i in range(rounds)) if fc else float("nan")
+            lines.append(f"| {label} | {t} | {statistics.median(x['median'] for x in e) * 1e3:.0f} | "
+                         f"{statistics.median(x['median'] for x in c) * 1e3:.0f} | {speed:.2f}x | {xe:.2f} | {xc:.2f} | "
+                         f"{statistics.median(x['first'] for x in e):.1f} / {statistics.median(x['first'] for x in c):.1f} |")
+    if results["values"]:
+        lines += ["", "| row | logits | loss | largest gradient difference | median over tensors |", "|---|---|---|---|---|"]
+        for label, v in results["values"].items():
+            lines.append(f"| {label} | {v['logits']:.1e} | {v['loss']:.1e} | {v['grad_max']:.1e} | {v['grad_median']:.1e} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
