@@ -210,7 +210,8 @@ def float_run_model(run: Path) -> torch.nn.Module:
 
 
 def rows_for(name: str, fp32: Path, model, input_size, calibration, folder: Path, args, evaluation=None,
-             fp32_top1=None, run_top1=None) -> list[dict]:
+             fp32_top1=None, run_top1=None):
+    """Write every file of one model; returns a function that times them (in the same rounds) and gives its rows."""
     from sqdist.export.openvino import onnx_to_openvino
 
     files = {}  # (runtime, kind) -> (path, bytes, info)
@@ -241,6 +242,12 @@ def rows_for(name: str, fp32: Path, model, input_size, calibration, folder: Path
         baselines["openvino"] = (fp32_xml, ir_bytes(fp32_xml))
     order = [(rt, p) for rt, (p, _) in baselines.items()] + [(rt, p) for (rt, _), (p, _, _) in files.items()]
     precisions = {p: conv_precisions(p, args.threads) for rt, p in order if rt == "openvino"}
+    # the files are written; the timing (and what follows) runs later, under the benchmark lock
+    return lambda: timed_rows(name, input_size, args, evaluation, fp32_top1, run_top1, files, baselines, order,
+                              precisions)
+
+
+def timed_rows(name, input_size, args, evaluation, fp32_top1, run_top1, files, baselines, order, precisions):
     own = {"onnxruntime": "int8 (onnxruntime quantize_static)", "openvino": "int8 (NNCF nncf.quantize)"}
     rows = []
     for batch in args.batches:
@@ -294,6 +301,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of each runtime")
     parser.add_argument("--runtimes", default="onnxruntime,openvino",
                         help="comma-separated: onnxruntime (always timed: its FP32 and sqdist's ONNX), openvino")
+    parser.add_argument("--lock", default="/tmp/sqdist-bench.lock",
+                        help="file locked (flock) while timing, so that one benchmark times at a time ('' : none)")
     parser.add_argument("--image-size", type=int, default=224, help="input H = W of the random-weight timm models")
     parser.add_argument("--keep-fp-bits", type=int, default=8, choices=(8, 32))
     parser.add_argument("--models", default="resnet18,resnet50,digits",
@@ -328,7 +337,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     import onnx
 
-    rows = []
+    rows, timers = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name in models:
@@ -344,8 +353,8 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     x, y = evaluation.tensors
                     run_top1 = round(100.0 * float((model(x).argmax(1) == y).float().mean()), 2)
-                rows += rows_for("digits-resnet10t", fp32, model, size, calibration, folder, args, evaluation,
-                                 round(top1(fp32, evaluation), 2), run_top1)
+                timers.append(rows_for("digits-resnet10t", fp32, model, size, calibration, folder, args, evaluation,
+                                       round(top1(fp32, evaluation), 2), run_top1))
                 continue
             torch.manual_seed(0)
             model = look_trained(timm.create_model(name, num_classes=1000)).eval()
@@ -355,20 +364,41 @@ def main(argv=None) -> int:
             quantize_model(model, QuantConfig(quantizer="twn", sq=SQConfig(ratios=(1.0,))))
             model.eval()
             calibration = [torch.randn(4, *size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-            rows += rows_for(name, fp32, model, size, calibration, folder, args)
+            timers.append(rows_for(name, fp32, model, size, calibration, folder, args))
+        with bench_lock(args.lock):  # every export written: only the timing waits for the machine
+            print(f"timing starts: {_load()}", file=sys.stderr)
+            for timer in timers:
+                rows += timer()
+            setup_load = _load()
     setup = {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
              "threads": args.threads, "reps": args.reps, "keep_fp_bits": args.keep_fp_bits,
              "cpu": _cpu_name(), "opset": {"float": 25, "int8": 21}, "runtimes": args.runtimes,
              "openvino": _version("openvino"), "nncf": _version("nncf"), "image_size": args.image_size}
     text = table(rows)
     setup["goals"] = goals(rows)
-    setup["load"] = _load()
+    setup["load"] = setup_load
     if args.save:
         out = ROOT / "benchmarks" / "results"
         (out / "deploy.json").write_text(json.dumps({"rows": rows, "setup": setup}, indent=1) + "\n")
         (out / "deploy.md").write_text(_report(text, setup, rows) + "\n")
     print(json.dumps({"rows": rows, "setup": setup}) if args.json else text)
     return 0
+
+
+@contextlib.contextmanager
+def bench_lock(path: str):
+    """Hold an exclusive flock on ``path`` (what ``flock PATH command`` takes) while timing."""
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _load() -> str:

@@ -101,7 +101,8 @@ def test_method_speed_measures_through_the_trainer(tmp_path):
 
 @pytest.mark.slow
 def test_deploy_digits_json_has_the_required_fields(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/deploy.py", "--models", "digits", "--reps", "2", "--json"],
+    proc = subprocess.run([sys.executable, "benchmarks/deploy.py", "--models", "digits", "--reps", "2", "--lock", "",
+                           "--json"],
                           capture_output=True, text=True, cwd=ROOT, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -131,7 +131,7 @@ def test_deploy_benchmark_rows_carry_their_runtime():
     """benchmarks/deploy.py on a tiny net: every network in both runtimes, each row against its own runtime's FP32,
     OpenVINO's convolutions of sqdist's and NNCF's int8 on u8."""
     proc = subprocess.run([sys.executable, "benchmarks/deploy.py", "--models", "resnet10t", "--image-size", "32",
-                           "--reps", "1", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+                           "--reps", "1", "--lock", "", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout)["rows"]
     kinds = {(r["runtime"], r["weights"], r["activations"], r["batch"]) for r in rows}

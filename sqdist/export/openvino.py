@@ -296,6 +296,8 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, *, input_size: tu
     if path.suffix != ".xml":
         raise ExportError(f"out={str(path)!r}; allowed: an OpenVINO IR path ending in .xml (its weights go "
                           f"to the .bin beside it)")
+    if not path.parent.is_dir():
+        raise ExportError(f"out={str(path)!r}: folder {path.parent} does not exist; create it or write elsewhere")
     keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
     activations = check_activations(activations)
     input_size = tuple(input_size) if input_size is not None else default_input_size(model)
