@@ -150,8 +150,14 @@ def fp32_ir(fp32: Path) -> Path:
     """The FP32 ONNX as OpenVINO IR (float32 weights)."""
     import openvino as ov
 
-    out = fp32.with_suffix(".xml")
-    ov.save_model(ov.convert_model(str(fp32)), str(out), compress_to_fp16=False)
+    import shutil
+
+    from sqdist.export.openvino import fit_pool_windows
+
+    out, copy = fp32.with_suffix(".xml"), fp32.with_name(fp32.stem + "_for_openvino.onnx")
+    shutil.copyfile(fp32, copy)
+    fit_pool_windows(copy)  # a 2x2 average pool over a 1x1 map (digits at 8x8): OpenVINO refuses it as written
+    ov.save_model(ov.convert_model(str(copy)), str(out), compress_to_fp16=False)
     return out
 
 

@@ -142,7 +142,7 @@ def test_deploy_benchmark_rows_carry_their_runtime():
                 ("openvino", "int8 (NNCF nncf.quantize)", "int8", batch)} <= kinds
     for r in rows:
         base = next(b for b in rows if (b["runtime"], b["batch"], b["weights"]) == (r["runtime"], r["batch"], "fp32"))
-        assert r["fp32_ms"] == base["ms"] and r["speedup"] == pytest.approx(base["ms"] / r["ms"], rel=1e-2)
+        assert r["fp32_ms"] == base["ms"] and r["speedup"] == pytest.approx(base["ms"] / r["ms"], rel=1e-2, abs=1e-3)
         if r["runtime"] == "openvino" and r["activations"] == "int8":
             assert set(r["conv_precisions"]) <= {"u8", "i8"}, r
     ours = next(r for r in rows if (r["runtime"], r["weights"], r["activations"]) == ("openvino", "twn", "int8"))
