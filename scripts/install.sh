@@ -34,7 +34,7 @@ fi
 if [ "$(cat "$venv/.sqdist-deps" 2>/dev/null)" != "$stamp_src" ]; then
   echo "[install] installing dependencies (torch 2.14.1, timm, accelerate, deepspeed, wandb, mkdocs, ...)"
   quietly "$venv/bin/python" -m pip install -q --upgrade pip
-  quietly "$venv/bin/python" -m pip install -q -e "$root[dev,deepspeed,wandb,onnx,docs]" "${plugins[@]}"
+  quietly "$venv/bin/python" -m pip install -q -e "$root[dev,deepspeed,wandb,onnx,docs,openvino]" "${plugins[@]}"
   echo "$stamp_src" > "$venv/.sqdist-deps"
 fi
 quietly "$venv/bin/python" -m pip install -q --no-deps -e "$root" "${plugins[@]}"

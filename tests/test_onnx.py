@@ -264,7 +264,7 @@ def test_cli_refusals_are_one_line(digits_run, tmp_path, capsys):
     code, _, stderr = cli(capsys, low, tmp_path / "low.onnx", "--force", "--input-size", "1,8,8")
     assert code == 0 and (tmp_path / "low.onnx").exists(), stderr
 
-    refused(run, tmp_path / "m.pt", words=["out=", "allowed: a path ending in .safetensors or .onnx"])
+    refused(run, tmp_path / "m.pt", words=["out=", "allowed: a path ending in .safetensors, .onnx or .xml"])
     refused(run, tmp_path / "m.onnx", "--input-size", "8,8", words=["--input-size='8,8'", "C,H,W"])
     refused(run, tmp_path / "m.onnx", "--keep-fp-bits", "16", words=["--keep-fp-bits=16", "allowed: 8 or 32"])
     refused(run, tmp_path / "m.safetensors", "--input-size", "1,8,8", words=["--input-size", "ONNX"])

@@ -17,7 +17,7 @@ input quantization of one layer, what both writers consume), :mod:`~sqdist.expor
 packing), :mod:`~sqdist.export.format` (the file format), :mod:`~sqdist.export.packed` (the
 packed writer), :mod:`~sqdist.export.reader` (the packed reader, every format version),
 :mod:`~sqdist.export.qdq` (the modules of a deployable float model),
-:mod:`~sqdist.export.onnx_writer` (ONNX), :mod:`~sqdist.export.int8` (8-bit activations: the network
+:mod:`~sqdist.export.onnx_writer` (ONNX), :mod:`~sqdist.export.openvino` (OpenVINO IR), :mod:`~sqdist.export.int8` (8-bit activations: the network
 onnxruntime runs as integer kernels), :mod:`~sqdist.export.run` (run folders),
 :mod:`~sqdist.export.cli` (the command line).
 """
@@ -31,6 +31,7 @@ from .packed import export_model
 from .reader import load_quantized, read_packed
 from .run import export_run, load_run, resolve_checkpoint
 from .onnx_writer import OPSET, check_onnx, exact_session_options, export_onnx, export_run_onnx
+from .openvino import check_openvino, export_openvino, export_run_openvino
 from .cli import main
 
 __all__ = [
@@ -40,5 +41,6 @@ __all__ = [
     "unpack_fields", "unpack_indexed",
     "DeployableLayer", "activation_qdq", "check_ratio", "deployable_layers", "full_precision_layers", "int8_rows",
     "export_model", "load_quantized", "read_packed", "export_run", "load_run", "resolve_checkpoint",
-    "OPSET", "check_onnx", "exact_session_options", "export_onnx", "export_run_onnx", "main",
+    "OPSET", "check_onnx", "exact_session_options", "export_onnx", "export_run_onnx",
+    "check_openvino", "export_openvino", "export_run_openvino", "main",
 ]

@@ -9,6 +9,7 @@ Command line::
     python -m sqdist.export RUN_DIR OUT.onnx                   # ONNX (sqdist.export.onnx_writer), checked by onnxruntime
     python -m sqdist.export RUN_DIR OUT.onnx --activations int8 [--calib-batches 8]   # integer kernels in onnxruntime
     python -m sqdist.export RUN_DIR OUT.onnx --opset 17        # int8 codes everywhere (default 25: INT2/INT4)
+    python -m sqdist.export RUN_DIR OUT.xml --activations int8 # OpenVINO IR (sqdist.export.openvino), checked in OpenVINO
     python -m sqdist.export ... --json                         # the summary as one JSON object
     python -m sqdist.export --check OUT.safetensors            # read back and verify (also OUT.onnx)
 """
@@ -30,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Write a trained run's quantized layers as packed 1/2/k-bit codes + per-row scales "
                     "(.safetensors), or as an ONNX graph of int8 codes and DequantizeLinear (.onnx).")
     parser.add_argument("source", help="run folder (uses RUN/final), checkpoint folder, or with --check an export file")
-    parser.add_argument("out", nargs="?", help="output file: .safetensors or .onnx")
+    parser.add_argument("out", nargs="?", help="output file: .safetensors, .onnx or .xml (OpenVINO IR)")
     parser.add_argument("--format", choices=FORMATS, help="output format (default: from the suffix of out)")
     parser.add_argument("--force", action="store_true", help="export even when the SQ ratio is below 1.0")
-    parser.add_argument("--keep-fp-bits", default="32", metavar="{8,32}",
+    parser.add_argument("--keep-fp-bits", metavar="{8,32}",
                         help="store the full-precision layers (stem, classifier, excluded layers) as 8-bit "
-                             "per-row codes, or as they are (32, the default)")
+                             "per-row codes, or as they are (default: 8 with --activations int8, the fast "
+                             "configuration; else 32)")
     parser.add_argument("--input-size", metavar="C,H,W",
                         help="onnx: the input the graph is traced with (default: the run's data.image_size and "
                              "in_chans); the batch size stays dynamic")
@@ -55,7 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             if args.out is not None:
                 parser.error("--check takes one file")
-            if (args.format or ("onnx" if args.source.endswith(".onnx") else "safetensors")) == "onnx":
+            kind = args.format or next((f for f, s in SUFFIXES.items() if args.source.endswith(s)), "safetensors")
+            if kind == "openvino":
+                from .openvino import check_openvino
+
+                info = check_openvino(args.source)
+                print(f"{args.source}: ok, OpenVINO runs it; input {_shape(info['input'])}, {info['int2_weights']} "
+                      f"2-bit + {info['int4_weights']} 4-bit weights, {info['integer_convolutions']} of "
+                      f"{info['integer_convolutions'] + info['float_convolutions']} convolutions on u8/i8")
+                return 0
+            if kind == "onnx":
                 from .onnx_writer import check_onnx
 
                 info = check_onnx(args.source)
@@ -74,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.out is None:
             parser.error("the following arguments are required: out")
-        keep_fp_bits = check_keep_fp_bits(args.keep_fp_bits, "--keep-fp-bits")
+        fast = args.activations == "int8"  # 8-bit activations: 8-bit stem and classifier unless asked otherwise
+        keep_fp_bits = check_keep_fp_bits(args.keep_fp_bits or ("8" if fast else "32"), "--keep-fp-bits")
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder):  # before loading and tracing the model
             raise ExportError(f"out={args.out!r}: folder {folder} does not exist; create it or write elsewhere")
+        if _format_of(args.out, args.format) == "openvino":
+            return _openvino(args, keep_fp_bits)
         if _format_of(args.out, args.format) == "onnx":
             from .int8 import check_activations
             from .onnx_writer import INT2_OPSET, OPSET, export_run_onnx, parse_input_size
@@ -133,7 +147,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-FORMATS = ("safetensors", "onnx")
+FORMATS = ("safetensors", "onnx", "openvino")
+SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx", "openvino": ".xml"}
+
+
+def _openvino(args, keep_fp_bits: int) -> int:
+    """``python -m sqdist.export RUN OUT.xml``: write and check an OpenVINO IR, print its summary."""
+    from .int8 import check_activations
+    from .onnx_writer import parse_input_size
+    from .openvino import OPENVINO_OPSET, export_run_openvino
+
+    if args.opset is not None:
+        raise ExportError(f"--opset={args.opset!r}: OpenVINO export writes opset {OPENVINO_OPSET} (INT4 codes; "
+                          f"OpenVINO does not read opset 25's INT2); allowed: omit --opset for an .xml output")
+    activations = check_activations(args.activations or "float", "--activations")
+    if args.calib_batches is not None and activations != "int8":
+        raise ExportError(f"--calib-batches={args.calib_batches!r}: calibration is for --activations int8 "
+                          f"only; allowed: omit it, or add --activations int8")
+    calib = _int_flag("--calib-batches", args.calib_batches, 8, 1, None, "an integer >= 1")
+    input_size = parse_input_size(args.input_size) if args.input_size is not None else None
+    info = export_run_openvino(args.source, args.out, force=args.force, keep_fp_bits=keep_fp_bits,
+                               input_size=input_size, activations=activations, calib_batches=calib)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    top1 = (f"; top-1 OpenVINO {info['top1_openvino']:.2f}% vs the run's {info['top1_model']:.2f}%, the same "
+            f"prediction on {info['agreement']:.2f}% of {info['eval_examples']} examples"
+            if "top1_openvino" in info else "")
+    print(f"wrote {info['path']} + {os.path.basename(info['bin'])}: {info['int2_weights']} 2-bit + "
+          f"{info['int4_weights']} 4-bit weights, {info['activations']} activations, {info['integer_convolutions']} of "
+          f"{info['integer_convolutions'] + info['float_convolutions']} convolutions run on u8/i8 in OpenVINO, input "
+          f"{_shape(info['input'])}, {info['bytes'] / 1e6:.2f} MB; OpenVINO max |logit difference| "
+          f"{info['max_abs_diff']:.2e} from the network it runs (codes read at every FakeQuantize); against the "
+          f"trained model logits {info['model_rel_error']:.3g} relative on the check batch{top1}")
+    return 0
 
 
 def _int_flag(flag: str, text: str | None, default: int, low: int, high: int | None, allowed: str) -> int:
@@ -155,9 +202,9 @@ def _format_of(path: str, format: str | None) -> str:
     if format is not None:
         return format
     for name in FORMATS:
-        if path.endswith(f".{name}"):
+        if path.endswith(SUFFIXES[name]):
             return name
-    raise ExportError(f"out={path!r}; allowed: a path ending in .safetensors or .onnx, or pass --format "
+    raise ExportError(f"out={path!r}; allowed: a path ending in .safetensors, .onnx or .xml, or pass --format "
                       f"{{{','.join(FORMATS)}}}")
 
 
