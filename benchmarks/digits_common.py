@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 # recipe keys added after runs were cached, and their default: left out of the digest at the
 # default, so those runs stay valid
-LATER_DEFAULTS = {("data", "holdout_fraction"): 0.0, ("data", "augment"): False}
+LATER_DEFAULTS = {("data", "holdout_fraction"): 0.0, ("data", "augment"): False, ("train", "compile"): False,
+                  ("train", "compile_mode"): "default", ("train", "compile_backend"): "inductor",
+                  ("engine", "fsdp_unit"): "block"}
 
 
 def recipe_digest(recipe: dict) -> str:
