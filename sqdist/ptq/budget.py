@@ -17,8 +17,9 @@ inputs of the full-precision network), BatchNorm statistics re-estimated on the 
 images as the pipeline re-estimates them at the end, the mean KL divergence
 ``KL(p_fp || p_q)`` of the network's predictions from the full-precision network's (its BN
 statistics re-estimated the same way) on the calibration images: no labels, never negative,
-and it costs two forwards of the calibration set per layer and width. The sensitivities are summed over layers (the usual additive
-approximation; measured, not assumed, in ``benchmarks/results/ptq_budget*.md``).
+and it costs two forwards of the calibration set per layer and width. The sensitivities are
+summed over layers (the usual additive approximation; how well the choice does is measured in
+``benchmarks/results/ptq_budget_*.md``).
 
 **The choice** (:func:`choose_widths`): a multiple-choice knapsack, one width per layer,
 minimising the summed sensitivity with the summed bytes within the budget, solved *exactly* by

@@ -209,7 +209,8 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
             module.weight.copy_((codes * scale[:, None]).reshape(weight.shape))
         decided[name] = (codes, scale)
         record = {"layer": name, "shape": list(weight.shape), "groups": stats.groups, "centred": centred, **walk,
-                  "bits": quantizers[name].bits, "method": method, "output_error": math.sqrt(output_error(weight, module.weight, hessian))}
+                  "bits": quantizers[name].bits, "method": method,
+                  "output_error": math.sqrt(output_error(weight, module.weight, hessian))}
         if widths:
             record["sensitivity"] = widths.sensitivity[name]
         if config.method != "rtn":  # the baseline on the same inputs: what the error compensation gained
@@ -286,9 +287,9 @@ def choose_layer_widths(model: nn.Module, names: list[str], chunks: list[Tensor]
     if least > budget:
         weights = sum(modules[n].weight.numel() for n in names)
         lowest = math.ceil(8000 * least / weights) / 1000
-        raise ValueError(f"a budget of {budget} bytes ({8 * budget / weights:.3f} bits per weight) is below the {least} "
-                         f"bytes of codes and scales the quantized layers need at {min(config.widths)} bit; allowed: "
-                         f"at least {least} bytes (--size-budget {least}, --avg-bits {lowest:g})")
+        raise ValueError(f"a budget of {budget} bytes ({8 * budget / weights:.3f} bits per weight) is below the "
+                         f"{least} bytes of codes and scales the quantized layers need at {min(config.widths)} bit; "
+                         f"allowed: at least {least} bytes (--size-budget {least}, --avg-bits {lowest:g})")
     method = "gptq" if config.method == "adaround" else config.method
     held: dict[str, tuple] = {}
 
