@@ -1,7 +1,7 @@
 """Bits per layer under a size budget (``python -m sqdist.ptq --size-budget / --avg-bits``) against uniform widths.
 
     python benchmarks/ptq_budget.py --data fashion_mnist --seeds 5     # the issue's goal
-    python benchmarks/ptq_budget.py --data digits --seeds 5
+    python benchmarks/ptq_budget.py --data digits --seeds 5 --budgets size30
 
 Each seed's FP run (the leaderboard's FP row, read back from its cache when it is there) is
 quantized by GPTQ (the command's defaults) at uniform k-bit 2 and 3, and with each layer's bits
@@ -57,7 +57,12 @@ def main() -> None:
     p.add_argument("--data", default="fashion_mnist", choices=sorted(EPOCHS))
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--budgets", default="size30,avg2.5", help="comma list of: size30 (uniform k-bit 2's file + 30%%), "
+                                                              "avg2.5 (2.5 bits per weight); default both")
     args = p.parse_args()
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    if not budgets or set(budgets) - {"size30", "avg2.5"}:
+        p.error(f"--budgets={args.budgets!r}; allowed: a comma list of size30, avg2.5")
     runs = str(OUT / ("leaderboard_runs" if args.data == "digits" else f"leaderboard_{args.data}_runs"))
     setting = setting_overrides(args.data)
     fp = train_all([{"label": "FP", "seed": s, "recipe": "digits_fp", "name": "FP", "runs": runs,
@@ -68,8 +73,10 @@ def main() -> None:
     done = pool_map(ptq_job, uniform, args.workers)
     kbit2_file = Path(uniform[0]["out"]).stat().st_size
     budget = quantized_bytes(uniform[0]["out"]) + math.floor(0.3 * kbit2_file) - MARGIN
-    mixed = [*jobs_for("GPTQ mixed, kbit2 file + 30%", ["--size-budget", str(budget), *GPTQ], fp),
-             *jobs_for("GPTQ mixed, 2.5 bits per weight", ["--avg-bits", "2.5", *GPTQ], fp)]
+    mixed = [*(jobs_for("GPTQ mixed, kbit2 file + 30%", ["--size-budget", str(budget), *GPTQ], fp)
+               if "size30" in budgets else []),
+             *(jobs_for("GPTQ mixed, 2.5 bits per weight", ["--avg-bits", "2.5", *GPTQ], fp)
+               if "avg2.5" in budgets else [])]
     done += pool_map(ptq_job, mixed, args.workers)
     table: dict[str, list] = {}
     for j, r in zip(uniform + mixed, done):
@@ -77,7 +84,8 @@ def main() -> None:
         table.setdefault(j["variant"], []).append({**r, "bits": summary["bits"], "avg_bits": summary.get("avg_bits")})
     fp_top1 = [r["summary"]["final_accuracy"] for r in fp]
     lines = [f"# Bits per layer under a size budget ({args.data}, {args.seeds} paired seeds)", "",
-             f"Command: `python benchmarks/ptq_budget.py --data {args.data} --seeds {args.seeds}`", "",
+             f"Command: `python benchmarks/ptq_budget.py --data {args.data} --seeds {args.seeds} "
+             f"--budgets {','.join(budgets)}`", "",
              f"FP: {stats(fp_top1)['mean']:.2f} (seeds {', '.join(f'{v:.2f}' for v in fp_top1)}). GPTQ (the command's "
              f"defaults), {CALIB_IMAGES} calibration images, BN re-estimated on 10 training batches. Size budget: "
              f"`--size-budget {budget}` (seed 0's uniform k-bit 2 file: {kbit2_file:,} bytes).", "",
