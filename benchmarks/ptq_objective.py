@@ -45,6 +45,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="digits", choices=sorted(EPOCHS))
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 (default 0)")
     p.add_argument("--widths", default="kbit2,kbit3,kbit4,kbit8,TWN")
     p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "AdaRound"),
                    help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all but AdaRound)")
@@ -57,14 +58,14 @@ def main() -> None:
     setting = setting_overrides(args.data)   # the leaderboard's FP row: digits_fp in the task's setting
     jobs = [{"label": "FP", "seed": s, "recipe": "digits_fp", "name": "FP", "runs": runs,
              "overrides": [f"train.seed={s}", "train.progress=false", "track.wandb=false", *setting,
-                           f"train.epochs={EPOCHS[args.data]}"]} for s in range(args.seeds)]
+                           f"train.epochs={EPOCHS[args.data]}"]} for s in range(args.first_seed, args.first_seed + args.seeds)]
     fp = train_all(jobs, args.workers)
     ptq = []
     for width in widths:
         for variant in variants:
             flags = [*WIDTHS[width], *VARIANTS[variant], "--calib-images", str(CALIB_IMAGES), "--bn-recalibrate", "10"]
             tag = hashlib.sha1(json.dumps(flags).encode()).hexdigest()[:8]
-            for s, r in enumerate(fp):
+            for s, r in enumerate(fp, start=args.first_seed):
                 ptq.append({"width": width, "variant": variant, "seed": s, "run_dir": r["run_dir"], "flags": flags,
                             "fresh": False, "out": str(Path(r["run_dir"]) / f"ptqobj_{tag}.safetensors")})
     results = pool_map(ptq_job, ptq, args.workers)
@@ -75,12 +76,13 @@ def main() -> None:
     title = "GPTQ's objective against BN re-estimation" if args.out is None else "PTQ variants against RTN"
     lines = [f"# {title} ({args.data}, {args.seeds} paired seeds)", "",
              f"Command: `python benchmarks/ptq_objective.py --data {args.data} --seeds {args.seeds} "
+             + (f"--first-seed {args.first_seed} " if args.first_seed else "") +
              f"--widths {args.widths} --variants \"{args.variants}\""
              + (f" --out {args.out}" if args.out else "") + "`", "",
              f"FP: {stats(fp_top1)['mean']:.2f} (seeds {', '.join(f'{v:.2f}' for v in fp_top1)}). {CALIB_IMAGES} "
              "calibration images; BN re-estimated on 10 training batches after every variant.", "",
              "| width | variant | top-1 mean ± std | 95% CI | paired vs RTN [95% CI] |", "|---|---|---:|---|---|"]
-    payload = {"data": args.data, "seeds": args.seeds, "fp": stats(fp_top1), "rows": {}}
+    payload = {"data": args.data, "seeds": args.seeds, "first_seed": args.first_seed, "fp": stats(fp_top1), "rows": {}}
     for width, by_variant in table.items():
         for variant, values in by_variant.items():
             st = stats(values)

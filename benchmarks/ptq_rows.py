@@ -2,7 +2,8 @@
 
 Each row quantizes the FP row's run of seed ``s`` (no training of its own) by round-to-nearest,
 GPTQ or AdaRound (the command's defaults), at the bits of a QAT row (its ``base``: the paired
-difference says what training buys).
+difference says what training buys), or with each layer's bits chosen under 2.5 bits per weight
+(``--avg-bits 2.5``, rows ``... mixed 2.5b``, paired against QAT kbit2).
 The stem conv and the classifier stay full precision, as in the QAT rows; BN statistics are
 re-estimated on 10 training batches, as before every leaderboard evaluation; 512 calibration
 images. The size is the packed file the command writes (the same format as ``sqdist.export``).
@@ -31,6 +32,12 @@ PTQ_ROWS = {
         ("TWN", "twn", 2, "TWN", "TWN (ternary)"),
     )
 }
+# bits per layer under a budget of 2.5 bits per weight (codes and scales; --avg-bits), paired against QAT kbit2
+for method in ("gptq", "adaround"):
+    PTQ_ROWS[f"PTQ {SHOWN[method]} mixed 2.5b"] = (method, "kbit", None, "kbit2",
+                                                   f"bits per layer (1/2/3/4/8), 2.5 per weight, {SHOWN[method]} "
+                                                   f"of the FP run")
+AVG_BITS = 2.5
 # part of each cached file's name: files written by the command before round 2 (its GPTQ
 # minimised another objective under the same flags) are not read back
 PTQ_VERSION = 2
@@ -39,7 +46,8 @@ CALIB_IMAGES = 512
 
 def ptq_flags(label: str) -> list[str]:
     method, quantizer, bits, _, _ = PTQ_ROWS[label]
-    return ["--method", method, "--quantizer", quantizer, "--bits", str(bits), "--calib-images", str(CALIB_IMAGES),
+    width = ["--bits", str(bits)] if bits is not None else ["--avg-bits", str(AVG_BITS)]
+    return ["--method", method, "--quantizer", quantizer, *width, "--calib-images", str(CALIB_IMAGES),
             "--bn-recalibrate", "10"]
 
 
@@ -87,4 +95,6 @@ def safe_ptq_job(job: dict) -> dict:
 
 def bits_label(label: str) -> str:
     _, quantizer, bits, _, _ = PTQ_ROWS[label]
+    if bits is None:
+        return f"W{AVG_BITS}A32 mixed (PTQ)"
     return f"W{bits}A32 (PTQ)" if quantizer == "kbit" else "W2A32 ternary (PTQ)"

@@ -7,7 +7,9 @@
   where it cannot be traced;
 - :mod:`.walk`: the walk over a network (each layer on the inputs of the partly quantized
   network, BatchNorm statistics re-estimated on the way), ending in SQ layers that
-  ``sqdist.export`` packs.
+  ``sqdist.export`` packs;
+- :mod:`.budget`: bits per layer under a size budget (each layer's sensitivity per width, a
+  multiple-choice knapsack by dynamic programming over bytes).
 
 Command line: ``python -m sqdist.ptq RUN OUT.safetensors --bits 3`` (:mod:`.cli`). From Python::
 
@@ -18,7 +20,9 @@ Command line: ``python -m sqdist.ptq RUN OUT.safetensors --bits 3`` (:mod:`.cli`
 """
 from .gptq import METHODS, RowGrid, damped_inverse_factor, gptq_quantize, quantize_weight, row_grid
 from .calib import InputStatistics
-from .walk import QUANTIZERS, FixedCodes, PTQConfig, ptq_layers, ptq_model
+from .budget import WIDTHS, choose_widths, knapsack, layer_bytes
+from .walk import MIXED, QUANTIZERS, FixedCodes, PTQConfig, ptq_layers, ptq_model
 
-__all__ = ["FixedCodes", "InputStatistics", "METHODS", "PTQConfig", "QUANTIZERS", "RowGrid", "damped_inverse_factor",
-           "gptq_quantize", "ptq_layers", "ptq_model", "quantize_weight", "row_grid"]
+__all__ = ["FixedCodes", "InputStatistics", "METHODS", "MIXED", "PTQConfig", "QUANTIZERS", "RowGrid", "WIDTHS",
+           "choose_widths", "damped_inverse_factor", "gptq_quantize", "knapsack", "layer_bytes", "ptq_layers",
+           "ptq_model", "quantize_weight", "row_grid"]

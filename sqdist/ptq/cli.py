@@ -4,6 +4,8 @@
     python -m sqdist.ptq RUN OUT.safetensors --bits 3 --method rtn          # round-to-nearest baseline
     python -m sqdist.ptq RUN OUT.safetensors --bits 3 --method adaround     # AdaRound (k-bit, TWN)
     python -m sqdist.ptq RUN OUT.safetensors --quantizer twn --act-order --json
+    python -m sqdist.ptq RUN OUT.safetensors --avg-bits 2.5                 # bits per layer (1/2/3/4/8) under a budget
+    python -m sqdist.ptq RUN OUT.safetensors --size-budget 60000            # ... of the quantized layers' bytes
     python -m sqdist.ptq RUN OUT.onnx --bits 8                              # ONNX, checked by onnxruntime
     accelerate launch --multi_gpu --num_processes 2 -m sqdist.ptq RUN OUT.safetensors --bits 4
     ... data.batch_size=128 data.root=/data/imagenet                        # recipe overrides (RUN/config.yaml)
@@ -33,7 +35,8 @@ from ..export import ExportError, check_keep_fp_bits, export_model, load_quantiz
 from ..export.format import _one_line
 from ..export.run import _read_meta
 from .gptq import METHODS
-from .walk import QUANTIZERS, PTQConfig, ptq_model
+from .budget import layer_bytes
+from .walk import MIXED, QUANTIZERS, PTQConfig, ptq_model
 
 DEFAULTS = PTQConfig()
 BITS = {"kbit": (2, 8), "twn": (2, 2), "bwn": (1, 1)}
@@ -56,15 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=DEFAULTS.method, help=f"{' or '.join(METHODS)} (default gptq)")
     p.add_argument("--calib-images", type=int, default=DEFAULTS.calib_images, metavar="N",
                    help=f"training images whose layer inputs make the Hessians (default {DEFAULTS.calib_images})")
-    p.add_argument("--damp", type=float, default=DEFAULTS.damp,
+    p.add_argument("--avg-bits", type=float, default=None, metavar="B",
+                   help="choose each layer's bits (1 = BWN's grid, 2, 3, 4, 8 k-bit) for an average of B bits per "
+                        "weight of the quantized layers (their codes and scales in the file), minimising the summed "
+                        "sensitivity (a knapsack; sqdist.ptq.budget); --quantizer kbit, without --bits")
+    p.add_argument("--size-budget", type=int, default=None, metavar="BYTES",
+                   help="as --avg-bits, for a budget of BYTES bytes of the quantized layers' codes and scales")
+    p.add_argument("--damp", type=float, default=None,
                    help=f"GPTQ dampening, a fraction of the mean Hessian diagonal (default {DEFAULTS.damp})")
-    p.add_argument("--block", type=int, default=DEFAULTS.block, help=f"GPTQ columns per lazy update "
-                                                                     f"(default {DEFAULTS.block})")
-    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=DEFAULTS.act_order,
+    p.add_argument("--block", type=int, default=None, help=f"GPTQ columns per lazy update (default {DEFAULTS.block})")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: columns by decreasing Hessian diagonal (default: on)")
-    p.add_argument("--adaround-iters", type=int, default=DEFAULTS.adaround_iters, metavar="N",
+    p.add_argument("--adaround-iters", type=int, default=None, metavar="N",
                    help=f"AdaRound: Adam steps per layer (default {DEFAULTS.adaround_iters})")
-    p.add_argument("--adaround-reg", type=float, default=DEFAULTS.adaround_reg, metavar="LAMBDA",
+    p.add_argument("--adaround-reg", type=float, default=None, metavar="LAMBDA",
                    help=f"AdaRound: the rounding regulariser's weight (default {DEFAULTS.adaround_reg}, the paper's)")
     p.add_argument("--hessian", default="centred", help="centred (default): (X - mean)^T (X - mean) for a layer "
                                                         "whose output goes into a BatchNorm, X^T X otherwise; "
@@ -91,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate(args) -> tuple[PTQConfig, int]:
     import sqdist
 
+    _method_options(args)
     if args.quantizer not in QUANTIZERS:
         extra = " (registered, but without a fixed per-row grid)" if args.quantizer in sqdist.list_quantizers() else ""
         raise PTQError(f"--quantizer={args.quantizer!r}{extra}; allowed: {', '.join(QUANTIZERS)}")
+    budget = _budget(args)
     low, high = BITS[args.quantizer]
     bits = (4 if args.quantizer == "kbit" else low) if args.bits is None else args.bits
     if not low <= bits <= high:
@@ -124,7 +134,44 @@ def _validate(args) -> tuple[PTQConfig, int]:
                      damp=args.damp, block=args.block, act_order=args.act_order,
                      seed=0 if args.seed is None else args.seed, centred=args.hessian == "centred",
                      walk_bn=not args.no_walk_bn, cache=not args.no_cache, adaround_iters=args.adaround_iters,
-                     adaround_reg=args.adaround_reg), keep_fp_bits
+                     adaround_reg=args.adaround_reg, **budget), keep_fp_bits
+
+
+GPTQ_OPTIONS = (("--damp", "damp"), ("--block", "block"), ("--act-order", "act_order"))
+ADAROUND_OPTIONS = (("--adaround-iters", "adaround_iters"), ("--adaround-reg", "adaround_reg"))
+
+
+def _method_options(args) -> None:
+    """An option of another method than ``--method``'s is refused (it would be ignored); the
+    others get their defaults."""
+    mine = {"gptq": GPTQ_OPTIONS, "adaround": ADAROUND_OPTIONS}.get(args.method, ())
+    budget = args.avg_bits is not None or args.size_budget is not None
+    for flag, key in (*GPTQ_OPTIONS, *ADAROUND_OPTIONS):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(DEFAULTS, key))
+        elif (flag, key) not in mine and not (budget and args.method == "adaround" and (flag, key) in GPTQ_OPTIONS):
+            allowed = ", ".join(f for f, _ in mine) or "none of GPTQ's or AdaRound's options"
+            raise PTQError(f"{flag} with --method {args.method} (it would be ignored); allowed with --method "
+                           f"{args.method}: {allowed}")
+
+
+def _budget(args) -> dict:
+    """``avg_bits`` / ``size_budget`` of PTQConfig from ``--avg-bits`` / ``--size-budget``, checked."""
+    if args.avg_bits is None and args.size_budget is None:
+        return {}
+    if args.avg_bits is not None and args.size_budget is not None:
+        raise PTQError(f"--avg-bits={args.avg_bits} with --size-budget={args.size_budget}; allowed: one of them")
+    flag = "--avg-bits" if args.avg_bits is not None else "--size-budget"
+    if args.avg_bits is not None and not (args.avg_bits > 0 and math.isfinite(args.avg_bits)):
+        raise PTQError(f"--avg-bits={args.avg_bits}; allowed: a number > 0 (bits per weight, e.g. 2.5)")
+    if args.size_budget is not None and args.size_budget < 1:
+        raise PTQError(f"--size-budget={args.size_budget}; allowed: an integer >= 1 (bytes)")
+    if args.quantizer != "kbit":
+        raise PTQError(f"{flag} with --quantizer {args.quantizer}; allowed: --quantizer kbit (each layer gets 1 bit, "
+                       f"BWN's grid, or 2, 3, 4, 8 bits k-bit)")
+    if args.bits is not None:
+        raise PTQError(f"--bits={args.bits} with {flag} (each layer's bits are chosen); allowed: omit --bits")
+    return {"avg_bits": args.avg_bits, "size_budget": args.size_budget}
 
 
 def run(args, on_stage=None) -> int:
@@ -172,9 +219,17 @@ def run(args, on_stage=None) -> int:
     errors = {r["layer"]: r["output_error"] for r in records}
     settings = {**config.to_dict(), "source": str(ckpt), "bn_recalibrate": bn_batches,
                 "walk": records[0]["walk"], "walk_bn": records[0]["walk_bn"]}
-    summary = {"method": config.method, "quantizer": config.quantizer, "bits": model_bits(model),
+    budgeted = config.avg_bits is not None or config.size_budget is not None
+    bits = {r["layer"]: r["bits"] for r in records} if budgeted else model_bits(model)
+    summary = {"method": config.method, "quantizer": MIXED if budgeted else config.quantizer, "bits": bits,
                "top1": top1, "top1_fp": top1_fp, "layer_output_error": errors,
                "layer_output_error_sum": sum(errors.values()), "settings": settings}
+    if budgeted:
+        layers = dict(model.named_modules())
+        coded = sum(layer_bytes(layers[r["layer"]], r["bits"]) for r in records)
+        weights = sum(layers[r["layer"]].weight.numel() for r in records)
+        summary.update(budget_bytes=config.budget_bytes([layers[r["layer"]] for r in records]), quantized_bytes=coded,
+                       avg_bits=8 * coded / weights, sensitivity={r["layer"]: r["sensitivity"] for r in records})
     if config.method != "rtn":
         summary["layer_output_error_rtn"] = {r["layer"]: r["output_error_rtn"] for r in records}
     failed = None
@@ -204,7 +259,9 @@ def run(args, on_stage=None) -> int:
         if args.json:
             print(json.dumps(summary))
         else:
-            print(f"{config.method} {config.quantizer} {summary['bits']} bit(s), {len(records)} layers of "
+            shown = (f"{summary['avg_bits']:.3f} bits per weight ({_counts(bits)})" if budgeted
+                     else f"{config.quantizer} {bits} bit(s)")
+            print(f"{config.method} {shown}, {len(records)} layers of "
                   f"{meta['model_name']}: top-1 {top1_fp:.2f}% (fp32) -> {top1:.2f}%; summed layer output error "
                   f"{summary['layer_output_error_sum']:.4f}")
             print(f"wrote {out}: {info['bytes'] / 1e6:.3f} MB; reload: max |logit difference| {diff}")
@@ -213,6 +270,12 @@ def run(args, on_stage=None) -> int:
         print(f"sqdist.ptq: error: {failed}", file=sys.stderr)
         return 1
     return 0
+
+
+def _counts(bits: dict) -> str:
+    """``{layer: bits}`` as ``"3 x 1 bit, 5 x 2 bits"``."""
+    counts = {b: list(bits.values()).count(b) for b in sorted(set(bits.values()))}
+    return ", ".join(f"{n} x {b} bit{'s' if b > 1 else ''}" for b, n in counts.items())
 
 
 def model_bits(model) -> int:

@@ -39,9 +39,11 @@ from ..compress.walk import _all_reduce, _broadcast, _world, calibration_chunks
 from ..data import loader
 from .calib import InputStatistics, NotTraceable, call_counts, per_layer_statistics, staged_walk, trace
 from .adaround import AdaRoundConfig
+from .budget import WIDTHS, choose_widths, layer_bytes, sensitivities, width_quantizer
 from .gptq import METHODS, quantize_weight
 
 QUANTIZERS = ("kbit", "twn", "bwn")
+MIXED = "ptq-mixed"   # the quantizer name a file with bits per layer records (1 bit: bwn, 2-8: kbit)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class PTQConfig:
     cache: walk on cached activations (one forward of the calibration set in all,
         :func:`sqdist.ptq.calib.staged_walk`); false, or a network ``torch.fx`` cannot trace: the
         network runs up to each layer (one partial forward per layer, one chunk's memory).
+    avg_bits, size_budget: bits per layer under a budget (at most one of them; ``quantizer``
+        ``kbit``, whose ``params`` then give every width but the bits): ``avg_bits`` per weight of
+        the quantized layers, or ``size_budget`` bytes of their codes and scales; each layer gets
+        one of ``widths`` (1 = BWN's grid) by :mod:`sqdist.ptq.budget`.
     """
 
     quantizer: str = "kbit"
@@ -83,21 +89,36 @@ class PTQConfig:
     cache: bool = True
     adaround_iters: int = 1000
     adaround_reg: float = 0.01
+    avg_bits: float | None = None
+    size_budget: int | None = None
+    widths: tuple = WIDTHS
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "params": dict(self.params)}
+        return {**asdict(self), "params": dict(self.params), "widths": list(self.widths)}
+
+    def budget_bytes(self, layers: list[nn.Module]) -> int | None:
+        """The quantized layers' bytes (codes + scales) allowed: ``size_budget``, or ``avg_bits``
+        bits per weight (:mod:`sqdist.ptq.budget`); None without a budget."""
+        if self.size_budget is not None:
+            return int(self.size_budget)
+        if self.avg_bits is not None:
+            return int(math.floor(self.avg_bits * sum(m.weight.numel() for m in layers) / 8))
+        return None
 
 
 class FixedCodes(Quantizer):
     """A layer's quantizer after PTQ: the decided ``codes`` (m, n) and ``scale`` (m,), whatever the weight.
 
     It names itself as the quantizer it stands for (``quantizer_name``, ``bits``, ``config()``), so
-    an export records that quantizer and its parameters.
+    an export records that quantizer and its parameters; with bits per layer (``identity``) every
+    layer names ``MIXED`` and the file's ``packed`` metadata holds each layer's bits.
     """
 
-    def __init__(self, base: Quantizer, codes: Tensor, scale: Tensor):
+    def __init__(self, base: Quantizer, codes: Tensor, scale: Tensor, identity: tuple[str, dict] | None = None):
         super().__init__()
         self.quantizer_name, self.bits, self._config = base.quantizer_name, base.bits, base.config()
+        if identity is not None:   # a layer of a run with bits per layer: one name and config for every layer
+            self.quantizer_name, self._config = identity[0], dict(identity[1])
         self.register_buffer("codes", codes.detach().clone(), persistent=False)
         self.register_buffer("scale", scale.detach().clone(), persistent=False)
 
@@ -156,6 +177,9 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
                          "nothing to quantize")
     calls, feeds_bn = call_counts(model, names, first.clone())
     modules = dict(model.named_modules())
+    widths = choose_layer_widths(model, names, mine, calls, feeds_bn, config)
+    quantizers = ({n: width_quantizer(b, config.params).to(device) for n, b in widths.items()} if widths
+                  else dict.fromkeys(names, quantizer))
     decided: dict[str, tuple[Tensor, Tensor]] = {}
     records = []
     bar = tqdm(total=len(names), desc=f"ptq {config.method}", disable=not (progress and rank == 0), dynamic_ncols=True)
@@ -170,8 +194,11 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
         rows = weight.shape[0]
         codes = torch.zeros(rows, weight[0].numel(), dtype=weight.dtype, device=weight.device)
         scale = torch.zeros(rows, dtype=weight.dtype, device=weight.device)
+        method = config.method   # AdaRound has no zero code to round to at 1 bit: GPTQ there
+        if method == "adaround" and quantizers[name].quantizer_name == "bwn":
+            method = "gptq"
         if rank == 0:
-            c, s = quantize_weight(weight, hessian, quantizer, config.method, damp=config.damp, block=config.block,
+            c, s = quantize_weight(weight, hessian, quantizers[name], method, damp=config.damp, block=config.block,
                                    act_order=config.act_order, rows=float(stats.rows),
                                    adaround=AdaRoundConfig(iters=config.adaround_iters, reg=config.adaround_reg))
             codes.copy_(c)
@@ -182,9 +209,12 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
             module.weight.copy_((codes * scale[:, None]).reshape(weight.shape))
         decided[name] = (codes, scale)
         record = {"layer": name, "shape": list(weight.shape), "groups": stats.groups, "centred": centred, **walk,
+                  "bits": quantizers[name].bits, "method": method,
                   "output_error": math.sqrt(output_error(weight, module.weight, hessian))}
+        if widths:
+            record["sensitivity"] = widths.sensitivity[name]
         if config.method != "rtn":  # the baseline on the same inputs: what the error compensation gained
-            q, _ = quantizer.quantize(weight.reshape(rows, -1))
+            q, _ = quantizers[name].quantize(weight.reshape(rows, -1))
             record["output_error_rtn"] = math.sqrt(output_error(weight, q.reshape(weight.shape), hessian))
         records.append(record)
         bar.update(1)
@@ -225,9 +255,62 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
         model.train(was_training)
     quantize_model(model, QuantConfig(quantizer=config.quantizer, params=dict(config.params), include=tuple(names),
                                       keep_stem_and_classifier=False, sq=SQConfig(ratios=(1.0,))))
+    identity = (MIXED, {"1": "bwn", "2-8": {**quantizer.config(), "bits": "per layer"}}) if widths else None
     for name, (codes, scale) in decided.items():
-        modules[name].quantizer = FixedCodes(quantizer, codes, scale)
+        modules[name].quantizer = FixedCodes(quantizers[name], codes, scale, identity)
     return records
+
+
+class Widths(dict):
+    """``{layer: bits}`` chosen under a budget, with ``sensitivity`` (``{layer: {bits: KL}}``)."""
+
+    sensitivity: dict
+
+
+def choose_layer_widths(model: nn.Module, names: list[str], chunks: list[Tensor], calls: dict, feeds_bn: set,
+                        config: PTQConfig) -> Widths | None:
+    """Each layer's bits under ``config``'s budget (None without one): every layer's sensitivity per
+    width on the full-precision network (its statistics by one partial forward per layer, each
+    width rounded by the run's method, GPTQ for AdaRound), then :func:`~sqdist.ptq.budget.choose_widths`."""
+    modules = dict(model.named_modules())
+    if config.avg_bits is not None and config.size_budget is not None:
+        raise ValueError("avg_bits and size_budget together; allowed: one of them")
+    budget = config.budget_bytes([modules[n] for n in names])
+    if budget is None:
+        return None
+    if config.quantizer != "kbit":
+        raise ValueError(f"bits per layer with quantizer {config.quantizer!r}; allowed: kbit (1 bit is bwn's grid)")
+    device = modules[names[0]].weight.device
+    quantizers = {b: width_quantizer(b, config.params).to(device) for b in config.widths}
+    nbytes = {n: {b: layer_bytes(modules[n], b) for b in config.widths} for n in names}
+    least = sum(min(v.values()) for v in nbytes.values())
+    if least > budget:
+        weights = sum(modules[n].weight.numel() for n in names)
+        lowest = math.ceil(8000 * least / weights) / 1000
+        raise ValueError(f"a budget of {budget} bytes ({8 * budget / weights:.3f} bits per weight) is below the "
+                         f"{least} bytes of codes and scales the quantized layers need at {min(config.widths)} bit; "
+                         f"allowed: at least {least} bytes (--size-budget {least}, --avg-bits {lowest:g})")
+    method = "gptq" if config.method == "adaround" else config.method
+    held: dict[str, tuple] = {}
+
+    def decide(name: str, bits: int):
+        if held.get("name") != name:
+            stats = InputStatistics(modules[name])
+            per_layer_statistics(model, modules[name], chunks, stats, calls[name])
+            for t in stats.tensors():
+                _all_reduce(t)
+            held.clear()
+            held.update(name=name, stats=stats)
+        stats = held["stats"]
+        weight = modules[name].weight.detach()
+        return quantize_weight(weight, stats.hessian(config.centred and name in feeds_bn), quantizers[bits], method,
+                               damp=config.damp, block=config.block, act_order=config.act_order,
+                               rows=float(stats.rows))
+
+    sens = sensitivities(model, names, chunks, decide, config.widths, reduce=_all_reduce)
+    out = Widths(choose_widths(sens, nbytes, budget))
+    out.sensitivity = sens
+    return out
 
 
 @torch.no_grad()
