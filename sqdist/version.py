@@ -1,2 +1,2 @@
-"""The package version, in a module of its own so that submodules read it without importing ``sqdist``."""
+"""The package version, in a public module of its own so that subpackages read it without importing ``sqdist``."""
 __version__ = "0.1.0"

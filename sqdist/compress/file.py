@@ -104,7 +104,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
     Returns:
         ``{"path", "bytes", "layers", "accounting"}`` (``accounting``: :func:`size_report`).
     """
-    from .._version import __version__
+    from ..version import __version__
 
     layers = compressed_layers(model)
     if not layers:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .._version import __version__
+from ..version import __version__
 from .deployable import _sq_layers, check_ratio, deployable_layers, model_copy, unfuse_attention
 from .format import ExportError, _one_line, check_keep_fp_bits
 from .int8 import NotInteger, check_activations, integer_deployable, integer_layer_names

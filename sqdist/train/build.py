@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from .._version import __version__
+from ..version import __version__
 from ..config import RecipeError, bits_label
 from ..nn import QuantConfig, SQController, quantize_model
 from ..quant.activations import ActivationQuantizer
