@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..config import RecipeError
-from ..export.format import ExportError, _load_safetensors, _load_strict, _one_line
+from ..files import ExportError, load_safetensors, load_strict, one_line
 from ..export.run import _read_meta, resolve_checkpoint
 from .file import CompressError, apply_compressed_, load_compressed, read_compressed, save_compressed
 from .layers import compressed_layers, round_codebooks_
@@ -53,7 +53,7 @@ def report_error(name: str, exc: Exception) -> int:
     """Print ``exc`` as one line on rank 0 (``name: error: ...``, a recipe error said so); the exit code, 2."""
     if os.environ.get("RANK", "0") == "0":
         prefix = "recipe error: " if isinstance(exc, RecipeError) else ""
-        print(f"{name}: error: {prefix}{_one_line(exc)}", file=sys.stderr)
+        print(f"{name}: error: {prefix}{one_line(exc)}", file=sys.stderr)
     return 2
 
 
@@ -143,9 +143,9 @@ def _load_model(ckpt: Path, meta: dict):
         model = timm.create_model(meta["model_name"], **{**meta["model_kwargs"], "pretrained": False})
     except Exception as exc:  # unknown name or kwargs: timm raises several types
         raise CompressError(f"{meta['path']}: timm.create_model({meta['model_name']!r}, **{meta['model_kwargs']}) "
-                            f"failed: {_one_line(exc)}") from None
+                            f"failed: {one_line(exc)}") from None
     weights = ckpt / "model.safetensors"
-    _load_strict(model, _load_safetensors(weights), str(weights))
+    load_strict(model, load_safetensors(weights), str(weights))
     return model.eval()
 
 

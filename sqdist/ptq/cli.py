@@ -30,7 +30,7 @@ import torch
 from ..compress.cli import OneLineParser, report_error
 from ..config import RecipeError
 from ..export import ExportError, check_keep_fp_bits, export_model, load_quantized, resolve_checkpoint
-from ..export.format import _one_line
+from ..files import one_line
 from ..export.run import _read_meta
 from .gptq import METHODS
 from .walk import QUANTIZERS, PTQConfig, ptq_model
@@ -161,7 +161,7 @@ def run(args, on_stage=None) -> int:
         records = ptq_model(model, train_set, config, device=device, batch_size=batch, workers=workers,
                             progress=recipe["train"]["progress"] and not args.no_progress and not args.json)
     except ValueError as exc:  # nothing to quantize in this architecture
-        raise PTQError(f"{meta['model_name']}: {_one_line(exc)}") from None
+        raise PTQError(f"{meta['model_name']}: {one_line(exc)}") from None
     if bn_batches:
         batches = EpochBatches(len(train_set), batch, config.seed, rank, world).batches(0)
         recalibrate_bn(model, train_set, batches, device, bn_batches, workers, seed=config.seed)
