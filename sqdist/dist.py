@@ -100,3 +100,48 @@ def broadcast_masks(masks: list[Tensor], src: int = 0, device: torch.device | st
         (flat,) = masks_to([flat], device)
         return [part.view(m.shape) for part, m in zip(flat.split(sizes), masks)]
     return [part.view(m.shape).to(m.device) for part, m in zip(flat.split(sizes), masks)]
+
+
+# ---------------------------------------------------------------- collectives of the post-training walks
+# (compress and ptq): no-ops in a single process, so the same code runs under 1 and N ranks.
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the process group, ``(0, 1)`` without one."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_(t: Tensor) -> Tensor:
+    """Sum ``t`` over the ranks, in place; returns ``t``."""
+    if is_distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_(t: Tensor, src: int = 0) -> Tensor:
+    """Overwrite ``t`` with rank ``src``'s, in place; returns ``t``."""
+    if is_distributed():
+        dist.broadcast(t, src=src)
+    return t
+
+
+def average_gradients(params: list) -> None:
+    """Every rank's gradients become the mean over the ranks (one collective; a missing gradient counts as 0)."""
+    if not is_distributed() or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, part in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = part.view_as(p).clone()
+
+
+def broadcast_state_(model: torch.nn.Module) -> None:
+    """Make every floating-point parameter and buffer rank 0's (BN statistics drift per rank in training)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                dist.broadcast(t.data, src=0)
