@@ -1,75 +1,15 @@
-"""Run and checkpoint folders: rebuild a trained SQ model from one (:func:`load_run`) and write
-its packed file (:func:`export_run`)."""
+"""Rebuild a trained SQ model from a run or checkpoint folder (:func:`load_run`) and write its packed
+file (:func:`export_run`). The folders and ``meta.json`` belong to :mod:`sqdist.runs`."""
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from torch import nn
 
+from ..runs import read_config, read_meta, resolve_checkpoint  # noqa: F401 - resolve_checkpoint re-exported
 from .deployable import _sq_layers
 from .format import ExportError, _load_safetensors, _load_strict, _one_line, check_keep_fp_bits
 from .packed import export_model
-
-
-def _read_meta(ckpt: Path) -> dict:
-    meta_path = ckpt / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{meta_path}: not found; pass a run folder or a checkpoint folder holding "
-                          f"model.safetensors and meta.json") from None
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{meta_path}: not valid JSON ({exc})") from None
-
-    def get(dotted: str, kind: type | tuple):
-        node = meta
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise ExportError(f"{meta_path}: key {dotted!r} missing")
-            node = node[part]
-        if not isinstance(node, kind) or (kind is not bool and isinstance(node, bool)):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise ExportError(f"{meta_path}: {dotted}={node!r}; allowed: a {names}")
-        return node
-
-    out = {"path": meta_path, "model_name": get("model.name", str), "model_kwargs": get("model.kwargs", dict),
-           "enabled": get("quant.enabled", bool), "sq": meta.get("sq") or {}}
-    if out["enabled"]:
-        out.update(quantizer=get("quant.name", str), params=get("quant.params", dict),
-                   layers=get("quant.layers", list), ratio=get("sq.ratio", (int, float)),
-                   activations=meta["quant"].get("activations") or {})
-        if not isinstance(out["activations"], dict):
-            raise ExportError(f"{meta_path}: quant.activations={out['activations']!r}; allowed: a dict")
-        if out["quantizer"] == "kbit" and "scale" not in out["params"]:
-            out["params"] = {**out["params"], "scale": "max"}  # runs from before kbit had a scale choice
-    return out
-
-
-def resolve_checkpoint(source: str | os.PathLike) -> Path:
-    """The checkpoint folder (``model.safetensors`` + ``meta.json``) that ``source`` names.
-
-    ``source`` is a run folder (its ``final/`` is used), a checkpoint folder, or the
-    ``model.safetensors`` file inside one.
-    """
-    src = Path(source)
-    if src.is_file() and src.name == "model.safetensors":
-        return src.parent
-    if src.is_file():
-        raise ExportError(f"{src}: a file, not a run or checkpoint folder; pass a run folder (its final/ is used), "
-                          f"a checkpoint folder, or the model.safetensors inside one (--check reads an export)")
-    if not src.is_dir():
-        raise ExportError(f"{src}: no such run or checkpoint folder")
-    if (src / "meta.json").exists():
-        return src
-    if (src / "final").is_dir():
-        return src / "final"
-    hint = ""
-    latest = src / "checkpoints" / "latest"
-    if latest.is_file():
-        hint = f"; training has not finished: pass a checkpoint, e.g. {src / 'checkpoints' / latest.read_text().strip()}"
-    raise ExportError(f"{src}: neither a checkpoint folder (meta.json) nor a run folder with final/{hint}")
 
 
 def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module, dict]:
@@ -86,7 +26,10 @@ def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module,
     from ..sq import SQConfig
 
     ckpt = resolve_checkpoint(source)
-    meta = _read_meta(ckpt)
+    run = read_meta(ckpt)
+    meta = {"path": run.path, "model_name": run.model_name, "model_kwargs": run.model_kwargs, "enabled": run.enabled,
+            "sq": run.sq, "quantizer": run.quantizer, "params": run.params, "layers": run.layers,
+            "ratio": run.ratio, "activations": run.activations}
     if not meta["enabled"]:
         raise ExportError(f"{meta['path']}: quant.enabled is false (a full-precision run): there is nothing to pack")
     if meta["ratio"] < 1.0 and not force:
@@ -117,22 +60,7 @@ def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module,
     weights = ckpt / "model.safetensors"
     _load_strict(model, _load_safetensors(weights), str(weights))
     model.eval()
-    return model, {**meta, "ratio": float(meta["ratio"]), "checkpoint": ckpt, "config": _run_config(ckpt)}
-
-
-def _run_config(ckpt: Path) -> dict | None:
-    """The recipe the run was trained with (RUN/config.yaml), for the input size; None if absent."""
-    import yaml
-
-    for folder in (ckpt.parent, ckpt.parent.parent):  # RUN/final, RUN/checkpoints/step-N
-        path = folder / "config.yaml"
-        if path.is_file():
-            try:
-                config = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as exc:
-                raise ExportError(f"{path}: not valid YAML ({_one_line(exc)[:200]})") from None
-            return config if isinstance(config, dict) else None
-    return None
+    return model, {**meta, "ratio": float(meta["ratio"]), "checkpoint": ckpt, "config": read_config(ckpt)}
 
 
 def export_run(source: str | os.PathLike, out: str | os.PathLike, force: bool = False, keep_fp_bits: int = 32) -> dict:

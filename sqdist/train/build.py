@@ -11,6 +11,7 @@ import torch
 from ..version import __version__
 from ..config import RecipeError, bits_label
 from ..nn import QuantConfig, SQController, quantize_model
+from ..runs import RunMeta
 from ..quant.activations import ActivationQuantizer
 from ..quant.weights import Quantizer
 from ..sq import SQConfig
@@ -48,7 +49,8 @@ def build_model(recipe: dict, rank: int = 0) -> tuple[torch.nn.Module, SQControl
 
 
 def model_meta(recipe: dict, controller: SQController | None, trained: tuple[int, float] | None = None) -> dict:
-    """What export and evaluation need to rebuild the model from a checkpoint.
+    """What export and evaluation need to rebuild the model from a checkpoint: the ``meta.json``
+    content (:class:`sqdist.runs.RunMeta`).
 
     ``trained``: (stage, ratio) of the last step the weights were trained at; the SQ
     ratio recorded is that one, not the ratio of a stage about to begin.
@@ -62,14 +64,11 @@ def model_meta(recipe: dict, controller: SQController | None, trained: tuple[int
         if acts:
             first = next(iter(acts.values()))
             activations = {"name": first.quantizer_name, **first.config(), "layers": list(acts)}
-    return {
-        "model": {"name": recipe["model"]["name"], "kwargs": recipe["model"]["kwargs"]},
-        "quant": {"enabled": controller is not None, "name": q["name"], "params": params,
-                  "layers": list(controller.layers) if controller else [], "activations": activations,
-                  "bits": bits_label(recipe)},
-        "sq": {"ratio": ratio if controller else 0.0, "stage": stage if controller else 0},
-        "sqdist_version": __version__,
-    }
+    return RunMeta(model_name=recipe["model"]["name"], model_kwargs=recipe["model"]["kwargs"],
+                   enabled=controller is not None, quantizer=q["name"], params=params,
+                   layers=list(controller.layers) if controller else [], activations=activations,
+                   bits=bits_label(recipe), sq={"ratio": ratio if controller else 0.0, "stage": stage if controller else 0},
+                   sqdist_version=__version__).to_json()
 
 
 def lr_factor(step: int, recipe: dict, steps_per_epoch: int, total_steps: int) -> float:
