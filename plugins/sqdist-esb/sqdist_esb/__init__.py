@@ -156,7 +156,7 @@ def esb_refit_scale(w: Tensor, levels: Tensor, previous: Tensor, linear_bits: in
 def kernel():
     """The compiled CPU form of :func:`esb_codes_refined` (``esb_cpu.cpp``, built on first use), or None
     where it cannot be built."""
-    from sqdist.quant.kernels._build import load_source
+    from sqdist.quant.kernels import load_source
 
     return load_source(Path(__file__).with_name("esb_cpu.cpp"))
 

@@ -88,7 +88,7 @@ class _Expectation1Bit(torch.autograd.Function):
 
 def kernel():
     """The compiled CPU expectation (``slb_cpu.cpp``, built on first use), or None where it cannot be built."""
-    from sqdist.quant.kernels._build import load_source
+    from sqdist.quant.kernels import load_source
 
     return load_source(Path(__file__).with_name("slb_cpu.cpp"))
 

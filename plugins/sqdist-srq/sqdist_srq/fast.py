@@ -95,7 +95,7 @@ def table_spacing(tau: float, level: Level, numel: int) -> float:
 # ---------------------------------------------------------------- the compiled kernel
 def kernel():
     """The compiled CPU op module, built once (cached by source hash), or None when it cannot be."""
-    from sqdist.quant.kernels._build import load_source
+    from sqdist.quant.kernels import load_source
 
     return load_source(Path(__file__).with_name("srq_cpu.cpp"))
 
