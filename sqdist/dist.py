@@ -7,11 +7,11 @@ NCCL), so a step adds no device->host round trip and no host sync of its own.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from . import bitpack
 
 
 def is_distributed() -> bool:
@@ -22,25 +22,15 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-@functools.lru_cache(maxsize=None)
-def _bit_shifts(device: torch.device) -> Tensor:
-    # made once per device, so packing never copies a constant from the host
-    return torch.arange(8, dtype=torch.uint8, device=device)
-
-
 def pack_bits(mask: Tensor) -> Tensor:
-    """Flat bool tensor -> uint8 tensor of ceil(n / 8) bytes (little-endian bits), on ``mask``'s device."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(-1, 8).bitwise_left_shift(_bit_shifts(flat.device)).sum(dim=1, dtype=torch.uint8)
+    """Flat bool tensor -> uint8 tensor of ceil(n / 8) bytes (little-endian bits), on ``mask``'s device
+    (:func:`sqdist.bitpack.pack` at 1 bit)."""
+    return bitpack.pack(mask, 1)
 
 
 def unpack_bits(packed: Tensor, n: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``n`` bits as a flat bool tensor, on ``packed``'s device."""
-    bits = packed.reshape(-1, 1).bitwise_right_shift(_bit_shifts(packed.device)).bitwise_and(1).bool()
-    return bits.reshape(-1)[:n]
+    return bitpack.unpack(packed, 1, n).bool()
 
 
 def _collective_device(like: torch.device) -> torch.device:

@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from .. import bitpack
 from ..files import ExportError, crc32, json_field, load_strict, one_line, save_atomic
 from .layers import compress_layer_, compressed_layers
 from .pq import index_bits, reconstruct
@@ -44,30 +45,23 @@ class CompressError(ExportError):
 
 # ---------------------------------------------------------------- index packing
 def pack_indices(indices: Tensor, bits: int) -> Tensor:
-    """Pack ``indices`` (n,) of values in ``[0, 2^bits)`` into uint8 ``(ceil(n * bits / 8),)``, LSB first."""
+    """Pack ``indices`` (n,) of values in ``[0, 2^bits)`` into uint8 ``(ceil(n * bits / 8),)``, LSB first
+    (:func:`sqdist.bitpack.pack`)."""
     if not 1 <= bits <= 16:
         raise ValueError(f"bits={bits}; allowed: 1 to 16")
     idx = indices.detach().reshape(-1).cpu().to(torch.int32)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= 1 << bits):
         raise ValueError(f"an index does not fit {bits} bits")
-    if bits == 8:
-        return idx.to(torch.uint8)
-    planes = ((idx[:, None] >> torch.arange(bits, dtype=torch.int32)) & 1).to(torch.uint8).reshape(-1)
-    planes = torch.cat([planes, planes.new_zeros((-planes.numel()) % 8)]).view(-1, 8)
-    return (planes << torch.arange(8, dtype=torch.uint8)).sum(dim=1, dtype=torch.uint8)
+    return bitpack.pack(idx, bits)
 
 
 def unpack_indices(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of :func:`pack_indices`: int64 ``(n,)``. Raises ValueError on a wrong byte count."""
-    expected = math.ceil(n * bits / 8)
+    expected = bitpack.packed_size(n, bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
         raise ValueError(f"expected uint8 of {expected} bytes for {n} x {bits} bits, "
                          f"got {packed.dtype} of shape {tuple(packed.shape)}")
-    if bits == 8:
-        return packed.long()
-    stream = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: n * bits]
-    planes = stream.view(n, bits).long()
-    return (planes << torch.arange(bits)).sum(dim=1)
+    return bitpack.unpack(packed, bits, n).long()
 
 
 # ---------------------------------------------------------------- size
