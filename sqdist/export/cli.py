@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"out={args.out!r}: folder {folder} does not exist; create it or write elsewhere")
         if _format_of(args.out, args.format) == "onnx":
             from .int8 import check_activations
-            from .onnx_writer import INT2_OPSET, OPSET, export_run_onnx, parse_input_size
+            from .onnx_writer import INT2_OPSET, OPSET, parse_input_size
+            from .run import export_run_onnx
 
             input_size = parse_input_size(args.input_size) if args.input_size is not None else None
             activations = check_activations(args.activations or "float", "--activations")

@@ -1,14 +1,21 @@
-"""Rebuild a trained SQ model from a run or checkpoint folder (:func:`load_run`) and write its packed
-file (:func:`export_run`). The folders and ``meta.json`` belong to :mod:`sqdist.runs`."""
+"""The command line's side of export, the only one that knows run folders and datasets: rebuild a
+trained SQ model from a run or checkpoint folder (:func:`load_run`), write its packed file
+(:func:`export_run`) or its ONNX graph (:func:`export_run_onnx`, 8-bit activations calibrated on the
+run's data: :func:`run_data`). The writers take a model and tensors; the folders and ``meta.json``
+belong to :mod:`sqdist.runs`."""
 from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 from ..runs import read_config, read_meta, resolve_checkpoint  # noqa: F401 - resolve_checkpoint re-exported
 from .deployable import _sq_layers
 from .format import ExportError, _load_safetensors, _load_strict, _one_line, check_keep_fp_bits
+from .int8 import check_activations
+from .onnx_check import _require_onnx, _top1
+from .onnx_writer import OPSET, default_input_size, export_onnx
 from .packed import export_model
 
 
@@ -69,3 +76,57 @@ def export_run(source: str | os.PathLike, out: str | os.PathLike, force: bool = 
     model, meta = load_run(source, force)
     return export_model(model, out, model_name=meta["model_name"], model_kwargs=meta["model_kwargs"],
                         sq_ratio=meta["ratio"], force=force, sq=meta["sq"], keep_fp_bits=keep_fp_bits)
+
+
+def export_run_onnx(source: str | os.PathLike, out: str | os.PathLike, force: bool = False, keep_fp_bits: int = 32,
+                    input_size: tuple[int, int, int] | None = None, activations: str = "float",
+                    calib_batches: int = 8, opset: int = OPSET) -> dict:
+    """Rebuild the trained model of a run or checkpoint folder and :func:`export_onnx` it.
+
+    The input size defaults to the run's recipe (``data.image_size``, RUN/config.yaml). With
+    ``activations="int8"`` the ranges are calibrated on ``calib_batches`` batches of the run's
+    training data (its recipe's ``data``, ``data.batch_size`` each, a fixed shuffle), and the
+    result adds ``top1_onnx`` (onnxruntime, default session) and ``top1_model`` (the run's model
+    in torch) on the run's evaluation split, in percent.
+    """
+    keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
+    activations = check_activations(activations)
+    if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
+        raise ExportError(f"calib_batches={calib_batches!r}; allowed: an integer >= 1")
+    _require_onnx()
+    model, meta = load_run(source, force)
+    if input_size is None:
+        input_size = default_input_size(model, meta["config"])
+    extra = {"model": {"name": meta["model_name"], "kwargs": meta["model_kwargs"]}, "sq": {**meta["sq"],
+             "ratio": meta["ratio"]}, "source": str(meta["checkpoint"])}
+    calibration, evaluation = None, None
+    if activations == "int8":
+        calibration, evaluation = run_data(meta, calib_batches)
+    info = export_onnx(model, out, input_size=input_size, keep_fp_bits=keep_fp_bits, sq_ratio=meta["ratio"],
+                       force=force, metadata=extra, activations=activations, calibration=calibration, opset=opset)
+    if evaluation is not None:
+        info.update(_top1(model, info["path"], evaluation, int(meta["config"]["data"]["batch_size"])))
+    return info
+
+
+def run_data(meta: dict, calib_batches: int):
+    """(calibration batches from the run's training split, its evaluation set) from the run's recipe.
+
+    The calibration images are read as the evaluation reads them (no augmentation, the evaluation
+    transform: :func:`sqdist.data.eval_view`), a fixed subset (seed 0): two exports of one run are equal.
+    """
+    from ..data import build_datasets, eval_view
+
+    config = meta["config"]
+    if not config or "data" not in config:
+        raise ExportError(f"{meta['checkpoint']}: no config.yaml with a data section next to the checkpoint; "
+                          f"activations='int8' calibrates on the run's training data")
+    try:
+        train, evaluation = build_datasets(config)
+    except Exception as exc:  # a missing data.root and the like
+        raise ExportError(f"{meta['checkpoint']}: the run's data cannot be loaded ({_one_line(exc)[:200]})") from None
+    view = eval_view(train, evaluation)
+    batch = int(config["data"]["batch_size"])
+    order = torch.randperm(len(view), generator=torch.Generator().manual_seed(0))[: calib_batches * batch]
+    calibration = [torch.stack([view[int(i)][0] for i in chunk]) for chunk in order.split(batch)]
+    return calibration, evaluation
