@@ -56,17 +56,6 @@ INT2_OPSET = 25  # INT2 initializers (ternary and binary codes)
 TRACE_OPSET = 17  # what torch.onnx's TorchScript exporter writes (it stops at 20); onnx's version converter goes on
 
 
-def __getattr__(name):  # the run-folder export moved to the command line's side, sqdist.export.run
-    if name == "export_run_onnx":
-        import warnings
-
-        from . import run
-
-        warnings.warn("sqdist.export.onnx_writer.export_run_onnx moved to sqdist.export.run (also sqdist.export."
-                      "export_run_onnx); the old path goes in the next release", DeprecationWarning, stacklevel=2)
-        return run.export_run_onnx
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 @contextlib.contextmanager
 def _quiet():
