@@ -56,7 +56,6 @@ INT2_OPSET = 25  # INT2 initializers (ternary and binary codes)
 TRACE_OPSET = 17  # what torch.onnx's TorchScript exporter writes (it stops at 20); onnx's version converter goes on
 
 
-
 @contextlib.contextmanager
 def _quiet():
     """Nothing written to the process's stdout and stderr reaches them (torch.onnx's C++ side prints a
