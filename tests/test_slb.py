@@ -275,7 +275,7 @@ def test_recipe_trains_the_logits_as_golden_stick_does():
 
 
 def _set_kernel(implementation, monkeypatch):
-    monkeypatch.setenv("SQDIST_SLB_KERNEL", implementation)
+    monkeypatch.setenv("SQDIST_KERNELS", {"cpu": "cpu", "torch": "reference"}[implementation])
     if implementation == "cpu" and sqdist_slb.kernel() is None:
         pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
 

@@ -268,11 +268,14 @@ def _grads(fn, x, step, sigma, g, *grid):
 
 GRIDS = [(-2, 1, 0.0), (-4, 3, 0.0), (-8, 7, 0.0), (0, 15, 0.0), (-128, 127, 0.0), (-2, 1, 0.5), (-1, 0, 0.5)]
 
+KERNELS = {"cpu": "cpu", "torch": "cuda", "reference": "reference"}  # SRQ's implementations by SQDIST_KERNELS
+
 
 def _set_implementation(implementation, monkeypatch):
     """``cpu``: the kernel, exact per element (no table); ``cpu-table``: the kernel's interpolated
-    table wherever it can be built (every call tabulates, however small); ``torch``: the PyTorch path."""
-    monkeypatch.setenv("SQDIST_SRQ_KERNEL", implementation.split("-")[0])
+    table wherever it can be built (every call tabulates, however small); ``torch``: the PyTorch path
+    (what ``SQDIST_KERNELS=cuda`` runs on CPU tensors)."""
+    monkeypatch.setenv("SQDIST_KERNELS", KERNELS[implementation.split("-")[0]])
     if implementation.startswith("cpu") and fast.kernel() is None:
         pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
     monkeypatch.setattr(fast, "TABLE_ELEMENTS_PER_NODE", 0 if implementation == "cpu-table" else 10 ** 12)
@@ -315,7 +318,7 @@ def test_quantizers_fast_path_match_the_reference(implementation, monkeypatch):
     x = torch.randn(8, 72)
     results = {}
     for mode in ("reference", implementation):
-        monkeypatch.setenv("SQDIST_SRQ_KERNEL", mode.split("-")[0])
+        monkeypatch.setenv("SQDIST_KERNELS", KERNELS[mode.split("-")[0]])
         out = []
         for q, t in ((SRQWeight(bits=4, learn_bits=True, min_bits=2, drop_prob=0.3, seed=3), w),
                      (SRQWeight(bits=3, drop_prob=0.4, drop_min_bits=1), w),

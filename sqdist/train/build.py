@@ -156,19 +156,8 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------- quantizer hooks
-# A quantizer (weight or activation) may define any of these methods; the trainer calls
-# them on every quantizer module that has them, so a method with a schedule, a loss term
-# or per-layer statistics needs no trainer of its own (the SLB and SRQ plugins use them):
-#   set_progress(step, total_steps, steps_per_epoch)  before every optimizer step (and
-#       before each evaluation, with the steps trained): a schedule as a pure function of
-#       the step, so a resumed run continues it exactly.
-#   regularization() -> Tensor | None  added to the loss of every micro-batch.
-#   recalibrate_bn_after_epoch(epoch) -> bool  after epoch ``epoch`` (0-based) ends: when
-#       any layer's quantizer says so, BN statistics are re-estimated for the network as
-#       evaluated, on train.bn_recalibrate batches (HOOK_BN_BATCHES when that is 0).
-#   metrics() -> dict[str, float]  logged as ``quant/<module>/<key>`` with each log line.
-#   set_run_seed(seed)  once, after the model is built (and resumed): ``train.seed``, the same on
-#       every rank (the global RNG is seeded ``seed + rank``), for a quantizer's own draws.
+# The hooks the trainer calls on every weight and activation quantizer module are the methods of
+# sqdist.quant.hooks.QuantizerHooks (a base of both; no-ops by default, a docstring each).
 # ``bits`` (an int, possibly changing during training) is read at the end of the run:
 # summary.json gets ``layer_bits`` {layer: bits} and ``avg_weight_bits`` (weighted by the
 # number of weights) for every quantized run.
