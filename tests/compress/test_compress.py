@@ -27,7 +27,7 @@ from sqdist.compress.layers import input_statistics, is_compressed, output_error
 from sqdist.compress.pq import objective, refill_empty
 from sqdist.compress.walk import distill_loss
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 DIGITS_NET = {"num_classes": 10, "in_chans": 1, "channels": [4, 8, 16, 32], "stem_width": 8}
 
 

@@ -30,7 +30,7 @@ from sqdist.ptq.calib import InputStatistics, call_counts
 from sqdist.ptq.walk import reestimate_batchnorm
 from sqdist.ptq.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 DIGITS_NET = {"num_classes": 10, "in_chans": 1, "channels": [4, 8, 16, 32], "stem_width": 8}
 
 

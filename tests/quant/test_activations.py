@@ -21,7 +21,7 @@ from sqdist import (LSQ, PACT, ActivationQuantizer, QuantConfig, SQConfig, calib
 from sqdist.config import RecipeError, bits_label, load_recipe
 from sqdist.quant.registry import ACTIVATION_ENTRY_POINT_GROUP
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 
 
 def lsq(bits, signed, step):

@@ -210,7 +210,7 @@ def test_learned_parameters_train_identically_on_two_processes(tmp_path, engine)
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     (tmp_path / "tiny.yaml").write_text(TINY)
     out = tmp_path / "params.json"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

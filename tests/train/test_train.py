@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from sqdist.config import RecipeError, load_recipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 TINY = """
 model: {name: resnet10t, kwargs: {num_classes: 10, in_chans: 1}}
 data: {image_size: 8, batch_size: 32}

@@ -14,7 +14,7 @@ from sqdist.config import RecipeError, load_recipe
 from sqdist.export import export_model
 
 sqdist_slb = pytest.importorskip("sqdist_slb")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # plugins/<p>/tests/
 
 
 def test_registered_through_the_entry_point():

@@ -74,7 +74,7 @@ def window_half_width(tau: float, codes: int) -> int:
     grid (mode interval ``t0 >= 0`` away) the codes beyond ``K`` hold ``S(t0 + K + 1)`` against
     ``m(t0)``, a ratio that falls with ``t0`` (the logistic is log-concave: ``S(t0 + a) / S(t0)``
     falls), so at most ``S(K + 1) / m(0)``. ``K`` is the least with ``2 S(K) / m(0)`` below
-    ``NEGLECTED_MASS`` (``tests/test_srq.py`` checks it against the full grid in float64)."""
+    ``NEGLECTED_MASS`` (``plugins/sqdist-srq/tests/test_srq.py`` checks it against the full grid in float64)."""
     if not tau > 0 or not math.isfinite(tau):
         return codes
     m0 = 1.0 / (1.0 + math.exp(-1.0 / tau)) - 0.5 if tau > 1e-3 else 0.5

@@ -22,7 +22,7 @@ from sqdist.export import export_model, load_quantized
 sqdist_srq = pytest.importorskip("sqdist_srq")
 from sqdist_srq import SRQActivation, SRQWeight, _srq_reference, fast, srq_probabilities, srq_value  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # plugins/<p>/tests/
 
 
 def test_registered_for_weights_and_activations():

@@ -1,4 +1,4 @@
-"""Shared fixtures of the sqdist test suite (keep small; add what several files need)."""
+"""Shared fixtures of the sqdist test suite (tests/ and plugins/*/tests/; keep small; add what several files need)."""
 import os
 
 import pytest
