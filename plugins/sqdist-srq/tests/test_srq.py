@@ -7,8 +7,6 @@ the learned widths and their regularizer, export at mixed widths, two processes,
 """
 import json
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -471,22 +469,17 @@ train: {epochs: 1, max_steps: 3, progress: false, log_every: 1}
 """
 
 
-def _launch(tmp_path, worker, out, engine):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(29500 + (os.getpid() + 7 * len(engine) + len(worker)) % 1000),
-           os.path.join(ROOT, "tests", "workers", worker), str(tmp_path / "tiny.yaml"), str(out),
-           f"run.dir={tmp_path / 'run'}", f"engine.name={engine}", "engine.zero_stage=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def _launch(launch_two, tmp_path, worker, out, engine):
+    launch_two(worker, tmp_path / "tiny.yaml", out, f"run.dir={tmp_path / 'run'}", f"engine.name={engine}",
+               "engine.zero_stage=2", env={"OMP_NUM_THREADS": "1"})
     return json.loads(open(f"{out}.rank1").read())
 
 
-def _train_two(tmp_path, engine):
+def _train_two(launch_two, tmp_path, engine):
     """Three steps on two processes: every quantizer parameter moves and stays equal on the ranks;
     the widths reach summary.json and the metrics log."""
     (tmp_path / "tiny.yaml").write_text(TINY)
-    steps = _launch(tmp_path, "learned_worker.py", tmp_path / "params.json", engine)
+    steps = _launch(launch_two, tmp_path, "learned_worker.py", tmp_path / "params.json", engine)
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["params_equal_rank0"] for r in steps)
     names = list(steps[0]["params"])
@@ -501,23 +494,23 @@ def _train_two(tmp_path, engine):
 
 
 @pytest.mark.slow
-def test_two_process_train(tmp_path):
-    _train_two(tmp_path, "ddp")
+def test_two_process_train(tmp_path, launch_two):
+    _train_two(launch_two, tmp_path, "ddp")
 
 
 @pytest.mark.slow
-def test_dropbits_draws_agree_on_two_processes(tmp_path):
+def test_dropbits_draws_agree_on_two_processes(tmp_path, launch_two):
     """The ranks' global RNGs are seeded differently (seed + rank); DropBits' per-step generators
     are not, so both ranks coarsen the same weights every step."""
     (tmp_path / "tiny.yaml").write_text(TINY)
-    steps = _launch(tmp_path, "srq_worker.py", tmp_path / "draws.json", "ddp")
+    steps = _launch(launch_two, tmp_path, "srq_worker.py", tmp_path / "draws.json", "ddp")
     assert [r["step"] for r in steps] == [1, 2, 3] and all(r["draws"] > 0 for r in steps)
     assert all(r["draws_equal_rank0"] and r["params_equal_rank0"] for r in steps)
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_train(tmp_path):
-    _train_two(tmp_path, "deepspeed")
+def test_deepspeed_zero2_train(tmp_path, launch_two):
+    _train_two(launch_two, tmp_path, "deepspeed")
 
 
 def test_the_kernel_tabulates_only_large_tensors_with_a_usable_tau():
