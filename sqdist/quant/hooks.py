@@ -7,11 +7,14 @@ quantizer overrides the ones it needs. The trainer (:mod:`sqdist.train`) calls t
 and activation quantizer module of the model; :func:`sqdist.quantize_model` calls
 :meth:`~QuantizerHooks.on_model_quantized`.
 
-A mixin that defines hooks and is listed *after* ``Quantizer`` in a class's bases must itself
-subclass :class:`QuantizerHooks`, or the no-ops would come first in the method order;
-registering such a class is refused (:func:`shadowed_hooks`).
+A mixin that defines hooks and is listed *after* ``Quantizer`` in a class's bases should itself
+subclass :class:`QuantizerHooks`, or the no-ops come first in the method order. For one release,
+registering such a class still works as before (:func:`keep_mixin_hooks` puts the mixin's hooks on
+the class) with a DeprecationWarning.
 """
 from __future__ import annotations
+
+import warnings
 
 HOOKS = ("set_progress", "regularization", "recalibrate_bn_after_epoch", "metrics", "set_run_seed",
          "on_model_quantized")
@@ -59,3 +62,18 @@ def shadowed_hooks(cls: type) -> list[str]:
         if any(hook in vars(base) for base in cls.__mro__ if base is not QuantizerHooks):
             out.append(hook)
     return out
+
+
+def keep_mixin_hooks(cls: type, what: str) -> None:
+    """Put on ``cls`` the hooks :func:`shadowed_hooks` finds (each from the first base that defines it, as
+    before the hooks had a base class), with a DeprecationWarning: such a mixin should subclass QuantizerHooks."""
+    shadowed = shadowed_hooks(cls)
+    if not shadowed:
+        return
+    for hook in shadowed:
+        setattr(cls, hook, next(vars(base)[hook] for base in cls.__mro__
+                                if base is not QuantizerHooks and hook in vars(base)))
+    warnings.warn(f"{what}: {cls.__qualname__} defines {', '.join(shadowed)} in a base listed after the quantizer "
+                  f"base that does not subclass sqdist.plugin.QuantizerHooks; they run as before, but make that base "
+                  f"subclass QuantizerHooks (or list it first): this goes in the next release", DeprecationWarning,
+                  stacklevel=3)

@@ -14,6 +14,8 @@ import inspect
 from importlib.metadata import entry_points
 from typing import Callable
 
+from .hooks import keep_mixin_hooks
+
 ENTRY_POINT_GROUP = "sqdist.quantizers"
 ACTIVATION_ENTRY_POINT_GROUP = "sqdist.activation_quantizers"
 
@@ -28,13 +30,7 @@ def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type], 
         existing = table.get(name)
         if existing is not None and existing is not cls:
             raise ValueError(f"{kind} name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
-        from .hooks import shadowed_hooks
-
-        shadowed = shadowed_hooks(cls)
-        if shadowed:
-            raise TypeError(f"{kind} {name!r}: {cls.__qualname__} defines {', '.join(shadowed)} in a base listed after "
-                            f"the quantizer base, so the default no-op would run instead; allowed: list that base "
-                            f"first, or make it subclass sqdist.plugin.QuantizerHooks")
+        keep_mixin_hooks(cls, f"{kind} {name!r}")
         cls.quantizer_name = name
         table[name] = cls
         return cls
@@ -68,10 +64,7 @@ def _load_group(group: str, table: dict[str, type], kind: str) -> None:
             warnings.warn(f"sqdist: {kind} plugin {ep.name!r} ({ep.value}) failed to load: {exc}")
             continue
         if ep.name not in table:  # the plugin module may have used the decorator itself
-            try:
-                _register(table, kind, ep.name)(cls)
-            except (TypeError, ValueError) as exc:
-                warnings.warn(f"sqdist: {kind} plugin {ep.name!r} ({ep.value}) skipped: {exc}")
+            _register(table, kind, ep.name)(cls)
 
 
 def _load_entry_points() -> None:

@@ -36,15 +36,21 @@ def test_no_plugin_quantizer_resolves_a_hook_it_defines_to_the_no_op(plugin):
         assert module.SRQWeight.set_progress is module._Stochastic.set_progress
 
 
-def test_a_hook_mixin_listed_after_the_base_is_refused_at_registration():
-    class Schedule:  # defines a hook, but not as a QuantizerHooks
+def test_a_hook_mixin_listed_after_the_base_still_runs_with_a_deprecation_warning():
+    class Schedule:  # defines a hook, but not as a QuantizerHooks (a plugin written before the base class)
         def set_progress(self, step, total_steps, steps_per_epoch):
             self.step = step
 
-    with pytest.raises(TypeError, match="defines set_progress in a base listed after"):
-        @register_quantizer("test_shadowed_hook")
-        class Shadowed(Quantizer, Schedule):
-            pass
+    class Shadowed(Quantizer, Schedule):
+        pass
+
+    assert shadowed_hooks(Shadowed) == ["set_progress"]
+    with pytest.warns(DeprecationWarning, match="defines set_progress in a base listed after"):
+        register_quantizer("test_shadowed_hook")(Shadowed)
+    assert shadowed_hooks(Shadowed) == []
+    q = Shadowed()
+    q.set_progress(5, 10, 2)
+    assert q.step == 5
 
     class GoodSchedule(QuantizerHooks):
         def set_progress(self, step, total_steps, steps_per_epoch):
