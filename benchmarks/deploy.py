@@ -36,8 +36,6 @@ import timm
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from sqdist import QuantConfig, SQConfig, quantize_model  # noqa: E402
 from sqdist.export import export_onnx, load_run  # noqa: E402
 from sqdist.export.run import run_data  # noqa: E402
