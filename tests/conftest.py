@@ -1,4 +1,5 @@
-"""Shared fixtures of the sqdist test suite (tests/ and plugins/*/tests/; keep small; add what several files need)."""
+"""Shared fixtures of the sqdist test suite (keep small; add what several files need). plugins/conftest.py
+hands them to the plugins' tests too."""
 import os
 import socket
 import subprocess
@@ -29,7 +30,7 @@ def _seed_torch():
     torch.manual_seed(0)
 
 
-ROOT = Path(__file__).resolve().parent  # the repository
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
 def _free_port() -> int:
