@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import io
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -145,5 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -46,11 +46,9 @@ import timm
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from sqdist import QuantConfig, SQConfig, quantize_model  # noqa: E402
 from sqdist.export import export_onnx, load_run  # noqa: E402
-from sqdist.export.onnx_writer import _run_data  # noqa: E402
+from sqdist.export.run import run_data  # noqa: E402
 
 
 def look_trained(model: torch.nn.Module) -> torch.nn.Module:
@@ -207,12 +205,10 @@ def train_run(recipe: str, folder: Path) -> Path:
 
 
 def float_run_model(run: Path) -> torch.nn.Module:
-    from safetensors.torch import load_file
+    from sqdist.runs import load_weights, read_meta, resolve_checkpoint
 
-    meta = json.loads((run / "final" / "meta.json").read_text())
-    model = timm.create_model(meta["model"]["name"], **meta["model"].get("kwargs", {}))
-    model.load_state_dict(load_file(str(run / "final" / "model.safetensors")))
-    return model.eval()
+    ckpt = resolve_checkpoint(run)
+    return load_weights(ckpt, read_meta(ckpt))
 
 
 def rows_for(name: str, fp32: Path, model, input_size, calibration, folder: Path, args, evaluation=None,
@@ -351,7 +347,7 @@ def main(argv=None) -> int:
                 twn_run = Path(args.digits_run) if args.digits_run else train_run("digits_twn.yaml", folder)
                 fp_run = Path(args.digits_fp_run) if args.digits_fp_run else train_run("digits_fp.yaml", folder)
                 model, meta = load_run(twn_run)
-                calibration, evaluation = _run_data(meta, 8)
+                calibration, evaluation = run_data(meta, 8)
                 size = (int(meta["model_kwargs"].get("in_chans", 3)), meta["config"]["data"]["image_size"],
                         meta["config"]["data"]["image_size"])
                 fp32 = folder / "digits_fp32.onnx"

@@ -227,7 +227,7 @@ def kill_resume(recipe: str, overrides: list[str], work: str, kill_after: int, t
 # ---------------------------------------------------------------- summary
 def junit_counts(paths: list[str]) -> dict:
     """passed/failed/errors/skipped over junit files; the same for the tests whose id names cuda, and for
-    the Triton kernels' tests (tests/test_triton.py)."""
+    the Triton kernels' tests (tests/quant/test_triton.py)."""
     total = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     cuda, triton = dict(total), dict(total)
     failed_ids = []

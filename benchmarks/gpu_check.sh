@@ -10,8 +10,8 @@
 # script goes on:
 #   env         python/torch/device (+ nvidia-smi)
 #   build_cpu   the CPU SQ op (the GPU's kernels are Triton's: compiled by Triton on first use)
-#   triton_tests  tests marked triton (tests/test_triton.py) natively on CUDA tensors (junit)
-#   tests       tests/test_kernels.py + tests/test_dist.py (junit), then every other test marked gpu
+#   triton_tests  tests marked triton (tests/quant/test_triton.py) natively on CUDA tensors (junit)
+#   tests       tests/quant/test_kernels.py + tests/test_dist.py (junit), then every other test marked gpu
 #   triton_kernels  benchmarks/triton_kernels.py --json: each Triton kernel against its PyTorch
 #               reference and against the measured copy bandwidth
 #   methods_r50 benchmarks/method_speed.py: a resnet50 224x224 training step with every method
@@ -151,12 +151,12 @@ step build_cpu 120 "$py" -m sqdist.quant.kernels._build cpu
 
 # ---- 2. tests: the Triton kernels natively (in the dry run: in the interpreter, which conftest selects
 # without a GPU), the kernel and broadcast tests (CUDA ones run here), then the rest marked gpu
-step triton_tests 150 "$py" -m pytest -q -rs -p no:cacheprovider -m triton tests/test_triton.py \
+step triton_tests 150 "$py" -m pytest -q -rs -p no:cacheprovider -m triton tests/quant/test_triton.py \
   --junitxml="$work/junit-triton.xml"
-step tests 180 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_dist.py \
+step tests 180 "$py" -m pytest -q -rs -p no:cacheprovider tests/quant/test_kernels.py tests/test_dist.py \
   --junitxml="$work/junit-kernels.xml"
 ok_rc="0 5" step tests_gpu_marked 90 "$py" -m pytest -q -rs -p no:cacheprovider -m gpu tests \
-  --ignore=tests/test_kernels.py --ignore=tests/test_dist.py --junitxml="$work/junit-gpu.xml"  # 5: none collected
+  --ignore=tests/quant/test_kernels.py --ignore=tests/test_dist.py --junitxml="$work/junit-gpu.xml"  # 5: none collected
 
 # ---- 3. each Triton kernel against its reference and the copy bandwidth; a resnet50 step with every method
 stdout_to=$work/triton_kernels.json step triton_kernels 120 "$py" benchmarks/triton_kernels.py --json "${tkern[@]}"

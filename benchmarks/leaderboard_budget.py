@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from digits_common import ROOT, load
+from digits_common import load
 from leaderboard import DATASETS, ROWS, missing, plan, setting_overrides, steps_per_epoch
 from leaderboard_converged import CONVERGED_ROWS, KD, LADDER, LADDER_SEEDS, RUNS
 
@@ -198,5 +198,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -36,8 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from digits_common import ROOT, load, step_times  # noqa: E402
 from leaderboard import KBIT, ROWS, Row, missing  # noqa: E402
 

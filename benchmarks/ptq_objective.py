@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits_common import OUT, paired, pool_map, stats, train_all  # noqa: E402
 from leaderboard import setting_overrides  # noqa: E402

@@ -29,7 +29,7 @@ import json
 import sys
 import time
 
-from digits_common import OUT, ROOT, paired, save_results, stats, train_all
+from digits_common import OUT, paired, save_results, stats, train_all
 
 KBIT = "quant.name=kbit"
 BITS = (8, 6, 4)
@@ -156,5 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

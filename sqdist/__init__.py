@@ -1,5 +1,5 @@
 """sqdist: low-bit networks trained with Stochastic Quantization, at cluster scale."""
-from ._version import __version__
+from .version import __version__
 from .quant.weights import BWN, TWN, KBit, Quantizer, quantization_error
 from .quant.registry import (create_activation_quantizer, create_quantizer, list_activation_quantizers,
                              list_quantizers, register_activation_quantizer, register_quantizer)

@@ -1,2 +1,2 @@
-"""The package version, in a module of its own so that submodules read it without importing ``sqdist``."""
-__version__ = "0.1.0"
+"""Old private home of the version, kept for one release: read :data:`sqdist.version.__version__`."""
+from .version import __version__  # noqa: F401

@@ -7,11 +7,11 @@ NCCL), so a step adds no device->host round trip and no host sync of its own.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from . import bitpack
 
 
 def is_distributed() -> bool:
@@ -22,25 +22,15 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-@functools.lru_cache(maxsize=None)
-def _bit_shifts(device: torch.device) -> Tensor:
-    # made once per device, so packing never copies a constant from the host
-    return torch.arange(8, dtype=torch.uint8, device=device)
-
-
 def pack_bits(mask: Tensor) -> Tensor:
-    """Flat bool tensor -> uint8 tensor of ceil(n / 8) bytes (little-endian bits), on ``mask``'s device."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(-1, 8).bitwise_left_shift(_bit_shifts(flat.device)).sum(dim=1, dtype=torch.uint8)
+    """Flat bool tensor -> uint8 tensor of ceil(n / 8) bytes (little-endian bits), on ``mask``'s device
+    (:func:`sqdist.bitpack.pack` at 1 bit)."""
+    return bitpack.pack(mask, 1)
 
 
 def unpack_bits(packed: Tensor, n: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``n`` bits as a flat bool tensor, on ``packed``'s device."""
-    bits = packed.reshape(-1, 1).bitwise_right_shift(_bit_shifts(packed.device)).bitwise_and(1).bool()
-    return bits.reshape(-1)[:n]
+    return bitpack.unpack(packed, 1, n).bool()
 
 
 def _collective_device(like: torch.device) -> torch.device:
@@ -100,3 +90,48 @@ def broadcast_masks(masks: list[Tensor], src: int = 0, device: torch.device | st
         (flat,) = masks_to([flat], device)
         return [part.view(m.shape) for part, m in zip(flat.split(sizes), masks)]
     return [part.view(m.shape).to(m.device) for part, m in zip(flat.split(sizes), masks)]
+
+
+# ---------------------------------------------------------------- collectives of the post-training walks
+# (compress and ptq): no-ops in a single process, so the same code runs under 1 and N ranks.
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the process group, ``(0, 1)`` without one."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_(t: Tensor) -> Tensor:
+    """Sum ``t`` over the ranks, in place; returns ``t``."""
+    if is_distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_(t: Tensor, src: int = 0) -> Tensor:
+    """Overwrite ``t`` with rank ``src``'s, in place; returns ``t``."""
+    if is_distributed():
+        dist.broadcast(t, src=src)
+    return t
+
+
+def average_gradients(params: list) -> None:
+    """Every rank's gradients become the mean over the ranks (one collective; a missing gradient counts as 0)."""
+    if not is_distributed() or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, part in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = part.view_as(p).clone()
+
+
+def broadcast_state_(model: torch.nn.Module) -> None:
+    """Make every floating-point parameter and buffer rank 0's (BN statistics drift per rank in training)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                dist.broadcast(t.data, src=0)

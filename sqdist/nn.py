@@ -241,7 +241,9 @@ def _layer_mask(mask: Tensor, layer: SQLayer) -> Tensor:
     return mask.to(layer.weight.device)
 
 
-def _stem_and_classifier(model: nn.Module, candidates: list[str]) -> set[str]:
+def stem_and_classifier(model: nn.Module, candidates: list[str]) -> set[str]:
+    """The layers of ``candidates`` that are the stem or the classifier (timm's ``first_conv`` and
+    ``classifier``; else the first and the last candidate)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     names: set[str] = set()
     for key in ("first_conv", "classifier"):
@@ -253,7 +255,7 @@ def _stem_and_classifier(model: nn.Module, candidates: list[str]) -> set[str]:
     return names
 
 
-def _stem(model: nn.Module, candidates: list[str]) -> str | None:
+def stem_layer(model: nn.Module, candidates: list[str]) -> str | None:
     """The layer that reads the model's input (timm's ``first_conv``; else the first candidate)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     first = cfg.get("first_conv")
@@ -378,12 +380,12 @@ def quantize_model(model: nn.Module, config: QuantConfig = QuantConfig(), *,
     keep PyTorch's module path in eval (:func:`_keep_module_path`).
     """
     candidates = [n for n, m in model.named_modules() if isinstance(m, tuple(SQ_CLASSES))]
-    kept_fp = _stem_and_classifier(model, candidates) if config.keep_stem_and_classifier else set()
+    kept_fp = stem_and_classifier(model, candidates) if config.keep_stem_and_classifier else set()
     probe = create_quantizer(config.quantizer, **dict(config.params))  # fail early on bad names / params
     check_sq_ratios(probe, config.quantizer, config.sq.ratios)
     if config.activations is not None:
         create_activation_quantizer(config.activations, **dict(config.activation_params))
-    stem = _stem(model, candidates)
+    stem = stem_layer(model, candidates)
     layers: dict[str, SQLayer] = {}
     selected: dict[str, nn.Module] = {}
     skipped = []

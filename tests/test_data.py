@@ -157,14 +157,14 @@ def test_fashion_mnist_truncated_or_non_gzip_file_is_one_line_and_exit_2(fake_fa
 def test_export_calibrates_on_a_fixed_unaugmented_subset(fake_fashion):
     """--activations int8 calibrates on the training images as the evaluation reads them (no random
     shift or flip) and on the same subset every time, whatever the global RNG: two exports are equal."""
-    from sqdist.export.onnx_writer import _run_data
+    from sqdist.export.run import run_data
 
     recipe = load_recipe(None, FASHION + [f"data.root={fake_fashion}", "data.augment=true", "data.batch_size=8"])
     meta = {"config": recipe, "checkpoint": "run"}
     torch.manual_seed(1)
-    first, _ = _run_data(meta, 2)
+    first, _ = run_data(meta, 2)
     torch.manual_seed(2)
-    second, _ = _run_data(meta, 2)
+    second, _ = run_data(meta, 2)
     assert len(first) == 2 and all(torch.equal(a, b) for a, b in zip(first, second))
     train, _ = build_datasets(recipe)
     assert train.augment  # the training view is augmented; the calibration images are not
@@ -173,7 +173,7 @@ def test_export_calibrates_on_a_fixed_unaugmented_subset(fake_fashion):
         assert any(torch.equal(image, p) for p in plain)
     held = load_recipe(None, FASHION + [f"data.root={fake_fashion}", "data.augment=true", "data.batch_size=8",
                                         "data.holdout_fraction=0.25"])
-    calibration, _ = _run_data({"config": held, "checkpoint": "run"}, 2)  # the kept part of a holdout split too
+    calibration, _ = run_data({"config": held, "checkpoint": "run"}, 2)  # the kept part of a holdout split too
     for image in torch.cat(calibration):
         assert any(torch.equal(image, p) for p in plain)
 

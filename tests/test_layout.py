@@ -97,7 +97,7 @@ def test_graph_reads_relative_and_lazy_imports():
     assert "sqdist.quant.kernels" in graph["sqdist.quant.weights"]  # from . import kernels, inside a method
     assert "sqdist.nn" in graph["sqdist.export.deployable"]  # from ..nn import SQLayer, inside a function
     assert "sqdist.export" in graph["sqdist"]  # the lazy __getattr__ of the top package
-    assert "sqdist._version" in graph["sqdist.train.build"]  # from .._version import __version__
+    assert "sqdist.version" in graph["sqdist.train.build"]  # from ..version import __version__
 
 
 def test_find_cycle_finds_one():
@@ -123,3 +123,108 @@ def test_command_help(command):
                           cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout.lower(), proc.stdout[-2000:]
+
+
+# --- private names stay inside their package ----------------------------------------------------
+
+PLUGINS = ROOT / "plugins"
+
+
+def is_private(name: str) -> bool:
+    """``_x`` is private; a dunder (``__version__``) is not."""
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def unit(module: str) -> str:
+    """The package a module belongs to for privacy: ``sqdist.quant.kernels._build`` -> ``sqdist.quant``;
+    a top-level module is its own unit (``sqdist.nn``), and a private top-level module (``sqdist._version``)
+    belongs to the top package ``sqdist``."""
+    parts = module.split(".")
+    if len(parts) < 2 or is_private(parts[1]):
+        return parts[0]
+    return ".".join(parts[:2])
+
+
+def private_imports(name: str, path: Path, modules: dict[str, Path], owner: str | None = None) -> list[str]:
+    """Private names module ``name`` (file ``path``) takes from another sqdist unit: ``from X import _y``,
+    ``import X._y``, ``from X._y import z`` and ``m._y`` where ``m`` was bound to a module of another unit.
+    ``owner`` is the importer's unit (default: ``unit(name)``; a plugin passes ``"plugin"``)."""
+    owner = owner or unit(name)
+    is_package = path.name == "__init__.py"
+    found, aliases = [], {}
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                stem = ".".join(base + ([node.module] if node.module else []))
+            else:
+                stem = node.module or ""
+            if stem.split(".")[0] != "sqdist":
+                continue
+            for alias in node.names:
+                full = f"{stem}.{alias.name}"
+                if unit(full if full in modules else stem) == owner:
+                    continue
+                if any(is_private(p) for p in full.split(".")):
+                    found.append(f"{name}:{node.lineno} from {stem} import {alias.name}")
+                elif full in modules:
+                    aliases[alias.asname or alias.name] = full
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] != "sqdist" or unit(alias.name) == owner:
+                    continue
+                if any(is_private(p) for p in alias.name.split(".")):
+                    found.append(f"{name}:{node.lineno} import {alias.name}")
+                elif alias.asname:
+                    aliases[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and is_private(node.attr)):
+            found.append(f"{name}:{node.lineno} {aliases[node.value.id]}.{node.attr}")
+    return found
+
+
+def plugin_files() -> dict[str, Path]:
+    """``{"sqdist_slb": path, "sqdist_srq.fast": path, ...}``: the modules of every plugin under plugins/."""
+    out = {}
+    for package in sorted(PLUGINS.glob("*/sqdist_*")):
+        for path in sorted(package.rglob("*.py")):
+            parts = list(path.relative_to(package.parent).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def test_private_import_check_catches_each_form(tmp_path):
+    modules = module_files()
+    src = tmp_path / "walk.py"
+    src.write_text("from ..compress.walk import _world, calibration_chunks\n"
+                   "from .. import _version\n"
+                   "from .._version import __version__\n"
+                   "from ..nn import SQLayer\n"
+                   "from .calib import _local\n"
+                   "import sqdist.quant.kernels._build\n"
+                   "from ..compress import walk\n"
+                   "def f():\n    return walk._broadcast, walk.calibration_chunks\n")
+    found = private_imports("sqdist.ptq.walk", src, modules)
+    assert [f.split(" ", 1)[1] for f in found] == [
+        "from sqdist.compress.walk import _world", "from sqdist import _version",
+        "from sqdist._version import __version__", "import sqdist.quant.kernels._build",
+        "sqdist.compress.walk._broadcast"], found
+    # the owner may use its own private names, and the top package its private modules
+    assert private_imports("sqdist.ptq.walk", src, modules, owner="sqdist.ptq")[:1] == found[:1]
+    assert not private_imports("sqdist", PACKAGE / "__init__.py", modules)
+    plugin = tmp_path / "plug.py"
+    plugin.write_text("from sqdist.quant.kernels._build import load_source\nfrom sqdist import Quantizer\n")
+    assert len(private_imports("sqdist_x", plugin, modules, owner="plugin")) == 1
+
+
+def test_no_private_name_crosses_a_package_line():
+    modules = module_files()
+    found = [f for name, path in modules.items() for f in private_imports(name, path, modules)]
+    found += [f for name, path in plugin_files().items() for f in private_imports(name, path, modules, owner="plugin")]
+    assert not found, "private names imported across a package line (make them public in their owner):\n" + \
+        "\n".join(found)

@@ -28,33 +28,15 @@ from pathlib import Path
 import torch
 
 from ..config import RecipeError
-from ..export.format import ExportError, _load_safetensors, _load_strict, _one_line
-from ..export.run import _read_meta, resolve_checkpoint
+from ..cli import OneLineParser, report_error  # noqa: F401 (re-exported: their old home)
+from ..files import ExportError
+from ..runs import load_weights, read_meta, resolve_checkpoint, run_recipe
 from .file import CompressError, apply_compressed_, load_compressed, read_compressed, save_compressed
 from .layers import compressed_layers, round_codebooks_
 from .pq import BLOCKS, MAX_CODEBOOK
 from .walk import CompressConfig, broadcast_state_, compress_model, finetune, plan_layers
 
 DEFAULTS = CompressConfig()
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line on rank 0 and exit 2 (argparse prints the usage
-    too); its ``prog`` is the command, e.g. ``python -m sqdist.compress``."""
-
-    def error(self, message):
-        if os.environ.get("RANK", "0") == "0":
-            name = self.prog.split()[-1]
-            print(f"{name}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def report_error(name: str, exc: Exception) -> int:
-    """Print ``exc`` as one line on rank 0 (``name: error: ...``, a recipe error said so); the exit code, 2."""
-    if os.environ.get("RANK", "0") == "0":
-        prefix = "recipe error: " if isinstance(exc, RecipeError) else ""
-        print(f"{name}: error: {prefix}{_one_line(exc)}", file=sys.stderr)
-    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,29 +106,11 @@ def _validate(args) -> CompressConfig:
                           lr=args.lr, seed=0 if args.seed is None else args.seed)
 
 
-def _recipe(ckpt: Path, meta: dict, overrides: list[str]) -> dict:
-    """The run's recipe (RUN/config.yaml, or the defaults when there is none) with ``overrides``."""
-    from ..config import load_recipe
-
-    config = next((p for p in (ckpt.parent / "config.yaml", ckpt.parent.parent / "config.yaml") if p.is_file()), None)
-    recipe = load_recipe(str(config) if config else None, overrides)
-    recipe["model"] = {"name": meta["model_name"], "kwargs": meta["model_kwargs"]}  # what the weights are
-    # compression is plain fp32 data parallelism whatever engine trained the run
+def _recipe(ckpt: Path, meta, overrides: list[str]) -> dict:
+    """The run's recipe with ``overrides``; compression is plain fp32 data parallelism whatever engine trained it."""
+    recipe = run_recipe(ckpt, meta, overrides)
     recipe["engine"].update(name="ddp", mixed_precision="no", grad_accum=1)
     return recipe
-
-
-def _load_model(ckpt: Path, meta: dict):
-    import timm
-
-    try:
-        model = timm.create_model(meta["model_name"], **{**meta["model_kwargs"], "pretrained": False})
-    except Exception as exc:  # unknown name or kwargs: timm raises several types
-        raise CompressError(f"{meta['path']}: timm.create_model({meta['model_name']!r}, **{meta['model_kwargs']}) "
-                            f"failed: {_one_line(exc)}") from None
-    weights = ckpt / "model.safetensors"
-    _load_strict(model, _load_safetensors(weights), str(weights))
-    return model.eval()
 
 
 def check(path: str) -> int:
@@ -169,23 +133,23 @@ def run(args, on_stage=None) -> int:
 
     config = _validate(args)
     ckpt = resolve_checkpoint(args.source)
-    meta = _read_meta(ckpt)
-    if meta["enabled"]:
-        raise CompressError(f"{meta['path']}: quant.enabled is true (a low-bit run); compress a full-precision run "
+    meta = read_meta(ckpt)
+    if meta.enabled:
+        raise CompressError(f"{meta.path}: quant.enabled is true (a low-bit run); compress a full-precision run "
                             f"(quant.enabled: false), e.g. one of recipes/digits_fp.yaml")
-    model = _load_model(ckpt, meta)
+    model = load_weights(ckpt, meta, CompressError)
     recipe = _recipe(ckpt, meta, list(args.overrides))
     if args.seed is None:
         config = CompressConfig(**{**config.to_dict(), "seed": recipe["train"]["seed"]})
     bn_batches = recipe["train"]["bn_recalibrate"] if args.bn_recalibrate is None else args.bn_recalibrate
     resumed = read_compressed(args.resume) if args.resume else None
-    if resumed is not None and resumed[2]["model"] != {"name": meta["model_name"], "kwargs": meta["model_kwargs"]}:
+    if resumed is not None and resumed[2]["model"] != {"name": meta.model_name, "kwargs": meta.model_kwargs}:
         raise CompressError(f"--resume={args.resume}: written from {resumed[2]['model']}, not from this run's "
-                            f"{meta['model_name']} {meta['model_kwargs']}")
+                            f"{meta.model_name} {meta.model_kwargs}")
     if resumed is None:
         largest = max(plan_layers(model, config, None), key=lambda p: p.n, default=None)
         if largest is None:
-            raise CompressError(f"{meta['model_name']} has no Conv2d/Linear layer besides the stem: "
+            raise CompressError(f"{meta.model_name} has no Conv2d/Linear layer besides the stem: "
                                 "nothing to compress")
         for flag, k in (("--codebook", args.codebook), ("--codebook-fc", args.codebook_fc)):
             if k is not None and k > largest.n:  # explicitly asked for, and no layer can hold it
@@ -248,7 +212,7 @@ def run(args, on_stage=None) -> int:
     results = {"top1_fp": top1_fp, "top1_compressed": top1_compressed, "top1": top1}
     failed = None
     if accelerator.is_main_process:
-        info = save_compressed(model, out, model_name=meta["model_name"], model_kwargs=meta["model_kwargs"],
+        info = save_compressed(model, out, model_name=meta.model_name, model_kwargs=meta.model_kwargs,
                                compress=settings, results=results)
         x = torch.stack([test_set[i][0] for i in range(min(len(test_set), recipe["data"]["eval_batch_size"]))])
         with torch.no_grad():
@@ -263,7 +227,7 @@ def run(args, on_stage=None) -> int:
         tracker.log({f"result/{k}": v for k, v in summary.items()}, step[0])
         tracker.summary(summary)
         tracker.close()
-        print(f"compressed {summary['layers']} layers of {meta['model_name']} ({settings.get('blocks')} blocks"
+        print(f"compressed {summary['layers']} layers of {meta.model_name} ({settings.get('blocks')} blocks"
               f"{', resumed from ' + str(args.resume) if resumed else ''}): top-1 {top1_fp:.2f}% (fp32) -> "
               f"{top1_compressed:.2f}% (compressed) -> {top1:.2f}% (after {config.finetune_steps} fine-tuning steps)")
         print(f"wrote {out}: {info['bytes'] / 1e6:.3f} MB, {summary['ratio']:.2f}x smaller than the fp32 run file "

@@ -13,7 +13,7 @@ statistics) is stored as it is. The safetensors metadata (JSON strings) holds ``
 (``sqdist-pq``), ``format_version``, ``sqdist_version``, ``model`` (timm name and kwargs),
 ``layers`` (per compressed layer, in compression order: shape, block, codebook, bits),
 ``compress`` (the settings and the source run), ``results`` (accuracies, when known) and
-``crc32`` per tensor (the helpers of :mod:`sqdist.export`).
+``crc32`` per tensor (the checked I/O of :mod:`sqdist.files`).
 
 :func:`load_compressed` rebuilds a plain timm model holding ``codebook[indices]`` as
 ordinary weights: its logits equal the compressed network's. :func:`load_pq_model`
@@ -30,7 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from ..export.format import ExportError, _crc32, _json_field, _load_strict, _one_line, _save_atomic
+from .. import bitpack
+from ..files import ExportError, crc32, json_field, load_strict, one_line, save_atomic
 from .layers import compress_layer_, compressed_layers
 from .pq import index_bits, reconstruct
 
@@ -44,30 +45,23 @@ class CompressError(ExportError):
 
 # ---------------------------------------------------------------- index packing
 def pack_indices(indices: Tensor, bits: int) -> Tensor:
-    """Pack ``indices`` (n,) of values in ``[0, 2^bits)`` into uint8 ``(ceil(n * bits / 8),)``, LSB first."""
+    """Pack ``indices`` (n,) of values in ``[0, 2^bits)`` into uint8 ``(ceil(n * bits / 8),)``, LSB first
+    (:func:`sqdist.bitpack.pack`)."""
     if not 1 <= bits <= 16:
         raise ValueError(f"bits={bits}; allowed: 1 to 16")
     idx = indices.detach().reshape(-1).cpu().to(torch.int32)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= 1 << bits):
         raise ValueError(f"an index does not fit {bits} bits")
-    if bits == 8:
-        return idx.to(torch.uint8)
-    planes = ((idx[:, None] >> torch.arange(bits, dtype=torch.int32)) & 1).to(torch.uint8).reshape(-1)
-    planes = torch.cat([planes, planes.new_zeros((-planes.numel()) % 8)]).view(-1, 8)
-    return (planes << torch.arange(8, dtype=torch.uint8)).sum(dim=1, dtype=torch.uint8)
+    return bitpack.pack(idx, bits)
 
 
 def unpack_indices(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of :func:`pack_indices`: int64 ``(n,)``. Raises ValueError on a wrong byte count."""
-    expected = math.ceil(n * bits / 8)
+    expected = bitpack.packed_size(n, bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
         raise ValueError(f"expected uint8 of {expected} bytes for {n} x {bits} bits, "
                          f"got {packed.dtype} of shape {tuple(packed.shape)}")
-    if bits == 8:
-        return packed.long()
-    stream = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: n * bits]
-    planes = stream.view(n, bits).long()
-    return (planes << torch.arange(bits)).sum(dim=1)
+    return bitpack.unpack(packed, bits, n).long()
 
 
 # ---------------------------------------------------------------- size
@@ -104,7 +98,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
     Returns:
         ``{"path", "bytes", "layers", "accounting"}`` (``accounting``: :func:`size_report`).
     """
-    from .._version import __version__
+    from ..version import __version__
 
     layers = compressed_layers(model)
     if not layers:
@@ -128,11 +122,11 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
             "layers": json.dumps(info),
             "compress": json.dumps(compress or {}),
             "results": json.dumps(results or {}),
-            "crc32": json.dumps({k: _crc32(t) for k, t in tensors.items()}),
+            "crc32": json.dumps({k: crc32(t) for k, t in tensors.items()}),
         }
     except TypeError as exc:
         raise CompressError(f"model_kwargs or settings cannot be stored as JSON: {exc}") from None
-    path = _save_atomic(tensors, path, metadata)
+    path = save_atomic(tensors, path, metadata)
     return {"path": str(path), "bytes": path.stat().st_size, "layers": len(layers), "accounting": size_report(model)}
 
 
@@ -158,12 +152,12 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
             raw = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise CompressError(f"{path}: cannot be read as safetensors, truncated or corrupted "
-                            f"({_one_line(exc)})") from None
+                            f"({one_line(exc)})") from None
     if metadata.get("format_version") != str(FORMAT_VERSION):
         raise CompressError(f"{path}: format_version={metadata.get('format_version')!r}; "
                             f"this sqdist reads {FORMAT_VERSION}")
     try:
-        meta = {k: _json_field(metadata, k, path) for k in ("model", "layers", "compress", "results", "crc32")}
+        meta = {k: json_field(metadata, k, path) for k in ("model", "layers", "compress", "results", "crc32")}
     except ExportError as exc:
         raise CompressError(str(exc)) from None
     model_info = meta["model"]
@@ -176,7 +170,7 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         extra = sorted(set(raw) ^ set(meta["crc32"]))
         raise CompressError(f"{path}: tensor list does not match the recorded checksums (e.g. {extra[0]!r}; corrupted)")
     for key, t in raw.items():
-        if _crc32(t) != meta["crc32"][key]:
+        if crc32(t) != meta["crc32"][key]:
             raise CompressError(f"{path}: tensor {key!r} fails its CRC32 check (corrupted data)")
     layers = {}
     for name, info in meta["layers"].items():
@@ -191,7 +185,7 @@ def read_compressed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
                                  f"codebook {k}, weight {shape}")
             indices = unpack_indices(packed, bits, math.prod(shape) // d)
         except (KeyError, TypeError, ValueError) as exc:
-            raise CompressError(f"{path}: layer {name!r}: {_one_line(exc)}") from None
+            raise CompressError(f"{path}: layer {name!r}: {one_line(exc)}") from None
         if indices.numel() and int(indices.max()) >= k:
             raise CompressError(f"{path}: layer {name!r}: an index is {int(indices.max())}, the codebook has {k} "
                                 f"centroids (corrupted)")
@@ -207,7 +201,7 @@ def _create(meta: dict, path) -> nn.Module:
         return timm.create_model(info["name"], **{**info["kwargs"], "pretrained": False})
     except Exception as exc:  # unknown name or kwargs: timm raises several types
         raise CompressError(f"{path}: timm.create_model({info['name']!r}, **{info['kwargs']}) failed: "
-                            f"{_one_line(exc)}") from None
+                            f"{one_line(exc)}") from None
 
 
 def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -222,7 +216,7 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu")
         shape = tuple(meta["layers"][name]["shape"])
         state[f"{name}.weight"] = reconstruct(codebook, indices, shape)
     try:
-        _load_strict(model, state, str(path))
+        load_strict(model, state, str(path))
     except ExportError as exc:
         raise CompressError(str(exc)) from None
     return model.to(device).eval()
@@ -245,7 +239,7 @@ def apply_compressed_(model: nn.Module, path: str | os.PathLike, _read=None) -> 
     for name, m in compressed_layers(model).items():
         state[f"{name}.codebook"], state[f"{name}.indices"] = m.codebook.detach(), m.indices
     try:
-        _load_strict(model, state, str(path))
+        load_strict(model, state, str(path))
     except ExportError as exc:
         raise CompressError(str(exc)) from None
     return meta

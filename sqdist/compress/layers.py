@@ -13,15 +13,13 @@ running the network up to that layer only.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..calibration import SUPPORTED, input_rows, output_error  # noqa: F401 (re-exported)
+from ..calibration import candidate_layers as _candidate_layers, execution_order as _execution_order
 from .pq import reconstruct
-
-SUPPORTED = (nn.Conv2d, nn.Linear)
 
 
 class _CentroidMeanGrad(torch.autograd.Function):
@@ -109,86 +107,17 @@ def round_codebooks_(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------- which layers
-def _standard_forward(module: nn.Module, x: Tensor) -> Tensor:
-    """What a plain Conv2d/Linear with ``module``'s weight and settings computes on ``x``."""
-    if isinstance(module, nn.Linear):
-        return F.linear(x, module.weight, module.bias)
-    return nn.Conv2d._conv_forward(module, x, module.weight, module.bias)
-
-
 def candidate_layers(model: nn.Module) -> tuple[list[str], str | None, set[str]]:
-    """(Conv2d/Linear layers in module order, the stem conv, the classifier layers).
-
-    The stem and classifier are the ones timm's ``pretrained_cfg`` names (else the first and
-    last layer), as :func:`sqdist.quantize_model` finds them.
-    """
-    from ..nn import _stem, _stem_and_classifier
-
-    layers = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED) or is_compressed(m)]
-    stem = _stem(model, layers)
-    return layers, stem, _stem_and_classifier(model, layers) - {stem}
+    """:func:`sqdist.calibration.candidate_layers`, compressed layers included."""
+    return _candidate_layers(model, also=is_compressed)
 
 
-@torch.no_grad()
 def execution_order(model: nn.Module, names: list[str], x: Tensor) -> list[str]:
-    """``names`` in the order their modules first run in ``model(x)``.
-
-    Dropped: modules that never run, and, with a warning, those whose forward computes
-    something else than a plain Conv2d/Linear with their weight (timm's ``Conv2dSame`` pads
-    in its forward: its unfolded input would not be what the weight multiplies).
-    """
-    modules = dict(model.named_modules())
-    order: list[str] = []
-    differs: list[str] = []
-
-    def seen(module, args, output, name):
-        if name in order:
-            return
-        order.append(name)
-        base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
-        if not is_compressed(module) and type(module).forward is not base.forward:
-            expected = _standard_forward(module, args[0])
-            if expected.shape != output.shape or not torch.allclose(expected, output, rtol=1e-4, atol=1e-5):
-                differs.append(name)
-
-    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: seen(m, a, o, n)) for n in names]
-    was_training = model.training
-    try:
-        model.eval()
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if differs:
-        warnings.warn("sqdist.compress: left uncompressed (their forward is not a plain Conv2d/Linear): "
-                      + ", ".join(f"{n} ({type(modules[n]).__name__})" for n in differs))
-    return [n for n in order if n not in differs]
+    """:func:`sqdist.calibration.execution_order`, a compressed layer's forward trusted."""
+    return _execution_order(model, names, x, trusted=is_compressed)
 
 
 # ---------------------------------------------------------------- layer inputs
-def input_rows(module: nn.Module, x: Tensor) -> Tensor:
-    """The rows the layer multiplies by its weight: (B, R, C_in * kh * kw) for a Conv2d
-    (im2col: R output positions, columns ordered (c_in, kh, kw) as the weight's rows), or
-    (B, R, in_features) for a Linear (R: every position of the middle dimensions)."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-    padding = module.padding
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = (0, 0)
-    elif isinstance(padding, str):  # "same" pads the extra row/column at the end, "valid" none
-        pads = []
-        for k, dil in zip(reversed(kernel), reversed(dilation)):
-            total = dil * (k - 1) if padding == "same" else 0
-            pads += [total // 2, total - total // 2]
-        x = F.pad(x, pads)
-        padding = (0, 0)
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C*kh*kw, L)
-    return cols.transpose(1, 2)
-
-
 class _Stop(Exception):
     """Raised by the statistics hook: nothing after the layer needs to run."""
 
@@ -242,20 +171,3 @@ def input_statistics(model: nn.Module, module: nn.Module, batches, d: int, devic
                 torch.zeros(groups, width, width, dtype=torch.float64, device=device), 0)
     block_grams = torch.cat(per_image)
     return block_grams, torch.stack(full).sum(0), block_grams.shape[0]
-
-
-def output_error(weight: Tensor, approx: Tensor, group_grams: Tensor) -> float:
-    """Relative output error ``||X (W - W^)||^2 / ||X W||^2`` of a layer over the calibration inputs.
-
-    ``weight``, ``approx``: (C_out, ...); ``group_grams``: (groups, D_g, D_g) from
-    :func:`input_statistics`. 0 when the layer's outputs are all zero.
-    """
-    groups = group_grams.shape[0]
-    w = weight.detach().double().reshape(groups, weight.shape[0] // groups, -1)   # (g, C_out/g, D_g)
-    dw = w - approx.detach().double().reshape(w.shape)
-
-    def energy(m: Tensor) -> float:
-        return float((torch.bmm(m, group_grams) * m).sum())
-
-    base = energy(w)
-    return energy(dw) / base if base > 0 else 0.0

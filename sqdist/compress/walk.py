@@ -21,11 +21,11 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .. import dist as sqdist_dist
+from ..calibration import calibration_chunks  # noqa: F401 (re-exported)
+from ..dist import all_reduce_, average_gradients, broadcast_, broadcast_state_, rank_and_world  # noqa: F401 (re-exported)
 from ..data import EpochBatches, loader
 from .file import CompressError
 from .layers import (candidate_layers, compress_layer_, compressed_layers, execution_order, input_statistics,
@@ -100,50 +100,9 @@ def plan_layers(model: nn.Module, config: CompressConfig, names: list[str] | Non
     return plans
 
 
-# ---------------------------------------------------------------- distributed helpers
-def _world() -> tuple[int, int]:
-    if sqdist_dist.is_distributed():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if sqdist_dist.is_distributed():
-        dist.all_reduce(t)
-    return t
-
-
-def _broadcast(t: torch.Tensor) -> torch.Tensor:
-    if sqdist_dist.is_distributed():
-        dist.broadcast(t, src=0)
-    return t
-
-
-def average_gradients(params: list[nn.Parameter]) -> None:
-    """Every rank's gradients become the mean over the ranks (one collective; a missing gradient counts as 0)."""
-    if not sqdist_dist.is_distributed() or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for p, part in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = part.view_as(p).clone()
-
-
-def broadcast_state_(model: nn.Module) -> None:
-    """Make every floating-point parameter and buffer rank 0's (BN statistics drift per rank in training)."""
-    if not sqdist_dist.is_distributed():
-        return
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point():
-                dist.broadcast(t.data, src=0)
-
-
 def batch_stream(dataset, batch_size: int, seed: int, workers: int = 0):
     """(x, y) batches of this rank's share, forever: epoch after epoch of :class:`EpochBatches`."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     sampler = EpochBatches(len(dataset), batch_size, seed, rank, world)
     if len(sampler) < 1:
         raise CompressError(f"data.batch_size={batch_size} is larger than this process's share of the training set "
@@ -152,15 +111,6 @@ def batch_stream(dataset, batch_size: int, seed: int, workers: int = 0):
     while True:
         yield from loader(dataset, sampler.batches(epoch), workers, seed=seed, epoch=epoch)
         epoch += 1
-
-
-def calibration_chunks(dataset, n_images: int, chunk: int, seed: int) -> list[list[int]]:
-    """The calibration batches of every rank: ``n_images`` training images drawn with ``seed``,
-    cut into chunks of ``chunk``; rank ``r`` of ``w`` forwards chunks ``r, r + w, ...``. A chunk
-    is the same whatever the number of ranks, and so are its Gram matrices: 1 and N
-    processes fit the same codebooks."""
-    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n_images].tolist()
-    return [picks[i:i + chunk] for i in range(0, len(picks), chunk)]
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -226,7 +176,7 @@ def compress_model(model: nn.Module, train_set, config: CompressConfig, *, devic
     """
     from tqdm import tqdm
 
-    rank, world = _world()
+    rank, world = rank_and_world()
     teacher = copy.deepcopy(model).eval() if teacher is None else teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -253,8 +203,8 @@ def compress_model(model: nn.Module, train_set, config: CompressConfig, *, devic
         # every rank fills the slots of its images: the sum holds every image's Gram, bit for bit
         slots = torch.zeros(n_images, plan.d, plan.d, dtype=torch.float64, device=device)
         slots[slots_of_mine] = block_grams
-        _all_reduce(slots)
-        _all_reduce(group_grams)
+        all_reduce_(slots)
+        all_reduce_(group_grams)
 
         weight = module.weight.detach().clone()
         w = subvectors(weight, plan.d)
@@ -268,8 +218,8 @@ def compress_model(model: nn.Module, train_set, config: CompressConfig, *, devic
             codebook.copy_(fit.codebook)
             indices.copy_(fit.assignments)
         bar.set_postfix(K=plan.k, d=plan.d)
-        _broadcast(codebook)
-        _broadcast(indices)
+        broadcast_(codebook)
+        broadcast_(indices)
         compress_layer_(module, codebook.half().float(), indices)  # the values the file will hold
         error_em = output_error(weight, module.weight, group_grams)
 
@@ -309,7 +259,7 @@ def finetune(model: nn.Module, teacher: nn.Module, train_set, config: CompressCo
     """
     from tqdm import tqdm
 
-    rank, _ = _world()
+    rank, _ = rank_and_world()
     if not compressed_layers(model):
         raise ValueError("finetune: the model has no compressed layers")
     teacher.eval()

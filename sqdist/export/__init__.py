@@ -17,8 +17,10 @@ input quantization of one layer, what both writers consume), :mod:`~sqdist.expor
 packing), :mod:`~sqdist.export.format` (the file format), :mod:`~sqdist.export.packed` (the
 packed writer), :mod:`~sqdist.export.reader` (the packed reader, every format version),
 :mod:`~sqdist.export.qdq` (the modules of a deployable float model),
-:mod:`~sqdist.export.onnx_writer` (ONNX), :mod:`~sqdist.export.openvino` (OpenVINO IR), :mod:`~sqdist.export.int8` (8-bit activations: the network
-onnxruntime runs as integer kernels), :mod:`~sqdist.export.run` (run folders),
+:mod:`~sqdist.export.network` (the deployable float network), :mod:`~sqdist.export.onnx_graph` (graph passes),
+:mod:`~sqdist.export.onnx_writer` (ONNX), :mod:`~sqdist.export.openvino` (OpenVINO IR), :mod:`~sqdist.export.int8`
+(8-bit activations: the network onnxruntime runs as integer kernels), :mod:`~sqdist.export.run` (run folders and their
+data: the command line's side),
 :mod:`~sqdist.export.cli` (the command line).
 """
 from .format import (FORMAT, FORMAT_VERSION, INPUTS_VERSION, KEEP_FP_BITS, LEVELS_VERSION, MAX_BITS,
@@ -29,9 +31,9 @@ from .deployable import (DeployableLayer, activation_qdq, check_ratio, deployabl
                          int8_rows)
 from .packed import export_model
 from .reader import load_quantized, read_packed
-from .run import export_run, load_run, resolve_checkpoint
-from .onnx_writer import OPSET, check_onnx, exact_session_options, export_onnx, export_run_onnx
-from .openvino import check_openvino, export_openvino, export_run_openvino
+from .onnx_writer import OPSET, check_onnx, exact_session_options, export_onnx
+from .run import export_run, export_run_onnx, export_run_openvino, load_run, resolve_checkpoint
+from .openvino import check_openvino, export_openvino
 from .cli import main
 
 __all__ = [

@@ -6,11 +6,10 @@ index in it (:func:`pack_indexed`).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from .. import bitpack
 from .format import MAX_BITS, ExportError
 
 
@@ -99,16 +98,9 @@ def unpack_indexed(packed: Tensor, levels: list[int], bits: int, numel: int) -> 
 
 
 def pack_fields(fields: Tensor, bits: int) -> Tensor:
-    """uint8 ``fields`` (n,), each below ``2^bits``, packed densely, least significant bit first."""
-    if bits == 8:
-        return fields.contiguous()
-    planes = (fields[:, None] >> torch.arange(bits, dtype=torch.uint8)) & 1  # (n, bits), LSB first
-    stream = planes.reshape(-1)
-    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)]).view(-1, 8)
-    out = torch.zeros(stream.shape[0], dtype=torch.uint8)
-    for j in range(8):
-        out |= stream[:, j] << j
-    return out
+    """uint8 ``fields`` (n,), each below ``2^bits``, packed densely, least significant bit first
+    (:func:`sqdist.bitpack.pack`)."""
+    return bitpack.pack(fields, bits)
 
 
 def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
@@ -129,18 +121,10 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
 
 def unpack_fields(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of :func:`pack_fields`: uint8 ``(numel,)``; checks the byte count and the padding."""
-    expected = math.ceil(numel * bits / 8)
+    expected = bitpack.packed_size(numel, bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
         raise ExportError(f"packed codes: expected uint8 of {expected} bytes for {numel} x {bits} bits, "
                           f"got {packed.dtype} of shape {tuple(packed.shape)}")
-    if bits == 8:
-        fields = packed
-    else:
-        stream = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
-        if bool(stream[numel * bits:].any()):
-            raise ExportError("packed codes: padding bits are set (corrupted data)")
-        planes = stream[: numel * bits].view(numel, bits)
-        fields = torch.zeros(numel, dtype=torch.uint8)
-        for j in range(bits):
-            fields |= planes[:, j] << j
-    return fields
+    if bits != 8 and bitpack.padding_set(packed, bits, numel):
+        raise ExportError("packed codes: padding bits are set (corrupted data)")
+    return bitpack.unpack(packed, bits, numel).to(torch.uint8)

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             return _openvino(args, keep_fp_bits)
         if _format_of(args.out, args.format) == "onnx":
             from .int8 import check_activations
-            from .onnx_writer import INT2_OPSET, OPSET, export_run_onnx, parse_input_size
+            from .onnx_writer import INT2_OPSET, OPSET, parse_input_size
+            from .run import export_run_onnx
 
             input_size = parse_input_size(args.input_size) if args.input_size is not None else None
             activations = check_activations(args.activations or "float", "--activations")
@@ -155,7 +156,8 @@ def _openvino(args, keep_fp_bits: int) -> int:
     """``python -m sqdist.export RUN OUT.xml``: write and check an OpenVINO IR, print its summary."""
     from .int8 import check_activations
     from .onnx_writer import parse_input_size
-    from .openvino import OPENVINO_OPSET, export_run_openvino
+    from .openvino import OPENVINO_OPSET
+    from .run import export_run_openvino
 
     if args.opset is not None:
         raise ExportError(f"--opset={args.opset!r}: OpenVINO export writes opset {OPENVINO_OPSET} (INT4 codes; "

@@ -32,15 +32,12 @@ tensor, to catch corrupted bytes). Version 1 and 2 files still load.
 """
 from __future__ import annotations
 
-import json
-import os
-import zlib
-from pathlib import Path
-
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+
+# the checked I/O has its public home in sqdist.files; the private names stay for the export modules
+from ..files import ExportError  # noqa: F401 - the export's error type, re-exported
+from ..files import crc32 as _crc32, json_field as _json_field, load_safetensors as _load_safetensors  # noqa: F401
+from ..files import load_strict as _load_strict, one_line as _one_line, save_atomic as _save_atomic  # noqa: F401
 
 FORMAT = "sqdist-packed"
 FORMAT_VERSION = 2  # 2: adds fp_layers (full-precision layers stored at 8 bits)
@@ -50,10 +47,6 @@ READABLE_VERSIONS = (1, 2, 3, 4)
 MAX_BITS = 8
 KEEP_FP_BITS = (8, 32)  # how the layers left full precision are stored: 8-bit per-row codes, or as they are
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-class ExportError(ValueError):
-    """An export or load failed for a reason the user can fix; the message is one line."""
 
 
 def check_keep_fp_bits(value, name: str = "keep_fp_bits") -> int:
@@ -66,59 +59,8 @@ def check_keep_fp_bits(value, name: str = "keep_fp_bits") -> int:
     return int(value)
 
 
-def _crc32(t: Tensor) -> int:
-    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def _save_atomic(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """Write a safetensors file under a temporary name and rename it into place (a crash leaves no half file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except (SafetensorError, OSError) as exc:
-        raise ExportError(f"{path}: cannot be written ({_one_line(exc)})") from None
-    return path
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     for name, d in _DTYPES.items():
         if d == dtype:
             return name
     raise ExportError(f"weight dtype {dtype} is not supported; allowed: {', '.join(_DTYPES)}")
-
-
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise ExportError(f"{path}: not found") from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ExportError(f"{path}: cannot be read as safetensors, truncated or corrupted ({_one_line(exc)})") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def _load_strict(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        expected, got = set(model.state_dict()), set(state)
-        missing, unexpected = sorted(expected - got), sorted(got - expected)
-        if missing or unexpected:
-            raise ExportError(f"{where}: state does not match the model: missing keys {missing[:3]}"
-                              f"{'...' if len(missing) > 3 else ''}, unexpected keys {unexpected[:3]}"
-                              f"{'...' if len(unexpected) > 3 else ''}") from None
-        raise ExportError(f"{where}: state does not match the model ({_one_line(exc)[:300]})") from None
-
-
-def _json_field(metadata: dict, key: str, path: str):
-    if key not in metadata:
-        raise ExportError(f"{path}: metadata field {key!r} missing (corrupted or not an sqdist export)")
-    try:
-        return json.loads(metadata[key])
-    except json.JSONDecodeError:
-        raise ExportError(f"{path}: metadata field {key!r} is not valid JSON (corrupted)") from None

@@ -24,7 +24,7 @@ network from a model prepared by :func:`sqdist.quantize_model`:
    the uint8 codes (a ReLU between the stem conv and its MaxPool moves into the conv).
 
 With these, the optimized graph of a ResNet holds no float tensor between the input's
-``QuantizeLinear`` and the logits' ``DequantizeLinear`` (tests/test_onnx.py), the structure
+``QuantizeLinear`` and the logits' ``DequantizeLinear`` (tests/export/test_onnx.py), the structure
 onnxruntime's own ``quantize_static`` gives the FP32 model.
 
 Each layer becomes an :class:`IntegerLayer` (each such pool an :class:`IntegerGlobalAvgPool`,

@@ -31,87 +31,29 @@ traced one and its logits are compared with the torch model's.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import tempfile
-import types
 import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from .._version import __version__
-from .deployable import _sq_layers, check_ratio, deployable_layers, model_copy, unfuse_attention
+from ..version import __version__
+from .deployable import _sq_layers, check_ratio
 from .format import ExportError, _one_line, check_keep_fp_bits
-from .int8 import NotInteger, check_activations, integer_deployable, integer_layer_names
+from .int8 import check_activations
+from .network import deployable
+from .onnx_graph import store_int4, tidy
 from .parity import check_rounding, cpu_has_vnni, full_precision_weights, wide_weight_codes
 from .onnx_check import (INPUT, OUTPUT, TOLERANCE, _graph_summary, _require_onnx, _top1,  # noqa: F401
                          check_against_torch, check_onnx, exact_session_options, onnxruntime_codes, run_onnxruntime)
-from .qdq import InputQuantizer, WeightFromCodes, _quantize_input_hook
-from .run import load_run
 
 OPSET = 25  # INT2 (ternary, binary) and INT4 (<= 4 bits) initializers; 17 stores every code as int8
 INT4_OPSET = 21
 INT2_OPSET = 25  # INT2 initializers (ternary and binary codes)
 TRACE_OPSET = 17  # what torch.onnx's TorchScript exporter writes (it stops at 20); onnx's version converter goes on
-
-
-def deployable(model: nn.Module, keep_fp_bits: int = 32, activations: str = "float",
-               calibration: list[Tensor] | None = None) -> nn.Module:
-    """A float32 CPU copy of SQ ``model`` in eval mode, built for export; ``model`` is left as it is.
-
-    Each SQ layer becomes its plain class again (``nn.Conv2d``, ``nn.Linear``, ...) with its
-    weight parametrized as :class:`~sqdist.export.qdq.WeightFromCodes` (the int8 codes times the
-    per-row scale of its :class:`~sqdist.export.deployable.DeployableLayer`) and, when that says its
-    input is quantized, an :class:`~sqdist.export.qdq.InputQuantizer` on its input. With
-    ``keep_fp_bits=8`` the full-precision Conv/Linear layers get their 8-bit per-row codes too.
-    With ``activations="int8"`` the layers with integer weights then become
-    :class:`~sqdist.export.int8.IntegerLayer` s calibrated on ``calibration`` (model inputs):
-    the network onnxruntime runs as integer kernels (:mod:`sqdist.export.int8`).
-    """
-    from ..nn import SQ_CLASSES
-
-    keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
-    plain = {sq_cls: base for base, sq_cls in SQ_CLASSES.items()}
-    net = model_copy(model).cpu().float().eval()
-    unfuse_attention(net)
-    described = deployable_layers(net, keep_fp_bits)  # before SQ layers turn plain
-    modules = dict(net.named_modules())
-    with torch.no_grad():
-        for name, d in described.items():
-            layer = modules[name]
-            if d.quantizer is not None:  # an SQ layer: back to its plain class
-                layer.__class__ = plain[type(layer)]
-                del layer.quantizer
-                for attr in ("sq_mask", "sq_name", "_sq", "_sq_mask_step", "input_quantizer"):
-                    layer.__dict__.pop(attr, None)
-                layer._modules.pop("input_quantizer", None)  # the training module; InputQuantizer replaces it
-            parametrize.register_parametrization(layer, "weight", WeightFromCodes(d.codes, d.scale))
-            if d.input is not None:
-                layer.input_quantizer = InputQuantizer(*d.input)
-            if isinstance(layer, nn.Linear):  # quantizes its input itself, after flattening
-                layer.forward = types.MethodType(_linear_as_gemm, layer)
-            elif d.input is not None:
-                layer.register_forward_pre_hook(_quantize_input_hook)
-    if check_activations(activations) == "int8":
-        if any(isinstance(m, InputQuantizer) for m in net.modules()):
-            raise ExportError("activations='int8' calibrates 8-bit inputs for a model trained with float "
-                              "activations; this one quantizes its inputs itself (its own scales are exported "
-                              "with activations='float')")
-        batches = [b.detach().cpu().float() for b in (calibration or [])]
-        base, layers, kept_float = net, integer_layer_names(net), []
-        while True:  # a layer that cannot be an integer kernel stays float (a mixed graph, as quantize_static's)
-            try:
-                net = integer_deployable(copy.deepcopy(base), batches, layers)
-                break
-            except NotInteger as exc:
-                layers, kept_float = layers - {exc.layer}, kept_float + [exc.layer]
-        net.float_layers = kept_float
-    return net
 
 
 @contextlib.contextmanager
@@ -148,21 +90,6 @@ def check_batch(calibration: list[Tensor] | None, input_size: tuple[int, int, in
     return images if len(images) != 2 else images[:1]
 
 
-def _linear_as_gemm(layer: nn.Linear, x: Tensor) -> Tensor:
-    """``layer(x)`` on the rows of ``x`` flattened to 2-D, so that the graph holds ``Gemm``, not ``MatMul``.
-
-    onnxruntime's CPU provider fuses ``DequantizeLinear -> MatMul`` into ``MatMulNBits`` and
-    by default runs it on int8-quantized activations (accuracy level 4): a default session then
-    moves a ViT's logits by ~4e-3. It does not fuse ``DequantizeLinear -> Gemm``.
-    """
-    quantize = getattr(layer, "input_quantizer", None)
-    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if quantize is not None:  # after the Reshape: a Q/DQ pair before one confuses onnxruntime's QDQ propagation
-        rows = quantize(rows)
-    y = F.linear(rows, layer.weight, layer.bias)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], -1)
-
-
 # ---------------------------------------------------------------- export
 def default_input_size(model: nn.Module, config: dict | None = None) -> tuple[int, int, int]:
     """``(C, H, W)`` to trace ``model`` with: channels of its first conv; H, W from the run's
@@ -187,73 +114,6 @@ def parse_input_size(text: str) -> tuple[int, int, int]:
     if len(parts) != 3 or not all(p.strip().isascii() and p.strip().isdigit() and int(p) > 0 for p in parts):
         raise ExportError(f"--input-size={text!r}; allowed: three positive integers C,H,W, e.g. 3,224,224")
     return tuple(int(p) for p in parts)
-
-
-def store_int4(graph, int2: bool = False) -> int:
-    """Store every int8 weight-code initializer whose codes fit in [-8, 7] (every layer of 4 bits or
-    fewer) as an INT4 initializer, or with ``int2`` those that fit in [-2, 1] (ternary, binary) as
-    INT2, read through ``Cast(to=INT8)`` into its ``DequantizeLinear``.
-
-    The Cast runs once, when onnxruntime folds constants at load, so the graph keeps the
-    ``DequantizeLinear(int8) -> Conv`` pattern that its integer kernels fuse (a ``DequantizeLinear``
-    of INT4 itself is not fused: the convolution would run in float). INT4 needs opset 21, INT2
-    opset 25. Returns how many initializers were converted.
-    """
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in graph.initializer}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    converted = []
-    for node in graph.node:
-        name = node.input[0] if node.op_type == "DequantizeLinear" else None
-        if name not in inits or inits[name].data_type != onnx.TensorProto.INT8 or len(readers[name]) != 1:
-            continue
-        codes = numpy_helper.to_array(inits[name])
-        if codes.size == 0 or codes.min() < -8 or codes.max() > 7:
-            continue
-        bits = 2 if int2 and codes.min() >= -2 and codes.max() <= 1 else 4
-        per_byte = 8 // bits
-        fields = (codes.reshape(-1).astype(np.int8) & (2 ** bits - 1)).astype(np.uint8)
-        fields = np.concatenate([fields, np.zeros(-fields.size % per_byte, np.uint8)]).reshape(-1, per_byte)
-        packed = np.zeros(len(fields), np.uint8)
-        for j in range(per_byte):  # the first code in the lowest bits
-            packed |= fields[:, j] << (bits * j)
-        kind = onnx.TensorProto.INT2 if bits == 2 else onnx.TensorProto.INT4
-        inits[name].CopyFrom(onnx.TensorProto(name=name, data_type=kind, dims=codes.shape, raw_data=packed.tobytes()))
-        node.input[0] = f"{name}.int8"
-        converted.append(onnx.helper.make_node("Cast", [name], [node.input[0]], to=onnx.TensorProto.INT8,
-                                               name=f"{name}.cast"))
-    for i, cast in enumerate(converted):
-        graph.node.insert(i, cast)
-    return len(converted)
-
-
-def _tidy(graph) -> None:
-    """Drop Identity nodes (the exporter's aliases of initializers) and name the codes, scales
-    and zero points of a layer ``L`` ``L.weight.codes`` etc. (not ``L.parametrizations.weight.0.codes``)."""
-    outputs = {o.name for o in graph.output}
-    alias = {}
-    for node in list(graph.node):
-        if node.op_type == "Identity" and node.output[0] not in outputs:
-            alias[node.output[0]] = alias.get(node.input[0], node.input[0])
-            graph.node.remove(node)
-    renamed = {}
-    for init in graph.initializer:
-        tidy = init.name.replace(".parametrizations.weight.0.", ".weight.")
-        if tidy != init.name:
-            renamed[init.name] = tidy
-            init.name = tidy
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            source = alias.get(name, name)
-            source = renamed.get(source, source)
-            if source != name:
-                node.input[i] = source
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int, int] | None = None,
@@ -320,7 +180,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
         raise ExportError(f"torch.onnx.export failed for input size {input_size}: {_one_line(exc)[:300]}") from None
 
     graph_model = onnx.load(str(tmp))
-    _tidy(graph_model.graph)
+    tidy(graph_model.graph)
     try:
         if opset > TRACE_OPSET:
             from onnx import version_converter
@@ -376,57 +236,3 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
         info["wide_weight_codes"] = wide_weight_codes(net)
         info["cpu_vnni"] = cpu_has_vnni()
     return info
-
-
-def export_run_onnx(source: str | os.PathLike, out: str | os.PathLike, force: bool = False, keep_fp_bits: int = 32,
-                    input_size: tuple[int, int, int] | None = None, activations: str = "float",
-                    calib_batches: int = 8, opset: int = OPSET) -> dict:
-    """Rebuild the trained model of a run or checkpoint folder and :func:`export_onnx` it.
-
-    The input size defaults to the run's recipe (``data.image_size``, RUN/config.yaml). With
-    ``activations="int8"`` the ranges are calibrated on ``calib_batches`` batches of the run's
-    training data (its recipe's ``data``, ``data.batch_size`` each, a fixed shuffle), and the
-    result adds ``top1_onnx`` (onnxruntime, default session) and ``top1_model`` (the run's model
-    in torch) on the run's evaluation split, in percent.
-    """
-    keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
-    activations = check_activations(activations)
-    if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
-        raise ExportError(f"calib_batches={calib_batches!r}; allowed: an integer >= 1")
-    _require_onnx()
-    model, meta = load_run(source, force)
-    if input_size is None:
-        input_size = default_input_size(model, meta["config"])
-    extra = {"model": {"name": meta["model_name"], "kwargs": meta["model_kwargs"]}, "sq": {**meta["sq"],
-             "ratio": meta["ratio"]}, "source": str(meta["checkpoint"])}
-    calibration, evaluation = None, None
-    if activations == "int8":
-        calibration, evaluation = _run_data(meta, calib_batches)
-    info = export_onnx(model, out, input_size=input_size, keep_fp_bits=keep_fp_bits, sq_ratio=meta["ratio"],
-                       force=force, metadata=extra, activations=activations, calibration=calibration, opset=opset)
-    if evaluation is not None:
-        info.update(_top1(model, info["path"], evaluation, int(meta["config"]["data"]["batch_size"])))
-    return info
-
-
-def _run_data(meta: dict, calib_batches: int):
-    """(calibration batches from the run's training split, its evaluation set) from the run's recipe.
-
-    The calibration images are read as the evaluation reads them (no augmentation, the evaluation
-    transform: :func:`sqdist.data.eval_view`), a fixed subset (seed 0): two exports of one run are equal.
-    """
-    from ..data import build_datasets, eval_view
-
-    config = meta["config"]
-    if not config or "data" not in config:
-        raise ExportError(f"{meta['checkpoint']}: no config.yaml with a data section next to the checkpoint; "
-                          f"activations='int8' calibrates on the run's training data")
-    try:
-        train, evaluation = build_datasets(config)
-    except Exception as exc:  # a missing data.root and the like
-        raise ExportError(f"{meta['checkpoint']}: the run's data cannot be loaded ({_one_line(exc)[:200]})") from None
-    view = eval_view(train, evaluation)
-    batch = int(config["data"]["batch_size"])
-    order = torch.randperm(len(view), generator=torch.Generator().manual_seed(0))[: calib_batches * batch]
-    calibration = [torch.stack([view[int(i)][0] for i in chunk]) for chunk in order.split(batch)]
-    return calibration, evaluation

@@ -335,35 +335,6 @@ def remove_ir(path: str | os.PathLike) -> None:
     path.with_suffix(".bin").unlink(missing_ok=True)
 
 
-def export_run_openvino(source: str | os.PathLike, out: str | os.PathLike, force: bool = False,
-                        keep_fp_bits: int = 32, input_size: tuple[int, int, int] | None = None,
-                        activations: str = "float", calib_batches: int = 8) -> dict:
-    """Rebuild the trained model of a run or checkpoint folder and :func:`export_openvino` it; as
-    :func:`sqdist.export.export_run_onnx`, with ``activations="int8"`` calibrated on the run's training
-    data and the result's ``top1_openvino``, ``top1_model`` and ``agreement`` on its evaluation split."""
-    from .onnx_writer import _run_data, default_input_size
-    from .run import load_run
-
-    require_openvino()
-    keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
-    activations = check_activations(activations)
-    if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
-        raise ExportError(f"calib_batches={calib_batches!r}; allowed: an integer >= 1")
-    model, meta = load_run(source, force)
-    if input_size is None:
-        input_size = default_input_size(model, meta["config"])
-    extra = {"model": {"name": meta["model_name"], "kwargs": meta["model_kwargs"]},
-             "sq": {**meta["sq"], "ratio": meta["ratio"]}, "source": str(meta["checkpoint"])}
-    calibration = evaluation = None
-    if activations == "int8":
-        calibration, evaluation = _run_data(meta, calib_batches)
-    info = export_openvino(model, out, input_size=input_size, keep_fp_bits=keep_fp_bits, sq_ratio=meta["ratio"],
-                           force=force, metadata=extra, activations=activations, calibration=calibration)
-    if evaluation is not None:
-        info.update(top1_openvino(model, info["path"], evaluation, int(meta["config"]["data"]["batch_size"])))
-    return info
-
-
 @torch.no_grad()
 def top1_openvino(model: nn.Module, path: str | os.PathLike, evaluation, batch_size: int) -> dict:
     """Top-1 (percent) of the IR in OpenVINO (CPU, float32 float parts) and of ``model`` on

@@ -11,7 +11,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from .._version import __version__
+from ..version import __version__
 from .bits import pack_codes, pack_indexed
 from .deployable import _sq_layers, aliases, check_ratio, deployable_layers
 from .format import (FORMAT, FORMAT_VERSION, INPUTS_VERSION, LEVELS_VERSION, ExportError, _crc32, _dtype_name,

@@ -1,82 +1,29 @@
-"""Run and checkpoint folders: rebuild a trained SQ model from one (:func:`load_run`) and write
-its packed file (:func:`export_run`)."""
+"""The command line's side of export, the only one that knows run folders and datasets: rebuild a
+trained SQ model from a run or checkpoint folder (:func:`load_run`), write its packed file
+(:func:`export_run`) or its ONNX graph (:func:`export_run_onnx`, 8-bit activations calibrated on the
+run's data: :func:`run_data`). The writers take a model and tensors; the folders and ``meta.json``
+belong to :mod:`sqdist.runs`."""
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
+import torch
 from torch import nn
 
+from ..runs import read_config, read_meta, resolve_checkpoint  # noqa: F401 - resolve_checkpoint re-exported
 from .deployable import _sq_layers
 from .format import ExportError, _load_safetensors, _load_strict, _one_line, check_keep_fp_bits
+from .int8 import check_activations
+from .onnx_check import _require_onnx, _top1
+from .onnx_writer import OPSET, default_input_size, export_onnx
 from .packed import export_model
 
 
-def _read_meta(ckpt: Path) -> dict:
-    meta_path = ckpt / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{meta_path}: not found; pass a run folder or a checkpoint folder holding "
-                          f"model.safetensors and meta.json") from None
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{meta_path}: not valid JSON ({exc})") from None
-
-    def get(dotted: str, kind: type | tuple):
-        node = meta
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise ExportError(f"{meta_path}: key {dotted!r} missing")
-            node = node[part]
-        if not isinstance(node, kind) or (kind is not bool and isinstance(node, bool)):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise ExportError(f"{meta_path}: {dotted}={node!r}; allowed: a {names}")
-        return node
-
-    out = {"path": meta_path, "model_name": get("model.name", str), "model_kwargs": get("model.kwargs", dict),
-           "enabled": get("quant.enabled", bool), "sq": meta.get("sq") or {}}
-    if out["enabled"]:
-        out.update(quantizer=get("quant.name", str), params=get("quant.params", dict),
-                   layers=get("quant.layers", list), ratio=get("sq.ratio", (int, float)),
-                   activations=meta["quant"].get("activations") or {})
-        if not isinstance(out["activations"], dict):
-            raise ExportError(f"{meta_path}: quant.activations={out['activations']!r}; allowed: a dict")
-        if out["quantizer"] == "kbit" and "scale" not in out["params"]:
-            out["params"] = {**out["params"], "scale": "max"}  # runs from before kbit had a scale choice
-    return out
-
-
-def resolve_checkpoint(source: str | os.PathLike) -> Path:
-    """The checkpoint folder (``model.safetensors`` + ``meta.json``) that ``source`` names.
-
-    ``source`` is a run folder (its ``final/`` is used), a checkpoint folder, or the
-    ``model.safetensors`` file inside one.
-    """
-    src = Path(source)
-    if src.is_file() and src.name == "model.safetensors":
-        return src.parent
-    if src.is_file():
-        raise ExportError(f"{src}: a file, not a run or checkpoint folder; pass a run folder (its final/ is used), "
-                          f"a checkpoint folder, or the model.safetensors inside one (--check reads an export)")
-    if not src.is_dir():
-        raise ExportError(f"{src}: no such run or checkpoint folder")
-    if (src / "meta.json").exists():
-        return src
-    if (src / "final").is_dir():
-        return src / "final"
-    hint = ""
-    latest = src / "checkpoints" / "latest"
-    if latest.is_file():
-        hint = f"; training has not finished: pass a checkpoint, e.g. {src / 'checkpoints' / latest.read_text().strip()}"
-    raise ExportError(f"{src}: neither a checkpoint folder (meta.json) nor a run folder with final/{hint}")
-
-
-def load_run(source: str | os.PathLike, force: bool = False, allow_float: bool = False) -> tuple[nn.Module, dict]:
+def load_run(source: str | os.PathLike, force: bool = False) -> tuple[nn.Module, dict]:
     """The trained SQ model of a run or checkpoint folder, in eval mode, and what its ``meta.json`` says.
 
-    Refuses (:class:`ExportError`) a full-precision run unless ``allow_float`` (then the plain timm
-    model is returned, ``meta["enabled"]`` False), and one whose SQ ratio is below 1 unless ``force``. The returned dict holds ``model_name``, ``model_kwargs``, ``ratio``,
+    Refuses (:class:`ExportError`) a full-precision run, and one whose SQ ratio is below 1
+    unless ``force``. The returned dict holds ``model_name``, ``model_kwargs``, ``ratio``,
     ``sq``, ``checkpoint`` (the folder) and ``config`` (the run's ``config.yaml`` as a dict,
     or None when the run folder has none).
     """
@@ -86,10 +33,13 @@ def load_run(source: str | os.PathLike, force: bool = False, allow_float: bool =
     from ..sq import SQConfig
 
     ckpt = resolve_checkpoint(source)
-    meta = _read_meta(ckpt)
-    if not meta["enabled"] and not allow_float:
+    run = read_meta(ckpt)
+    meta = {"path": run.path, "model_name": run.model_name, "model_kwargs": run.model_kwargs, "enabled": run.enabled,
+            "sq": run.sq, "quantizer": run.quantizer, "params": run.params, "layers": run.layers,
+            "ratio": run.ratio, "activations": run.activations}
+    if not meta["enabled"]:
         raise ExportError(f"{meta['path']}: quant.enabled is false (a full-precision run): there is nothing to pack")
-    if meta["enabled"] and meta["ratio"] < 1.0 and not force:
+    if meta["ratio"] < 1.0 and not force:
         raise ExportError(f"{meta['path']}: sq.ratio={meta['ratio']:g} < 1.0, so training had not reached the "
                           f"fully quantized stage and the exported model differs from the trained one; "
                           f"finish training or pass --force")
@@ -98,8 +48,6 @@ def load_run(source: str | os.PathLike, force: bool = False, allow_float: bool =
     except Exception as exc:  # unknown name or kwargs: timm raises several types
         raise ExportError(f"{meta['path']}: timm.create_model({meta['model_name']!r}, **{meta['model_kwargs']}) "
                           f"failed: {_one_line(exc)}") from None
-    if not meta["enabled"]:
-        return _load_weights(model, ckpt), {**meta, "ratio": 0.0, "checkpoint": ckpt, "config": _run_config(ckpt)}
     act = {k: v for k, v in meta["activations"].items() if k not in ("name", "layers")}
     try:
         sq = quantize_model(model, QuantConfig(quantizer=meta["quantizer"], params=meta["params"],
@@ -116,28 +64,10 @@ def load_run(source: str | os.PathLike, force: bool = False, allow_float: bool =
     if meta["activations"] and list(sq.activation_quantizers) != list(meta["activations"].get("layers", [])):
         raise ExportError(f"{meta['path']}: quant.activations.layers does not match the layers whose input "
                           f"{meta['model_name']} quantizes ({list(sq.activation_quantizers)[:3]}...)")
-    return _load_weights(model, ckpt), {**meta, "ratio": float(meta["ratio"]), "checkpoint": ckpt, "config": _run_config(ckpt)}
-
-
-def _load_weights(model: nn.Module, ckpt: Path) -> nn.Module:
     weights = ckpt / "model.safetensors"
     _load_strict(model, _load_safetensors(weights), str(weights))
-    return model.eval()
-
-
-def _run_config(ckpt: Path) -> dict | None:
-    """The recipe the run was trained with (RUN/config.yaml), for the input size; None if absent."""
-    import yaml
-
-    for folder in (ckpt.parent, ckpt.parent.parent):  # RUN/final, RUN/checkpoints/step-N
-        path = folder / "config.yaml"
-        if path.is_file():
-            try:
-                config = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as exc:
-                raise ExportError(f"{path}: not valid YAML ({_one_line(exc)[:200]})") from None
-            return config if isinstance(config, dict) else None
-    return None
+    model.eval()
+    return model, {**meta, "ratio": float(meta["ratio"]), "checkpoint": ckpt, "config": read_config(ckpt)}
 
 
 def export_run(source: str | os.PathLike, out: str | os.PathLike, force: bool = False, keep_fp_bits: int = 32) -> dict:
@@ -146,3 +76,85 @@ def export_run(source: str | os.PathLike, out: str | os.PathLike, force: bool = 
     model, meta = load_run(source, force)
     return export_model(model, out, model_name=meta["model_name"], model_kwargs=meta["model_kwargs"],
                         sq_ratio=meta["ratio"], force=force, sq=meta["sq"], keep_fp_bits=keep_fp_bits)
+
+
+def export_run_onnx(source: str | os.PathLike, out: str | os.PathLike, force: bool = False, keep_fp_bits: int = 32,
+                    input_size: tuple[int, int, int] | None = None, activations: str = "float",
+                    calib_batches: int = 8, opset: int = OPSET) -> dict:
+    """Rebuild the trained model of a run or checkpoint folder and :func:`export_onnx` it.
+
+    The input size defaults to the run's recipe (``data.image_size``, RUN/config.yaml). With
+    ``activations="int8"`` the ranges are calibrated on ``calib_batches`` batches of the run's
+    training data (its recipe's ``data``, ``data.batch_size`` each, a fixed shuffle), and the
+    result adds ``top1_onnx`` (onnxruntime, default session) and ``top1_model`` (the run's model
+    in torch) on the run's evaluation split, in percent.
+    """
+    keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
+    activations = check_activations(activations)
+    if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
+        raise ExportError(f"calib_batches={calib_batches!r}; allowed: an integer >= 1")
+    _require_onnx()
+    model, meta = load_run(source, force)
+    if input_size is None:
+        input_size = default_input_size(model, meta["config"])
+    extra = {"model": {"name": meta["model_name"], "kwargs": meta["model_kwargs"]}, "sq": {**meta["sq"],
+             "ratio": meta["ratio"]}, "source": str(meta["checkpoint"])}
+    calibration, evaluation = None, None
+    if activations == "int8":
+        calibration, evaluation = run_data(meta, calib_batches)
+    info = export_onnx(model, out, input_size=input_size, keep_fp_bits=keep_fp_bits, sq_ratio=meta["ratio"],
+                       force=force, metadata=extra, activations=activations, calibration=calibration, opset=opset)
+    if evaluation is not None:
+        info.update(_top1(model, info["path"], evaluation, int(meta["config"]["data"]["batch_size"])))
+    return info
+
+
+def run_data(meta: dict, calib_batches: int):
+    """(calibration batches from the run's training split, its evaluation set) from the run's recipe.
+
+    The calibration images are read as the evaluation reads them (no augmentation, the evaluation
+    transform: :func:`sqdist.data.eval_view`), a fixed subset (seed 0): two exports of one run are equal.
+    """
+    from ..data import build_datasets, eval_view
+
+    config = meta["config"]
+    if not config or "data" not in config:
+        raise ExportError(f"{meta['checkpoint']}: no config.yaml with a data section next to the checkpoint; "
+                          f"activations='int8' calibrates on the run's training data")
+    try:
+        train, evaluation = build_datasets(config)
+    except Exception as exc:  # a missing data.root and the like
+        raise ExportError(f"{meta['checkpoint']}: the run's data cannot be loaded ({_one_line(exc)[:200]})") from None
+    view = eval_view(train, evaluation)
+    batch = int(config["data"]["batch_size"])
+    order = torch.randperm(len(view), generator=torch.Generator().manual_seed(0))[: calib_batches * batch]
+    calibration = [torch.stack([view[int(i)][0] for i in chunk]) for chunk in order.split(batch)]
+    return calibration, evaluation
+
+
+def export_run_openvino(source: str | os.PathLike, out: str | os.PathLike, force: bool = False,
+                        keep_fp_bits: int = 32, input_size: tuple[int, int, int] | None = None,
+                        activations: str = "float", calib_batches: int = 8) -> dict:
+    """Rebuild the trained model of a run or checkpoint folder and :func:`export_openvino` it; as
+    :func:`sqdist.export.export_run_onnx`, with ``activations="int8"`` calibrated on the run's training
+    data and the result's ``top1_openvino``, ``top1_model`` and ``agreement`` on its evaluation split."""
+    from .openvino import export_openvino, require_openvino, top1_openvino
+
+    require_openvino()
+    keep_fp_bits = check_keep_fp_bits(keep_fp_bits)
+    activations = check_activations(activations)
+    if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
+        raise ExportError(f"calib_batches={calib_batches!r}; allowed: an integer >= 1")
+    model, meta = load_run(source, force)
+    if input_size is None:
+        input_size = default_input_size(model, meta["config"])
+    extra = {"model": {"name": meta["model_name"], "kwargs": meta["model_kwargs"]},
+             "sq": {**meta["sq"], "ratio": meta["ratio"]}, "source": str(meta["checkpoint"])}
+    calibration = evaluation = None
+    if activations == "int8":
+        calibration, evaluation = run_data(meta, calib_batches)
+    info = export_openvino(model, out, input_size=input_size, keep_fp_bits=keep_fp_bits, sq_ratio=meta["ratio"],
+                           force=force, metadata=extra, activations=activations, calibration=calibration)
+    if evaluation is not None:
+        info.update(top1_openvino(model, info["path"], evaluation, int(meta["config"]["data"]["batch_size"])))
+    return info

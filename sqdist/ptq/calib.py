@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..compress.layers import input_rows
+from ..calibration import input_rows
 
 ROWS_PER_STEP = 1 << 26   # bound the unfolded (rows, width) intermediate to ~64M values
 

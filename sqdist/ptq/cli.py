@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from ..compress.cli import OneLineParser, report_error
+from ..cli import OneLineParser, report_error
 from ..config import RecipeError
-from ..export import ExportError, check_keep_fp_bits, export_model, load_quantized, resolve_checkpoint
-from ..export.format import _one_line
-from ..export.run import _read_meta
+from ..export import ExportError, check_keep_fp_bits, export_model, load_quantized
+from ..files import one_line
+from ..runs import load_weights, read_meta, resolve_checkpoint, run_recipe
 from .gptq import METHODS
 from .budget import layer_bytes
 from .walk import MIXED, QUANTIZERS, PTQConfig, ptq_model
@@ -177,19 +177,20 @@ def _budget(args) -> dict:
 def run(args, on_stage=None) -> int:
     """The command, on every rank. ``on_stage("final", model)`` is called on every rank with the
     quantized network (BN re-estimated) before rank 0 writes it."""
-    from ..compress.cli import _load_model, _recipe
     from ..data import EpochBatches, build_datasets
     from ..train.engine import make_accelerator
     from ..train import evaluate, recalibrate_bn
 
     config, keep_fp_bits = _validate(args)
     ckpt = resolve_checkpoint(args.source)
-    meta = _read_meta(ckpt)
-    if meta["enabled"]:
-        raise PTQError(f"{meta['path']}: quant.enabled is true (a low-bit run); quantize a full-precision run "
+    meta = read_meta(ckpt)
+    if meta.enabled:
+        raise PTQError(f"{meta.path}: quant.enabled is true (a low-bit run); quantize a full-precision run "
                        f"(quant.enabled: false), e.g. one of recipes/digits_fp.yaml")
-    model = _load_model(ckpt, meta)
-    recipe = _recipe(ckpt, meta, list(args.overrides))
+    model = load_weights(ckpt, meta, PTQError)
+    recipe = run_recipe(ckpt, meta, list(args.overrides))
+    # quantization is plain fp32 data parallelism whatever engine trained the run
+    recipe["engine"].update(name="ddp", mixed_precision="no", grad_accum=1)
     if args.seed is None:
         config = PTQConfig(**{**config.to_dict(), "seed": recipe["train"]["seed"]})
     bn_batches = args.bn_recalibrate if args.bn_recalibrate is not None else (recipe["train"]["bn_recalibrate"] or 10)
@@ -208,7 +209,7 @@ def run(args, on_stage=None) -> int:
         records = ptq_model(model, train_set, config, device=device, batch_size=batch, workers=workers,
                             progress=recipe["train"]["progress"] and not args.no_progress and not args.json)
     except ValueError as exc:  # nothing to quantize in this architecture
-        raise PTQError(f"{meta['model_name']}: {_one_line(exc)}") from None
+        raise PTQError(f"{meta.model_name}: {one_line(exc)}") from None
     if bn_batches:
         batches = EpochBatches(len(train_set), batch, config.seed, rank, world).batches(0)
         recalibrate_bn(model, train_set, batches, device, bn_batches, workers, seed=config.seed)
@@ -245,7 +246,7 @@ def run(args, on_stage=None) -> int:
                                metadata={"ptq": sq["ptq"]})
             diff = info["max_abs_diff"]
         else:
-            info = export_model(model, out, model_name=meta["model_name"], model_kwargs=meta["model_kwargs"],
+            info = export_model(model, out, model_name=meta.model_name, model_kwargs=meta.model_kwargs,
                                 sq_ratio=1.0, sq=sq, keep_fp_bits=keep_fp_bits)
             with torch.no_grad():
                 expected = model(x.to(device)).cpu()
@@ -262,7 +263,7 @@ def run(args, on_stage=None) -> int:
             shown = (f"{summary['avg_bits']:.3f} bits per weight ({_counts(bits)})" if budgeted
                      else f"{config.quantizer} {bits} bit(s)")
             print(f"{config.method} {shown}, {len(records)} layers of "
-                  f"{meta['model_name']}: top-1 {top1_fp:.2f}% (fp32) -> {top1:.2f}%; summed layer output error "
+                  f"{meta.model_name}: top-1 {top1_fp:.2f}% (fp32) -> {top1:.2f}%; summed layer output error "
                   f"{summary['layer_output_error_sum']:.4f}")
             print(f"wrote {out}: {info['bytes'] / 1e6:.3f} MB; reload: max |logit difference| {diff}")
     accelerator.wait_for_everyone()

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import QuantConfig, Quantizer, SQConfig, create_quantizer, quantize_model
-from ..compress.layers import candidate_layers, execution_order, output_error
-from ..compress.walk import _all_reduce, _broadcast, _world, calibration_chunks
+from ..calibration import calibration_chunks, candidate_layers, execution_order, output_error
+from ..dist import all_reduce_, broadcast_, rank_and_world
 from ..data import loader
 from .calib import InputStatistics, NotTraceable, call_counts, per_layer_statistics, staged_walk, trace
 from .adaround import AdaRoundConfig
@@ -165,7 +165,7 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
     if config.method == "adaround" and config.quantizer == "bwn":
         raise ValueError("method='adaround' with quantizer 'bwn' (no zero code to round to); allowed: kbit, twn")
     quantizer = create_quantizer(config.quantizer, **dict(config.params)).to(device)
-    rank, world = _world()
+    rank, world = rank_and_world()
     chunks = calibration_chunks(train_set, config.calib_images, batch_size, config.seed)
     mine = [x.to(device) for x, _ in loader(train_set, chunks[rank::world], workers, seed=config.seed)]
     first = mine[0] if mine else next(iter(loader(train_set, chunks[:1], 0, seed=config.seed)))[0].to(device)
@@ -186,7 +186,7 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
 
     def quantize(name: str, stats: InputStatistics) -> None:
         for t in stats.tensors():
-            _all_reduce(t)
+            all_reduce_(t)
         module = modules[name]
         centred = config.centred and name in feeds_bn
         hessian = stats.hessian(centred)
@@ -203,8 +203,8 @@ def ptq_model(model: nn.Module, train_set, config: PTQConfig, *, device, batch_s
                                    adaround=AdaRoundConfig(iters=config.adaround_iters, reg=config.adaround_reg))
             codes.copy_(c)
             scale.copy_(s)
-        _broadcast(codes)
-        _broadcast(scale)
+        broadcast_(codes)
+        broadcast_(scale)
         with torch.no_grad():
             module.weight.copy_((codes * scale[:, None]).reshape(weight.shape))
         decided[name] = (codes, scale)
@@ -327,8 +327,8 @@ def reestimate_batchnorm(module: nn.Module, inputs: list[Tensor]) -> None:
         sums[0] += flat.sum(1)
         sums[1] += (flat * flat).sum(1)
         count += flat.shape[1]
-    _all_reduce(sums)
-    _all_reduce(count)
+    all_reduce_(sums)
+    all_reduce_(count)
     if not bool(count > 1):
         return
     mean = sums[0] / count

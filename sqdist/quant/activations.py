@@ -27,11 +27,12 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .hooks import QuantizerHooks
 from .steps import initial_step, positive_step
 from .weights import lsq_quantize
 from .registry import register_activation_quantizer
 
-class ActivationQuantizer(nn.Module):
+class ActivationQuantizer(QuantizerHooks, nn.Module):
     """Base class of activation quantizers (per tensor).
 
     A subclass sets :attr:`qmin`/:attr:`qmax` through :meth:`levels`, implements

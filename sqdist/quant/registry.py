@@ -14,6 +14,8 @@ import inspect
 from importlib.metadata import entry_points
 from typing import Callable
 
+from .hooks import keep_mixin_hooks
+
 ENTRY_POINT_GROUP = "sqdist.quantizers"
 ACTIVATION_ENTRY_POINT_GROUP = "sqdist.activation_quantizers"
 
@@ -28,6 +30,7 @@ def _register(table: dict[str, type], kind: str, name: str) -> Callable[[type], 
         existing = table.get(name)
         if existing is not None and existing is not cls:
             raise ValueError(f"{kind} name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        keep_mixin_hooks(cls, f"{kind} {name!r}")
         cls.quantizer_name = name
         table[name] = cls
         return cls

@@ -18,6 +18,7 @@ from .kbit_mse import (MSE_GRID, kbit_codes_at_ratio, kbit_mse_ratio, kbit_mse_r
                        kbit_values_at_ratio)
 from .lsq import (grad_scale, lsq_quantize, lsq_quantize_reference, round_pass,  # noqa: F401 (public here)
                   straight_through)
+from .hooks import QuantizerHooks
 from .registry import register_quantizer
 from .steps import initial_step, positive_step
 
@@ -77,7 +78,7 @@ def quantization_error(w: Tensor, q: Tensor, granularity: str = "channel") -> Te
 
 
 # ---------------------------------------------------------------- modules
-class Quantizer(nn.Module):
+class Quantizer(QuantizerHooks, nn.Module):
     """Base class of weight quantizers.
 
     Subclasses implement :meth:`quantize_codes`; everything else follows: :meth:`quantize`

@@ -8,9 +8,10 @@ import random
 import numpy as np
 import torch
 
-from .._version import __version__
+from ..version import __version__
 from ..config import RecipeError, bits_label
 from ..nn import QuantConfig, SQController, quantize_model
+from ..runs import RunMeta
 from ..quant.activations import ActivationQuantizer
 from ..quant.weights import Quantizer
 from ..sq import SQConfig
@@ -48,7 +49,8 @@ def build_model(recipe: dict, rank: int = 0) -> tuple[torch.nn.Module, SQControl
 
 
 def model_meta(recipe: dict, controller: SQController | None, trained: tuple[int, float] | None = None) -> dict:
-    """What export and evaluation need to rebuild the model from a checkpoint.
+    """What export and evaluation need to rebuild the model from a checkpoint: the ``meta.json``
+    content (:class:`sqdist.runs.RunMeta`).
 
     ``trained``: (stage, ratio) of the last step the weights were trained at; the SQ
     ratio recorded is that one, not the ratio of a stage about to begin.
@@ -62,14 +64,11 @@ def model_meta(recipe: dict, controller: SQController | None, trained: tuple[int
         if acts:
             first = next(iter(acts.values()))
             activations = {"name": first.quantizer_name, **first.config(), "layers": list(acts)}
-    return {
-        "model": {"name": recipe["model"]["name"], "kwargs": recipe["model"]["kwargs"]},
-        "quant": {"enabled": controller is not None, "name": q["name"], "params": params,
-                  "layers": list(controller.layers) if controller else [], "activations": activations,
-                  "bits": bits_label(recipe)},
-        "sq": {"ratio": ratio if controller else 0.0, "stage": stage if controller else 0},
-        "sqdist_version": __version__,
-    }
+    return RunMeta(model_name=recipe["model"]["name"], model_kwargs=recipe["model"]["kwargs"],
+                   enabled=controller is not None, quantizer=q["name"], params=params,
+                   layers=list(controller.layers) if controller else [], activations=activations,
+                   bits=bits_label(recipe), sq={"ratio": ratio if controller else 0.0, "stage": stage if controller else 0},
+                   sqdist_version=__version__).to_json()
 
 
 def lr_factor(step: int, recipe: dict, steps_per_epoch: int, total_steps: int) -> float:
@@ -157,19 +156,8 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------- quantizer hooks
-# A quantizer (weight or activation) may define any of these methods; the trainer calls
-# them on every quantizer module that has them, so a method with a schedule, a loss term
-# or per-layer statistics needs no trainer of its own (the SLB and SRQ plugins use them):
-#   set_progress(step, total_steps, steps_per_epoch)  before every optimizer step (and
-#       before each evaluation, with the steps trained): a schedule as a pure function of
-#       the step, so a resumed run continues it exactly.
-#   regularization() -> Tensor | None  added to the loss of every micro-batch.
-#   recalibrate_bn_after_epoch(epoch) -> bool  after epoch ``epoch`` (0-based) ends: when
-#       any layer's quantizer says so, BN statistics are re-estimated for the network as
-#       evaluated, on train.bn_recalibrate batches (HOOK_BN_BATCHES when that is 0).
-#   metrics() -> dict[str, float]  logged as ``quant/<module>/<key>`` with each log line.
-#   set_run_seed(seed)  once, after the model is built (and resumed): ``train.seed``, the same on
-#       every rank (the global RNG is seeded ``seed + rank``), for a quantizer's own draws.
+# The hooks the trainer calls on every weight and activation quantizer module are the methods of
+# sqdist.quant.hooks.QuantizerHooks (a base of both; no-ops by default, a docstring each).
 # ``bits`` (an int, possibly changing during training) is read at the end of the run:
 # summary.json gets ``layer_bits`` {layer: bits} and ``avg_weight_bits`` (weighted by the
 # number of weights) for every quantized run.

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import dist as sqdist_dist
+from ..runs import write_meta
 
 
 def _barrier():
@@ -63,8 +64,7 @@ def save_checkpoint(run_dir: str, step: int, *, model_state: dict, optimizer_sta
         save_state_dict(model_state, os.path.join(tmp, "model.safetensors"))
         if optimizer_state is not None:
             torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
+        write_meta(tmp, meta)
     _barrier()
     if rank == 0:
         if os.path.exists(final):  # the same step saved again after a resume

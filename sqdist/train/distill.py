@@ -39,18 +39,21 @@ def load_teacher(recipe: dict, student: nn.Module, x: torch.Tensor, device: torc
     trained on other data or another input size (its ``config.yaml``), one with another number of classes
     than ``student``, and one that cannot run ``x`` (a batch of this recipe's inputs).
     """
-    from ..export import ExportError
-    from ..export.run import load_run
+    from ..export import load_run
+    from ..files import ExportError
+    from ..runs import load_weights, read_config, read_meta, resolve_checkpoint
 
     source = recipe["train"]["distill"]["teacher"]
     if source is None:
         return None
     key = f"train.distill.teacher={source!r}"
     try:
-        teacher, meta = load_run(source, allow_float=True)
+        ckpt = resolve_checkpoint(source)
+        meta = read_meta(ckpt)
+        teacher = load_run(ckpt)[0] if meta.enabled else load_weights(ckpt, meta)
     except ExportError as exc:
         raise RecipeError(f"{key}: {exc}") from None
-    config = meta["config"] or {}
+    config = read_config(ckpt) or {}
     for section, name in (("data", "name"), ("data", "image_size")):
         theirs, ours = (config.get(section) or {}).get(name), recipe[section][name]
         if theirs is not None and theirs != ours:
@@ -62,10 +65,10 @@ def load_teacher(recipe: dict, student: nn.Module, x: torch.Tensor, device: torc
             out = teacher(x.to(device))
     except Exception as exc:  # another in_chans, an input the network cannot take
         message = " ".join(str(exc).split())[:200]
-        raise RecipeError(f"{key}: the teacher ({meta['model_name']}) cannot run this recipe's inputs "
+        raise RecipeError(f"{key}: the teacher ({meta.model_name}) cannot run this recipe's inputs "
                           f"{tuple(x.shape[1:])}: {message}") from None
     classes = getattr(student, "num_classes", None)
     if out.ndim != 2 or (classes is not None and out.shape[1] != classes):
-        raise RecipeError(f"{key}: the teacher ({meta['model_name']}) gives {out.shape[-1]} logits, the student "
+        raise RecipeError(f"{key}: the teacher ({meta.model_name}) gives {out.shape[-1]} logits, the student "
                           f"{classes}; allowed: a teacher with the student's number of classes")
     return teacher

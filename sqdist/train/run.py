@@ -14,6 +14,7 @@ from ..config import RecipeError, bits_label, dump_recipe
 from ..data import EpochBatches, build_datasets, loader
 from ..nn import SQController
 from ..quant.activations import ActivationQuantizer, calibrate_activations
+from ..runs import write_meta
 from .build import (build_model, call_hooks, layer_bits, model_meta, optimizer_param_groups, quantizer_modules, rng_state,
                     set_rng_state)
 from .distill import load_teacher
@@ -205,8 +206,7 @@ def finish(run: Run, final_acc: float, seconds: float) -> dict:
         final_dir = os.path.join(run_dir, "final")
         os.makedirs(final_dir, exist_ok=True)
         save_state_dict(final_state, os.path.join(final_dir, "model.safetensors"))
-        with open(os.path.join(final_dir, "meta.json"), "w") as f:
-            json.dump(model_meta(recipe, sq, run.trained), f, indent=1)
+        write_meta(final_dir, model_meta(recipe, sq, run.trained))
         tmp = os.path.join(run_dir, "summary.json.tmp")
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=1)

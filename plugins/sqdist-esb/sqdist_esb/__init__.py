@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sqdist import ActivationQuantizer, Quantizer
-from sqdist.quant.steps import positive_step
-from sqdist.quant.weights import grad_scale
+from sqdist.plugin import (ActivationQuantizer, Quantizer, QuantizerError, grad_scale, kernel_backend, kernel_mode,
+                           load_source, positive_step)
 
 # The authors' fixed alpha (autoqnn esb.py ``alpha_list``): ALPHA_TABLE[b - 2][m], None where they have none
 ALPHA_TABLE = [[1.2240],
@@ -156,8 +155,6 @@ def esb_refit_scale(w: Tensor, levels: Tensor, previous: Tensor, linear_bits: in
 def kernel():
     """The compiled CPU form of :func:`esb_codes_refined` (``esb_cpu.cpp``, built on first use), or None
     where it cannot be built."""
-    from sqdist.quant.kernels._build import load_source
-
     return load_source(Path(__file__).with_name("esb_cpu.cpp"))
 
 
@@ -170,13 +167,11 @@ def esb_codes_refined(w: Tensor, levels: Tensor, scale: Tensor, linear_bits: int
     ``SQDIST_KERNELS`` auto or cpu) the compiled ``esb_cpu.cpp`` (two passes a row), on CUDA its Triton twin
     (``esb_triton.py``), else :func:`esb_codes_refined_reference`: the same levels, and the same scales except
     where the two summation orders (both in double, about 1e-13 relative apart) round across a float32 boundary."""
-    from sqdist.quant import kernels
-
-    if (w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and kernels.mode() in ("auto", "cpu")
+    if (w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and kernel_mode() in ("auto", "cpu")
             and kernel() is not None):
         out, s = kernel().refined(w.detach(), scale.detach(), linear_bits, float(levels[-1]), values)
         return out, s
-    if w.dtype == torch.float32 and w.dim() == 2 and kernels.backend_for(w) == "triton":
+    if w.dtype == torch.float32 and w.dim() == 2 and kernel_backend(w) == "triton":
         from .esb_triton import refined
 
         return refined(w.detach(), scale.detach(), linear_bits, float(levels[-1]), values)
@@ -435,9 +430,7 @@ class ESBActivation(ActivationQuantizer):
             return (self._project(x.float(), s) * s).to(x.dtype)
 
     def activation_qparams(self):
-        from sqdist.export import ExportError
-
-        raise ExportError("esb activations are non-uniform; the packed format and ONNX hold uniform "
+        raise QuantizerError("esb activations are non-uniform; the packed format and ONNX hold uniform "
                           "quantized inputs only; allowed: export with a uniform activation quantizer (lsq, pact)")
 
     def config(self):

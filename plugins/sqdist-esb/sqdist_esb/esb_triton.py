@@ -1,5 +1,5 @@
 """ESB's quantization between two scale searches on the GPU: :func:`sqdist_esb.esb_codes_refined` as a Triton
-kernel, held to :func:`sqdist_esb.esb_codes_refined_reference` (``tests/test_triton.py``), the Triton twin of
+kernel, held to :func:`sqdist_esb.esb_codes_refined_reference` (``tests/quant/test_triton.py``), the Triton twin of
 ``esb_cpu.cpp``. Imported only where a tensor asks for it (it imports triton).
 
 Two passes a row: the levels ``c = esb_round(w / scale)`` (|v| with its float mantissa rounded to

@@ -15,7 +15,7 @@ shift. Three quantizers, each reachable by name through an entry point
 import torch
 from torch import nn
 
-from sqdist import ActivationQuantizer, Quantizer
+from sqdist.plugin import ActivationQuantizer, Quantizer
 
 
 def _check_bits(name, bits):

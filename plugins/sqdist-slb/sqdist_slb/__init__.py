@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sqdist import Quantizer
-from sqdist.config import RecipeError
+from sqdist.plugin import Quantizer, QuantizerError, kernel_mode, load_source
 
 BITS = (1, 2, 3, 4)
 INITS = ("he", "weight", "normal")
@@ -88,8 +87,6 @@ class _Expectation1Bit(torch.autograd.Function):
 
 def kernel():
     """The compiled CPU expectation (``slb_cpu.cpp``, built on first use), or None where it cannot be built."""
-    from sqdist.quant.kernels._build import load_source
-
     return load_source(Path(__file__).with_name("slb_cpu.cpp"))
 
 
@@ -174,10 +171,10 @@ class _HardLevelsKernel(torch.autograd.Function):
 
 
 def _use_kernel(logits: Tensor) -> bool:
-    m = os.environ.get("SQDIST_SLB_KERNEL", "auto")
-    if m not in ("auto", "cpu", "torch"):
-        raise ValueError(f"SQDIST_SLB_KERNEL={m!r}; allowed: auto, cpu, torch")
-    return (m != "torch" and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64)
+    m = kernel_mode("SQDIST_SLB_KERNEL")  # SQDIST_KERNELS; the old variable's torch is the reference
+    if m not in ("auto", "cpu", "torch", "reference", "cuda", "triton"):
+        raise ValueError(f"SQDIST_SLB_KERNEL={m!r}; allowed: auto, cpu, torch (deprecated: set SQDIST_KERNELS)")
+    return (m in ("auto", "cpu") and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64)
             and logits.shape[-1] in (2, 4, 8, 16) and kernel_available())
 
 
@@ -185,7 +182,7 @@ def expectation(logits: Tensor, levels: Tensor, t: float, binary: bool = False,
                 level_values: tuple[float, ...] | None = None) -> Tensor:
     """``sum_j softmax(t A)_j v_j`` (the fast path of :func:`expectation_reference`); ``binary``:
     the levels are ``(-1, +1)`` (1 bit), computed as a tanh. On the CPU the compiled kernel
-    (``SQDIST_SLB_KERNEL=torch`` takes the PyTorch path, transposed logits). ``level_values``: ``levels``
+    (``SQDIST_KERNELS=reference`` takes the PyTorch path, transposed logits). ``level_values``: ``levels``
     as Python floats, when the caller has them (a read of the tensor would stop ``torch.compile``'s graph)."""
     if binary:
         return _Expectation1Bit.apply(logits, float(t))
@@ -341,7 +338,7 @@ class SLB(Quantizer):
         need = TRAIN_COPIES * weight.numel() * n * 4
         free = free_bytes(target)
         if need > free:
-            raise RecipeError(
+            raise QuantizerError(
                 f"slb bits={self.bits}: a layer of {weight.numel()} weights needs {n} logits per weight, "
                 f"~{need / 2**30:.2f} GiB to train (logits, gradient, optimizer state, softmax), more than the "
                 f"{free / 2**30:.2f} GiB free on {target}; allowed: fewer bits, or fewer quantized layers (quant.exclude)")

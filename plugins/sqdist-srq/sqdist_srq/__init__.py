@@ -23,7 +23,7 @@ density) and differentiates through ``pi`` backward::
 so ``alpha``, ``sigma`` and ``x`` get gradients through ``pi`` (``alpha`` also through ``s * c``).
 Training runs the windowed estimator of :mod:`sqdist_srq.fast` (a hand-written backward over the
 codes near the mode, fused in a CPU kernel); ``srq_codes`` / ``_srq_reference`` are the full-grid
-reference it is tested against (``SQDIST_SRQ_KERNEL=reference`` trains on it).
+reference it is tested against (``SQDIST_KERNELS=reference`` trains on it).
 See README.md for DropBits, the learned widths and what was chosen where the paper was not read.
 """
 from __future__ import annotations
@@ -34,9 +34,7 @@ import zlib
 import torch
 from torch import Tensor, nn
 
-from sqdist import ActivationQuantizer, Quantizer
-from sqdist.quant.steps import initial_step, positive_step
-from sqdist.quant.weights import grad_scale
+from sqdist.plugin import ActivationQuantizer, Quantizer, QuantizerHooks, grad_scale, initial_step, positive_step
 
 from . import fast
 from .fast import TAU_FLOOR, Level  # tau = sigma / s is floored: sigma = 0 gives a one-hot pi, not a division by 0
@@ -81,7 +79,7 @@ def srq_codes(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int,
 def _srq_reference(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int, offset: float = 0.0) -> Tensor:
     """The full-grid reference of SRQ's straight-through output: value ``step * (c + offset)`` (a grid
     point), gradient through ``pi`` (a ``(numel, qmax - qmin + 1)`` tensor; the ground truth of the
-    fast path, ``SQDIST_SRQ_KERNEL=reference``)."""
+    fast path, ``SQDIST_KERNELS=reference``)."""
     c, e = srq_codes(x, step, sigma, qmin, qmax, offset)
     return (step.to(e.dtype) * (c + offset + (e - e.detach()))).to(x.dtype)
 
@@ -89,7 +87,7 @@ def _srq_reference(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int,
 def srq_value(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int, offset: float = 0.0) -> Tensor:
     """SRQ's straight-through output on the grid ``step * (i + offset)``, ``i`` in ``[qmin, qmax]``:
     value ``step * (c + offset)``, gradient through ``pi`` (``step``, ``sigma``: ``(1,)``). The fast path
-    (window of codes, compiled kernel on the CPU) unless ``SQDIST_SRQ_KERNEL=reference``."""
+    (window of codes, compiled kernel on the CPU) unless ``SQDIST_KERNELS=reference``."""
     if fast.mode() == "reference":
         return _srq_reference(x, step, sigma, qmin, qmax, offset)
     return fast.srq_grid(x, step, sigma, [Level(1.0, qmin, qmax, offset)])
@@ -110,7 +108,7 @@ def name_salt(name: str) -> int:
 
 
 # ---------------------------------------------------------------- shared: reproducible draws
-class _Stochastic:
+class _Stochastic(QuantizerHooks):
     """Per-step randomness of one quantizer: a generator seeded from ``(run_seed, seed, step, salt, call)``.
 
     ``run_seed`` is the run's ``train.seed`` (the trainer's ``set_run_seed`` hook; 0 for a quantizer
@@ -448,7 +446,7 @@ def _sub_range(width: int, signed: bool) -> tuple[int, int]:
 
 def _quantize(x: Tensor, alpha: Tensor, sigma: Tensor, levels: list[Level], index: Tensor | None = None,
               f: Tensor | None = None, soft: tuple[int, int] | None = None) -> Tensor:
-    """Each element of ``x`` on its level (``fast.srq_grid``), or ``SQDIST_SRQ_KERNEL=reference``:
+    """Each element of ``x`` on its level (``fast.srq_grid``), or ``SQDIST_KERNELS=reference``:
     each level's full-grid reference output, selected per element (the ground truth)."""
     if fast.mode() != "reference":
         return fast.srq_grid(x, alpha, sigma, levels, index, f, soft)

@@ -16,8 +16,8 @@ pass; on a large tensor it computes ``dE/du`` and ``dE/dtau`` once per node of a
 (spacing ``tau / 32``; they depend on ``u`` and the level's ``tau`` only) and each element
 interpolates it (cubic: an error below float32 rounding; ``table_spacing`` decides per level).
 The pure-PyTorch path below (any device, or when the kernel cannot be built) loops over the
-window's offsets with ``numel``-sized tensors only. ``SQDIST_SRQ_KERNEL=cpu|torch|reference|auto``
-picks (read at every call; ``reference`` is handled by the quantizers).
+window's offsets with ``numel``-sized tensors only. ``SQDIST_KERNELS`` picks (:func:`mode`, read at every
+call; ``reference`` is handled by the quantizers).
 
 A grid *level* is ``(mult, qmin, qmax, offset)``: step ``alpha * mult``, points
 ``alpha * mult * (k + offset)`` for codes ``k`` in ``[qmin, qmax]``; one call quantizes each
@@ -26,12 +26,13 @@ element on the level ``index[e]`` names (DropBits, learned widths) in one pass.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+
+from sqdist.plugin import kernel_mode, load_source
 
 TAU_FLOOR = 1e-12
 NEGLECTED_MASS = 2.0 ** -24  # the window leaves out less than this fraction of pi: below float32 rounding of 1
@@ -52,9 +53,13 @@ class Level(NamedTuple):
 
 
 def mode() -> str:
-    m = os.environ.get("SQDIST_SRQ_KERNEL", "auto")
+    """``auto``, ``cpu`` (the compiled op on CPU tensors), ``torch`` (the same algorithm in PyTorch: what runs on
+    CUDA, and everywhere under ``SQDIST_KERNELS=cuda|triton``) or ``reference`` (``SQDIST_KERNELS=reference``: the
+    implementation before the fast path). The old ``SQDIST_SRQ_KERNEL`` is still read, with a DeprecationWarning."""
+    m = kernel_mode("SQDIST_SRQ_KERNEL")
+    m = {"cuda": "torch", "triton": "torch"}.get(m, m)
     if m not in MODES:
-        raise ValueError(f"SQDIST_SRQ_KERNEL={m!r}; allowed: {', '.join(MODES)}")
+        raise ValueError(f"SQDIST_SRQ_KERNEL={m!r}; allowed: {', '.join(MODES)} (deprecated: set SQDIST_KERNELS)")
     return m
 
 
@@ -69,7 +74,7 @@ def window_half_width(tau: float, codes: int) -> int:
     grid (mode interval ``t0 >= 0`` away) the codes beyond ``K`` hold ``S(t0 + K + 1)`` against
     ``m(t0)``, a ratio that falls with ``t0`` (the logistic is log-concave: ``S(t0 + a) / S(t0)``
     falls), so at most ``S(K + 1) / m(0)``. ``K`` is the least with ``2 S(K) / m(0)`` below
-    ``NEGLECTED_MASS`` (``tests/test_srq.py`` checks it against the full grid in float64)."""
+    ``NEGLECTED_MASS`` (``plugins/sqdist-srq/tests/test_srq.py`` checks it against the full grid in float64)."""
     if not tau > 0 or not math.isfinite(tau):
         return codes
     m0 = 1.0 / (1.0 + math.exp(-1.0 / tau)) - 0.5 if tau > 1e-3 else 0.5
@@ -95,8 +100,6 @@ def table_spacing(tau: float, level: Level, numel: int) -> float:
 # ---------------------------------------------------------------- the compiled kernel
 def kernel():
     """The compiled CPU op module, built once (cached by source hash), or None when it cannot be."""
-    from sqdist.quant.kernels._build import load_source
-
     return load_source(Path(__file__).with_name("srq_cpu.cpp"))
 
 

@@ -79,6 +79,16 @@ def ops(backend: str):
     return _ops[backend]
 
 
+def load_source(src, flags: tuple[str, ...] | None = None):
+    """A plugin's one-file CPU extension (pybind11 module, source path ``src``) built on first use into the
+    kernel cache, keyed on its source, torch and the flags; None (and a warning) where it cannot be built, so
+    the caller takes its PyTorch path. Once per process and source. The public face of
+    :func:`sqdist.quant.kernels._build.load_source` (importing it does not import the build machinery)."""
+    from . import _build
+
+    return _build.load_source(src) if flags is None else _build.load_source(src, tuple(flags))
+
+
 def backend_for(t: Tensor) -> str | None:
     """``"cpu"`` (the C++ ops) or ``"triton"`` when a fast op serves tensor ``t``, else None (reference)."""
     m = mode()

@@ -2,7 +2,7 @@
 
 :mod:`sqdist.quant.kernels` hands tensors to these functions when ``SQDIST_KERNELS`` picks the
 ``triton`` backend (CUDA tensors under ``auto``/``cuda``, tensors on any device under ``triton``).
-Each op is held by ``tests/test_triton.py`` to its pure-PyTorch reference, which lives beside the
+Each op is held by ``tests/quant/test_triton.py`` to its pure-PyTorch reference, which lives beside the
 quantizer it serves (this module imports none of them: they import the kernels, not the other way):
 
 ===========================  ===================================================================

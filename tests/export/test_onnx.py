@@ -19,7 +19,7 @@ from sqdist.export import ExportError, main
 from sqdist.export import OPSET, export_onnx
 from sqdist.quant.weights import TWN
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 
 # one of each family; 32x32 inputs keep every export to a few seconds on a CPU
 FAMILIES = [

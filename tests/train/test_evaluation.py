@@ -6,7 +6,6 @@ momentum, and under data parallelism leaves identical statistics on every rank
 of batches (under ZeRO-3 every forward is a collective) and counts each sample once.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -65,12 +64,6 @@ def test_eval_batches_are_equal_in_number_on_every_rank():
     assert sorted(counted) == list(range(450))  # every sample counted exactly once
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -91,9 +84,9 @@ def _worker(rank, world, port, out):
 
 
 @pytest.mark.slow
-def test_recalibrated_statistics_are_identical_on_every_rank(tmp_path):
+def test_recalibrated_statistics_are_identical_on_every_rank(tmp_path, free_port):
     out = str(tmp_path / "bn")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port, out), nprocs=2, join=True)
     r0, r1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
     assert torch.equal(r0["mean"], r1["mean"]) and torch.equal(r0["var"], r1["var"])
     # the average of the two ranks' own statistics: what one process reading both shards gets

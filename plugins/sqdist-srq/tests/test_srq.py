@@ -7,8 +7,6 @@ the learned widths and their regularizer, export at mixed widths, two processes,
 """
 import json
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +20,7 @@ from sqdist.export import export_model, load_quantized
 sqdist_srq = pytest.importorskip("sqdist_srq")
 from sqdist_srq import SRQActivation, SRQWeight, _srq_reference, fast, srq_probabilities, srq_value  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # plugins/<p>/tests/
 
 
 def test_registered_for_weights_and_activations():
@@ -268,11 +266,14 @@ def _grads(fn, x, step, sigma, g, *grid):
 
 GRIDS = [(-2, 1, 0.0), (-4, 3, 0.0), (-8, 7, 0.0), (0, 15, 0.0), (-128, 127, 0.0), (-2, 1, 0.5), (-1, 0, 0.5)]
 
+KERNELS = {"cpu": "cpu", "torch": "cuda", "reference": "reference"}  # SRQ's implementations by SQDIST_KERNELS
+
 
 def _set_implementation(implementation, monkeypatch):
     """``cpu``: the kernel, exact per element (no table); ``cpu-table``: the kernel's interpolated
-    table wherever it can be built (every call tabulates, however small); ``torch``: the PyTorch path."""
-    monkeypatch.setenv("SQDIST_SRQ_KERNEL", implementation.split("-")[0])
+    table wherever it can be built (every call tabulates, however small); ``torch``: the PyTorch path
+    (what ``SQDIST_KERNELS=cuda`` runs on CPU tensors)."""
+    monkeypatch.setenv("SQDIST_KERNELS", KERNELS[implementation.split("-")[0]])
     if implementation.startswith("cpu") and fast.kernel() is None:
         pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
     monkeypatch.setattr(fast, "TABLE_ELEMENTS_PER_NODE", 0 if implementation == "cpu-table" else 10 ** 12)
@@ -315,7 +316,7 @@ def test_quantizers_fast_path_match_the_reference(implementation, monkeypatch):
     x = torch.randn(8, 72)
     results = {}
     for mode in ("reference", implementation):
-        monkeypatch.setenv("SQDIST_SRQ_KERNEL", mode.split("-")[0])
+        monkeypatch.setenv("SQDIST_KERNELS", KERNELS[mode.split("-")[0]])
         out = []
         for q, t in ((SRQWeight(bits=4, learn_bits=True, min_bits=2, drop_prob=0.3, seed=3), w),
                      (SRQWeight(bits=3, drop_prob=0.4, drop_min_bits=1), w),
@@ -468,22 +469,17 @@ train: {epochs: 1, max_steps: 3, progress: false, log_every: 1}
 """
 
 
-def _launch(tmp_path, worker, out, engine):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(29500 + (os.getpid() + 7 * len(engine) + len(worker)) % 1000),
-           os.path.join(ROOT, "tests", "workers", worker), str(tmp_path / "tiny.yaml"), str(out),
-           f"run.dir={tmp_path / 'run'}", f"engine.name={engine}", "engine.zero_stage=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def _launch(launch_two, tmp_path, worker, out, engine):
+    launch_two(worker, tmp_path / "tiny.yaml", out, f"run.dir={tmp_path / 'run'}", f"engine.name={engine}",
+               "engine.zero_stage=2", env={"OMP_NUM_THREADS": "1"})
     return json.loads(open(f"{out}.rank1").read())
 
 
-def _train_two(tmp_path, engine):
+def _train_two(launch_two, tmp_path, engine):
     """Three steps on two processes: every quantizer parameter moves and stays equal on the ranks;
     the widths reach summary.json and the metrics log."""
     (tmp_path / "tiny.yaml").write_text(TINY)
-    steps = _launch(tmp_path, "learned_worker.py", tmp_path / "params.json", engine)
+    steps = _launch(launch_two, tmp_path, "learned_worker.py", tmp_path / "params.json", engine)
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["params_equal_rank0"] for r in steps)
     names = list(steps[0]["params"])
@@ -498,23 +494,23 @@ def _train_two(tmp_path, engine):
 
 
 @pytest.mark.slow
-def test_two_process_train(tmp_path):
-    _train_two(tmp_path, "ddp")
+def test_two_process_train(tmp_path, launch_two):
+    _train_two(launch_two, tmp_path, "ddp")
 
 
 @pytest.mark.slow
-def test_dropbits_draws_agree_on_two_processes(tmp_path):
+def test_dropbits_draws_agree_on_two_processes(tmp_path, launch_two):
     """The ranks' global RNGs are seeded differently (seed + rank); DropBits' per-step generators
     are not, so both ranks coarsen the same weights every step."""
     (tmp_path / "tiny.yaml").write_text(TINY)
-    steps = _launch(tmp_path, "srq_worker.py", tmp_path / "draws.json", "ddp")
+    steps = _launch(launch_two, tmp_path, "srq_worker.py", tmp_path / "draws.json", "ddp")
     assert [r["step"] for r in steps] == [1, 2, 3] and all(r["draws"] > 0 for r in steps)
     assert all(r["draws_equal_rank0"] and r["params_equal_rank0"] for r in steps)
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_train(tmp_path):
-    _train_two(tmp_path, "deepspeed")
+def test_deepspeed_zero2_train(tmp_path, launch_two):
+    _train_two(launch_two, tmp_path, "deepspeed")
 
 
 def test_the_kernel_tabulates_only_large_tensors_with_a_usable_tau():

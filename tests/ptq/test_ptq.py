@@ -30,16 +30,11 @@ from sqdist.ptq.calib import InputStatistics, call_counts
 from sqdist.ptq.walk import reestimate_batchnorm
 from sqdist.ptq.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 DIGITS_NET = {"num_classes": 10, "in_chans": 1, "channels": [4, 8, 16, 32], "stem_width": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---------------------------------------------------------------- one layer
@@ -505,18 +500,13 @@ def test_bad_input_gets_one_line_and_exit_2(digits_run, tmp_path, capsys, args, 
 
 
 @pytest.mark.slow
-def test_two_processes_hold_rank_0s_network_and_one_process_codes(digits_run, tmp_path, capsys):
+def test_two_processes_hold_rank_0s_network_and_one_process_codes(digits_run, tmp_path, capsys, launch_two):
     """Two gloo processes quantize a digits run (Gram matrices summed over the ranks, rank 0
     decides the codes and broadcasts them, BN statistics averaged): every rank holds the same
     network, and its quantized weights are the ones one process computes on the same images."""
     flags = ["--bits", "3", "--calib-images", "256", "--no-progress", "data.batch_size=32"]
     dump, two = tmp_path / "dump", tmp_path / "two.safetensors"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(29600 + os.getpid() % 1000),
-           os.path.join(ROOT, "tests", "workers", "ptq_worker.py"), str(dump), str(digits_run), str(two), *flags]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch_two("ptq_worker.py", dump, digits_run, two, *flags, env={"OMP_NUM_THREADS": "1"})
     assert proc.stdout.count("reload: max |logit difference| 0.0") == 1, proc.stdout  # rank 0 writes
     from safetensors.torch import load_file
 

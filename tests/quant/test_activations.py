@@ -21,7 +21,7 @@ from sqdist import (LSQ, PACT, ActivationQuantizer, QuantConfig, SQConfig, calib
 from sqdist.config import RecipeError, bits_label, load_recipe
 from sqdist.quant.registry import ACTIVATION_ENTRY_POINT_GROUP
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 
 
 def lsq(bits, signed, step):
@@ -362,13 +362,13 @@ def test_trained_w2a2_run_exports_and_reloads_with_the_same_logits(tmp_path):
 
 
 def test_runs_from_before_the_kbit_scale_choice_export_with_the_max_scale(tmp_path):
-    from sqdist.export.run import _read_meta
+    from sqdist.runs import read_meta
 
     (tmp_path / "meta.json").write_text(json.dumps({
         "model": {"name": "resnet10t", "kwargs": {}}, "sq": {"ratio": 1.0},
         "quant": {"enabled": True, "name": "kbit", "params": {"bits": 4}, "layers": ["layer1.0.conv1"]}}))
-    meta = _read_meta(tmp_path)
-    assert meta["params"] == {"bits": 4, "scale": "max"} and meta["activations"] == {}
+    meta = read_meta(tmp_path)
+    assert meta.params == {"bits": 4, "scale": "max"} and meta.activations == {} and meta.quantizer == "kbit"
 
 
 def test_pact_clips_at_the_absolute_value_of_alpha():

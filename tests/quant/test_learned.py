@@ -202,23 +202,15 @@ train: {epochs: 1, max_steps: 3, progress: false, log_every: 1}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
-def test_learned_parameters_train_identically_on_two_processes(tmp_path, engine):
+def test_learned_parameters_train_identically_on_two_processes(tmp_path, engine, launch_two):
     """DDP (every parameter must get a gradient, or the second step fails) and DeepSpeed ZeRO-2:
     the weight step sizes and PACT's alphas change every step and stay equal on both ranks."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (tmp_path / "tiny.yaml").write_text(TINY)
     out = tmp_path / "params.json"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(29500 + (os.getpid() + len(engine)) % 1000),
-           os.path.join(root, "tests", "workers", "learned_worker.py"), str(tmp_path / "tiny.yaml"), str(out),
-           f"run.dir={tmp_path / 'run'}", f"engine.name={engine}", "engine.zero_stage=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch_two("learned_worker.py", tmp_path / "tiny.yaml", out, f"run.dir={tmp_path / 'run'}", f"engine.name={engine}",
+               "engine.zero_stage=2")
     ranks = [json.loads(open(f"{out}.rank{r}").read()) for r in (0, 1)]
     steps = ranks[1]
     assert [r["step"] for r in steps] == [1, 2, 3]

@@ -1,6 +1,6 @@
 """Time one training step of SRQ against full precision (timm resnet18, 10 classes, 32x32, batch 64).
 
-    python plugins/sqdist-srq/bench_srq.py [--threads 2] [--rounds 5] [--profile srq_w3a3]
+    python plugins/sqdist-srq/bench.py [--threads 2] [--rounds 5] [--profile srq_w3a3]
 
 Prints, per configuration, the median step time over interleaved rounds (forward, backward, SGD
 step), its ratio to full precision measured in the same run, and the growth of the process's peak

@@ -391,7 +391,7 @@ def test_keep_fp_bits_other_values_are_refused(tmp_path, run_main):
 
 # Written by format version 1 (sqdist before fp_layers: git 5d16ea0's export_model) from a TWN
 # resnet10t of the digits recipe's size; the logits file holds an input and the model's eval logits.
-V1_FILE = os.path.join(os.path.dirname(__file__), "data", "packed_v1_resnet10t.safetensors")
+V1_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "packed_v1_resnet10t.safetensors")
 
 
 def test_format_version_1_files_still_load(run_main):

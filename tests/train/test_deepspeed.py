@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from sqdist.config import RecipeError, load_recipe
 from sqdist.train.engine import deepspeed_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 TINY = """
 model: {name: resnet10t, kwargs: {num_classes: 10, in_chans: 1}}
 data: {image_size: 8, batch_size: 32}
@@ -42,15 +42,11 @@ def workdir(tmp_path_factory):
     return folder
 
 
-def launch(workdir, name, *overrides):
-    """Two processes through ``accelerate launch`` running tests/workers/deepspeed_worker.py."""
+def launch(launch_two, workdir, name, *overrides):
+    """Two processes through ``accelerate launch`` (conftest.py) running tests/workers/deepspeed_worker.py."""
     run = workdir / name
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(29500 + (os.getpid() + hash(name)) % 1000),
-           os.path.join(ROOT, "tests", "workers", "deepspeed_worker.py"), str(workdir / "tiny.yaml"),
-           str(workdir / f"{name}.json"), f"run.dir={run}", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch_two("deepspeed_worker.py", workdir / "tiny.yaml", workdir / f"{name}.json", f"run.dir={run}", *overrides,
+               timeout=900)
     ranks = [json.loads((workdir / f"{name}.json.rank{r}").read_text()) for r in (0, 1)]
     losses = [json.loads(l)["train/loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in l]
     return {"ranks": ranks, "losses": losses, "final": load_file(str(run / "final" / "model.safetensors")),
@@ -74,8 +70,8 @@ def assert_rank1_applied_rank0_masks(result, steps=4):
 
 
 @pytest.fixture(scope="module")
-def ddp(workdir):
-    return launch(workdir, "ddp")
+def ddp(workdir, launch_two):
+    return launch(launch_two, workdir, "ddp")
 
 
 # ---------------------------------------------------------------- the recipe -> DeepSpeed config
@@ -153,9 +149,9 @@ def test_ddp_recipe_under_a_deepspeed_launcher_is_refused(tmp_path):
 # ---------------------------------------------------------------- ZeRO stages with SQ
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_applies_rank0_masks_and_matches_ddp(workdir, ddp, stage):
+def test_zero_stage_applies_rank0_masks_and_matches_ddp(workdir, ddp, stage, launch_two):
     engine = [f"engine.config={workdir / 'zero3.json'}"] if stage == 3 else [f"engine.zero_stage={stage}"]
-    result = launch(workdir, f"zero{stage}", "engine.name=deepspeed", *engine)
+    result = launch(launch_two, workdir, f"zero{stage}", "engine.name=deepspeed", *engine)
     assert_rank1_applied_rank0_masks(result)
     assert all(math.isfinite(l) for l in result["losses"]) and len(result["losses"]) == 4
     if stage < 3:  # replicated weights after every step
@@ -174,18 +170,18 @@ def test_zero_stage_applies_rank0_masks_and_matches_ddp(workdir, ddp, stage):
 
 
 @pytest.mark.slow
-def test_zero3_without_broadcast_ranks_apply_different_masks(workdir):
+def test_zero3_without_broadcast_ranks_apply_different_masks(workdir, launch_two):
     """What the in-forward broadcast prevents: with it off, rank 1 draws its own masks."""
-    result = launch(workdir, "zero3-no-broadcast", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}",
+    result = launch(launch_two, workdir, "zero3-no-broadcast", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}",
                     "sq.broadcast=false")
     assert not any(r["masks_equal_rank0"] for r in result["ranks"][1]["steps"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_offload_matches_ddp(workdir, ddp, stage):
+def test_zero_offload_matches_ddp(workdir, ddp, stage, launch_two):
     """ZeRO-Offload with timm's SGD stepping the fp32 weights in CPU memory."""
-    result = launch(workdir, f"zero{stage}-offload", "engine.name=deepspeed", f"engine.zero_stage={stage}",
+    result = launch(launch_two, workdir, f"zero{stage}-offload", "engine.name=deepspeed", f"engine.zero_stage={stage}",
                     "engine.offload=true")
     assert_rank1_applied_rank0_masks(result)
     assert_same_model(result["final"], ddp["final"])
@@ -194,27 +190,27 @@ def test_zero_offload_matches_ddp(workdir, ddp, stage):
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DeepSpeed fp16 needs CUDA (its CPU accelerator has no fp16), "
                     "and two processes need two GPUs")
-def test_zero2_fp16_on_gpus_trains_with_identical_masks(workdir):
-    result = launch(workdir, "zero2-fp16", "engine.name=deepspeed", "engine.zero_stage=2", "engine.mixed_precision=fp16")
+def test_zero2_fp16_on_gpus_trains_with_identical_masks(workdir, launch_two):
+    result = launch(launch_two, workdir, "zero2-fp16", "engine.name=deepspeed", "engine.zero_stage=2", "engine.mixed_precision=fp16")
     assert_rank1_applied_rank0_masks(result)
     assert all(math.isfinite(l) for l in result["losses"])
     assert {str(v.dtype) for v in result["final"].values()} <= {"torch.float32", "torch.int64"}
 
 
 @pytest.mark.slow
-def test_zero3_gradient_accumulation_and_clipping_match_ddp(workdir):
+def test_zero3_gradient_accumulation_and_clipping_match_ddp(workdir, launch_two):
     """Both set from the recipe: accumulation over 2 micro-batches, global-norm clipping at 0.5."""
     both = ["engine.grad_accum=2", "engine.gradient_clipping=0.5"]
-    ddp_accum = launch(workdir, "ddp-accum", *both)
-    result = launch(workdir, "zero3-accum", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}", *both)
+    ddp_accum = launch(launch_two, workdir, "ddp-accum", *both)
+    result = launch(launch_two, workdir, "zero3-accum", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}", *both)
     assert_rank1_applied_rank0_masks(result)
     assert result["losses"] == pytest.approx(ddp_accum["losses"], abs=1e-5)
     assert_same_model(result["final"], ddp_accum["final"])
 
 
 @pytest.mark.slow
-def test_zero3_bf16_trains_with_identical_masks(workdir):
-    result = launch(workdir, "zero3-bf16", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}",
+def test_zero3_bf16_trains_with_identical_masks(workdir, launch_two):
+    result = launch(launch_two, workdir, "zero3-bf16", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}",
                     "engine.mixed_precision=bf16")
     assert_rank1_applied_rank0_masks(result)
     assert all(math.isfinite(l) for l in result["losses"])
@@ -225,13 +221,13 @@ def test_zero3_bf16_trains_with_identical_masks(workdir):
 
 
 @pytest.mark.slow
-def test_zero3_resume_from_deepspeed_checkpoint_is_bitwise_identical(workdir):
+def test_zero3_resume_from_deepspeed_checkpoint_is_bitwise_identical(workdir, launch_two):
     common = ["engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}", "sq.ratios=[0.5,0.75,1.0]",
               "sq.unit=step", "sq.stage_length=2", "train.max_steps=6", "train.checkpoint_every=3"]
-    full = launch(workdir, "zero3-full", *common)
+    full = launch(launch_two, workdir, "zero3-full", *common)
     ckpt = full["run"] / "checkpoints" / "step-0000003"
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "model.safetensors").is_file()
-    resumed = launch(workdir, "zero3-resumed", *common, f"train.resume={ckpt}")
+    resumed = launch(launch_two, workdir, "zero3-resumed", *common, f"train.resume={ckpt}")
     assert json.loads((resumed["run"] / "summary.json").read_text())["resumed_from_step"] == 3
     assert [r["step"] for r in resumed["ranks"][1]["steps"]] == [4, 5, 6]
     assert resumed["final"].keys() == full["final"].keys()
@@ -244,20 +240,20 @@ RESTART = ["sq.restart_per_stage=true", "sq.ratios=[0.5,1.0]", "sq.unit=step", "
 
 
 @pytest.fixture(scope="module")
-def ddp_restart(workdir):
-    return launch(workdir, "ddp-restart", *RESTART)
+def ddp_restart(workdir, launch_two):
+    return launch(launch_two, workdir, "ddp-restart", *RESTART)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_restart_per_stage_resets_zero_optimizer_state_like_ddp(workdir, ddp_restart, stage):
+def test_restart_per_stage_resets_zero_optimizer_state_like_ddp(workdir, ddp_restart, stage, launch_two):
     """The SQ authors' protocol (each stage a fresh run: optimizer state and LR restart)
     under ZeRO, where the momentum lives in DeepSpeed's optimizer, held to DDP (momentum
     carried into stage 2 would change steps 3-4). The same run evaluates an uneven split
     (359 test samples, batches of 179: 2 batches on rank 0, 1 on rank 1 before padding)
     after re-estimating BN, under ZeRO-3 a collective in every forward."""
     engine = [f"engine.config={workdir / 'zero3.json'}"] if stage == 3 else [f"engine.zero_stage={stage}"]
-    result = launch(workdir, f"zero{stage}-restart", "engine.name=deepspeed", *engine, *RESTART)
+    result = launch(launch_two, workdir, f"zero{stage}-restart", "engine.name=deepspeed", *engine, *RESTART)
     assert result["losses"] == pytest.approx(ddp_restart["losses"], abs=1e-5)
     assert_same_model(result["final"], ddp_restart["final"])
     stages = [json.loads((r["run"] / "summary.json").read_text())["stages"] for r in (ddp_restart, result)]
@@ -266,10 +262,10 @@ def test_restart_per_stage_resets_zero_optimizer_state_like_ddp(workdir, ddp_res
 
 
 @pytest.mark.slow
-def test_zero3_summary_counts_the_full_size_of_sharded_weights(workdir):
+def test_zero3_summary_counts_the_full_size_of_sharded_weights(workdir, launch_two):
     """Under ZeRO-3 with every parameter sharded, a weight's ``numel()`` is 0 outside its forward;
     summary.json's ``avg_weight_bits`` is weighted by the full sizes (``ds_numel``), not 0.0."""
-    result = launch(workdir, "zero3-w2a2", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}",
+    result = launch(launch_two, workdir, "zero3-w2a2", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}",
                     "quant.name=kbit", "quant.params={bits: 2, scale: lsq}", "quant.activations={name: lsq, bits: 2}",
                     "sq.ratios=[1.0]", "train.max_steps=2")
     assert all(layer["numel"] == 0 for layer in result["ranks"][0]["outside_forward"].values())  # really sharded

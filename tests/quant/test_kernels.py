@@ -1,6 +1,6 @@
 """The fused SQ kernels against the PyTorch references in sqdist.quant.weights: the C++ op (csrc/)
 on CPU tensors and, where a GPU is present, the Triton kernels on CUDA tensors (without a GPU the
-Triton kernels are held to the references in tests/test_triton.py, under Triton's interpreter).
+Triton kernels are held to the references in tests/quant/test_triton.py, under Triton's interpreter).
 
 fp32: codes and masks exactly, scales / Q / errors within 1e-6 relative.
 bf16 / fp16: the kernels compute in fp32, so codes and scales are held to the
@@ -29,7 +29,7 @@ from sqdist.quant.weights import bwn_reference, kbit_reference, quantization_err
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(
     not HAS_CUDA, reason="no CUDA device (torch.cuda.is_available() is False): the Triton kernels run "
-                         "under the interpreter in tests/test_triton.py instead")
+                         "under the interpreter in tests/quant/test_triton.py instead")
 BACKEND = {"cpu": "cpu", "cuda": "triton"}  # the fast path auto picks for a tensor on each device
 DEVICES = ["cpu", pytest.param("cuda", marks=[needs_cuda, pytest.mark.gpu])]
 

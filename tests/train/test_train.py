@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from sqdist.config import RecipeError, load_recipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 TINY = """
 model: {name: resnet10t, kwargs: {num_classes: 10, in_chans: 1}}
 data: {image_size: 8, batch_size: 32}
@@ -171,20 +171,17 @@ def test_short_run_writes_summary_metrics_checkpoints_and_wandb(tiny_recipe, tmp
 
 
 # ---------------------------------------------------------------- two processes
-def launch_two(tiny_recipe, out, *overrides):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(29500 + os.getpid() % 1000),
-           os.path.join(ROOT, "tests", "workers", "mask_worker.py"), tiny_recipe, str(out), *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def masks_of_two(launch_two, tiny_recipe, out, *overrides):
+    """What tests/workers/mask_worker.py recorded on each of two ranks."""
+    launch_two("mask_worker.py", tiny_recipe, out, *overrides)
     return [json.loads(open(f"{out}.rank{r}").read()) for r in (0, 1)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("broadcast", [True, False])
-def test_two_processes_apply_rank0_masks(tiny_recipe, tmp_path, broadcast):
+def test_two_processes_apply_rank0_masks(tiny_recipe, tmp_path, broadcast, launch_two):
     """Ranks seed their SQ generators differently (seed + rank); the broadcast makes them agree."""
-    ranks = launch_two(tiny_recipe, tmp_path / "masks.json", f"run.dir={tmp_path / 'run'}", "train.max_steps=3",
+    ranks = masks_of_two(launch_two, tiny_recipe, tmp_path / "masks.json", f"run.dir={tmp_path / 'run'}", "train.max_steps=3",
                        "sq.ratios=[0.5]", f"sq.broadcast={str(broadcast).lower()}")
     rank1 = ranks[1]
     assert [r["step"] for r in rank1] == [1, 2, 3]

@@ -8,8 +8,6 @@ the same codebooks as the one.
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -27,17 +25,11 @@ from sqdist.compress.layers import input_statistics, is_compressed, output_error
 from sqdist.compress.pq import objective, refill_empty
 from sqdist.compress.walk import distill_loss
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 DIGITS_NET = {"num_classes": 10, "in_chans": 1, "channels": [4, 8, 16, 32], "stem_width": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions: one thread is faster, and much faster on a machine other jobs share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small convolutions run faster on one thread
 
 
 def grams_of(rows):
@@ -285,20 +277,15 @@ def test_bad_input_gets_one_line_and_exit_2(fp_run, tmp_path, capsys, case, expe
 
 
 @pytest.mark.slow
-def test_two_processes_hold_one_process_codebooks_and_resume(fp_run, tmp_path):
+def test_two_processes_hold_one_process_codebooks_and_resume(fp_run, tmp_path, launch_two):
     """Two gloo processes compress a digits run (rank 0 decides, then broadcasts), then resume
     fine-tuning from the written file; every rank must hold rank 0's network at every stage,
     and rank 0's codebooks must be those one process fits with the same seed."""
     flags = ["--em-iters", "4", "--calib-images", "192", "--layer-steps", "0", "--no-progress",
              "data.batch_size=32", "train.bn_recalibrate=2"]
     dump, two = tmp_path / "dump", tmp_path / "two.safetensors"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(29500 + os.getpid() % 1000),
-           os.path.join(ROOT, "tests", "workers", "compress_worker.py"), str(dump), str(fp_run), str(two),
-           str(tmp_path / "resumed.safetensors"), *flags]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch_two("compress_worker.py", dump, fp_run, two, tmp_path / "resumed.safetensors", *flags,
+                      env={"OMP_NUM_THREADS": "1"})
     assert proc.stdout.count("reload: max |logit difference| 0.0e+00") == 2, proc.stdout  # checked by the command
     state = {(step, stage, r): load_file(f"{dump}.{step}.{stage}.rank{r}.safetensors")
              for step in ("compress", "resume") for stage in ("compressed", "final") for r in (0, 1)}

@@ -14,7 +14,7 @@ from sqdist.config import RecipeError, load_recipe
 from sqdist.export import export_model
 
 sqdist_slb = pytest.importorskip("sqdist_slb")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # plugins/<p>/tests/
 
 
 def test_registered_through_the_entry_point():
@@ -187,12 +187,10 @@ PLUGINS = {"slb": ["quant.name=slb", "quant.params={bits: 2, t_start: 0.0, t_end
 
 @pytest.mark.slow
 @pytest.mark.parametrize("plugin, engine", [("slb", "ddp"), ("slb", "zero2"), ("esb", "zero2")])
-def test_plugins_train_on_two_processes(tmp_path, plugin, engine):
+def test_plugins_train_on_two_processes(tmp_path, plugin, engine, launch_two):
     """Every rank holds rank 0's parameters after every step (SLB: frozen weights and logits
     under DDP without find_unused_parameters and under ZeRO-2); the run exports and reloads."""
     import json
-    import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
@@ -201,13 +199,8 @@ def test_plugins_train_on_two_processes(tmp_path, plugin, engine):
     (tmp_path / "r.yaml").write_text(PLUGIN_RUN)
     run = tmp_path / "run"
     engine_args = ["engine.name=deepspeed", "engine.zero_stage=2"] if engine == "zero2" else []
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(29500 + (os.getpid() + hash(plugin + engine)) % 1000),
-           os.path.join(ROOT, "tests", "workers", "deepspeed_worker.py"), str(tmp_path / "r.yaml"),
-           str(tmp_path / "w.json"), f"run.dir={run}", *PLUGINS[plugin], *engine_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch_two("deepspeed_worker.py", tmp_path / "r.yaml", tmp_path / "w.json", f"run.dir={run}", *PLUGINS[plugin],
+               *engine_args, env={"OMP_NUM_THREADS": "1"}, timeout=300)
     rank1 = json.loads((tmp_path / "w.json.rank1").read_text())["steps"]
     assert len(rank1) > 10 and all(r["weights_equal_rank0"] for r in rank1)
     summary = json.loads((run / "summary.json").read_text())
@@ -275,7 +268,7 @@ def test_recipe_trains_the_logits_as_golden_stick_does():
 
 
 def _set_kernel(implementation, monkeypatch):
-    monkeypatch.setenv("SQDIST_SLB_KERNEL", implementation)
+    monkeypatch.setenv("SQDIST_KERNELS", {"cpu": "cpu", "torch": "reference"}[implementation])
     if implementation == "cpu" and sqdist_slb.kernel() is None:
         pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
 
