@@ -20,7 +20,7 @@
 #   digits_*    recipes/digits_sq_twn.yaml with fused and with reference kernels (top-1, SQ share
 #               of the step time), compiled (train.compile=true, inductor: digits_compiled), then bf16,
 #               fp16 and the fp16 kill-and-resume side by side
-#   compile_*   tests/test_compile.py (junit), then benchmarks/compile_speed.py on the GPU: resnet18
+#   compile_*   tests/train/test_compile.py (junit), then benchmarks/compile_speed.py on the GPU: resnet18
 #               32x32 b64 through the trainer, compiled vs eager, FP / TWN / W4A4 LSQ, and inductor's
 #               value differences (compile_speed.json)
 #   summary     $OUT/gpu.json (benchmarks/gpu_check.py summary)
@@ -195,7 +195,7 @@ step "resume_$half" 180 "$py" benchmarks/gpu_check.py kill-resume "$recipe" "${r
 wait
 
 # ---- 8. torch.compile: the trace tests, then compiled vs eager through the trainer on this device
-step compile_tests 150 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_compile.py --junitxml="$work/junit-compile.xml"
+step compile_tests 150 "$py" -m pytest -q -rs -p no:cacheprovider tests/train/test_compile.py --junitxml="$work/junit-compile.xml"
 if [ "$dry" = 1 ]; then
   cspeed=(--rows FP,TWN --threads 1 --steps 2 --skip 1 --rounds 1 --no-values)
 else

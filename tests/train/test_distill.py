@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from sqdist.config import RecipeError, load_recipe
 from sqdist.train.distill import distill_loss, load_teacher
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 RECIPE = os.path.join(ROOT, "recipes", "digits_twn.yaml")
 FAST = ["train.progress=false", "train.log_every=1"]
 

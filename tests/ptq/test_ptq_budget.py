@@ -25,7 +25,7 @@ from sqdist.ptq import PTQConfig, ptq_model
 from sqdist.ptq.budget import choose_widths, knapsack, layer_bytes
 from sqdist.ptq.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 NET = {"num_classes": 10, "in_chans": 1, "channels": [4, 8, 16, 32], "stem_width": 8}
 
 

@@ -16,7 +16,7 @@ from sqdist.export import ExportError, main
 
 ov = pytest.importorskip("openvino")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<package>/ -> repo
 
 
 def cli(capsys, *args):
