@@ -166,7 +166,7 @@ def test_zero_stage_applies_rank0_masks_and_matches_ddp(workdir, ddp, stage):
             for layer in rank["outside_forward"].values():
                 assert layer["numel"] == 0 and 0 < layer["shard_numel"] < layer["full_numel"]
     # same seed, same masks, no clipping: the same training as DDP (ZeRO-3 draws layer by layer
-    # in forward order, which consumes rank 0's generator as DDP's one draw for all layers does)
+    # in the forward, DDP all layers at once: each from the generator of (seed, step, layer))
     assert result["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
     assert_same_model(result["final"], ddp["final"])
     assert result["meta"]["quant"]["layers"] == ddp["meta"]["quant"]["layers"]
@@ -175,7 +175,7 @@ def test_zero_stage_applies_rank0_masks_and_matches_ddp(workdir, ddp, stage):
 
 @pytest.mark.slow
 def test_zero3_without_broadcast_ranks_apply_different_masks(workdir):
-    """What the in-forward broadcast prevents: with it off, rank 1 draws its own masks."""
+    """What the shared draw prevents: with sq.broadcast off, rank 1 seeds its own and draws other masks."""
     result = launch(workdir, "zero3-no-broadcast", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}",
                     "sq.broadcast=false")
     assert not any(r["masks_equal_rank0"] for r in result["ranks"][1]["steps"])
