@@ -3,7 +3,7 @@
     accelerate launch -m sqdist.train recipes/resnet50_twn.yaml data.root=/data/imagenet
     python -m sqdist.train recipes/digits_sq_twn.yaml train.epochs=2
 
-A plain PyTorch loop: every step draws new SQ masks (rank 0's, broadcast),
+A plain PyTorch loop: every step draws new SQ masks (the same on every rank),
 runs forward/backward on the hybrid weights, steps the optimizer, and
 advances the SQ schedule. Each SQ stage ends with a top-1 evaluation and a
 checkpoint; ``train.resume=auto`` continues bit-exactly from the latest one.
@@ -26,6 +26,7 @@ from ..config import RecipeError, load_recipe
 from ..data import loader
 from .build import HOOK_BN_BATCHES, call_hooks, lr_factor, reset_optimizer_state
 from .evaluation import recalibrate_bn
+from .fsdp import backward_sharded_terms, is_dtensor, unsharded
 from .run import Run, finish, save, setup, stage_eval
 
 
@@ -42,9 +43,15 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
         logits = run.model(x)
         loss = F.cross_entropy(logits, y)
         terms = [t for t in call_hooks(run, "regularization") if t is not None]
+        # under FSDP2 a term computed from parameters outside the forward is a DTensor (of shards):
+        # its gradient goes straight to the shards, after FSDP's own backward
+        sharded = [t for t in terms if is_dtensor(t)]
+        terms = [t for t in terms if not is_dtensor(t)]
         if terms:
             loss = loss + torch.stack([t.reshape(()) for t in terms]).sum()
         run.accelerator.backward(loss)
+        if sharded:
+            loss = loss + backward_sharded_terms(sharded, run.model)
         clip = recipe["engine"]["gradient_clipping"]
         if clip and run.accelerator.sync_gradients:
             run.accelerator.clip_grad_norm_(run.model.parameters(), clip)
@@ -54,6 +61,11 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
 
 
 def log_step(run: Run, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+    with unsharded(run.model):  # FSDP2: the quantizers' metrics read whole parameters
+        _log_step(run, loss, logits, y)
+
+
+def _log_step(run: Run, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
     sq = run.sq
     metrics = {"train/loss": loss.item(), "train/acc": float((logits.argmax(1) == y).float().mean() * 100),
                "lr": run.optimizer.param_groups[0]["lr"], "epoch": run.epoch}
