@@ -34,11 +34,13 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     """One micro-batch: new masks and LR at the start of an optimizer step, forward, backward, step."""
     recipe, optimizer = run.recipe, run.optimizer
     if run.batch_in_epoch % recipe["engine"]["grad_accum"] == 0:  # a new optimizer step
+        # the quantizers' schedules first: the draw's errors (all layers here under DDP, in each
+        # forward under ZeRO-3/FSDP2) then see this step's quantizer, whichever engine draws
+        call_hooks(run, "set_progress", run.step, run.total_steps, run.steps_per_epoch)
         if run.sq is not None:
             run.sq.draw_masks()
         for group, base in zip(optimizer.param_groups, run.base_lrs):
             group["lr"] = base * lr_factor(run.step, recipe, run.steps_per_epoch, run.total_steps)
-        call_hooks(run, "set_progress", run.step, run.total_steps, run.steps_per_epoch)
     with run.accelerator.accumulate(run.model):
         logits = run.model(x)
         loss = F.cross_entropy(logits, y)
