@@ -122,6 +122,11 @@ def shard_model(model: nn.Module, recipe: dict, device: torch.device) -> nn.Modu
             dist.broadcast(tensor.data, src=0)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = mixed_precision_policy(recipe["engine"]["mixed_precision"])
+    if policy.param_dtype is not None:
+        # BatchNorm keeps fp32 weights beside its fp32 running statistics (torch's batch_norm takes a
+        # bf16 input with them, not bf16 weights): each BN its own unit, computing in fp32
+        for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            fully_shard(bn, mesh=mesh, mp_policy=mixed_precision_policy("no"))
     for unit in shard_units(model, recipe["engine"]["fsdp_unit"]):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     # the root reshards after its forward too (torch keeps it whole by default): every parameter is a

@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from sqdist.config import load_recipe
@@ -40,8 +41,11 @@ CONFIGS = {  # name: (overrides, resume too)
                      "quant.activations={name: srq, bits: 4}"], True),
     "twn_7classes_layer_units": (["data.name=folder", "model.kwargs.num_classes=7", "model.kwargs.in_chans=3",
                                   "engine.fsdp_unit=layer"], False),
-    "twn_root_unit_grad_accum": (["engine.fsdp_unit=root", "engine.grad_accum=2"], False),
+    "twn_root_unit_grad_accum_clip": (["engine.fsdp_unit=root", "engine.grad_accum=2", "engine.gradient_clipping=0.5"], False),
+    # bf16: DDP autocasts, FSDP2 casts the weights (MixedPrecisionPolicy): close, not equal
+    "twn_bf16": (["engine.mixed_precision=bf16"], False),
 }
+BF16 = "twn_bf16"
 
 
 def make_folder(root, classes=7, n=24, size=8):
@@ -74,6 +78,7 @@ def run(workdir, name, overrides):
             record["masks"] = masks.tolist() if dist.get_rank() == 0 else None
         steps.append(record)
 
+    AcceleratorState._reset_state()  # each run its own precision; the process group (PartialState) stays
     t0 = time.time()
     summary = train(recipe, on_step=on_step)
     folder = os.path.join(workdir, name)
