@@ -19,6 +19,7 @@
 #   throughput  benchmarks/throughput.py --json: resnet50, batch 128, 224x224, bf16, channels_last
 #   digits_*    recipes/digits_sq_twn.yaml with fused and with reference kernels (top-1, SQ share
 #               of the step time), then bf16, fp16 and the fp16 kill-and-resume side by side
+#   fsdp2_bf16  the digits recipe under engine.name=fsdp2 (fully_shard, NCCL, bf16), one process per GPU
 #   summary     $OUT/gpu.json (benchmarks/gpu_check.py summary)
 #
 # Usage, from anywhere:
@@ -185,5 +186,15 @@ step "resume_$half" 180 "$py" benchmarks/gpu_check.py kill-resume "$recipe" "${r
   --work "$work/runs/resume" --kill-after $kill_after --timeout $rt \
   --json "$work/resume_$half.json" &
 wait
+
+# ---- 8. FSDP2 (engine.name=fsdp2, fully_shard) with SQ on NCCL in bf16 (issue 34): every GPU one process
+# (torchrun when there are two or more; one GPU: a group of one); the dry run: 2 CPU processes on gloo, fp32
+if [ "$dry" = 1 ]; then nproc_fsdp=2; fsdp_prec=(); else
+  nproc_fsdp=$("$py" -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+  fsdp_prec=(engine.mixed_precision=bf16)
+fi
+step fsdp2_bf16 150 "$py" -m torch.distributed.run --nproc_per_node "$nproc_fsdp" --master_port 29531 \
+  benchmarks/gpu_check.py train "$recipe" "${digits[@]}" ${mixed[@]+"${mixed[@]}"} engine.name=fsdp2 ${fsdp_prec[@]+"${fsdp_prec[@]}"} \
+  run.dir="$work/runs/fsdp2" --json "$work/digits_fsdp2.json"
 
 finish
