@@ -142,13 +142,13 @@ def is_fsdp2(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def unsharded(model: nn.Module):
-    """Every FSDP2 unit of ``model`` gathered for the block (collective; a no-op for another model):
-    hooks that read a quantizer's parameters between forwards (metrics, learned bit widths for the
-    summary) see whole tensors, as under DDP."""
+def unsharded(model: nn.Module, needed: bool = True):
+    """Every FSDP2 unit of ``model`` gathered for the block (collective; a no-op for another model,
+    or when not ``needed``): hooks that read a quantizer's parameters between forwards (metrics,
+    learned bit widths for the summary) see whole tensors, as under DDP."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if needed else []
     for m in units:
         m.unshard()
     try:

@@ -63,7 +63,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
 
 
 def log_step(run: Run, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-    with unsharded(run.model):  # FSDP2: the quantizers' metrics read whole parameters
+    # FSDP2: quantizers with metrics read their whole parameters (one all-gather; none without metrics)
+    with unsharded(run.model, any(hasattr(m, "metrics") for _, m in run.quantizers)):
         _log_step(run, loss, logits, y)
 
 
