@@ -29,7 +29,7 @@ from fsdp2_worker import BF16, CONFIGS, TINY  # noqa: E402
 RESUMED = [name for name, (_, resume) in CONFIGS.items() if resume]
 
 
-def torchrun(*args, timeout=1200):
+def torchrun(*args, timeout=2400):
     port = str(29600 + os.getpid() % 300)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
