@@ -406,9 +406,10 @@ def main(argv=None) -> int:
             kill_resume(args.recipe, args.overrides, args.work, args.kill_after, args.timeout, res)
         except subprocess.TimeoutExpired as exc:
             res["error"] = f"out of time ({args.timeout:.0f} s) in: {' '.join(exc.cmd[-3:])}"
-    with open(args.json, "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    print(json.dumps(res, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun (the FSDP2 row) rank 0 writes
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        print(json.dumps(res, default=str))
     failed = "error" in res or res.get("preempted") or (args.cmd == "kill-resume" and not res.get("bytes_identical"))
     return 1 if failed else 0
 

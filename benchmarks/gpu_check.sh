@@ -23,6 +23,7 @@
 #   compile_*   tests/train/test_compile.py (junit), then benchmarks/compile_speed.py on the GPU: resnet18
 #               32x32 b64 through the trainer, compiled vs eager, FP / TWN / W4A4 LSQ, and inductor's
 #               value differences (compile_speed.json)
+#   fsdp2_bf16  the digits recipe under engine.name=fsdp2 (fully_shard, NCCL, bf16), one process per GPU
 #   summary     $OUT/gpu.json (benchmarks/gpu_check.py summary)
 #
 # Usage, from anywhere:
@@ -202,5 +203,15 @@ else
   cspeed=(--rows "FP,TWN,W4A4 LSQ" --threads 4 --steps 20 --skip 10 --rounds 1 --values-rows "TWN,W4A4 LSQ")
 fi
 step compile_speed 180 "$py" benchmarks/compile_speed.py "${cspeed[@]}" --json "$work/compile_speed.json"
+
+# ---- 9. FSDP2 (engine.name=fsdp2, fully_shard) with SQ on NCCL in bf16 (issue 34): every GPU one process
+# (torchrun when there are two or more; one GPU: a group of one); the dry run: 2 CPU processes on gloo, fp32
+if [ "$dry" = 1 ]; then nproc_fsdp=2; fsdp_prec=(); else
+  nproc_fsdp=$("$py" -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+  fsdp_prec=(engine.mixed_precision=bf16)
+fi
+step fsdp2_bf16 150 "$py" -m torch.distributed.run --nproc_per_node "$nproc_fsdp" --master_port 29531 \
+  benchmarks/gpu_check.py train "$recipe" "${digits[@]}" ${mixed[@]+"${mixed[@]}"} engine.name=fsdp2 ${fsdp_prec[@]+"${fsdp_prec[@]}"} \
+  run.dir="$work/runs/fsdp2" --json "$work/digits_fsdp2.json"
 
 finish

@@ -50,8 +50,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "probability": "linear",   # constant | linear | sigmoid | softmax
         "granularity": "channel",  # channel | element
         "variant": "paper",        # paper | authors
-        "seed": 0,                 # rank r draws with seed + r; rank 0's masks are broadcast
-        "broadcast": True,
+        "seed": 0,                 # masks drawn by (seed, step, layer): the same on every rank, no collective
+        "broadcast": True,         # false: rank r draws with seed + r (only to show why ranks must agree)
         "restart_per_stage": False,  # each stage a fresh run (optimizer state + LR schedule) from the last weights
     },
     "optim": {
@@ -85,7 +85,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "compile_backend": "inductor",  # inductor | aot_eager (traced, eager kernels) | eager
     },
     "engine": {
-        "name": "ddp",             # ddp | deepspeed
+        "name": "ddp",             # ddp | deepspeed | fsdp2 (torch fully_shard)
+        "fsdp_unit": "block",      # fsdp2: fully_shard each block | each quantized layer (layer) | the root only (root)
         "zero_stage": 2,
         "offload": False,
         "mixed_precision": "no",   # no | bf16 | fp16
@@ -105,10 +106,11 @@ CHOICES = {
     "sq.granularity": ("channel", "element"),
     "sq.variant": ("paper", "authors"),
     "sched.name": ("cosine", "step", "constant"),
-    "engine.name": ("ddp", "deepspeed"),
+    "engine.name": ("ddp", "deepspeed", "fsdp2"),
     "engine.mixed_precision": ("no", "bf16", "fp16"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
+    "engine.fsdp_unit": ("block", "layer", "root"),
 }
 # numeric keys: (low, high, (low included, high included)); high None: no upper bound
 RANGES = {
@@ -135,8 +137,7 @@ RANGES = {
     "engine.grad_accum": (1, None, (True, False)),
     "engine.gradient_clipping": (0, None, (True, False)),
 }
-# keys whose default is None: the type they take when set
-NULLABLE = {"data.root": str, "engine.config": str, "track.entity": str, "run.dir": str}
+NULLABLE = {"data.root": str, "engine.config": str, "track.entity": str, "run.dir": str}  # default None: the type when set
 
 
 class RecipeError(ValueError):

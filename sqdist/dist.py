@@ -1,11 +1,15 @@
 """Distributed helpers: one SQ mask everywhere.
 
-Every rank draws masks with its own generator; :func:`broadcast_masks` replaces
-them with rank 0's, all layers packed to bits in a single collective. Packing,
+Ranks draw the same masks from generators seeded by (seed, step, layer) (see
+:mod:`sqdist.sq`); with ``SQDIST_DEBUG=1`` :func:`check_masks_agree` holds every
+rank's masks to rank 0's. :func:`broadcast_masks` sends rank 0's masks to every
+rank, all layers packed to bits in a single collective. Packing,
 the collective and unpacking all run on the collective's device (the GPU under
 NCCL), so a step adds no device->host round trip and no host sync of its own.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -135,3 +139,26 @@ def broadcast_state_(model: torch.nn.Module) -> None:
         for t in [*model.parameters(), *model.buffers()]:
             if t.is_floating_point():
                 dist.broadcast(t.data, src=0)
+
+
+def debug_checks() -> bool:
+    """True when ``SQDIST_DEBUG`` is set (to anything but 0): run the checks that cost a collective."""
+    return os.environ.get("SQDIST_DEBUG", "0") not in ("", "0")
+
+
+def check_masks_agree(masks: list[Tensor], names: list[str]) -> None:
+    """Hold this rank's ``masks`` to rank 0's (one broadcast, one all-reduce; a no-op without a group).
+
+    Raises RuntimeError on every rank, naming the first layer of ``names`` where some rank's
+    mask differs from rank 0's (ranks that drew from different seeds or different weights).
+    """
+    if not masks or not is_distributed():
+        return
+    reference = broadcast_masks(masks)
+    differs = [not torch.equal(mine, ref) for mine, ref in zip(masks, reference)]
+    first = differs.index(True) if any(differs) else len(masks)
+    flag = torch.tensor([first], dtype=torch.int64, device=_collective_device(masks[0].device))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if int(flag) < len(masks):
+        raise RuntimeError(f"SQDIST_DEBUG: a rank's SQ mask differs from rank 0's at layer {names[int(flag)]!r} "
+                           "(ranks drew from different seeds or different weights)")

@@ -94,8 +94,12 @@ class QuantConfig:
         keep_stem_and_classifier: keep the model's first conv and classifier full
             precision (timm's ``pretrained_cfg`` names them; else the first and last layer).
         sq: the SQ selection (ratios, schedule, probability rule, granularity).
-        broadcast: make rank 0's masks every rank's (off only to show why it is needed).
-        draw_in_forward: draw each layer's mask inside its forward (DeepSpeed ZeRO-3,
+        broadcast: every rank applies the same masks. They are drawn from generators seeded by
+            (``sq.seed``, step, layer), so ranks holding the same weights agree with no collective;
+            with ``SQDIST_DEBUG=1`` rank 0's masks are broadcast and compared, and a difference
+            stops the run (:func:`sqdist.dist.check_masks_agree`). Off only to show why agreement
+            is needed (the trainer then seeds rank r with ``sq.seed + r``).
+        draw_in_forward: draw each layer's mask inside its forward (DeepSpeed ZeRO-3, FSDP2,
             where the full weight exists only there) instead of in ``draw_masks``.
         activations: registered activation quantizer name (``sqdist.list_activation_quantizers()``)
             for the input of every quantized layer except the model's stem (its input is
@@ -122,7 +126,7 @@ class SQController:
 
         sq = quantize_model(model, config)
         for batch in loader:
-            sq.draw_masks()          # new selection every step (rank 0's everywhere)
+            sq.draw_masks()          # new selection every step (the same on every rank)
             loss = ...; loss.backward(); opt.step()
             sq.advance("step")
         sq.advance("epoch")
@@ -134,8 +138,9 @@ class SQController:
         self.selector = SQSelector(config.sq)
         self.draw_in_forward = config.draw_in_forward
         self.last_errors: dict[str, float] = {}
-        for layer in layers.values():
+        for index, layer in enumerate(layers.values()):
             layer._sq = self
+            layer.sq_index = index  # the layer's number in the (seed, step, layer) key of its draw
 
     @property
     def ratio(self) -> float:
@@ -165,7 +170,7 @@ class SQController:
 
     @torch.no_grad()
     def draw_masks(self) -> None:
-        """Draw a new mask for every layer at the current ratio (one broadcast for all)."""
+        """Draw a new mask for every layer at the current ratio and step (no collective)."""
         ratio = self.selector.ratio
         if self.draw_in_forward or ratio <= 0.0 or ratio >= 1.0:
             for layer in self.layers.values():
@@ -176,26 +181,26 @@ class SQController:
         # one device->host copy for all layers; the draw runs on the CPU generator
         flat = torch.cat([e.reshape(-1) for e in errors.values()]).cpu()
         host_errors = flat.split([s.numel() for s in shapes])
-        masks = [self.selector.draw(e.reshape(s)) for e, s in zip(host_errors, shapes)]
-        # all masks to the weights' device in one copy (under NCCL: unpacked there, never via the host)
-        device = next(iter(self.layers.values())).weight.device
-        masks = sqdist_dist.broadcast_masks(masks, device=device) if self.config.broadcast \
-            else sqdist_dist.masks_to(masks, device)
+        masks = [self.selector.draw(e.reshape(s), i) for i, (e, s) in enumerate(zip(host_errors, shapes))]
+        if self.config.broadcast and sqdist_dist.debug_checks():
+            sqdist_dist.check_masks_agree(masks, list(self.layers))
+        # all masks to the weights' device in one copy; the same on every rank with no collective
+        masks = sqdist_dist.masks_to(masks, next(iter(self.layers.values())).weight.device)
         for (name, layer), e, mask in zip(self.layers.items(), host_errors, masks):
             layer.sq_mask = _layer_mask(mask, layer)
             self.last_errors[name] = _mean_error(e)  # from the host copy: no sync per layer
 
     @torch.no_grad()
     def draw_for_layer(self, layer: SQLayer) -> None:
-        """Draw ``layer``'s mask inside its forward, once per step (ZeRO-3 path)."""
+        """Draw ``layer``'s mask inside its forward, once per step (ZeRO-3 and FSDP2)."""
         step = self.selector.step
         if getattr(layer, "_sq_mask_step", None) == step and layer.sq_mask is not None:
             return
         w2d = layer.weight.detach().reshape(layer.weight.shape[0], -1)
         error = layer.quantizer.error(w2d, self.config.sq.granularity)
-        mask = self.selector.draw(error)
-        if self.config.broadcast:
-            (mask,) = sqdist_dist.broadcast_masks([mask])
+        mask = self.selector.draw(error, layer.sq_index)
+        if self.config.broadcast and sqdist_dist.debug_checks():
+            sqdist_dist.check_masks_agree([mask], [layer.sq_name])
         layer.sq_mask = _layer_mask(mask, layer)
         layer._sq_mask_step = step
         self.last_errors[layer.sq_name] = _mean_error(error)

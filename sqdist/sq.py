@@ -1,8 +1,10 @@
 """Stochastic Quantization selection (Dong et al., BMVC 2017).
 
 error -> probability -> roulette without replacement -> mask. The selector owns
-the ratio schedule and the random generator; it is the same object on every
-rank, and :mod:`sqdist.dist` makes rank 0's masks everyone's.
+the ratio schedule; each layer's draw at a step comes from a generator seeded by
+(seed, step, layer), so ranks that hold the same weights and the same seed draw
+the same masks with no collective, in any order (all layers at once under DDP,
+layer by layer inside the forward under ZeRO-3 and FSDP2).
 """
 from __future__ import annotations
 
@@ -118,15 +120,16 @@ class SQSelector:
     """Draws SQ masks and tracks the ratio schedule.
 
     ``advance(unit)`` is called once per finished step and once per finished epoch;
-    only the configured unit moves the schedule. ``generator`` is a CPU
-    ``torch.Generator`` seeded with ``config.seed``; its state is part of ``state_dict``.
+    only the configured unit moves the schedule. The mask of layer ``layer`` at step
+    ``step`` is drawn with :func:`draw_generator` ``(config.seed, step, layer)``: a
+    function of those three numbers and the error alone, so the state to save is the
+    position in the schedule.
     """
 
     def __init__(self, config: SQConfig = SQConfig()):
         self.config = config
         self.units_done = 0
         self.step = 0
-        self.generator = torch.Generator().manual_seed(config.seed)
 
     @property
     def stage(self) -> int:
@@ -146,20 +149,41 @@ class SQSelector:
         self.units_done += 1
         return self.stage != before
 
-    def draw(self, error: Tensor) -> Tensor:
-        """A mask for one layer's ``error`` at the current ratio (True = quantized)."""
+    def draw(self, error: Tensor, layer: int = 0) -> Tensor:
+        """A mask for layer number ``layer``'s ``error`` at the current ratio and step (True = quantized)."""
         ratio = self.ratio
         if ratio >= 1.0:
             return torch.ones(error.shape, dtype=torch.bool, device=error.device)
         if ratio <= 0.0:
             return torch.zeros(error.shape, dtype=torch.bool, device=error.device)
-        cpu_mask = select(error.detach().cpu(), ratio, self.config.probability, self.config.variant, self.generator)
+        generator = draw_generator(self.config.seed, self.step, layer)
+        cpu_mask = select(error.detach().cpu(), ratio, self.config.probability, self.config.variant, generator)
         return cpu_mask.to(error.device)
 
     def state_dict(self) -> dict:
-        return {"units_done": self.units_done, "step": self.step, "rng": self.generator.get_state()}
+        return {"units_done": self.units_done, "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
+        # checkpoints of sqdist <= 0.4 also hold "rng", the state of one generator for all draws: unused now
         self.units_done = int(state["units_done"])
         self.step = int(state["step"])
-        self.generator.set_state(state["rng"])
+
+
+_MASK64 = 2**64 - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer: a bijection of 64-bit integers that spreads nearby inputs apart."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def draw_generator(seed: int, step: int, layer: int) -> torch.Generator:
+    """The CPU generator of one layer's draw at one step, the same on every rank for the same numbers.
+
+    Seeded from (seed, step, layer) alone (no state carried between draws): ranks holding the
+    same weights need no collective to agree, and the order of the draws does not matter.
+    """
+    key = _mix64(_mix64(_mix64(int(seed) & _MASK64) ^ (int(step) & _MASK64)) ^ (int(layer) & _MASK64))
+    return torch.Generator().manual_seed(key & (2**63 - 1))

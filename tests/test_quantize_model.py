@@ -174,6 +174,7 @@ def test_masks_are_redrawn_every_step():
     for _ in range(3):
         sq.draw_masks()
         draws.append(model.layer3[0].conv2.sq_mask.clone())
+        sq.advance("step")
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
 
 

@@ -124,7 +124,11 @@ def test_element_granularity_counts_elements(generator):
 def test_masks_change_between_steps():
     selector = SQSelector(SQConfig(ratios=(0.5,)))
     error = torch.rand(64)
-    masks = [selector.draw(error) for _ in range(5)]
+    masks = []
+    for _ in range(5):
+        masks.append(selector.draw(error))
+        assert torch.equal(selector.draw(error), masks[-1])  # a step's mask: a function of (seed, step, layer)
+        selector.advance("step")
     assert all(int(m.sum()) == 32 for m in masks)
     assert len({tuple(m.tolist()) for m in masks}) == 5
 

@@ -29,13 +29,13 @@ def build_model(recipe: dict, rank: int = 0) -> tuple[torch.nn.Module, SQControl
     s = recipe["sq"]
     sq_config = SQConfig(ratios=tuple(s["ratios"]), stage_length=s["stage_length"], unit=s["unit"],
                          probability=s["probability"], granularity=s["granularity"], variant=s["variant"],
-                         seed=s["seed"] + rank)  # ranks draw differently; the broadcast makes them agree
+                         seed=s["seed"] + (0 if s["broadcast"] else rank))  # the same draws on every rank
     act = dict(q["activations"])
     try:
         controller = quantize_model(model, QuantConfig(
             quantizer=q["name"], params=dict(q["params"]), include=tuple(q["include"]), exclude=tuple(q["exclude"]),
             keep_stem_and_classifier=q["keep_stem_and_classifier"], sq=sq_config, broadcast=s["broadcast"],
-            draw_in_forward=recipe["engine"]["name"] == "deepspeed" and recipe["engine"]["zero_stage"] == 3,
+            draw_in_forward=draws_in_forward(recipe["engine"]),
             activations=act.pop("name", None), activation_params=act))
     except ValueError as exc:
         if "no layer matched" not in str(exc):
@@ -46,6 +46,12 @@ def build_model(recipe: dict, rank: int = 0) -> tuple[torch.nn.Module, SQControl
                           f"{recipe['model']['name']} matches{kept}; allowed: patterns that leave at least one layer, "
                           "or quant.enabled=false") from None
     return model, controller
+
+
+def draws_in_forward(engine: dict) -> bool:
+    """Whether SQ layers draw their masks inside their forward: under ZeRO-3 and FSDP2 the full
+    weight exists only there (between forwards a rank holds a shard)."""
+    return engine["name"] == "fsdp2" or (engine["name"] == "deepspeed" and engine["zero_stage"] == 3)
 
 
 def model_meta(recipe: dict, controller: SQController | None, trained: tuple[int, float] | None = None) -> dict:

@@ -10,6 +10,9 @@ whose keys win. The launch command is the same as for DDP::
 
     accelerate launch --multi_gpu --num_processes 2 -m sqdist.train RECIPE engine.name=deepspeed engine.zero_stage=3
 
+``engine.name=fsdp2`` shards the model with torch's ``fully_shard`` (:mod:`sqdist.train.fsdp`)
+under ``torchrun`` or ``accelerate launch``; the accelerator then only holds the process group.
+
 Besides the accelerator, this module holds what differs between the engines
 once the model is prepared: saving/loading the model+optimizer state
 (:func:`save_engine_state`, :func:`load_engine_state`) and the consolidated
@@ -151,11 +154,19 @@ def make_accelerator(recipe: dict):
         raise RecipeError("engine.name='ddp' but the launcher asked for DeepSpeed (accelerate launch --use_deepspeed "
                           "or an accelerate config with DeepSpeed): drop that and set engine.name=deepspeed "
                           "(engine.zero_stage, engine.offload, ... configure it)")
+    from . import fsdp
+
+    if eng["name"] != "fsdp2" and fsdp.launcher_asked_for_fsdp():
+        # Accelerate would shard with its own plugin (on the CPU: silently DDP, or unsynchronised processes)
+        raise RecipeError(f"engine.name={eng['name']!r} but the launcher asked for FSDP (accelerate launch --use_fsdp "
+                          "or an accelerate config with FSDP): drop that, or set engine.name=fsdp2")
+    if eng["name"] == "fsdp2":
+        return fsdp.make_accelerator(recipe)
     if eng["name"] == "ddp":
         return Accelerator(cpu=cpu, mixed_precision=eng["mixed_precision"],
                            gradient_accumulation_steps=eng["grad_accum"])
     if eng["name"] != "deepspeed":
-        raise RecipeError(f"engine.name={eng['name']!r}: allowed: ddp, deepspeed")
+        raise RecipeError(f"engine.name={eng['name']!r}: allowed: ddp, deepspeed, fsdp2")
     _ensure_extension_cache()
     from accelerate import PartialState
     from accelerate.utils import DeepSpeedPlugin
@@ -226,7 +237,11 @@ def full_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
     assembles each one. Buffers are the module's own (rank 0's after
     :func:`broadcast_buffers`).
     """
+    from . import fsdp
+
     net = accelerator.unwrap_model(model)
+    if fsdp.is_fsdp2(net):  # consolidated on rank 0 only ({} on the others, which write nothing)
+        return fsdp.full_state_dict(net)
     if not is_deepspeed(accelerator):
         return {k: v.detach().cpu() for k, v in net.state_dict().items()}
     from deepspeed.utils import safe_get_full_fp32_param

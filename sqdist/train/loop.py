@@ -3,7 +3,7 @@
     accelerate launch -m sqdist.train recipes/resnet50_twn.yaml data.root=/data/imagenet
     python -m sqdist.train recipes/digits_sq_twn.yaml train.epochs=2
 
-A plain PyTorch loop: every step draws new SQ masks (rank 0's, broadcast),
+A plain PyTorch loop: every step draws new SQ masks (the same on every rank),
 runs forward/backward on the hybrid weights, steps the optimizer, and
 advances the SQ schedule. Each SQ stage ends with a top-1 evaluation and a
 checkpoint; ``train.resume=auto`` continues bit-exactly from the latest one.
@@ -27,6 +27,7 @@ from ..data import loader
 from .build import HOOK_BN_BATCHES, call_hooks, lr_factor, reset_optimizer_state
 from .distill import distill_loss
 from .evaluation import recalibrate_bn
+from .fsdp import backward_sharded_terms, is_dtensor, unsharded
 from .run import Run, finish, save, setup, stage_eval
 
 
@@ -34,11 +35,13 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     """One micro-batch: new masks and LR at the start of an optimizer step, forward, backward, step."""
     recipe, optimizer = run.recipe, run.optimizer
     if run.batch_in_epoch % recipe["engine"]["grad_accum"] == 0:  # a new optimizer step
+        # the quantizers' schedules first: the draw's errors (all layers here under DDP, in each
+        # forward under ZeRO-3/FSDP2) then see this step's quantizer, whichever engine draws
+        call_hooks(run, "set_progress", run.step, run.total_steps, run.steps_per_epoch)
         if run.sq is not None:
             run.sq.draw_masks()
         for group, base in zip(optimizer.param_groups, run.base_lrs):
             group["lr"] = base * lr_factor(run.step, recipe, run.steps_per_epoch, run.total_steps)
-        call_hooks(run, "set_progress", run.step, run.total_steps, run.steps_per_epoch)
     with run.accelerator.accumulate(run.model):
         logits = run.model(x)
         if run.teacher is None:
@@ -49,9 +52,15 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
             distill = recipe["train"]["distill"]
             loss = distill_loss(logits, teacher_logits, y, distill["weight"], distill["temperature"])
         terms = [t for t in call_hooks(run, "regularization") if t is not None]
+        # under FSDP2 a term computed from parameters outside the forward is a DTensor (of shards):
+        # its gradient goes straight to the shards, after FSDP's own backward
+        sharded = [t for t in terms if is_dtensor(t)]
+        terms = [t for t in terms if not is_dtensor(t)]
         if terms:
             loss = loss + torch.stack([t.reshape(()) for t in terms]).sum()
         run.accelerator.backward(loss)
+        if sharded:
+            loss = loss + backward_sharded_terms(sharded, run.model)
         clip = recipe["engine"]["gradient_clipping"]
         if clip and run.accelerator.sync_gradients:
             run.accelerator.clip_grad_norm_(run.model.parameters(), clip)
@@ -61,6 +70,12 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
 
 
 def log_step(run: Run, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+    # FSDP2: quantizers with metrics read their whole parameters (one all-gather; none without metrics)
+    with unsharded(run.model, any(hasattr(m, "metrics") for _, m in run.quantizers)):
+        _log_step(run, loss, logits, y)
+
+
+def _log_step(run: Run, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
     sq = run.sq
     metrics = {"train/loss": loss.item(), "train/acc": float((logits.argmax(1) == y).float().mean() * 100),
                "lr": run.optimizer.param_groups[0]["lr"], "epoch": run.epoch}

@@ -57,6 +57,10 @@ class Run:
         return engine.is_deepspeed(self.accelerator)
 
     @property
+    def fsdp2(self) -> bool:
+        return self.recipe["engine"]["name"] == "fsdp2"
+
+    @property
     def net(self) -> torch.nn.Module:
         # keep_torch_compile=False: the module itself even under a torch.compile wrapper (state_dict keys
         # without "_orig_mod."); train.compile compiles in place and has no wrapper
@@ -67,7 +71,7 @@ def setup(recipe: dict) -> Run:
     """Accelerator, data, model, optimizer; restores ``train.resume`` when it names a checkpoint."""
     from timm.optim import create_optimizer_v2
 
-    from . import engine
+    from . import engine, fsdp
 
     check_recipe(recipe["train"])
     accelerator = engine.make_accelerator(recipe)  # may update recipe["engine"] from engine.config
@@ -92,9 +96,12 @@ def setup(recipe: dict) -> Run:
         if sq is not None and sq.activation_quantizers:
             calibrate_activations(model, x.to(accelerator.device))
         teacher = load_teacher(recipe, model, x, accelerator.device)
+    sharded = recipe["engine"]["name"] == "fsdp2"
+    if sharded:  # before the optimizer: fully_shard replaces every parameter by its shard
+        model = fsdp.shard_model(model, recipe, accelerator.device)
     o = recipe["optim"]
     opt_kwargs = {"momentum": o["momentum"]} if o["name"] in ("sgd", "momentum", "nesterov") else {}
-    if opt_kwargs and accelerator.device.type in ("cpu", "cuda") and not engine.is_deepspeed(accelerator):
+    if opt_kwargs and accelerator.device.type in ("cpu", "cuda") and not engine.is_deepspeed(accelerator) and not sharded:
         # SGD's fused kernel: one pass over every parameter (the same values as the per-tensor and
         # foreach forms; several times faster on a step with many parameters, e.g. SLB's logits)
         opt_kwargs["fused"] = True
@@ -116,13 +123,18 @@ def setup(recipe: dict) -> Run:
     ckpt = tcfg["resume"]
     ckpt = latest_checkpoint(run_dir) if ckpt == "auto" else (None if ckpt == "none" else ckpt)
     deepspeed = engine.is_deepspeed(accelerator)
-    state = load_checkpoint(ckpt, rank, weights=not deepspeed) if ckpt is not None else None
-    if state is not None and not deepspeed:  # DeepSpeed restores model and optimizer shards after prepare
+    state = load_checkpoint(ckpt, rank, weights=not (deepspeed or sharded)) if ckpt is not None else None
+    if state is not None and not (deepspeed or sharded):  # DeepSpeed and FSDP2 restore their shards
         model.load_state_dict(state["model"])
         if state["optimizer"] is not None:
             optimizer.load_state_dict(state["optimizer"])
 
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:  # the model is FSDP2's already; Accelerate wraps the optimizer only
+        if ckpt is not None:
+            fsdp.load_sharded(model, optimizer, ckpt)
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if deepspeed:
         engine.cast_inputs_to_model_dtype(accelerator.unwrap_model(model))
         if ckpt is not None:
@@ -149,17 +161,23 @@ def setup(recipe: dict) -> Run:
 
 def save(run: Run) -> None:
     """A checkpoint of the current step (collective: every rank calls it)."""
-    from . import engine
+    from . import engine, fsdp
 
     if run.deepspeed:  # model: consolidated fp32 (collective); model + optimizer shards: DeepSpeed's own format
         engine.broadcast_buffers(run.net)
         model_state, optimizer_state = engine.full_state_dict(run.accelerator, run.model), None
         write_extra = lambda folder: engine.save_engine_state(run.model, folder)  # noqa: E731
+    elif run.fsdp2:  # model: consolidated (collective); model + optimizer shards: torch.distributed.checkpoint
+        engine.broadcast_buffers(run.net)
+        model_state, optimizer_state = fsdp.full_state_dict(run.model), None
+        write_extra = lambda folder: fsdp.save_sharded(run.model, run.optimizer, folder)  # noqa: E731
     else:
         model_state, optimizer_state, write_extra = run.net.state_dict(), run.optimizer.state_dict(), None
     scaler = run.accelerator.scaler
+    with fsdp.unsharded(run.model):  # FSDP2: a quantizer's config may read its parameters
+        meta = model_meta(run.recipe, run.sq, run.trained)
     save_checkpoint(run.recipe["run"]["dir"], run.step, model_state=model_state, optimizer_state=optimizer_state,
-                    meta=model_meta(run.recipe, run.sq, run.trained), rank=run.accelerator.process_index,
+                    meta=meta, rank=run.accelerator.process_index,
                     write_extra=write_extra,
                     rank_state={"step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
                                 "stages": run.stages, "trained": list(run.trained),
@@ -174,7 +192,7 @@ def stage_eval(run: Run, label: str) -> float:
     acc_ = run.accelerator
     net, tcfg = run.net, run.recipe["train"]
     call_hooks(run, "set_progress", run.step, run.total_steps, run.steps_per_epoch)
-    if run.deepspeed:  # DeepSpeed leaves BN statistics per rank: evaluate rank 0's everywhere
+    if run.deepspeed or run.fsdp2:  # they leave BN statistics per rank: evaluate rank 0's everywhere
         engine.broadcast_buffers(net)
     if tcfg["bn_recalibrate"] and run.sq is not None:
         recalibrate_bn(net, run.train_set, run.sampler.batches(0), acc_.device, tcfg["bn_recalibrate"],
@@ -189,24 +207,26 @@ def stage_eval(run: Run, label: str) -> float:
 
 def finish(run: Run, final_acc: float, seconds: float) -> dict:
     """Final checkpoint, ``final/`` (model + meta) and ``summary.json``."""
-    from . import engine
+    from . import engine, fsdp
 
     save(run)
     sq, recipe = run.sq, run.recipe
+    with fsdp.unsharded(run.model):  # FSDP2: learned bit widths and the quantizers' config read whole parameters
+        bits, meta = (layer_bits(sq) if sq else {}), model_meta(recipe, sq, run.trained)
     summary = {"final_accuracy": final_acc, "total_steps": run.step, "resumed_from_step": run.resumed_from,
                "stages": run.stages, "seconds": round(seconds, 2), "world_size": run.accelerator.num_processes,
                "model": recipe["model"]["name"], "quantizer": recipe["quant"]["name"] if sq else None,
                "activations": (recipe["quant"]["activations"].get("name") if sq else None) or None,
                "bits": bits_label(recipe), "sq_ratio": run.trained[1] if sq else 0.0,
                "distill": dict(recipe["train"]["distill"]) if run.teacher is not None else None,
-               **(layer_bits(sq) if sq else {})}
+               **bits}
     final_state = engine.full_state_dict(run.accelerator, run.model)  # collective under DeepSpeed: fp32, consolidated
     if run.accelerator.is_main_process:
         run_dir = recipe["run"]["dir"]
         final_dir = os.path.join(run_dir, "final")
         os.makedirs(final_dir, exist_ok=True)
         save_state_dict(final_state, os.path.join(final_dir, "model.safetensors"))
-        write_meta(final_dir, model_meta(recipe, sq, run.trained))
+        write_meta(final_dir, meta)
         tmp = os.path.join(run_dir, "summary.json.tmp")
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=1)

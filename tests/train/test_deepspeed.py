@@ -162,7 +162,7 @@ def test_zero_stage_applies_rank0_masks_and_matches_ddp(workdir, ddp, stage, lau
             for layer in rank["outside_forward"].values():
                 assert layer["numel"] == 0 and 0 < layer["shard_numel"] < layer["full_numel"]
     # same seed, same masks, no clipping: the same training as DDP (ZeRO-3 draws layer by layer
-    # in forward order, which consumes rank 0's generator as DDP's one draw for all layers does)
+    # in the forward, DDP all layers at once: each from the generator of (seed, step, layer))
     assert result["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
     assert_same_model(result["final"], ddp["final"])
     assert result["meta"]["quant"]["layers"] == ddp["meta"]["quant"]["layers"]
@@ -171,7 +171,7 @@ def test_zero_stage_applies_rank0_masks_and_matches_ddp(workdir, ddp, stage, lau
 
 @pytest.mark.slow
 def test_zero3_without_broadcast_ranks_apply_different_masks(workdir, launch_two):
-    """What the in-forward broadcast prevents: with it off, rank 1 draws its own masks."""
+    """What the shared draw prevents: with sq.broadcast off, rank 1 seeds its own and draws other masks."""
     result = launch(launch_two, workdir, "zero3-no-broadcast", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}",
                     "sq.broadcast=false")
     assert not any(r["masks_equal_rank0"] for r in result["ranks"][1]["steps"])

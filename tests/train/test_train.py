@@ -180,7 +180,8 @@ def masks_of_two(launch_two, tiny_recipe, out, *overrides):
 @pytest.mark.slow
 @pytest.mark.parametrize("broadcast", [True, False])
 def test_two_processes_apply_rank0_masks(tiny_recipe, tmp_path, broadcast, launch_two):
-    """Ranks seed their SQ generators differently (seed + rank); the broadcast makes them agree."""
+    """sq.broadcast=true: every rank draws from the generators of (seed, step, layer) and applies the
+    same masks with no collective; false: rank r seeds with seed + r, and the ranks disagree."""
     ranks = masks_of_two(launch_two, tiny_recipe, tmp_path / "masks.json", f"run.dir={tmp_path / 'run'}", "train.max_steps=3",
                        "sq.ratios=[0.5]", f"sq.broadcast={str(broadcast).lower()}")
     rank1 = ranks[1]
