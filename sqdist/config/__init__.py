@@ -245,7 +245,7 @@ def _validate_split_fractions(recipe: dict) -> None:
 def _validate_names(recipe: dict) -> None:
     import timm
 
-    from .quant.registry import create_quantizer, list_quantizers
+    from ..quant.registry import create_quantizer, list_quantizers
 
     name = recipe["model"]["name"]
     if not timm.is_model(name):
@@ -267,7 +267,7 @@ def _validate_names(recipe: dict) -> None:
             quantizer = create_quantizer(q["name"], **q["params"])
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"quant.params={q['params']!r}: {exc}") from None
-        from .nn import check_sq_ratios
+        from ..nn import check_sq_ratios
 
         try:
             check_sq_ratios(quantizer, q["name"], recipe["sq"]["ratios"])
@@ -318,7 +318,7 @@ def _validate_fashion_mnist(data: dict) -> None:
 
 
 def _validate_activations(act: dict) -> None:
-    from .quant.registry import create_activation_quantizer, list_activation_quantizers
+    from ..quant.registry import create_activation_quantizer, list_activation_quantizers
 
     if not act:
         return
@@ -336,7 +336,7 @@ def _validate_activations(act: dict) -> None:
 
 def bits_label(recipe: dict) -> str:
     """Bits of weights and activations, ``W<w>A<a>`` (32 for full precision): ``W1A32``, ``W2A2``, ``W32A32``."""
-    from .quant.registry import create_activation_quantizer, create_quantizer
+    from ..quant.registry import create_activation_quantizer, create_quantizer
 
     q = recipe["quant"]
     if not q["enabled"]:
