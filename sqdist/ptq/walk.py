@@ -298,7 +298,7 @@ def choose_layer_widths(model: nn.Module, names: list[str], chunks: list[Tensor]
             stats = InputStatistics(modules[name])
             per_layer_statistics(model, modules[name], chunks, stats, calls[name])
             for t in stats.tensors():
-                _all_reduce(t)
+                all_reduce_(t)
             held.clear()
             held.update(name=name, stats=stats)
         stats = held["stats"]
@@ -307,7 +307,7 @@ def choose_layer_widths(model: nn.Module, names: list[str], chunks: list[Tensor]
                                damp=config.damp, block=config.block, act_order=config.act_order,
                                rows=float(stats.rows))
 
-    sens = sensitivities(model, names, chunks, decide, config.widths, reduce=_all_reduce)
+    sens = sensitivities(model, names, chunks, decide, config.widths, reduce=all_reduce_)
     out = Widths(choose_widths(sens, nbytes, budget))
     out.sensitivity = sens
     return out
