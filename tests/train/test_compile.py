@@ -86,6 +86,7 @@ def test_every_quantizer_traces_whole_and_gives_eager_gradients(case):
         assert torch.equal(out, eager_out)
         assert got.keys() == expected.keys() and len(got) > 0
         assert [k for k in got if not torch.equal(got[k], expected[k])] == []
+        sq.advance("step")  # the next step's masks: drawn from (seed, step, layer)
     stance.__exit__(None, None, None)
     if ratios[0] < 1.0:  # two different draws really reached the graph
         assert any(not torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
