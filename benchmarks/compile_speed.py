@@ -29,10 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_common import ROOT, load  # noqa: E402
-from leaderboard import ROWS  # noqa: E402
+from digits_common import ROOT, load
+from leaderboard import ROWS
 
 SCALE = ["model.name=resnet18", "model.kwargs={num_classes: 10}", "data.image_size=32", "data.batch_size=64",
          "train.progress=false", "track.wandb=false", "train.log_every=5"]

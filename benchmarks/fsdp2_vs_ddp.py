@@ -23,9 +23,9 @@ import subprocess
 import sys
 import tempfile
 
+from zero_vs_ddp import step_times
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from zero_vs_ddp import step_times  # noqa: E402
 
 COLLECTIVES = ("allreduce", "all_reduce", "allgather", "all_gather", "reduce_scatter", "reducescatter", "broadcast")
 

@@ -18,15 +18,13 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_common import OUT, paired, pool_map, stats, train_all  # noqa: E402
-from leaderboard import setting_overrides  # noqa: E402
-from ptq_objective import EPOCHS, VARIANTS, WIDTHS  # noqa: E402
-from ptq_rows import CALIB_IMAGES, ptq_job  # noqa: E402
+from digits_common import OUT, paired, pool_map, stats, train_all
+from leaderboard import setting_overrides
+from ptq_objective import EPOCHS, VARIANTS, WIDTHS
+from ptq_rows import CALIB_IMAGES, ptq_job
 
 GPTQ = VARIANTS["GPTQ centred + walk BN + act-order (default)"]
 COMMON = ["--calib-images", str(CALIB_IMAGES), "--bn-recalibrate", "10"]
