@@ -297,19 +297,30 @@ def check_against_torch(path: str | os.PathLike, net: nn.Module, x: Tensor, mode
     if record.unmatched:
         raise ExportError(f"{path}: {record.unmatched} of onnxruntime's code tensors do not have the shape of torch's "
                           f"(read in another layout, or from another node) (removed)")
-    if record.far or record.worst_near > FLIP_SHARE:
-        raise ExportError(f"{path}: onnxruntime's codes differ from torch's computed from the same inputs: "
-                          f"{record.far} by more than one step, up to {100 * record.worst_near:.2f}% of one "
-                          f"quantization's by one step away from a rounding tie (allowed: none, and "
-                          f"{100 * FLIP_SHARE:g}%) (removed)")
-    diff = float((logits - forced).abs().max())
-    if not diff <= TOLERANCE * scale:
-        raise ExportError(f"{path}: onnxruntime logits differ from torch's by {diff:.3g} (tolerance "
-                          f"{TOLERANCE * scale:.3g}; {record.flipped} codes decided the other way at a rounding tie) "
-                          f"(removed)")
+    diff = hold_to_forced_codes(path, "onnxruntime", record, logits, forced, scale, " (removed)")
     return {"max_abs_diff": diff, "tie_flips": record.flipped, "near_flips": record.near,
             "max_abs_diff_model": model_diff,
             "model_rel_error": rel_error, "model_agreement": agreement}
+
+
+def hold_to_forced_codes(path, runtime: str, record, logits: Tensor, forced: Tensor, scale: float,
+                         suffix: str = "") -> float:
+    """The rule both runtime checks end with, once torch has computed each quantization from the runtime's
+    codes of the one before (``record``: :func:`sqdist.export.qdq.forced_ties`'s, ``forced``: torch's logits so
+    computed): no code more than one step off, at most :data:`FLIP_SHARE` of one quantization's one step off
+    away from a rounding tie, then the runtime's ``logits`` within ``TOLERANCE * scale`` of ``forced``.
+    Returns their largest absolute difference; a failure is an :class:`ExportError` ending in ``suffix``."""
+    if record.far or record.worst_near > FLIP_SHARE:
+        raise ExportError(f"{path}: {runtime}'s codes differ from torch's computed from the same inputs: "
+                          f"{record.far} by more than one step, up to {100 * record.worst_near:.2f}% of one "
+                          f"quantization's by one step away from a rounding tie (allowed: none, and "
+                          f"{100 * FLIP_SHARE:g}%){suffix}")
+    diff = float((logits - forced).abs().max())
+    if not diff <= TOLERANCE * scale:
+        raise ExportError(f"{path}: {runtime}'s logits differ from torch's by {diff:.3g} (tolerance "
+                          f"{TOLERANCE * scale:.3g}; {record.flipped} codes decided the other way at a rounding tie)"
+                          f"{suffix}")
+    return diff
 
 
 @torch.no_grad()

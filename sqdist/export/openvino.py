@@ -41,12 +41,11 @@ from torch import Tensor, nn
 
 from .format import ExportError, _one_line, check_keep_fp_bits
 from .int8 import check_activations
-from .onnx_check import TOLERANCE, _reference_logits
+from .onnx_check import TOLERANCE, _reference_logits, hold_to_forced_codes
 from .parity import LOGITS_TOLERANCE
 from .qdq import forced_ties
 
 OPENVINO_OPSET = 21  # INT4 initializers; OpenVINO 2026.4's ONNX reader does not read opset 25's INT2
-FLIP_SHARE = 0.01  # at most this share of one quantization's codes one step off away from a tie (as onnxruntime's)
 PLAIN_FACTOR = 2.0  # see check_against_openvino
 CHECK_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
@@ -212,8 +211,9 @@ def check_against_openvino(path: str | os.PathLike, net: nn.Module, x: Tensor, m
     With ``same_network`` (float activations, float stem and classifier) ``net``'s logits must equal the
     model's within ``TOLERANCE * max(1, max |logit|)``. OpenVINO against ``net``: each quantization is
     computed in torch from OpenVINO's codes of the one before (:func:`openvino_codes`); its codes must be
-    OpenVINO's except at a rounding tie and at most :data:`FLIP_SHARE` of one quantization's one step off
-    elsewhere, none more than one step; then the logits within ``TOLERANCE * max(1, max |logit|)``.
+    OpenVINO's except at a rounding tie and at most :data:`~sqdist.export.onnx_check.FLIP_SHARE` of one
+    quantization's one step off elsewhere, none more than one step; then the logits within
+    ``TOLERANCE * max(1, max |logit|)`` (:func:`sqdist.export.onnx_check.hold_to_forced_codes`).
 
     Returns ``{"max_abs_diff", "tie_flips", "near_flips", "max_abs_diff_model", "model_rel_error",
     "model_agreement"}``; a failure is an :class:`ExportError`.
@@ -244,15 +244,7 @@ def check_against_openvino(path: str | os.PathLike, net: nn.Module, x: Tensor, m
         raise ExportError(f"{path}: OpenVINO's {len(codes)} FakeQuantize outputs do not line up with the "
                           f"{record.calls} quantizations of the converted network ({record.unmatched} of "
                           f"another shape)")
-    if record.far or record.worst_near > FLIP_SHARE:
-        raise ExportError(f"{path}: OpenVINO's codes differ from torch's computed from the same inputs: "
-                          f"{record.far} by more than one step, up to {100 * record.worst_near:.2f}% of one "
-                          f"quantization's by one step away from a rounding tie (allowed: none, and "
-                          f"{100 * FLIP_SHARE:g}%)")
-    diff = float((read - forced).abs().max())
-    if not diff <= TOLERANCE * scale:
-        raise ExportError(f"{path}: OpenVINO's logits differ from torch's by {diff:.3g} (tolerance "
-                          f"{TOLERANCE * scale:.3g}; {record.flipped} codes decided the other way at a rounding tie)")
+    diff = hold_to_forced_codes(path, "OpenVINO", record, read, forced, scale)
     # the plain compile fuses the kernels whose outputs were read above (a residual add into its convolution), so
     # its rounding ties fall otherwise and move later codes by a step: another int8 computation of the network,
     # held to the trained model as the checked one is (at most PLAIN_FACTOR times as far, or LOGITS_TOLERANCE)
