@@ -228,7 +228,8 @@ def test_budget_on_two_processes_chooses_one_processs_widths_and_writes_its_file
     """``--avg-bits`` under two gloo processes (each rank measures the sensitivities on its half of the
     calibration images, BN statistics combined over the ranks, the KL summed): both ranks end with the
     same network, and the widths, codes and file are one process's on the same images."""
-    flags = ["--avg-bits", "2.5", "--calib-images", "128", "--no-progress", "--json", "data.batch_size=32"]
+    flags = ["--avg-bits", "2.5", "--calib-images", "64", "--bn-recalibrate", "2", "--no-progress", "--json",
+             "data.batch_size=32"]
     dump, two = tmp_path / "dump", tmp_path / "two.safetensors"
     proc = launch_two("ptq_worker.py", dump, digits_run, two, *flags, env={"OMP_NUM_THREADS": "1"})
     printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
