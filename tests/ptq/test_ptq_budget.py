@@ -219,7 +219,7 @@ def test_unknown_adaround_option_is_one_line_and_exit_2(digits_run, tmp_path, ca
         main([str(digits_run), str(tmp_path / "o.safetensors"), "--method", "adaround", "--adaround-lr", "0.1"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--adaround-lr" in err, err
+    assert err.count("\n") == 1 and "--adaround-lr" in err and "adaround --adaround-iters, --adaround-reg" in err, err
 
 
 @pytest.mark.slow
