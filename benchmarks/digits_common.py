@@ -119,12 +119,22 @@ def pool_map(fn, jobs: list[dict], workers: int) -> list:
         return list(pool.map(fn, jobs))
 
 
+def same_run(job: dict) -> str:
+    """What makes two jobs the same run (they train once: two workers must not train it into one folder at once)."""
+    return json.dumps([job["recipe"], list(job["overrides"]), job["name"], job["seed"], str(job["runs"]),
+                       bool(job.get("fresh"))])
+
+
 def train_all(jobs: list[dict], workers: int, keep_going: bool = False) -> list[dict]:
-    """Train every job (longest first, so the workers finish together); results in job order."""
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].get("cost", 1))
+    """Train every job (longest first, so the workers finish together); results in job order.
+    Jobs of the same run (:func:`same_run`: e.g. the FP run every PTQ and PQ row of a seed reads) train once."""
+    first: dict[str, int] = {}
+    for i, job in enumerate(jobs):
+        first.setdefault(same_run(job), i)
+    order = sorted(first.values(), key=lambda i: -jobs[i].get("cost", 1))
     fn = _safe_train if keep_going else train_job
     done = dict(zip(order, pool_map(fn, [jobs[i] for i in order], workers)))
-    return [done[i] for i in range(len(jobs))]
+    return [done[first[same_run(job)]] for job in jobs]
 
 
 def export_bytes(run_dir: str, keep_fp_bits: int = 32) -> int:

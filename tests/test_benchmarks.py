@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -179,6 +180,26 @@ def test_leaderboard_run_interrupted_mid_run_resumes_from_its_epoch_checkpoint(t
     assert again["cached"] and again["run_dir"] == str(run_dir)
     with pytest.raises(LookupError):  # --report: read back or nothing
         train_job({**job, "runs": str(tmp_path / "c"), "cached_only": True})
+
+
+@pytest.mark.slow
+def test_jobs_of_the_same_run_train_it_once(tmp_path, monkeypatch):
+    """``leaderboard.py --rows FP,PTQ ...`` on an empty cache: each PTQ row's job is the FP run of its seed.
+    Two workers must not train one run into one folder at once: it trains once, every job gets its result."""
+    (train_all,) = _benchmarks_import("train_all")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # the spawned workers import digits_common
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base = {"recipe": "digits_fp", "name": "FP", "runs": str(tmp_path / "runs")}
+    seed0 = {**base, "seed": 0, "overrides": ["train.epochs=1", "train.progress=false", "track.wandb=false"]}
+    seed1 = {**seed0, "seed": 1, "overrides": ["train.seed=1", *seed0["overrides"]]}
+    jobs = [{**seed0, "label": "FP"}, {**seed0, "label": "PTQ RTN kbit2"}, {**seed1, "label": "FP"},
+            {**seed0, "label": "PTQ GPTQ kbit2"}, {**seed1, "label": "PTQ RTN kbit2"}]
+    results = train_all(jobs, 2)
+    assert results[0] == results[1] == results[3] and results[2] == results[4] and results[0] != results[2]
+    assert not results[1]["cached"] and not results[3]["cached"]   # the trained run itself, not a second read
+    assert sorted(p.name.split("_")[1] for p in (tmp_path / "runs").iterdir()) == ["s0", "s1"]
+    lines = (Path(results[0]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))   # one training wrote it
 
 
 @pytest.mark.slow

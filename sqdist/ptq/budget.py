@@ -116,9 +116,11 @@ def choose_widths(sens: Mapping[str, Mapping[int, float]], nbytes: Mapping[str, 
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, chunks: list[Tensor]) -> None:
+def reestimate_bn(model: nn.Module, chunks: list[Tensor], reduce: Callable[[Tensor], None] | None = None) -> None:
     """Every BatchNorm's running statistics set to those of ``chunks`` (cumulative average over
-    the chunks; the rest of the network in eval mode)."""
+    the chunks; the rest of the network in eval mode). ``reduce`` sums a tensor over ranks in
+    place: the statistics are then the average over every rank's chunks, as one process would
+    have them on all the chunks (each chunk's batch statistics do not depend on the others')."""
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
         return
@@ -134,6 +136,19 @@ def reestimate_bn(model: nn.Module, chunks: list[Tensor]) -> None:
         for m, (momentum, training) in zip(bns, saved):
             m.momentum = momentum
             m.train(training)
+    if reduce is not None:
+        count = torch.tensor([float(len(chunks))], dtype=torch.float64, device=bns[0].running_mean.device)
+        sums = torch.cat([torch.cat([m.running_mean, m.running_var]).double() * count for m in bns])
+        reduce(count)
+        reduce(sums)
+        if count.item() > 0:
+            at = 0
+            for m in bns:
+                c = m.running_mean.numel()
+                m.running_mean.copy_(sums[at:at + c] / count)
+                m.running_var.copy_(sums[at + c:at + 2 * c] / count)
+                m.num_batches_tracked.fill_(int(count.item()))
+                at += 2 * c
 
 
 @torch.no_grad()
@@ -150,7 +165,7 @@ def sensitivities(model: nn.Module, names: list[str], chunks: list[Tensor],
     modules = dict(model.named_modules())
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     saved_bn = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
-    reestimate_bn(model, chunks)   # the reference too: only the layer's quantization differs
+    reestimate_bn(model, chunks, reduce)   # the reference too: only the layer's quantization differs
     reference = [torch.log_softmax(model(x.clone()).float(), dim=-1) for x in chunks]
     table = torch.zeros(len(names), len(widths) + 1, dtype=torch.float64, device=modules[names[0]].weight.device)
     for i, name in enumerate(names):
@@ -159,7 +174,7 @@ def sensitivities(model: nn.Module, names: list[str], chunks: list[Tensor],
         for k, bits in enumerate(widths):
             codes, scale = decide(name, bits)
             module.weight.copy_((codes * scale[:, None]).reshape(original.shape).to(original.dtype))
-            reestimate_bn(model, chunks)
+            reestimate_bn(model, chunks, reduce)
             for x, ref in zip(chunks, reference):
                 logp = torch.log_softmax(model(x.clone()).float(), dim=-1)
                 table[i, k] += float((ref.exp() * (ref - logp)).sum())

@@ -47,8 +47,18 @@ class PTQError(ExportError):
     """A PTQ input the user can fix; the message is one line."""
 
 
+class _Parser(OneLineParser):
+    """An unknown flag's line also names the options each method takes (``--adaround-lr`` is not one)."""
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments"):
+            message += ("; the methods' options: gptq --damp, --block, --act-order/--no-act-order; "
+                        "adaround --adaround-iters, --adaround-reg")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m sqdist.ptq", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="python -m sqdist.ptq", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="full-precision run folder (uses RUN/final) or checkpoint folder")
     p.add_argument("out", help="the packed .safetensors file (or .onnx graph) to write")

@@ -219,4 +219,34 @@ def test_unknown_adaround_option_is_one_line_and_exit_2(digits_run, tmp_path, ca
         main([str(digits_run), str(tmp_path / "o.safetensors"), "--method", "adaround", "--adaround-lr", "0.1"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--adaround-lr" in err, err
+    assert err.count("\n") == 1 and "--adaround-lr" in err and "adaround --adaround-iters, --adaround-reg" in err, err
+
+
+@pytest.mark.slow
+def test_budget_on_two_processes_chooses_one_processs_widths_and_writes_its_file(digits_run, tmp_path, capsys,
+                                                                               launch_two):
+    """``--avg-bits`` under two gloo processes (each rank measures the sensitivities on its half of the
+    calibration images, BN statistics combined over the ranks, the KL summed): both ranks end with the
+    same network, and the widths, codes and file are one process's on the same images."""
+    flags = ["--avg-bits", "2.5", "--calib-images", "64", "--bn-recalibrate", "2", "--no-progress", "--json",
+             "data.batch_size=32"]
+    dump, two = tmp_path / "dump", tmp_path / "two.safetensors"
+    proc = launch_two("ptq_worker.py", dump, digits_run, two, *flags, env={"OMP_NUM_THREADS": "1"})
+    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1, proc.stdout  # rank 0 reports and writes
+    r2 = printed[0]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(f"{dump}.rank{r}.safetensors") for r in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    one = tmp_path / "one.safetensors"
+    assert main([str(digits_run), str(one), *flags]) == 0
+    r1 = json.loads(capsys.readouterr().out)
+    assert r2["bits"] == r1["bits"] and len(set(r1["bits"].values())) > 1, (r1["bits"], r2["bits"])
+    assert r2["quantized_bytes"] == r1["quantized_bytes"] and r2["bytes"] == r1["bytes"] == one.stat().st_size
+    for name, sens in r1["sensitivity"].items():
+        assert r2["sensitivity"][name] == pytest.approx(sens, rel=1e-4, abs=1e-7), name
+    (state_one, meta_one), (state_two, meta_two) = read_packed(one), read_packed(two)
+    assert meta_one["packed"] == meta_two["packed"]
+    for name in meta_one["layers"]:
+        assert torch.equal(state_one[f"{name}.weight"], state_two[f"{name}.weight"]), name
