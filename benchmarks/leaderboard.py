@@ -379,6 +379,9 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
         parser.error(f"--rows: {unknown[0] if unknown else '(empty)'!r} is not a row; allowed: {', '.join(ROWS)}")
+    if args.publish and args.rows is not None and set(rows) != set(data.rows):
+        parser.error(f"--publish with --rows={args.rows!r} would replace the published table with only those rows; "
+                     f"allowed: --publish without --rows (every row), or --rows without --publish (table in --out)")
 
     t0 = time.time()
     setting = setting_overrides(args.data)

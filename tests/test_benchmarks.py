@@ -257,3 +257,14 @@ def test_leaderboard_converged_smoke_chooses_epochs_distills_and_continues(tmp_p
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         busy = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert busy.returncode == 2 and "another leaderboard_converged.py is training there" in busy.stderr
+
+
+def test_leaderboard_publish_with_some_rows_is_refused_before_anything_runs(tmp_path):
+    published = Path(ROOT) / "benchmarks" / "results" / "leaderboard_fashion_mnist.md"
+    before = published.read_bytes()
+    proc = subprocess.run([sys.executable, "benchmarks/leaderboard.py", "--data", "fashion_mnist", "--rows", "FP",
+                           "--publish", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "--publish with --rows='FP'" in proc.stderr and "allowed:" in proc.stderr
+    assert published.read_bytes() == before and not (tmp_path / "runs").exists()
