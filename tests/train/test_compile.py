@@ -254,3 +254,26 @@ def test_inductor_options_keep_the_mode_and_turn_layout_optimization_off_on_the_
     tuned = inductor_options(model, "max-autotune")["options"]
     assert tuned["max_autotune"] is True and tuned["layout_optimization"] is False
     assert inductor_options(model, backend="aot_eager") == {}
+
+
+def test_a_new_epoch_within_an_sq_stage_does_not_recompile():
+    """The SQ ratio is read in the compiled forward; its stage is kept by the schedule, not derived from the
+    count of finished units, so the graph is guarded on the stage: units (epochs) inside a stage reuse it."""
+    model = small_net()
+    sq = quantize_model(model, QuantConfig(quantizer="twn", sq=SQConfig(ratios=[0.5, 1.0], stage_length=3,
+                                                                        unit="epoch")),
+                        example_input=torch.randn(2, 3, 6, 6))
+    model.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 3, 6, 6)
+    for epoch in range(3):
+        sq.draw_masks()
+        if epoch == 1:
+            stance = torch.compiler.set_stance("fail_on_recompile")
+            stance.__enter__()
+        compiled(x).square().mean().backward()
+        sq.advance("step")
+        sq.advance("epoch")
+    stance.__exit__(None, None, None)
+    assert sq.selector.units_done == 3 and sq.selector.stage == 1 and sq.selector.ratio == 1.0
