@@ -14,6 +14,12 @@ In each round every row runs eager and compiled back to back, so a change of the
 by both; ``x`` is eager's median over compiled's, ``x FP`` a row's median over FP's, both per round,
 then the median over rounds. ``--threads``: torch's intra-op threads.
 
+Split (``--split``): for each row, eager and compiled, a few steps of ``train_step`` on one batch under
+``torch.profiler``: the milliseconds a step spends in convolutions (forward ``aten::convolution`` and
+``aten::convolution_backward``, the same oneDNN kernels eager or compiled: inductor calls them, it does not
+generate them) and in everything else (the part compiling can speed up). ``bound``: the step's
+speed-up if compiling made everything but the convolutions free (eager step / eager convolutions).
+
 Values: for each row, one step of the same model and batch, eager and compiled with inductor, from the
 same weights: the largest absolute difference of the logits, of the loss and of any gradient,
 relative to that tensor's largest magnitude.
@@ -73,6 +79,35 @@ def timed_train(recipe: dict) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
+CONV_OPS = ("aten::convolution", "aten::convolution_backward")  # each a whole convolution, forward or backward
+
+
+def split(label: str, compiled: bool, warm: int = 4, steps: int = 4) -> dict:
+    """Milliseconds a step (``train_step`` on the run's first batch) spends in convolutions and in the rest."""
+    import torch
+
+    from digits_common import timed_run
+    from sqdist.train.compiling import compile_model
+    from sqdist.train.loop import train_step
+
+    with tempfile.TemporaryDirectory() as folder, row_env(label):
+        run, x, y = timed_run(load(ROWS[label].recipe, [*ROWS[label].overrides, *SCALE, "train.max_steps=1000"]),
+                              folder)
+        if compiled:
+            compile_model(run.net)
+        for _ in range(warm):
+            train_step(run, x, y)
+            run.step += 1
+        with torch.profiler.profile() as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                train_step(run, x, y)
+                run.step += 1
+            wall = (time.perf_counter() - start) / steps
+    conv = sum(e.cpu_time_total for e in prof.key_averages() if e.key in CONV_OPS) / 1e3 / steps
+    return {"step_ms": wall * 1e3, "conv_ms": conv, "rest_ms": wall * 1e3 - conv}
+
+
 def value_differences(label: str) -> dict:
     """One step, eager and inductor, from the same weights and batch: relative max differences."""
     import torch
@@ -99,7 +134,9 @@ def value_differences(label: str) -> dict:
             return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 
         eager = step()
-        net.compile(backend="inductor")
+        from sqdist.train.compiling import compile_model
+
+        compile_model(net)  # as train.compile=true does (inductor, its options)
         step()  # compile
         comp = step()
         net._compiled_call_impl = None
@@ -122,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-values", action="store_true")
     p.add_argument("--eager-only", action="store_true", help="no compiled runs (SLB's step against FP's)")
     p.add_argument("--values-rows", default=None, help="rows of the value comparison (default: --rows)")
+    p.add_argument("--split", action="store_true", help="only the profile split (convolutions / the rest) per row")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "out" / "compile_speed.json"))
     args = p.parse_args(argv)
     import torch
@@ -132,8 +170,10 @@ def main(argv=None) -> int:
         print(f"compile_speed.py: --rows {unknown[0]!r}: not a leaderboard row; allowed: {', '.join(ROWS)} "
               f"(each optionally with '{BEFORE}')", file=sys.stderr)
         return 2
-    results = {"load_before": os.getloadavg(), "torch": torch.__version__, "rows": {}, "values": {}}
+    results = {"load_before": os.getloadavg(), "torch": torch.__version__, "rows": {}, "values": {}, "split": {}}
     print(f"load before: {os.getloadavg()}", flush=True)
+    if args.split:
+        return print_split(results, labels, args)
     for threads in args.threads:
         torch.set_num_threads(threads)
         for r in range(args.rounds):
@@ -156,6 +196,28 @@ def main(argv=None) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
     print(table(results, labels, args.threads, args.rounds, args.eager_only))
+    return 0
+
+
+def print_split(results: dict, labels: list[str], args) -> int:
+    import torch
+
+    lines = ["| row | threads | eager step ms | eager conv ms | eager rest ms | compiled step ms | compiled conv ms | "
+             "compiled rest ms | bound (eager step / eager conv) |", "|---|---|---|---|---|---|---|---|---|"]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for label in labels:
+            e, c = split(label, False), split(label, True)
+            results["split"][f"{label}|{threads}"] = {"eager": e, "compiled": c}
+            lines.append(f"| {label} | {threads} | {e['step_ms']:.0f} | {e['conv_ms']:.0f} | {e['rest_ms']:.0f} | "
+                         f"{c['step_ms']:.0f} | {c['conv_ms']:.0f} | {c['rest_ms']:.0f} | "
+                         f"{e['step_ms'] / e['conv_ms']:.2f}x |")
+            print(lines[-1], flush=True)
+    results["load_after"] = os.getloadavg()
+    print(f"load after: {os.getloadavg()}", flush=True)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1))
+    print("\n".join(lines))
     return 0
 
 

@@ -132,8 +132,19 @@ class SQSelector:
         self.step = 0
 
     @property
+    def units_done(self) -> int:
+        return self._units_done
+
+    @units_done.setter
+    def units_done(self, value: int) -> None:
+        # the stage is kept, not derived at each read: a compiled forward reads the ratio, and torch.compile
+        # guards on every number it reads, so a derived stage recompiled the model at every unit (each epoch)
+        self._units_done = value
+        self._stage = min(value // self.config.stage_length, len(self.config.ratios) - 1)
+
+    @property
     def stage(self) -> int:
-        return min(self.units_done // self.config.stage_length, len(self.config.ratios) - 1)
+        return self._stage
 
     @property
     def ratio(self) -> float:

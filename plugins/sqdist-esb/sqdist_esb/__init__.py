@@ -122,23 +122,27 @@ def esb_round(v: Tensor, linear_bits: int, top: float) -> Tensor:
 
 
 WARM_SPAN, WARM_COUNT = 0.08, 17  # a refresh: 17 scales from 0.92 to 1.08 times the previous one
+# the offsets d of a refresh as Python numbers (torch.linspace's float32 values), read once here: a compiled
+# forward cannot read a tensor into Python (.tolist() is a graph break)
+WARM_OFFSETS = tuple(torch.linspace(-WARM_SPAN, WARM_SPAN, WARM_COUNT).tolist())
 
 
 def esb_refit_scale(w: Tensor, levels: Tensor, previous: Tensor, linear_bits: int, span: float = WARM_SPAN,
-                    count: int = WARM_COUNT) -> Tensor:
+                    count: int = WARM_COUNT, top: float | None = None) -> Tensor:
     """Per row of ``w`` (m, n), the scale of least squared error among ``previous (1 + d)``,
     ``d`` = ``count`` values evenly spaced in ``[-span, span]`` (the search warm-started from
     ``previous`` (m,); ``previous`` itself first, so it is kept on a tie and the result is never
     worse than it). Rows with ``previous = 0`` are searched from scratch (:func:`esb_fit_scale`).
-    The levels are looked up by :func:`esb_round`.
+    The levels are looked up by :func:`esb_round`. ``top``: ``levels[-1]`` as a number (read from ``levels``
+    when None; a compiled forward passes it, reading a tensor is a graph break there).
     """
     wf = w.float()
     prev = previous.float().to(w.device)
     safe = torch.where(prev > 0, prev, torch.ones_like(prev))
-    d = torch.linspace(-span, span, count).tolist()
-    top = float(levels[-1])
+    d = WARM_OFFSETS if (span, count) == (WARM_SPAN, WARM_COUNT) else torch.linspace(-span, span, count).tolist()
+    top = float(levels[-1]) if top is None else top
     best_s, best_e = safe, None
-    for f in [0.0] + d:
+    for f in (0.0, *d):
         s = safe * (1 + f)
         e = (esb_round(wf / s[:, None], linear_bits, top).mul_(s[:, None]).sub_(wf)).square_().sum(dim=1)
         if best_e is None:
@@ -147,7 +151,8 @@ def esb_refit_scale(w: Tensor, levels: Tensor, previous: Tensor, linear_bits: in
         better = e < best_e
         best_s, best_e = torch.where(better, s, best_s), torch.where(better, e, best_e)
     cold = prev <= 0
-    if bool(cold.any()):
+    # compiled: no branch on a tensor's value; the cold search for every row, where() keeps it for cold rows only
+    if torch.compiler.is_compiling() or bool(cold.any()):
         best_s = torch.where(cold, esb_fit_scale(w, levels), best_s)
     return torch.where(wf.abs().amax(dim=1) > 0, best_s, torch.zeros_like(best_s))
 
@@ -158,32 +163,53 @@ def kernel():
     return load_source(Path(__file__).with_name("esb_cpu.cpp"))
 
 
+@torch.compiler.assume_constant_result
+def kernel_available() -> bool:
+    """Whether :func:`kernel` can be built: a constant to ``torch.compile`` (which cannot trace the build)."""
+    return kernel() is not None
+
+
+# The kernel as a custom op: torch.compile keeps it whole in the graph (the pybind11 function would stop it)
+@torch.library.custom_op("sqdist_esb::refined", mutates_args=())
+def refined_op(w: Tensor, scale: Tensor, linear_bits: int, top: float, values: bool) -> tuple[Tensor, Tensor]:
+    """``esb_cpu.cpp``'s ``refined``: ``(c or c * s, s)`` for ``w`` (m, n) float32, ``scale`` (m,)."""
+    out, s = kernel().refined(w, scale, linear_bits, top, values)
+    return out, s
+
+
+@refined_op.register_fake
+def _(w, scale, linear_bits, top, values):
+    return w.new_empty(w.shape), w.new_empty(w.shape[:1])
+
+
 def esb_codes_refined(w: Tensor, levels: Tensor, scale: Tensor, linear_bits: int,
-                      values: bool = False) -> tuple[Tensor, Tensor]:
+                      values: bool = False, top: float | None = None) -> tuple[Tensor, Tensor]:
     """``(c, s)``: ``c`` (m, n) the levels of ``w_i / scale_i`` (:func:`esb_round`), and per row
     the scale ``s`` (m,) of least ``||w_i - s c_i||_2`` for those levels (closed form
     ``<w_i, c_i> / <c_i, c_i>``; ``scale_i`` where ``c_i = 0``). Never a larger error than ``scale``.
     ``values``: ``c * s[:, None]`` (the quantized weight) instead of ``c``. On the CPU (float32 weights,
     ``SQDIST_KERNELS`` auto or cpu) the compiled ``esb_cpu.cpp`` (two passes a row), on CUDA its Triton twin
     (``esb_triton.py``), else :func:`esb_codes_refined_reference`: the same levels, and the same scales except
-    where the two summation orders (both in double, about 1e-13 relative apart) round across a float32 boundary."""
+    where the two summation orders (both in double, about 1e-13 relative apart) round across a float32 boundary.
+    ``top``: ``levels[-1]`` as a number (read from ``levels`` when None)."""
+    top = float(levels[-1]) if top is None else top
     if (w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and kernel_mode() in ("auto", "cpu")
-            and kernel() is not None):
-        out, s = kernel().refined(w.detach(), scale.detach(), linear_bits, float(levels[-1]), values)
-        return out, s
+            and kernel_available()):
+        return refined_op(w.detach(), scale.detach(), linear_bits, top, values)
     if w.dtype == torch.float32 and w.dim() == 2 and kernel_backend(w) == "triton":
         from .esb_triton import refined
 
-        return refined(w.detach(), scale.detach(), linear_bits, float(levels[-1]), values)
-    c, s = esb_codes_refined_reference(w, levels, scale, linear_bits)
+        return refined(w.detach(), scale.detach(), linear_bits, top, values)
+    c, s = esb_codes_refined_reference(w, levels, scale, linear_bits, top)
     return (c * s[:, None] if values else c), s
 
 
-def esb_codes_refined_reference(w: Tensor, levels: Tensor, scale: Tensor, linear_bits: int) -> tuple[Tensor, Tensor]:
+def esb_codes_refined_reference(w: Tensor, levels: Tensor, scale: Tensor, linear_bits: int,
+                                top: float | None = None) -> tuple[Tensor, Tensor]:
     """:func:`esb_codes_refined` in PyTorch (``values=False``)."""
     wf = w.float()
     safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
-    c = esb_round(wf / safe[:, None], linear_bits, float(levels[-1]))
+    c = esb_round(wf / safe[:, None], linear_bits, float(levels[-1]) if top is None else top)
     c.mul_((scale > 0)[:, None])
     # the sums in double (the kernel's): s exact to float32; (m, n) float64 temporaries on every device
     num = (wf.double() * c).sum(dim=1).float()
@@ -256,15 +282,30 @@ class ESB(Quantizer):
         self.bits, self.linear_bits, self.search_every = bits, linear_bits, search_every
         self.alpha = _alpha_option("esb", alpha, bits, linear_bits)
         self.register_buffer("levels", torch.tensor(esb_levels(bits, linear_bits)), persistent=False)
+        self._top = esb_levels(bits, linear_bits)[-1]  # levels[-1] as a number (a compiled forward reads no tensor)
         # (rows,): the last searched scale; (2,): (step, SQ stage) of that search, -1 where none
         self.register_buffer("fitted_scale", torch.zeros(0))
         self.register_buffer("searched_at", torch.tensor([-1, -1]))
         self._step: int | None = None
+        self._driven = False  # set_progress was called (a bool: a compiled forward is guarded on it, not on the step)
+        self._search_due: str | None = None  # "cold" / "warm": set_progress decided a search for the next quantization
         self._layer: tuple = ()  # (the SQ layer,): a plain tuple, not a submodule
 
     # ------------------------------------------------------------ hooks (sqdist.train, quantize_model)
     def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
-        self._step = step
+        """Decides here, outside any compiled graph, whether the next quantization searches (a new SQ stage: from
+        scratch; a multiple of ``search_every``: warm-started), and records the search in ``searched_at``; the
+        forward reads one flag, not the step number (a compiled forward then has one graph per flag value)."""
+        self._step, self._driven = step, True
+        searched_step, searched_stage = (int(v) for v in self.searched_at.tolist())
+        stage = self._stage()
+        if searched_stage != stage:  # a new SQ stage: the weights may move far (a restarted schedule)
+            self._search_due = "cold"
+        elif step != searched_step and step % self.search_every == 0 and self._search_due is None:
+            self._search_due = "warm"
+        else:
+            return
+        self._record(step, stage)
 
     def on_model_quantized(self, name: str, layers: dict) -> None:
         self._layer = (layers[name],)
@@ -272,6 +313,8 @@ class ESB(Quantizer):
     def calibrate(self, weight: Tensor) -> None:
         if self.alpha == "fit":
             self._search(weight.detach().reshape(weight.shape[0], -1), None)
+            self._record(-1 if self._step is None else self._step, self._stage())
+            self._search_due = None
 
     # ------------------------------------------------------------ the scale
     def _table_std(self, w: Tensor) -> tuple[float | None, Tensor]:
@@ -282,16 +325,22 @@ class ESB(Quantizer):
         ctl = getattr(self._layer[0], "_sq", None) if self._layer else None
         return -1 if ctl is None else int(ctl.stage)
 
+    def _record(self, step: int, stage: int) -> None:
+        self.searched_at = torch.tensor([step, stage], device=self.searched_at.device)
+
     @torch.no_grad()
     def _search(self, w: Tensor, previous: Tensor | None) -> Tensor:
+        """Search the scale of ``w`` (from scratch, or warm-started from ``previous``) and keep it in
+        ``fitted_scale`` (in place where it has the rows already: a compiled forward writes its buffer)."""
         if previous is None:
             table, std = self._table_std(w)
             s = esb_fit_scale(w, self.levels, None if table is None else table * std)
         else:
-            s = esb_refit_scale(w, self.levels, previous, self.linear_bits)
-        self.fitted_scale = s.float()
-        self.searched_at = torch.tensor([-1 if self._step is None else self._step, self._stage()],
-                                        device=self.searched_at.device)
+            s = esb_refit_scale(w, self.levels, previous, self.linear_bits, top=self._top)
+        if self.fitted_scale.shape == s.shape and self.fitted_scale.device == s.device:
+            self.fitted_scale.copy_(s)
+        else:
+            self.fitted_scale = s.float()
         return self.fitted_scale
 
     def fitted(self, w: Tensor) -> Tensor:
@@ -301,14 +350,20 @@ class ESB(Quantizer):
         ``set_progress`` keeps its scale: a free-standing one, which may be handed the weights of
         one layer after another (post-training quantization does), searches at every call.
         """
-        kept = bool(self._layer) or self._step is not None
+        kept = bool(self._layer) or self._driven
         if self.search_every == 1 or not kept or self.fitted_scale.shape != (w.shape[0],):
+            if not self._driven and not torch.compiler.is_compiling():
+                self._record(-1, self._stage())
+            self._search_due = None
             return self._search(w, None)
-        step, stage = int(self.searched_at[0]), int(self.searched_at[1])
-        if stage != self._stage():  # a new SQ stage: the weights may move far (a restarted schedule)
-            return self._search(w, None)
-        if self._step is not None and self._step != step and self._step % self.search_every == 0:
-            return self._search(w, self.fitted_scale.to(w.device))
+        if not self._driven:  # no set_progress (quantize_model without the trainer): a new SQ stage searches
+            if int(self.searched_at[1]) != self._stage():
+                self._record(-1, self._stage())
+                return self._search(w, None)
+            return self.fitted_scale.to(w.device)
+        due, self._search_due = self._search_due, None  # decided by set_progress
+        if due is not None:
+            return self._search(w, None if due == "cold" else self.fitted_scale.to(w.device))
         return self.fitted_scale.to(w.device)
 
     def scale(self, w: Tensor) -> Tensor:
@@ -320,7 +375,7 @@ class ESB(Quantizer):
         ``(Q, s)`` (between two searches the kernel writes ``Q`` in its second pass)."""
         w = w.detach()
         if self.alpha == "fit" and self.search_every > 1:
-            return esb_codes_refined(w, self.levels, self.fitted(w), self.linear_bits, values)
+            return esb_codes_refined(w, self.levels, self.fitted(w), self.linear_bits, values, top=self._top)
         if self.alpha == "fit":
             s = self.fitted(w)
         else:
@@ -390,9 +445,14 @@ class ESBActivation(ActivationQuantizer):
         self.step = nn.Parameter(torch.tensor([1.0]))
         self.register_buffer("unsigned_levels", torch.tensor(esb_levels(bits + 1, linear_bits)), persistent=False)
         self.register_buffer("signed_levels", torch.tensor(esb_levels(bits, linear_bits)), persistent=False)
+        # the top levels as numbers, unsigned and signed (a compiled forward reads no tensor into Python)
+        self._tops = (esb_levels(bits + 1, linear_bits)[-1], esb_levels(bits, linear_bits)[-1])
 
     def _levels(self) -> Tensor:
         return self.signed_levels if self._signed else self.unsigned_levels
+
+    def _top(self) -> float:
+        return self._tops[1] if self._signed else self._tops[0]
 
     def levels(self, signed):
         top = (esb_levels(self.bits, self.linear_bits) if signed else esb_levels(self.bits + 1, self.linear_bits))[-1]
@@ -408,18 +468,18 @@ class ESBActivation(ActivationQuantizer):
         self.step.fill_(float(s[0]) if float(s[0]) > 0 else 1.0)
 
     def _project(self, x: Tensor, step: Tensor) -> Tensor:
-        levels = self._levels().to(x.device)
-        lo = -float(levels[-1]) if self._signed else 0.0
+        levels, top = self._levels().to(x.device), self._top()
+        lo = -top if self._signed else 0.0
         v = x / step
-        inside = (v > lo) & (v < float(levels[-1]))
-        v = torch.where(inside, v, v.detach().clamp(lo, float(levels[-1])))
+        inside = (v > lo) & (v < top)
+        v = torch.where(inside, v, v.detach().clamp(lo, top))
         return (project(v.detach(), levels) - v).detach() + v  # projection straight through
 
     def fake_quantize(self, x):
         features = x[0].numel() if x.dim() > 1 else x.numel()
         # the step is |step|: an SGD step across 0 would otherwise send every input of an unsigned
         # layer to 0 (3 of 10 digits W4A4 seeds went dead before this)
-        s = grad_scale(positive_step(self.step), 1.0 / math.sqrt(features * float(self._levels()[-1])))
+        s = grad_scale(positive_step(self.step), 1.0 / math.sqrt(features * self._top()))
         return self._project(x, s) * s
 
     def forward(self, x):

@@ -239,6 +239,11 @@ def test_fresh_logits_are_he_normal_and_undecided(bits):
     committed = create_quantizer("slb", bits=bits, init="weight")
     committed.calibrate(w)
     assert confidence(committed) > 1 / n + 0.25
+    # the logged confidence (one pass, no softmax) is the softmax form's
+    for quantizer in (q, committed):
+        for t in (1.0, 37.5):
+            quantizer.temperature = t
+            assert quantizer.metrics()["confidence"] == pytest.approx(confidence(quantizer), rel=1e-6)
 
 
 def test_recipe_trains_the_logits_as_golden_stick_does():

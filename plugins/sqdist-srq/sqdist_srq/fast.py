@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -103,8 +103,14 @@ def kernel():
     return load_source(Path(__file__).with_name("srq_cpu.cpp"))
 
 
+@torch.compiler.assume_constant_result
+def kernel_available() -> bool:
+    """Whether :func:`kernel` can be built: a constant to ``torch.compile`` (which cannot trace the build)."""
+    return kernel() is not None
+
+
 def _use_kernel(device: torch.device | str) -> bool:
-    return torch.device(device).type == "cpu" and mode() in ("auto", "cpu") and kernel() is not None
+    return torch.device(device).type == "cpu" and mode() in ("auto", "cpu") and kernel_available()
 
 
 # ---------------------------------------------------------------- the PyTorch path
@@ -219,11 +225,63 @@ def random_widths(shape, f: float, lo: int, generator: torch.Generator, device) 
     return random_widths_reference(n, seeds, f, lo, device).reshape(shape)
 
 
+# ---------------------------------------------------------------- the two directions as custom ops
+# torch.compile keeps each whole in the graph: the window half widths and table spacings are Python numbers read
+# from tau (a tensor), which a traced function cannot do (.tolist() is a graph break); inside an op it is allowed.
+def _levels_of(mults, offsets, qmins, qmaxs) -> list[Level]:
+    return [Level(m, lo, hi, o) for m, o, lo, hi in zip(mults, offsets, qmins, qmaxs)]
+
+
+def _halfwidths(taus: Tensor, levels: Sequence[Level]) -> list[int]:
+    return [window_half_width(float(t), lv.qmax - lv.qmin + 1) for t, lv in zip(taus.tolist(), levels)]
+
+
+@torch.library.custom_op("sqdist_srq::grid_forward", mutates_args=())
+def grid_forward(x: Tensor, index: Optional[Tensor], steps: Tensor, taus: Tensor, tau0s: Tensor, mults: list[float],
+                 offsets: list[float], qmins: list[int], qmaxs: list[int], use_kernel: bool) -> Tensor:
+    """:class:`SRQFunction`'s forward: the compiled op (``use_kernel``) or :func:`_grid_values`."""
+    levels = _levels_of(mults, offsets, qmins, qmaxs)
+    if use_kernel:
+        return kernel().forward(x, index, steps, taus, tau0s, mults, offsets, qmins, qmaxs, _halfwidths(taus, levels))
+    return _grid_values(x, steps.to(x.device), levels, index)
+
+
+@grid_forward.register_fake
+def _(x, index, steps, taus, tau0s, mults, offsets, qmins, qmaxs, use_kernel):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("sqdist_srq::grid_backward", mutates_args=())
+def grid_backward(x: Tensor, index: Optional[Tensor], grad: Tensor, steps: Tensor, taus: Tensor, tau0s: Tensor,
+                  mults: list[float], offsets: list[float], qmins: list[int], qmaxs: list[int], soft_lo: int,
+                  soft_hi: int, use_kernel: bool) -> tuple[Tensor, Tensor]:
+    """:class:`SRQFunction`'s backward: ``(grad x, [grad alpha, grad sigma, grad soft])`` (float64 (3,), on the
+    CPU; grad soft 0 without ``soft``), by the compiled op (``use_kernel``) or :func:`_torch_backward`."""
+    levels = _levels_of(mults, offsets, qmins, qmaxs)
+    halfwidths = _halfwidths(taus, levels)
+    if use_kernel:
+        return kernel().backward(x, index, grad, steps, taus, tau0s, mults, offsets, qmins, qmaxs, halfwidths,
+                                 soft_lo, soft_hi, [table_spacing(float(t), lv, x.numel())
+                                                    for t, lv in zip(taus.tolist(), levels)])
+    dev = x.device
+    soft = (soft_lo, soft_hi) if soft_lo >= 0 else None
+    gx, galpha, gsigma, gsoft = _torch_backward(x, grad, index, steps.to(dev), taus.to(dev), tau0s.to(dev), levels,
+                                                halfwidths, soft)
+    gsoft = galpha.new_zeros(()) if gsoft is None else gsoft
+    return gx, torch.stack([galpha, gsigma, gsoft.to(galpha.dtype)]).cpu()
+
+
+@grid_backward.register_fake
+def _(x, index, grad, steps, taus, tau0s, mults, offsets, qmins, qmaxs, soft_lo, soft_hi, use_kernel):
+    return x.new_empty(x.shape), x.new_empty((3,), dtype=torch.float64, device="cpu")
+
+
 # ---------------------------------------------------------------- the autograd function
 class SRQFunction(torch.autograd.Function):
     """``y = step_l (c + offset_l)``, ``c`` the mode, each element on its level; gradients as SRQ's
     estimator ``step (c + E - stopgrad E)`` of the full-grid reference, for ``x``, ``alpha``,
-    ``sigma`` and ``f`` (the learned width's fraction: ``d/df`` of ``(1 - f) y_lo + f y_hi``)."""
+    ``sigma`` and ``f`` (the learned width's fraction: ``d/df`` of ``(1 - f) y_lo + f y_hi``).
+    Both directions are custom ops (:func:`grid_forward`, :func:`grid_backward`)."""
 
     @staticmethod
     def forward(ctx, x, alpha, sigma, f, index, levels, soft):
@@ -233,39 +291,27 @@ class SRQFunction(torch.autograd.Function):
         steps = alpha.detach().to(dtype).reshape(1) * mults
         tau0s = sigma.detach().to(dtype).abs().reshape(1) / steps
         taus = tau0s + TAU_FLOOR
-        halfwidths = [window_half_width(float(t), lv.qmax - lv.qmin + 1) for t, lv in zip(taus.tolist(), levels)]
         use_kernel = _use_kernel(xf.device) and dtype in (torch.float32, torch.float64)
-        if use_kernel:
-            y = kernel().forward(xf, index, steps, taus, tau0s, [lv.mult for lv in levels],
-                                 [lv.offset for lv in levels], [lv.qmin for lv in levels],
-                                 [lv.qmax for lv in levels], halfwidths)
-        else:
-            y = _grid_values(xf, steps.to(xf.device), levels, index)
-        ctx.save_for_backward(xf, index if index is not None else torch.empty(0), alpha, sigma)
-        ctx.info = (levels, soft, halfwidths, steps, taus, tau0s, use_kernel, index is not None, x.dtype)
+        lists = ([lv.mult for lv in levels], [lv.offset for lv in levels], [lv.qmin for lv in levels],
+                 [lv.qmax for lv in levels])
+        y = grid_forward(xf, index, steps, taus, tau0s, *lists, use_kernel)
+        ctx.save_for_backward(xf, index if index is not None else torch.empty(0), sigma, steps, taus, tau0s)
+        ctx.info = (lists, soft, use_kernel, index is not None, x.dtype, alpha.shape, alpha.dtype, alpha.device)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        xf, index, alpha, sigma = ctx.saved_tensors
-        levels, soft, halfwidths, steps, taus, tau0s, use_kernel, has_index, xdtype = ctx.info
+        xf, index, sigma, steps, taus, tau0s = ctx.saved_tensors
+        lists, soft, use_kernel, has_index, xdtype, ashape, adtype, adevice = ctx.info
         index = index if has_index else None
         g = grad.to(xf.dtype)
-        if use_kernel:
-            gx, sums = kernel().backward(xf, index, g, steps, taus, tau0s, [lv.mult for lv in levels],
-                                         [lv.offset for lv in levels], [lv.qmin for lv in levels],
-                                         [lv.qmax for lv in levels], halfwidths,
-                                         soft[0] if soft else -1, soft[1] if soft else -1,
-                                         [table_spacing(float(t), lv, xf.numel()) for t, lv in zip(taus.tolist(), levels)])
-            galpha, gsigma, gsoft = sums[0], sums[1], sums[2]
-        else:
-            dev = xf.device
-            gx, galpha, gsigma, gsoft = _torch_backward(xf, g, index, steps.to(dev), taus.to(dev), tau0s.to(dev),
-                                                        levels, halfwidths, soft)
+        gx, sums = grid_backward(xf, index, g, steps, taus, tau0s, *lists, soft[0] if soft else -1,
+                                 soft[1] if soft else -1, use_kernel)
+        galpha, gsigma, gsoft = sums[0], sums[1], sums[2]
         sign = torch.sign(sigma.detach())
-        ga = (galpha.to(alpha.dtype) * torch.ones_like(alpha)).to(alpha.device)
+        ga = (galpha.to(adtype) * torch.ones(ashape, dtype=adtype, device=galpha.device)).to(adevice)
         gs = (gsigma.to(sigma.dtype) * sign).to(sigma.device)
-        gf = None if soft is None or ctx.needs_input_grad[3] is False else gsoft.to(alpha.dtype).reshape(1)
+        gf = None if soft is None or ctx.needs_input_grad[3] is False else gsoft.to(adtype).reshape(1)
         return gx.to(xdtype), ga, gs, gf, None, None, None
 
 

@@ -108,6 +108,14 @@ def backend_for(t: Tensor) -> str | None:
     return backend if backend is not None and ops(backend) is not None else None
 
 
+def preload(tensors) -> None:
+    """Load (build, import) the fast ops that would serve ``tensors`` now, so that ``torch.compile`` does not
+    trace their first load: a load inside a trace is a graph break, and the graph stays split there for
+    every later step (:func:`sqdist.train.compiling.compile_model` calls this before compiling)."""
+    for device in {(t.device, t.dtype) for t in tensors}:
+        backend_for(torch.empty(0, device=device[0], dtype=device[1]))
+
+
 def fast_op(name: str, t: Tensor):
     """The fast op ``<name>`` (``mse_errors``, ``kbit_codes_at_ratio``, ``lsq_forward``, ``lsq_backward``) for a
     float32 tensor ``t``: the C++ op on the CPU, the Triton kernel on CUDA, as ``SQDIST_KERNELS`` allows;
