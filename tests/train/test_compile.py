@@ -28,6 +28,13 @@ CASES = {
     "slb1": ("slb", {"bits": 1}, None, {}, [1.0]),
     "esb + esb act": ("esb", {}, "esb", {}, [0.5, 1.0]),
     "srq + srq act": ("srq", {}, "srq", {}, [0.5, 1.0]),
+    "srq dropbits + srq act dropbits": ("srq", {"bits": 3, "drop_prob": 0.3}, "srq", {"bits": 3, "drop_prob": 0.3},
+                                        [0.5, 1.0]),
+    "srq dropbits linear": ("srq", {"bits": 4, "drop_prob": 0.5, "drop_schedule": "linear", "drop_min_bits": 2},
+                            "srq", {"bits": 3, "drop_prob": 0.4, "drop_schedule": "linear"}, [0.5, 1.0]),
+    "srq learned widths": ("srq", {"bits": 4, "learn_bits": True, "min_bits": 2}, None, {}, [0.5, 1.0]),
+    "srq learned widths + dropbits": ("srq", {"bits": 5, "learn_bits": True, "min_bits": 2, "drop_prob": 0.25},
+                                      "srq", {"bits": 2, "drop_prob": 0.3}, [0.5, 1.0]),
     "pow2 + act_pow2": ("kbit_pow2", {}, "act_pow2", {}, [0.5, 1.0]),
     "pow2 learned": ("kbit_pow2_learned", {}, None, {}, [0.5, 1.0]),
 }
@@ -51,7 +58,9 @@ def test_every_quantizer_traces_whole_and_gives_eager_gradients(case):
     """fullgraph=True under aot_eager (the whole forward and backward traced by AOTAutograd, run by
     eager kernels): no graph break anywhere, and the same outputs and gradients as eager, bit for bit,
     on four steps with a new SQ mask each (the masks are inputs of the graph, not constants in it);
-    from the third step on, no recompilation (the step number is no constant of the graph)."""
+    from the third step on, no recompilation (the step number is no constant of the graph). SRQ's
+    draws (DropBits, learned widths) come from a key tensor the graph reads and counts its calls in:
+    it is rewound between the two forwards, so the compiled one draws what the eager one drew."""
     q, params, act, act_params, ratios = CASES[case]
     model = small_net()
     sq = quantize_model(model, QuantConfig(quantizer=q, params=params, activations=act, activation_params=act_params,
@@ -72,14 +81,22 @@ def test_every_quantizer_traces_whole_and_gives_eager_gradients(case):
         for m in model.modules():
             if hasattr(m, "set_progress"):
                 m.set_progress(step, 10, 5)
+        keys = [(m._key, m._key.clone()) for m in model.modules() if hasattr(m, "_key")]  # SRQ's draws
         eager_out = model(x)
         eager_out.square().mean().backward()
         expected = grads(model)
         model.zero_grad(set_to_none=True)
+        drawn = [key.clone() for key, _ in keys]
+        for key, before in keys:
+            key.copy_(before)
         out = compiled(x)  # fullgraph=True raises on any graph break
         out.square().mean().backward()
         got = grads(model)
         model.zero_grad(set_to_none=True)
+        assert all(torch.equal(key, after) for (key, _), after in zip(keys, drawn))  # the graph counted its draws
+        drawing = [key for key, before in keys if not torch.equal(key, before)]
+        draws = "drop_prob" in params or "learn_bits" in params or "drop_prob" in act_params
+        assert len(drawing) == (len(keys) if draws else 0) and all(key[2] == step for key in drawing)
         assert torch.equal(out, eager_out)
         assert got.keys() == expected.keys() and len(got) > 0
         assert [k for k in got if not torch.equal(got[k], expected[k])] == []

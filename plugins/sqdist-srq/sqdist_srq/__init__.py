@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from sqdist.plugin import ActivationQuantizer, Quantizer, QuantizerHooks, grad_scale, initial_step, positive_step
 
-from . import fast
+from . import draws, fast
+from .draws import drop_counts  # noqa: F401 (public: DropBits' counts)
 from .fast import TAU_FLOOR, Level  # tau = sigma / s is floored: sigma = 0 gives a one-hot pi, not a division by 0
 
 
@@ -93,15 +94,6 @@ def srq_value(x: Tensor, step: Tensor, sigma: Tensor, qmin: int, qmax: int, offs
     return fast.srq_grid(x, step, sigma, [Level(1.0, qmin, qmax, offset)])
 
 
-def drop_counts(shape, p: float, limit: int, generator: torch.Generator, device) -> Tensor:
-    """DropBits: how many low bits each element drops, ``P(j >= k) = p^k`` (truncated at ``limit``);
-    all 0 (nothing drawn) at ``p = 0``."""
-    if p <= 0:
-        return torch.zeros(shape, dtype=torch.int64, device=device)
-    u = torch.rand(shape, generator=generator, device=device).clamp_(min=1e-12)
-    return torch.floor(torch.log(u) / math.log(p)).clamp_(0, limit).to(torch.int64)
-
-
 def name_salt(name: str) -> int:
     """A quantizer's salt from its module name (CRC32: the same in every process, unlike ``hash(str)``)."""
     return zlib.crc32(name.encode())
@@ -123,16 +115,14 @@ class _Stochastic(QuantizerHooks):
     """
 
     def _init_stochastic(self, seed: int, drop_prob: float, drop_schedule: str):
-        self.seed, self._step, self._total, self._salt, self._calls = seed, 0, 0, 0, 0
-        self._run_seed = 0
+        self._key = draws.new_key()  # (run_seed, seed, step, salt, calls, total): what the draws are seeded from
+        self.seed = seed
         self.drop_prob, self.drop_schedule = float(drop_prob), drop_schedule
 
     def current_drop_prob(self) -> float:
         """DropBits' ``p`` at this step: ``drop_prob``, or with ``drop_schedule="linear"``
         ``drop_prob * (1 - step / total_steps)`` (the last steps train the grid that is evaluated)."""
-        if self.drop_schedule == "linear" and self._total > 0:
-            return self.drop_prob * max(0.0, 1.0 - self._step / self._total)
-        return self.drop_prob
+        return draws.scheduled_drop_prob(self.drop_prob, self.drop_schedule == "linear", self._step, self._total)
 
     def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         self._step, self._total, self._calls = int(step), int(total_steps), 0
@@ -141,11 +131,34 @@ class _Stochastic(QuantizerHooks):
         """The trainer's hook: the run's ``train.seed`` (the same on every rank), DropBits' seed."""
         self._run_seed = int(seed)
 
+    def _draw(self, like: Tensor, f: Tensor | None = None, lo: Tensor | None = None,
+              drop_limit: int = 0) -> tuple[Tensor, Tensor]:
+        """This forward's draws (``draws.draw``: one custom op, traced whole by ``torch.compile``)."""
+        return draws.draw(like.detach(), self._key, None if f is None else f.detach(), lo, self.drop_prob,
+                          self.drop_schedule == "linear", drop_limit)
+
     def _generator(self, device) -> torch.Generator:
-        g = torch.Generator(device=device)
-        g.manual_seed(hash((self._run_seed, self.seed, self._step, self._salt, self._calls)) & (2 ** 63 - 1))
+        """The generator :func:`draws.draw` uses for this forward (the call is counted)."""
+        g = draws.generator(device, self._run_seed, self.seed, self._step, self._salt, self._calls)
         self._calls += 1
         return g
+
+
+def _key_field(name: str) -> property:
+    i = draws.KEY_FIELDS.index(name)
+
+    def get(self) -> int:
+        return int(self._key[i])
+
+    def set(self, value: int) -> None:
+        self._key[i] = int(value)
+
+    return property(get, set, doc=f"``{name}`` of the draws' key (an int64 tensor read inside the forward).")
+
+
+for _name, _attr in (("run_seed", "_run_seed"), ("seed", "seed"), ("step", "_step"), ("salt", "_salt"),
+                     ("calls", "_calls"), ("total", "_total")):
+    setattr(_Stochastic, _attr, _key_field(_name))
 
 
 def _check(name: str, key: str, value, ok: bool, allowed: str):
@@ -310,26 +323,24 @@ class SRQWeight(Quantizer, _Stochastic):
         levels = self._levels()
         if not self.training:
             return _quantize(w, alpha, sigma, [levels[self.bits]])
-        generator, f, soft, width = None, None, None, None
+        f, soft, width, lo = None, None, None, None
         if self.learn_bits:
             b = self._clamped_bits()
-            lo = min(int(math.floor(float(b.detach()))), self.max_bits - 1)
+            lo = torch.clamp(torch.floor(b.detach()), max=self.max_bits - 1)  # (1,): an integer, in b's dtype
             f = b - lo  # in [0, 1]: the probability that an element trains at lo + 1 bits
-            generator = self._generator(w.device)
-            # uint8: the index of an integer grid, as it is; lo + 1 with probability f (fast.random_widths)
-            width = fast.random_widths(w.shape, float(f.detach()), lo, generator, w.device)
-            soft = (lo, lo + 1)  # the width's gradient: d/df of (1 - f) y_lo + f y_hi, the values held fixed
+            soft = torch.cat([lo, lo + 1]).long()  # the width's gradient: d/df of (1 - f) y_lo + f y_hi, values fixed
+        if lo is None and self.drop_prob == 0:
+            return _quantize(w, alpha, sigma, [levels[self.max_bits]])
+        # uint8: the index of an integer grid, as it is; lo + 1 with probability f (fast.random_widths)
+        width, drop = self._draw(w, f, lo, self.max_bits)
+        width = None if lo is None else width
         if self.drop_prob > 0:  # DropBits on (its scheduled p may have decayed to 0: then nothing is dropped)
-            generator = generator or self._generator(w.device)
-            drop = drop_counts(w.shape, self.current_drop_prob(), self.max_bits, generator, w.device)
             width = torch.full(w.shape, self.max_bits, dtype=torch.int64, device=w.device) if width is None \
                 else width.long()
             kept = torch.maximum(width - drop, torch.clamp(width, max=self.drop_min_bits))
             index = kept + 9 * (kept < width)
-        elif width is not None:
-            index = width
         else:
-            return _quantize(w, alpha, sigma, [levels[self.max_bits]])
+            index = width
         return _quantize(w, alpha, sigma, levels, index, f, soft)
 
     # ------------------------------------------------------------ trainer hooks
@@ -431,8 +442,7 @@ class SRQActivation(ActivationQuantizer, _Stochastic):
         levels = self._levels()
         if self.drop_prob == 0 or not self.training:  # DropBits off (its scheduled p may decay to 0: then on, dropping nothing)
             return _quantize(x, alpha, sigma, levels[:1])
-        drop = drop_counts(x.shape, self.current_drop_prob(), self.bits - self.drop_min_bits,
-                           self._generator(x.device), x.device)
+        drop = self._draw(x, drop_limit=self.bits - self.drop_min_bits)[1]
         return _quantize(x, alpha, sigma, levels, drop)
 
     def config(self):
@@ -445,7 +455,7 @@ def _sub_range(width: int, signed: bool) -> tuple[int, int]:
 
 
 def _quantize(x: Tensor, alpha: Tensor, sigma: Tensor, levels: list[Level], index: Tensor | None = None,
-              f: Tensor | None = None, soft: tuple[int, int] | None = None) -> Tensor:
+              f: Tensor | None = None, soft: Tensor | None = None) -> Tensor:
     """Each element of ``x`` on its level (``fast.srq_grid``), or ``SQDIST_KERNELS=reference``:
     each level's full-grid reference output, selected per element (the ground truth)."""
     if fast.mode() != "reference":
@@ -462,6 +472,7 @@ def _quantize(x: Tensor, alpha: Tensor, sigma: Tensor, levels: list[Level], inde
         for i in torch.unique(index).tolist():
             y = torch.where(index == i, value(i), y)
     if soft is not None:
+        soft = [int(v) for v in (soft.tolist() if isinstance(soft, Tensor) else soft)]
         s = ((1 - f) * value(soft[0]).detach() + f * value(soft[1]).detach()).to(x.dtype)
         y = y + (s - s.detach())
     return y

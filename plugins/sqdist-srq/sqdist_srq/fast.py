@@ -253,10 +253,12 @@ def _(x, index, steps, taus, tau0s, mults, offsets, qmins, qmaxs, use_kernel):
 
 @torch.library.custom_op("sqdist_srq::grid_backward", mutates_args=())
 def grid_backward(x: Tensor, index: Optional[Tensor], grad: Tensor, steps: Tensor, taus: Tensor, tau0s: Tensor,
-                  mults: list[float], offsets: list[float], qmins: list[int], qmaxs: list[int], soft_lo: int,
-                  soft_hi: int, use_kernel: bool) -> tuple[Tensor, Tensor]:
+                  mults: list[float], offsets: list[float], qmins: list[int], qmaxs: list[int],
+                  soft: Optional[Tensor], use_kernel: bool) -> tuple[Tensor, Tensor]:
     """:class:`SRQFunction`'s backward: ``(grad x, [grad alpha, grad sigma, grad soft])`` (float64 (3,), on the
-    CPU; grad soft 0 without ``soft``), by the compiled op (``use_kernel``) or :func:`_torch_backward`."""
+    CPU; grad soft 0 without ``soft``, the two levels ``(lo, hi)`` of a learned width: a tensor, read here and not
+    in the traced forward), by the compiled op (``use_kernel``) or :func:`_torch_backward`."""
+    soft_lo, soft_hi = (-1, -1) if soft is None else (int(v) for v in soft.tolist())
     levels = _levels_of(mults, offsets, qmins, qmaxs)
     halfwidths = _halfwidths(taus, levels)
     if use_kernel:
@@ -272,7 +274,7 @@ def grid_backward(x: Tensor, index: Optional[Tensor], grad: Tensor, steps: Tenso
 
 
 @grid_backward.register_fake
-def _(x, index, grad, steps, taus, tau0s, mults, offsets, qmins, qmaxs, soft_lo, soft_hi, use_kernel):
+def _(x, index, grad, steps, taus, tau0s, mults, offsets, qmins, qmaxs, soft, use_kernel):
     return x.new_empty(x.shape), x.new_empty((3,), dtype=torch.float64, device="cpu")
 
 
@@ -295,32 +297,35 @@ class SRQFunction(torch.autograd.Function):
         lists = ([lv.mult for lv in levels], [lv.offset for lv in levels], [lv.qmin for lv in levels],
                  [lv.qmax for lv in levels])
         y = grid_forward(xf, index, steps, taus, tau0s, *lists, use_kernel)
-        ctx.save_for_backward(xf, index if index is not None else torch.empty(0), sigma, steps, taus, tau0s)
-        ctx.info = (lists, soft, use_kernel, index is not None, x.dtype, alpha.shape, alpha.dtype, alpha.device)
+        ctx.save_for_backward(xf, index if index is not None else torch.empty(0), sigma, steps, taus, tau0s,
+                              soft if soft is not None else torch.empty(0))
+        ctx.info = (lists, soft is not None, use_kernel, index is not None, x.dtype, alpha.shape, alpha.dtype,
+                    alpha.device)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        xf, index, sigma, steps, taus, tau0s = ctx.saved_tensors
-        lists, soft, use_kernel, has_index, xdtype, ashape, adtype, adevice = ctx.info
+        xf, index, sigma, steps, taus, tau0s, soft = ctx.saved_tensors
+        lists, has_soft, use_kernel, has_index, xdtype, ashape, adtype, adevice = ctx.info
         index = index if has_index else None
         g = grad.to(xf.dtype)
-        gx, sums = grid_backward(xf, index, g, steps, taus, tau0s, *lists, soft[0] if soft else -1,
-                                 soft[1] if soft else -1, use_kernel)
+        gx, sums = grid_backward(xf, index, g, steps, taus, tau0s, *lists, soft if has_soft else None, use_kernel)
         galpha, gsigma, gsoft = sums[0], sums[1], sums[2]
         sign = torch.sign(sigma.detach())
         ga = (galpha.to(adtype) * torch.ones(ashape, dtype=adtype, device=galpha.device)).to(adevice)
         gs = (gsigma.to(sigma.dtype) * sign).to(sigma.device)
-        gf = None if soft is None or ctx.needs_input_grad[3] is False else gsoft.to(adtype).reshape(1)
+        gf = None if not has_soft or ctx.needs_input_grad[3] is False else gsoft.to(adtype).reshape(1)
         return gx.to(xdtype), ga, gs, gf, None, None, None
 
 
 def srq_grid(x: Tensor, alpha: Tensor, sigma: Tensor, levels: Sequence[Level], index: Tensor | None = None,
-             f: Tensor | None = None, soft: tuple[int, int] | None = None) -> Tensor:
+             f: Tensor | None = None, soft: Tensor | tuple[int, int] | None = None) -> Tensor:
     """SRQ's straight-through output of ``x`` (any shape), each element on ``levels[index[e]]``
     (``index``: uint8 of ``x``'s shape, or None: all on ``levels[0]``). ``alpha``, ``sigma``: ``(1,)``.
     With ``f`` and ``soft = (lo, hi)`` (two integer levels) the output also carries the gradient of
-    ``(1 - f) y_lo + f y_hi`` with the values held fixed, to ``f``."""
+    ``(1 - f) y_lo + f y_hi`` with the values held fixed, to ``f`` (``soft``: a tuple or an int64 ``(2,)``)."""
     if index is not None:
         index = index.to(torch.uint8)
+    if soft is not None and not isinstance(soft, Tensor):
+        soft = torch.tensor(soft, dtype=torch.int64)
     return SRQFunction.apply(x, alpha, sigma, f, index, tuple(levels), soft)
