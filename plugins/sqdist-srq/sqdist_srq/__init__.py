@@ -133,8 +133,10 @@ class _Stochastic(QuantizerHooks):
 
     def _draw(self, like: Tensor, f: Tensor | None = None, lo: Tensor | None = None,
               drop_limit: int = 0) -> tuple[Tensor, Tensor]:
-        """This forward's draws (``draws.draw``: one custom op, traced whole by ``torch.compile``)."""
-        return draws.draw(like.detach(), self._key, None if f is None else f.detach(), lo, self.drop_prob,
+        """This forward's draws (``draws.draw``: one custom op, traced whole by ``torch.compile``; eager runs
+        its Python function ``draws.draw_eager`` directly)."""
+        fn = draws.draw if torch.compiler.is_compiling() else draws.draw_eager
+        return fn(like.detach(), self._key, None if f is None else f.detach(), lo, self.drop_prob,
                           self.drop_schedule == "linear", drop_limit)
 
     def _generator(self, device) -> torch.Generator:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sqdist_srq = pytest.importorskip("sqdist_srq")
-from sqdist_srq import SRQActivation, SRQWeight, fast, name_salt  # noqa: E402
+from sqdist_srq import SRQActivation, SRQWeight, draws, fast, name_salt  # noqa: E402
 
 
 def former_draws(key, shape, f=None, lo=None, p=0.0, limit=0):
@@ -60,6 +60,9 @@ def test_draws_are_those_of_the_former_code(schedule):
                                         p_w, 4)
             got_w, got_d = wq._draw(w, f, torch.tensor([float(lo)]), 4)
             assert torch.equal(got_w, widths) and torch.equal(got_d, drop)
+            wq._calls = call  # the same draw by the op that a compiled forward calls
+            got_w, got_d = draws.draw(w, wq._key, f, torch.tensor([float(lo)]), wq.drop_prob, schedule == "linear", 4)
+            assert torch.equal(got_w, widths) and torch.equal(got_d, drop) and wq._calls == call + 1
             _, adrop = former_draws((1234, 7, step, name_salt("conv.input_quantizer"), call), x.shape, p=p_a, limit=2)
             assert torch.equal(aq._draw(x, drop_limit=2)[1], adrop)
             seen.add((drop.sum().item(), widths.sum().item()))
