@@ -52,8 +52,9 @@ class _Parser(OneLineParser):
 
     def error(self, message):
         if message.startswith("unrecognized arguments"):
-            message += ("; the methods' options: gptq --damp, --block, --act-order/--no-act-order; "
-                        "adaround --adaround-iters, --adaround-reg")
+            message += "; the methods' options: " + "; ".join(
+                f"{method} {', '.join(flag for flag, _ in options)}"
+                for method, options in (("gptq", GPTQ_OPTIONS), ("adaround", ADAROUND_OPTIONS)))
         super().error(message)
 
 

@@ -139,12 +139,6 @@ class _Stochastic(QuantizerHooks):
         return fn(like.detach(), self._key, None if f is None else f.detach(), lo, self.drop_prob,
                           self.drop_schedule == "linear", drop_limit)
 
-    def _generator(self, device) -> torch.Generator:
-        """The generator :func:`draws.draw` uses for this forward (the call is counted)."""
-        g = draws.generator(device, self._run_seed, self.seed, self._step, self._salt, self._calls)
-        self._calls += 1
-        return g
-
 
 def _key_field(name: str) -> property:
     i = draws.KEY_FIELDS.index(name)

@@ -8,7 +8,7 @@ forward (``set_run_seed``, ``set_progress``, ``on_model_quantized``) and read by
 trace), the key is an input of the graph (no Python number for dynamo to guard on: no recompilation when the
 step changes), and the op counts the call in the key itself (``mutates_args``). Inside the op the numbers are
 read back as Python ints and the generator is built, seeded and drawn from exactly as before the op existed:
-the same draws, eager or compiled (``plugins/sqdist-srq/tests/test_srq.py`` holds them to the former code).
+the same draws, eager or compiled (``plugins/sqdist-srq/tests/test_draws.py`` holds them to the former code).
 The key is a plain CPU tensor attribute, not a buffer: no state_dict key, not cast by ``.half()``, not
 moved to the GPU (reading it there would sync), not broadcast by DDP.
 """

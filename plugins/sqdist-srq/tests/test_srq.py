@@ -209,7 +209,6 @@ def test_dropbits_seed_comes_from_train_seed(tmp_path):
     differ only in train.seed draw different masks, the same seed the same masks."""
     from sqdist.config import load_recipe
     from sqdist.train import train
-    from sqdist_srq import drop_counts
 
     (tmp_path / "tiny.yaml").write_text(TINY)
 
@@ -223,8 +222,7 @@ def test_dropbits_seed_comes_from_train_seed(tmp_path):
                 q = layer.quantizer
                 assert q._run_seed == seed
                 q._calls = 0  # this step's first draw again
-                drawn.append(drop_counts(layer.weight.shape, q.current_drop_prob(), q.max_bits,
-                                         q._generator("cpu"), "cpu"))
+                drawn.append(q._draw(layer.weight, drop_limit=q.max_bits)[1])
         train(recipe, on_step=on_step)
         return torch.cat([d.reshape(-1) for d in drawn])
 
