@@ -154,6 +154,12 @@ def hard_levels_reference(logits: Tensor, levels: Tensor) -> Tensor:
     return levels.to(logits.dtype)[logits.argmax(dim=-1)] + 0.0 * logits.sum()
 
 
+def confidence_reference(logits: Tensor, t: float) -> Tensor:
+    """The mean over the rows of ``max_j softmax(t A)_j`` (logits (M, n)), as ``1 / sum_j exp(t a_j - max_j t a_j)``."""
+    z = logits.float() * t
+    return z.sub_(z.amax(dim=-1, keepdim=True)).exp_().sum(dim=-1).reciprocal_().mean()
+
+
 class _HardLevelsKernel(torch.autograd.Function):
     """:func:`hard_levels_reference` by the CPU kernel: one pass over the logits, and their zero gradient
     written once (the reference reduces the logits to a sum and broadcasts its gradient back)."""
@@ -313,11 +319,11 @@ class SLB(Quantizer):
         """Temperature, hard phase, and the mean probability of the chosen level (1.0: fully decided)."""
         if self.logits.numel() == 0:
             return {}
-        # max_j softmax(z)_j = 1 / sum_j exp(z_j - max z): the value of torch.softmax(z).amax(-1), in a quarter of its
-        # time (softmax over a last dimension of 4 took 0.69 s for resnet18's largest layer, this 0.16 s; a log step
-        # of SLB W2 through train() was ~1.3 s longer than the others); tests/test_slb.py holds it to softmax
-        z = self.logits.float() * self.temperature
-        confidence = z.sub_(z.amax(dim=-1, keepdim=True)).exp_().sum(dim=-1).reciprocal_().mean()
+        a = self.logits.detach().reshape(-1, self.logits.shape[-1])
+        # one pass of the CPU kernel (a log step of SLB W2 through train() spent ~0.5 s in the PyTorch form's
+        # passes over resnet18's 45 M logits); tests/test_slb.py holds it to confidence_reference
+        confidence = kernel().confidence(a, float(self.temperature)) if _use_kernel(a) \
+            else confidence_reference(a, self.temperature)
         return {"temperature": self.temperature, "hard": float(self.hard), "confidence": float(confidence)}
 
     # ------------------------------------------------------------ quantizer
@@ -367,9 +373,12 @@ class SLB(Quantizer):
 
     def quantize_codes(self, w):
         """Codes of the argmax levels (odd integers, :func:`slb_code_levels`), scale ``1 / (n - 1)``."""
-        idx = self._logits2d(w.shape[0]).argmax(dim=-1)
-        n = 2 ** self.bits
-        codes = (2 * idx - (n - 1)).to(w.dtype)
+        logits, n = self._logits2d(w.shape[0]), 2 ** self.bits
+        if self.fused and _use_kernel(logits):  # the hard phase's kernel with the codes as its levels: exact integers
+            codes = argmax_levels(logits.reshape(-1, n), [float(2 * j - (n - 1)) for j in range(n)])
+            codes = codes.reshape(logits.shape[:-1]).to(w.dtype)
+        else:
+            codes = (2 * logits.argmax(dim=-1) - (n - 1)).to(w.dtype)
         return codes, torch.full((w.shape[0],), 1.0 / (n - 1), dtype=w.dtype, device=w.device)
 
     def fake_quantize(self, w):

@@ -127,22 +127,54 @@ void dispatch_n(int64_t n, F&& f) {
 }
 
 // the hard phase (argmax): v[argmax_j a_mj] per element, the first maximum (a NaN counts as the maximum,
-// as torch.argmax has it); one pass over the logits where torch's argmax reduces one short row at a time
+// as torch.argmax has it); rows [r0, r1) a block of kBlock at a time, the running maximum and its level held per
+// row in local arrays so the loop over the block's rows vectorizes (selects, no branch; 2.6x the row-at-a-time
+// loop on resnet18's largest layer); torch's argmax reduces one short row at a time
 template <typename T, int N>
-void argmax_levels_rows(const T* a, T* out, int64_t r0, int64_t r1, const T* v) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* row = a + r * N;
-    int best = 0;
-    T top = row[0];
+SLB_CLONES void argmax_levels_rows(const T* a, T* out, int64_t r0, int64_t r1, const T* v) {
+  T top[kBlock], val[kBlock];
+  for (int64_t s = r0; s < r1; s += kBlock) {
+    const int count = int(std::min<int64_t>(kBlock, r1 - s));
+    const T* b = a + s * N;
+    for (int i = 0; i < count; ++i) {
+      top[i] = b[i * N];
+      val[i] = v[0];
+    }
     for (int j = 1; j < N; ++j) {
-      const T x = row[j];
-      if (!(x <= top) && !std::isnan(top)) {
-        top = x;
-        best = j;
+      const T vj = v[j];
+      for (int i = 0; i < count; ++i) {
+        const T x = b[i * N + j];
+        const bool take = !(x <= top[i]) & (top[i] == top[i]);  // larger, or a NaN, and no NaN taken before
+        top[i] = take ? x : top[i];
+        val[i] = take ? vj : val[i];
       }
     }
-    out[r] = v[best];
+    for (int i = 0; i < count; ++i) out[s + i] = val[i];
   }
+}
+
+// the logged confidence: sum over rows [r0, r1) of max_j softmax(t a_m)_j = 1 / sum_j exp(t (a_mj - max_j a_mj)),
+// a block of kBlock rows at a time (the loops along the block vectorize, fast_exp included), in double
+template <typename T, int N>
+SLB_CLONES double confidence_rows(const T* a, int64_t r0, int64_t r1, T t) {
+  T mx[kBlock], s[kBlock];
+  double total = 0;
+  for (int64_t b = r0; b < r1; b += kBlock) {
+    const int count = int(std::min<int64_t>(kBlock, r1 - b));
+    const T* x = a + b * N;
+    for (int i = 0; i < count; ++i) {
+      mx[i] = x[i * N];
+      s[i] = 0;
+    }
+    for (int j = 1; j < N; ++j)
+      for (int i = 0; i < count; ++i) mx[i] = x[i * N + j] > mx[i] ? x[i * N + j] : mx[i];
+    for (int j = 0; j < N; ++j)
+      for (int i = 0; i < count; ++i) s[i] += fast_exp(t * (x[i * N + j] - mx[i]));
+    T block = 0;
+    for (int i = 0; i < count; ++i) block += T(1) / s[i];
+    total += double(block);
+  }
+  return total;
 }
 
 }  // namespace
@@ -163,6 +195,29 @@ torch::Tensor slb_argmax_levels(torch::Tensor logits, std::vector<double> levels
     });
   });
   return out;
+}
+
+// the mean over the rows of max_j softmax(t a_m)_j (M, n) -> a 0-dim double tensor (finite logits)
+torch::Tensor slb_confidence(torch::Tensor logits, double t) {
+  TORCH_CHECK(logits.dim() == 2, "slb: logits (M, n)");
+  logits = logits.contiguous();
+  const int64_t m = logits.size(0), n = logits.size(1);
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "slb_confidence", [&] {
+    const scalar_t* a = logits.data_ptr<scalar_t>();
+    dispatch_n<scalar_t>(n, [&](auto N) {
+      // one partial sum per chunk, added in chunk order: the same value for any number of threads
+      const int64_t chunk = 65536, chunks = (m + chunk - 1) / chunk;
+      std::vector<double> partial(chunks, 0.0);
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          partial[c] = confidence_rows<scalar_t, decltype(N)::value>(a, c * chunk, std::min(m, (c + 1) * chunk),
+                                                                     scalar_t(t));
+      });
+      for (double p : partial) total += p;
+    });
+  });
+  return torch::tensor(m > 0 ? total / double(m) : 0.0, torch::kFloat64);
 }
 
 torch::Tensor slb_forward(torch::Tensor logits, std::vector<double> levels, double t) {
@@ -200,5 +255,6 @@ torch::Tensor slb_backward(torch::Tensor logits, std::vector<double> levels, dou
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &slb_forward, "SLB forward: E = softmax(t A) v over the last dim of A (M, n)");
   m.def("backward", &slb_backward, "SLB backward: dL/dA = t p (v - E) dL/dE");
+  m.def("confidence", &slb_confidence, "SLB: mean over the rows of max_j softmax(t A)_j, A (M, n)");
   m.def("argmax_levels", &slb_argmax_levels, "SLB hard phase: v[argmax_j A_j] over the last dim of A (M, n)");
 }

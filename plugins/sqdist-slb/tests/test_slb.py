@@ -327,3 +327,60 @@ def test_fused_expectation_is_the_reference(bits, implementation, monkeypatch):
         (out * w).sum().backward()
         outs.append((out.detach(), q.logits.grad))
     assert torch.allclose(outs[0][0], outs[1][0], atol=1e-6) and torch.allclose(outs[0][1], outs[1][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_argmax_kernel_is_torch_argmax(bits, dtype):
+    """The hard phase's CPU kernel (blocks of rows) against ``levels[torch.argmax]``: several blocks and a partial
+    one, ties (the first maximum), NaN anywhere (the first NaN wins), infinities."""
+    if sqdist_slb.kernel() is None:
+        pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
+    n = 2 ** bits
+    g = torch.Generator().manual_seed(bits)
+    a = torch.randint(-3, 4, (70_001, n), generator=g).to(dtype)  # small integers: many ties
+    pick = torch.rand(70_001, n, generator=g)
+    a[pick < 0.02] = float("nan")
+    a[(pick > 0.5) & (pick < 0.52)] = float("inf")
+    a[pick > 0.98] = -float("inf")
+    levels = sqdist_slb.slb_levels(bits).to(dtype)
+    got = sqdist_slb.argmax_levels(a, [float(v) for v in levels.tolist()])
+    assert got.dtype == dtype and torch.equal(got, levels[a.argmax(dim=-1)])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_confidence_kernel_is_the_reference(bits):
+    """The logged confidence by the CPU kernel against the PyTorch form, float32 and float64, undecided to committed
+    logits; several chunks and a partial block; the same value at 1 and 2 threads (chunks added in order)."""
+    if sqdist_slb.kernel() is None:
+        pytest.skip("no C++ toolchain: the CPU kernel cannot be built")
+    g = torch.Generator().manual_seed(bits)
+    for dtype in (torch.float32, torch.float64):
+        for scale, t in ((0.01, 1.0), (1.0, 4.3), (5.0, 30.0)):
+            a = (torch.randn(200_003, 2 ** bits, generator=g) * scale).to(dtype)
+            ref = sqdist_slb.confidence_reference(a.double(), t)
+            got = sqdist_slb.kernel().confidence(a, t)
+            assert got.dtype == torch.float64 and abs(float(got) - float(ref)) <= 1e-6 * float(ref)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sqdist_slb.kernel().confidence(a, 4.3)
+        torch.set_num_threads(2)
+        assert torch.equal(sqdist_slb.kernel().confidence(a, 4.3), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_codes_by_the_kernel_are_the_argmax_codes(bits, monkeypatch):
+    """quantize_codes (export, the logged error) through the hard phase's kernel: torch.argmax's codes exactly."""
+    w = weight()
+    codes = {}
+    for implementation in ("cpu", "torch"):
+        _set_kernel(implementation, monkeypatch)
+        q = create_quantizer("slb", bits=bits)
+        torch.manual_seed(0)
+        q.calibrate(w)
+        codes[implementation] = q.quantize_codes(w.reshape(w.shape[0], -1))[0]
+    assert torch.equal(codes["cpu"], codes["torch"])
+    assert set(codes["cpu"].unique().tolist()) <= set(sqdist_slb.slb_code_levels(bits))
