@@ -182,7 +182,8 @@ def main(argv=None) -> int:
                     with tempfile.TemporaryDirectory() as folder, row_env(label):
                         times = timed_train(recipe_of(label, args.skip + args.steps, compiled, folder))
                     entry = results["rows"].setdefault(f"{label}|{threads}|{int(compiled)}", [])
-                    entry.append({"median": statistics.median(times[args.skip:]), "first": times[0]})
+                    entry.append({"median": statistics.median(times[args.skip:]), "mean": statistics.mean(times[args.skip:]),
+                                  "first": times[0]})
                     print(f"threads {threads} round {r} {label:10s} {'compiled' if compiled else 'eager':8s} "
                           f"median {entry[-1]['median'] * 1e3:8.1f} ms  first {times[0]:6.1f} s  load "
                           f"{os.getloadavg()[0]:.1f}", flush=True)
@@ -222,20 +223,29 @@ def print_split(results: dict, labels: list[str], args) -> int:
 
 
 def table(results: dict, labels: list[str], threads: list[int], rounds: int, eager_only: bool = False) -> str:
+    """Medians over the rounds of each run's median step (``mean x FP``: of each run's mean step, log steps in)."""
     rows = results["rows"]
-    lines = ["| row | threads | eager ms | compiled ms | compiled speed-up | eager x FP | compiled x FP | first step eager / compiled (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | threads | eager ms | compiled ms | compiled speed-up | eager x FP | compiled x FP | "
+             "mean x FP eager / compiled | first step eager / compiled (s) |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(a, b, key="median"):  # median over the rounds; n/a without both runs
+        if not a or not b:
+            return "n/a"
+        return f"{statistics.median(a[i][key] / b[i][key] for i in range(rounds)):.2f}"
+
+    def ms(runs):
+        return f"{statistics.median(x['median'] for x in runs) * 1e3:.0f}" if runs else "n/a"
+
+    def first(runs):
+        return f"{statistics.median(x['first'] for x in runs):.1f}" if runs else "n/a"
+
     for t in threads:
         for label in labels:
-            e = rows[f"{label}|{t}|0"]
-            c = e if eager_only else rows[f"{label}|{t}|1"]
+            e, c = rows[f"{label}|{t}|0"], None if eager_only else rows[f"{label}|{t}|1"]
             fe, fc = rows.get(f"FP|{t}|0"), rows.get(f"FP|{t}|1")
-            speed = statistics.median(e[i]["median"] / c[i]["median"] for i in range(rounds))
-            xe = statistics.median(e[i]["median"] / fe[i]["median"] for i in range(rounds)) if fe else float("nan")
-            xc = statistics.median(c[i]["median"] / fc[i]["median"] for i in range(rounds)) if fc else float("nan")
-            lines.append(f"| {label} | {t} | {statistics.median(x['median'] for x in e) * 1e3:.0f} | "
-                         f"{statistics.median(x['median'] for x in c) * 1e3:.0f} | {speed:.2f}x | {xe:.2f} | {xc:.2f} | "
-                         f"{statistics.median(x['first'] for x in e):.1f} / {statistics.median(x['first'] for x in c):.1f} |")
+            speed = "n/a" if c is None else ratio(e, c) + "x"
+            lines.append(f"| {label} | {t} | {ms(e)} | {ms(c)} | {speed} | {ratio(e, fe)} | {ratio(c, fc)} | "
+                         f"{ratio(e, fe, 'mean')} / {ratio(c, fc, 'mean')} | {first(e)} / {first(c)} |")
     if results["values"]:
         lines += ["", "| row | logits | loss | largest gradient difference | median over tensors |", "|---|---|---|---|---|"]
         for label, v in results["values"].items():
