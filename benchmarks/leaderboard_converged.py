@@ -139,6 +139,17 @@ def header(meta: dict, ladder: dict, budget: str) -> str:
             f"; gains {gains or 'none yet'}; chosen E = {e} ({ladder['status']}).\n\n{budget}\n\n")
 
 
+READING = "\n## Reading"
+
+
+def kept_reading(page: Path) -> str:
+    """The ``## Reading`` section (to the end) of the page a republish replaces: written by hand from the table's
+    numbers, so a rerun that adds runs keeps it (and whoever adds runs rereads it against the new numbers)."""
+    text = page.read_text() if page.is_file() else ""
+    at = text.find(READING)
+    return text[at:] if at >= 0 else ""
+
+
 def background_priority() -> None:
     """Under ``nice``, also lower this session's autogroup to the same nice (Linux with autogroup scheduling).
 
@@ -239,7 +250,8 @@ def main() -> None:
         published = ROOT / "benchmarks" / "results" / data_name
         note = Path(args.runs) / "budget.md"  # benchmarks/leaderboard_budget.py --converged --note writes it
         budget = note.read_text().strip() if note.is_file() else "Run time: not estimated."
-        published.with_suffix(".md").write_text(header(meta, ladder, budget) + text + "\n")
+        page = published.with_suffix(".md")
+        page.write_text(header(meta, ladder, budget) + text + "\n" + kept_reading(page))
         published.with_suffix(".json").write_text(json.dumps(payload, indent=1))
         if out:
             published.with_suffix(".png").write_bytes((folder / "leaderboard.png").read_bytes())

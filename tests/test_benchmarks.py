@@ -268,3 +268,17 @@ def test_leaderboard_publish_with_some_rows_is_refused_before_anything_runs(tmp_
     assert proc.returncode == 2
     assert "--publish with --rows='FP'" in proc.stderr and "allowed:" in proc.stderr
     assert published.read_bytes() == before and not (tmp_path / "runs").exists()
+
+
+def test_leaderboard_converged_republish_keeps_the_reading(tmp_path):
+    sys.path.insert(0, str(Path(ROOT) / "benchmarks"))
+    try:
+        from leaderboard_converged import kept_reading
+    finally:
+        sys.path.remove(str(Path(ROOT) / "benchmarks"))
+    page = tmp_path / "page.md"
+    assert kept_reading(page) == ""  # no page yet
+    page.write_text("# Leaderboard\n\n| table |\n")
+    assert kept_reading(page) == ""  # a page without a reading
+    page.write_text("# Leaderboard\n\n| old table |\n\n## Reading\n\nSQ helps at 2 bits.\n")
+    assert kept_reading(page) == "\n## Reading\n\nSQ helps at 2 bits.\n"
