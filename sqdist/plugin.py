@@ -5,8 +5,8 @@ A plugin is a package that registers quantizers (``@register_quantizer("name")``
 ``sqdist.activation_quantizers``) and imports from here only::
 
     from sqdist.plugin import (Quantizer, ActivationQuantizer, QuantizerHooks, QuantizerError,
-                               grad_scale, positive_step, initial_step, load_source, kernel_mode,
-                               kernel_backend)
+                               grad_scale, positive_step, initial_step, load_source, plugin_kernel,
+                               kernel_mode, kernel_backend)
 
 - :class:`QuantizerHooks`: the trainer's hooks (``set_progress``, ``regularization``, ``metrics``,
   ``recalibrate_bn_after_epoch``, ``set_run_seed``, ``on_model_quantized``), no-ops by default; both
@@ -15,7 +15,9 @@ A plugin is a package that registers quantizers (``@register_quantizer("name")``
   export, compress and ptq commands all report it as one line and exit 2.
 - :func:`grad_scale`, :func:`positive_step`, :func:`initial_step`: LSQ's gradient scale and the learned
   step's positive parametrization and initial value.
-- :func:`load_source`: build a one-file C++ extension on first use (None where it cannot be built).
+- :func:`load_source`: build a one-file C++ extension on first use (None where it cannot be built);
+  :func:`plugin_kernel`: the pair ``kernel()`` (that module or None) and ``kernel_available()`` (a constant to
+  ``torch.compile``) for one source file.
 - :func:`kernel_mode`: the one kernel switch, ``SQDIST_KERNELS`` (``reference|cpu|cuda|triton|auto``),
   for core and plugins; :func:`kernel_backend`: the fast backend (``cpu``, ``triton``) that serves a tensor
   under it, or None (the reference).
@@ -33,7 +35,8 @@ from .config import RecipeError
 from .files import ExportError
 from .quant.activations import ActivationQuantizer
 from .quant.hooks import HOOKS, QuantizerHooks, shadowed_hooks
-from .quant.kernels import MODES as KERNEL_MODES, backend_for as kernel_backend, load_source, mode as _core_mode
+from .quant.kernels import (MODES as KERNEL_MODES, backend_for as kernel_backend, load_source, mode as _core_mode,
+                            plugin_kernel)
 from .quant.lsq import grad_scale
 from .quant.registry import register_activation_quantizer, register_quantizer
 from .quant.steps import initial_step, positive_step
@@ -41,8 +44,8 @@ from .quant.weights import Quantizer
 
 __all__ = [
     "ActivationQuantizer", "HOOKS", "KERNEL_MODES", "Quantizer", "QuantizerError", "QuantizerHooks", "grad_scale",
-    "initial_step", "kernel_backend", "kernel_mode", "load_source", "positive_step", "register_activation_quantizer",
-    "register_quantizer", "shadowed_hooks",
+    "initial_step", "kernel_backend", "kernel_mode", "load_source", "plugin_kernel", "positive_step",
+    "register_activation_quantizer", "register_quantizer", "shadowed_hooks",
 ]
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from sqdist.plugin import (ActivationQuantizer, Quantizer, QuantizerError, grad_scale, kernel_backend, kernel_mode,
-                           load_source, positive_step)
+                           plugin_kernel, positive_step)
 
 # The authors' fixed alpha (autoqnn esb.py ``alpha_list``): ALPHA_TABLE[b - 2][m], None where they have none
 ALPHA_TABLE = [[1.2240],
@@ -157,16 +157,8 @@ def esb_refit_scale(w: Tensor, levels: Tensor, previous: Tensor, linear_bits: in
     return torch.where(wf.abs().amax(dim=1) > 0, best_s, torch.zeros_like(best_s))
 
 
-def kernel():
-    """The compiled CPU form of :func:`esb_codes_refined` (``esb_cpu.cpp``, built on first use), or None
-    where it cannot be built."""
-    return load_source(Path(__file__).with_name("esb_cpu.cpp"))
-
-
-@torch.compiler.assume_constant_result
-def kernel_available() -> bool:
-    """Whether :func:`kernel` can be built: a constant to ``torch.compile`` (which cannot trace the build)."""
-    return kernel() is not None
+# the compiled CPU form of esb_codes_refined (esb_cpu.cpp), built on first use; None where it cannot be
+kernel, kernel_available = plugin_kernel(Path(__file__).with_name("esb_cpu.cpp"))
 
 
 # The kernel as a custom op: torch.compile keeps it whole in the graph (the pybind11 function would stop it)

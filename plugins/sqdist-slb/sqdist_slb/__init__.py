@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sqdist.plugin import Quantizer, QuantizerError, kernel_mode, load_source
+from sqdist.plugin import Quantizer, QuantizerError, kernel_mode, plugin_kernel
 
 BITS = (1, 2, 3, 4)
 INITS = ("he", "weight", "normal")
@@ -85,15 +85,9 @@ class _Expectation1Bit(torch.autograd.Function):
         return torch.stack([-h, h], dim=-1), None
 
 
-def kernel():
-    """The compiled CPU expectation (``slb_cpu.cpp``, built on first use), or None where it cannot be built."""
-    return load_source(Path(__file__).with_name("slb_cpu.cpp"))
-
-
-@torch.compiler.assume_constant_result
-def kernel_available() -> bool:
-    """Whether :func:`kernel` can be built: a constant to ``torch.compile`` (which cannot trace the build)."""
-    return kernel() is not None
+# the compiled CPU kernels (slb_cpu.cpp: expectation, argmax, confidence), built on first use; None where they
+# cannot be
+kernel, kernel_available = plugin_kernel(Path(__file__).with_name("slb_cpu.cpp"))
 
 
 # The kernel's two directions as custom ops: torch.compile keeps them whole in the graph (a pybind11

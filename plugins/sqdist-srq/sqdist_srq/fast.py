@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from sqdist.plugin import kernel_mode, load_source
+from sqdist.plugin import kernel_mode, plugin_kernel
 
 TAU_FLOOR = 1e-12
 NEGLECTED_MASS = 2.0 ** -24  # the window leaves out less than this fraction of pi: below float32 rounding of 1
@@ -98,15 +98,8 @@ def table_spacing(tau: float, level: Level, numel: int) -> float:
 
 
 # ---------------------------------------------------------------- the compiled kernel
-def kernel():
-    """The compiled CPU op module, built once (cached by source hash), or None when it cannot be."""
-    return load_source(Path(__file__).with_name("srq_cpu.cpp"))
-
-
-@torch.compiler.assume_constant_result
-def kernel_available() -> bool:
-    """Whether :func:`kernel` can be built: a constant to ``torch.compile`` (which cannot trace the build)."""
-    return kernel() is not None
+# the compiled CPU op module (srq_cpu.cpp), built once (cached by source hash); None where it cannot be
+kernel, kernel_available = plugin_kernel(Path(__file__).with_name("srq_cpu.cpp"))
 
 
 def _use_kernel(device: torch.device | str) -> bool:

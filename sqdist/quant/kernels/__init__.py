@@ -89,6 +89,23 @@ def load_source(src, flags: tuple[str, ...] | None = None):
     return _build.load_source(src) if flags is None else _build.load_source(src, tuple(flags))
 
 
+def plugin_kernel(src):
+    """``(kernel, kernel_available)`` for a plugin's one-file CPU extension at ``src``: ``kernel()`` is
+    :func:`load_source` of it (the module, or None where it cannot be built); ``kernel_available()`` whether it
+    can be, a constant to ``torch.compile`` (which cannot trace the build). A plugin writes
+    ``kernel, kernel_available = plugin_kernel(Path(__file__).with_name("x_cpu.cpp"))``."""
+    import torch
+
+    def kernel():
+        return load_source(src)
+
+    @torch.compiler.assume_constant_result
+    def kernel_available() -> bool:
+        return kernel() is not None
+
+    return kernel, kernel_available
+
+
 def backend_for(t: Tensor) -> str | None:
     """``"cpu"`` (the C++ ops) or ``"triton"`` when a fast op serves tensor ``t``, else None (reference)."""
     m = mode()
