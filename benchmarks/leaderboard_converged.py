@@ -139,6 +139,35 @@ def header(meta: dict, ladder: dict, budget: str) -> str:
             f"; gains {gains or 'none yet'}; chosen E = {e} ({ladder['status']}).\n\n{budget}\n\n")
 
 
+def kd_gaps(out: dict) -> list[dict]:
+    """For each KD row whose base and FP are finished: the gap FP - base and what KD recovers, KD - base (both
+    paired over the seeds), and the share of the gap closed (KD - base) / (FP - base), of the means."""
+    rows = []
+    for label, base in KD.items():
+        kd, b, fp = out.get(label, {}), out.get(base, {}), out.get("FP", {})
+        if not all("top1" in e for e in (kd, b, fp)):
+            continue
+        gap, got = paired(fp["top1"]["runs"], b["top1"]["runs"]), paired(kd["top1"]["runs"], b["top1"]["runs"])
+        share = got["mean"] / gap["mean"] if gap["mean"] > 0 else None
+        rows.append({"method": label, "base": base, "gap": gap, "recovered": got, "share_closed": share})
+    return rows
+
+
+def kd_table(gaps: list[dict]) -> str:
+    if not gaps:
+        return ""
+
+    def diff(d):
+        return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else f"{d['mean']:+.2f}"
+
+    lines = ["", "Distillation against the gap to FP (paired over the seeds; share = mean recovered / mean gap):", "",
+             "| KD row | FP - base [95% CI] | KD - base [95% CI] | share of the gap closed |", "|---|---|---|---:|"]
+    for g in gaps:
+        share = "n/a (no gap)" if g["share_closed"] is None else f"{g['share_closed']:.0%}"
+        lines.append(f"| {g['method']} | {diff(g['gap'])} | {diff(g['recovered'])} | {share} |")
+    return "\n".join(lines)
+
+
 READING = "\n## Reading"
 
 
@@ -241,8 +270,9 @@ def main() -> None:
             "wall_seconds": round(time.time() - t0, 1), "runs_folder": args.runs,
             "command": shlex.join(["python", "benchmarks/leaderboard_converged.py", *(a for a in sys.argv[1:] if a != "--report")]),
             "report": args.report}
-    text = table(ordered, meta)
-    payload = {"rows": list(ordered.values()), "ladder": ladder, "meta": meta}
+    gaps = kd_gaps(ordered)
+    text = table(ordered, meta) + kd_table(gaps)
+    payload = {"rows": list(ordered.values()), "kd_gaps": gaps, "ladder": ladder, "meta": meta}
     folder = save_results(args.out, text, payload)
     if out:
         plot(ordered, folder / "leaderboard.png", {**meta, "epochs": f"{epochs}"})

@@ -270,15 +270,36 @@ def test_leaderboard_publish_with_some_rows_is_refused_before_anything_runs(tmp_
     assert published.read_bytes() == before and not (tmp_path / "runs").exists()
 
 
-def test_leaderboard_converged_republish_keeps_the_reading(tmp_path):
+def _converged():
     sys.path.insert(0, str(Path(ROOT) / "benchmarks"))
     try:
-        from leaderboard_converged import kept_reading
+        import leaderboard_converged
     finally:
         sys.path.remove(str(Path(ROOT) / "benchmarks"))
+    return leaderboard_converged
+
+
+def test_leaderboard_converged_republish_keeps_the_reading(tmp_path):
+    kept_reading = _converged().kept_reading
     page = tmp_path / "page.md"
     assert kept_reading(page) == ""  # no page yet
     page.write_text("# Leaderboard\n\n| table |\n")
     assert kept_reading(page) == ""  # a page without a reading
     page.write_text("# Leaderboard\n\n| old table |\n\n## Reading\n\nSQ helps at 2 bits.\n")
     assert kept_reading(page) == "\n## Reading\n\nSQ helps at 2 bits.\n"
+
+
+def test_leaderboard_converged_kd_closes_a_share_of_the_gap_to_fp():
+    lc = _converged()
+    from digits_common import stats
+
+    out = {"FP": {"top1": stats([92.0, 92.4, 92.2])}, "TWN": {"top1": stats([90.0, 90.1, 90.5])},
+           "TWN + KD": {"top1": stats([91.0, 91.3, 91.2])}, "BWN + KD": {"top1": stats([88.0, 88.0, 88.0])}}
+    gaps = lc.kd_gaps(out)  # BWN + KD has no BWN row yet: no line
+    assert [g["method"] for g in gaps] == ["TWN + KD"]
+    g = gaps[0]
+    assert g["gap"]["runs"] == [2.0, 2.3, 1.7] and g["recovered"]["runs"] == [1.0, 1.2, 0.7]
+    assert g["share_closed"] == pytest.approx((2.9 / 3) / 2.0, abs=1e-3)  # mean recovered / mean gap (3 decimals)
+    text = lc.kd_table(gaps)
+    assert "| TWN + KD | +2.00 [" in text and "| 48% |" in text
+    assert lc.kd_table([]) == ""
