@@ -128,8 +128,8 @@ void dispatch_n(int64_t n, F&& f) {
 
 // the hard phase (argmax): v[argmax_j a_mj] per element, the first maximum (a NaN counts as the maximum,
 // as torch.argmax has it); rows [r0, r1) a block of kBlock at a time, the running maximum and its level held per
-// row in local arrays so the loop over the block's rows vectorizes (selects, no branch; 2.6x the row-at-a-time
-// loop on resnet18's largest layer); torch's argmax reduces one short row at a time
+// row in local arrays so the loop over the block's rows vectorizes (selects, no branch; 2.4x the row-at-a-time
+// loop on 9.4 M x 4 logits, 2 threads); torch's argmax reduces one short row at a time
 template <typename T, int N>
 SLB_CLONES void argmax_levels_rows(const T* a, T* out, int64_t r0, int64_t r1, const T* v) {
   T top[kBlock], val[kBlock];
@@ -197,7 +197,7 @@ torch::Tensor slb_argmax_levels(torch::Tensor logits, std::vector<double> levels
   return out;
 }
 
-// the mean over the rows of max_j softmax(t a_m)_j (M, n) -> a 0-dim double tensor (finite logits)
+// the mean over the rows of max_j softmax(t a_m)_j (M, n) -> a 0-dim double tensor (finite logits; M = 0: NaN)
 torch::Tensor slb_confidence(torch::Tensor logits, double t) {
   TORCH_CHECK(logits.dim() == 2, "slb: logits (M, n)");
   logits = logits.contiguous();
@@ -217,7 +217,7 @@ torch::Tensor slb_confidence(torch::Tensor logits, double t) {
       for (double p : partial) total += p;
     });
   });
-  return torch::tensor(m > 0 ? total / double(m) : 0.0, torch::kFloat64);
+  return torch::tensor(m > 0 ? total / double(m) : std::nan(""), torch::kFloat64);  // the mean of nothing: NaN
 }
 
 torch::Tensor slb_forward(torch::Tensor logits, std::vector<double> levels, double t) {

@@ -363,12 +363,15 @@ def test_confidence_kernel_is_the_reference(bits):
             assert got.dtype == torch.float64 and abs(float(got) - float(ref)) <= 1e-6 * float(ref)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = sqdist_slb.kernel().confidence(a, 4.3)
-        torch.set_num_threads(2)
-        assert torch.equal(sqdist_slb.kernel().confidence(a, 4.3), one)
+        for x in (a, a.float()):
+            torch.set_num_threads(1)
+            one = sqdist_slb.kernel().confidence(x, 4.3)
+            torch.set_num_threads(2)
+            assert torch.equal(sqdist_slb.kernel().confidence(x, 4.3), one)
     finally:
         torch.set_num_threads(threads)
+    assert math.isnan(float(sqdist_slb.kernel().confidence(a[:0], 4.3)))  # no rows: NaN, as the reference's mean
+    assert math.isnan(float(sqdist_slb.confidence_reference(a[:0], 4.3)))
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
@@ -381,6 +384,10 @@ def test_codes_by_the_kernel_are_the_argmax_codes(bits, monkeypatch):
         q = create_quantizer("slb", bits=bits)
         torch.manual_seed(0)
         q.calibrate(w)
+        with torch.no_grad():  # ties: two levels equal and largest in a third of the weights
+            q.logits[::3, ..., 1] = q.logits[::3, ..., 0] = q.logits.amax(dim=-1)[::3] + 1.0
         codes[implementation] = q.quantize_codes(w.reshape(w.shape[0], -1))[0]
+        assert not codes[implementation].requires_grad  # codes, not a function of the logits
     assert torch.equal(codes["cpu"], codes["torch"])
+    assert (codes["cpu"][::3] == -(2 ** bits - 1)).all()  # the first of the tied levels
     assert set(codes["cpu"].unique().tolist()) <= set(sqdist_slb.slb_code_levels(bits))
