@@ -303,3 +303,7 @@ def test_leaderboard_converged_kd_closes_a_share_of_the_gap_to_fp():
     text = lc.kd_table(gaps)
     assert "| TWN + KD | +2.00 [" in text and "| 48% |" in text
     assert lc.kd_table([]) == ""
+    out["BWN"] = {"top1": stats([91.0, 93.0, 89.0])}  # a gap whose interval reaches 0: no share
+    bwn = lc.kd_gaps(out)[1]
+    assert bwn["method"] == "BWN + KD" and bwn["gap"]["ci95"][0] < 0 < bwn["gap"]["mean"] and bwn["share_closed"] is None
+    assert "| BWN + KD | +1.20 [" in lc.kd_table([bwn]) and "n/a (gap's interval reaches 0)" in lc.kd_table([bwn])
