@@ -158,7 +158,7 @@ def esb_refit_scale(w: Tensor, levels: Tensor, previous: Tensor, linear_bits: in
 
 
 # the compiled CPU form of esb_codes_refined (esb_cpu.cpp), built on first use; None where it cannot be
-kernel, kernel_available = plugin_kernel(Path(__file__).with_name("esb_cpu.cpp"))
+kernel, kernel_available = plugin_kernel(Path(__file__).with_name("esb_cpu.cpp"), __name__)
 
 
 # The kernel as a custom op: torch.compile keeps it whole in the graph (the pybind11 function would stop it)

@@ -99,7 +99,7 @@ def table_spacing(tau: float, level: Level, numel: int) -> float:
 
 # ---------------------------------------------------------------- the compiled kernel
 # the compiled CPU op module (srq_cpu.cpp), built once (cached by source hash); None where it cannot be
-kernel, kernel_available = plugin_kernel(Path(__file__).with_name("srq_cpu.cpp"))
+kernel, kernel_available = plugin_kernel(Path(__file__).with_name("srq_cpu.cpp"), __name__)
 
 
 def _use_kernel(device: torch.device | str) -> bool:

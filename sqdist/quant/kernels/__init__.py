@@ -89,11 +89,12 @@ def load_source(src, flags: tuple[str, ...] | None = None):
     return _build.load_source(src) if flags is None else _build.load_source(src, tuple(flags))
 
 
-def plugin_kernel(src):
+def plugin_kernel(src, module: str | None = None):
     """``(kernel, kernel_available)`` for a plugin's one-file CPU extension at ``src``: ``kernel()`` is
     :func:`load_source` of it (the module, or None where it cannot be built); ``kernel_available()`` whether it
     can be, a constant to ``torch.compile`` (which cannot trace the build). A plugin writes
-    ``kernel, kernel_available = plugin_kernel(Path(__file__).with_name("x_cpu.cpp"))``."""
+    ``kernel, kernel_available = plugin_kernel(Path(__file__).with_name("x_cpu.cpp"), __name__)`` (``module``:
+    the functions' ``__module__``, so documentation tools list them with the plugin)."""
     import torch
 
     def kernel():
@@ -103,6 +104,13 @@ def plugin_kernel(src):
     def kernel_available() -> bool:
         return kernel() is not None
 
+    name = getattr(src, "name", src)
+    kernel.__doc__ = f"The compiled CPU kernels of ``{name}``, built on first use; None where they cannot be built."
+    kernel_available.__doc__ = ("Whether :func:`kernel` can be built: a constant to ``torch.compile`` (which cannot "
+                                "trace the build).")
+    for f in (kernel, kernel_available):
+        f.__qualname__ = f.__name__
+        f.__module__ = module or f.__module__
     return kernel, kernel_available
 
 
