@@ -216,6 +216,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
     parser.add_argument("--publish", action="store_true",
                         help="also write benchmarks/results/leaderboard_<data>_converged.md/.json/.png")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"),
+                        help="where --publish writes the page (default benchmarks/results)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
     check_counts(parser, args, ("seeds", "ladder_seeds", "workers"))
@@ -283,7 +285,7 @@ def main() -> None:
     if out:
         plot(ordered, folder / "leaderboard.png", {**meta, "epochs": f"{epochs}"})
     if args.publish:
-        published = ROOT / "benchmarks" / "results" / data_name
+        published = Path(args.results) / data_name
         note = Path(args.runs) / "budget.md"  # benchmarks/leaderboard_budget.py --converged --note writes it
         budget = note.read_text().strip() if note.is_file() else "Run time: not estimated."
         page = published.with_suffix(".md")

@@ -241,6 +241,17 @@ def test_leaderboard_converged_smoke_chooses_epochs_distills_and_continues(tmp_p
     assert second["meta"]["runs_cached"] == 1 and second["meta"]["runs_done"] == 2
     assert json.loads((kd_dir / "summary.json").read_text())["resumed_from_step"] == kd["total_steps"]
     assert {r["method"]: r["top1_mean"] for r in second["rows"]} == {r["method"]: r["top1_mean"] for r in first["rows"]}
+    # --publish rewrites the page's table and keeps its hand-written reading
+    results = tmp_path / "results"
+    results.mkdir()
+    page = results / "leaderboard_digits_converged.md"
+    page.write_text("# an older table\n\n## Reading\n\nWritten from the numbers.\n")
+    proc = subprocess.run([*cmd, "--publish", "--results", str(results)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = page.read_text()
+    assert "an older table" not in text and "| TWN + KD |" in text
+    assert text.endswith("\n## Reading\n\nWritten from the numbers.\n")
     # --report trains nothing and says what is missing
     proc = subprocess.run([*cmd[:-3], "--runs", str(tmp_path / "empty"), "--epochs", "1", "--report", "--json"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
