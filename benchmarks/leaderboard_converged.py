@@ -164,7 +164,7 @@ def kd_table(gaps: list[dict]) -> str:
     def diff(d):
         return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else f"{d['mean']:+.2f}"
 
-    lines = ["", "Distillation against the gap to FP (paired over the seeds; share = mean recovered / mean gap):", "",
+    lines = ["", "", "Distillation against the gap to FP (paired over the seeds; share = mean recovered / mean gap):", "",
              "| KD row | FP - base [95% CI] | KD - base [95% CI] | share of the gap closed |", "|---|---|---|---:|"]
     for g in gaps:
         share = "n/a (gap's interval reaches 0)" if g["share_closed"] is None else f"{g['share_closed']:.0%}"

@@ -312,6 +312,7 @@ def test_leaderboard_converged_kd_closes_a_share_of_the_gap_to_fp():
     assert g["gap"]["runs"] == [2.0, 2.3, 1.7] and g["recovered"]["runs"] == [1.0, 1.2, 0.7]
     assert g["share_closed"] == pytest.approx((2.9 / 3) / 2.0, abs=1e-3)  # mean recovered / mean gap (3 decimals)
     text = lc.kd_table(gaps)
+    assert text.startswith("\n\nDistillation")  # a blank line after the main table: markdown ends it there
     assert "| TWN + KD | +2.00 [" in text and "| 48% |" in text
     assert lc.kd_table([]) == ""
     out["BWN"] = {"top1": stats([91.0, 93.0, 89.0])}  # a gap whose interval reaches 0: no share
