@@ -137,7 +137,7 @@ class _Stochastic(QuantizerHooks):
         its Python function ``draws.draw_eager`` directly)."""
         fn = draws.draw if torch.compiler.is_compiling() else draws.draw_eager
         return fn(like.detach(), self._key, None if f is None else f.detach(), lo, self.drop_prob,
-                          self.drop_schedule == "linear", drop_limit)
+                  self.drop_schedule == "linear", drop_limit)
 
 
 def _key_field(name: str) -> property:

@@ -95,7 +95,6 @@ def plugin_kernel(src, module: str | None = None):
     can be, a constant to ``torch.compile`` (which cannot trace the build). A plugin writes
     ``kernel, kernel_available = plugin_kernel(Path(__file__).with_name("x_cpu.cpp"), __name__)`` (``module``:
     the functions' ``__module__``, so documentation tools list them with the plugin)."""
-    import torch
 
     def kernel():
         return load_source(src)
