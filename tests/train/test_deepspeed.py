@@ -272,3 +272,24 @@ def test_zero3_summary_counts_the_full_size_of_sharded_weights(workdir, launch_t
     summary = json.loads((result["run"] / "summary.json").read_text())
     assert summary["bits"] == "W2A2"
     assert summary["avg_weight_bits"] == 2.0 and set(summary["layer_bits"].values()) == {2}
+
+
+@pytest.mark.slow
+def test_zero3_distils_from_a_whole_teacher_as_ddp_does(workdir, ddp, launch_two):
+    """train.distill under ZeRO-3: the student sharded, the teacher (a plain module, not DeepSpeed's) whole on
+    every rank: the same losses and final model as a distilled DDP run, the masks still rank 0's."""
+    teacher = workdir / "teacher"
+    proc = subprocess.run([sys.executable, "-m", "sqdist.train", str(workdir / "tiny.yaml"), "quant.enabled=false",
+                           f"run.dir={teacher}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kd = [f"train.distill.teacher={teacher}", "train.distill.weight=0.7"]
+    ddp_kd = launch(launch_two, workdir, "ddp-distill", *kd)
+    result = launch(launch_two, workdir, "zero3-distill", "engine.name=deepspeed", f"engine.config={workdir / 'zero3.json'}",
+                    *kd)
+    assert_rank1_applied_rank0_masks(result)
+    assert result["losses"] == pytest.approx(ddp_kd["losses"], abs=1e-5)
+    assert_same_model(result["final"], ddp_kd["final"])
+    # the soft term is in the loss: the same first step without it gives another loss
+    assert abs(result["losses"][0] - ddp["losses"][0]) > 1e-3
+    summary = json.loads((result["run"] / "summary.json").read_text())
+    assert summary["distill"] == {"teacher": str(teacher), "weight": 0.7, "temperature": 4.0}

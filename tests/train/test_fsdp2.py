@@ -97,6 +97,17 @@ def test_fsdp2_resume_is_bitwise(results, name):
 
 
 @pytest.mark.slow
+def test_fsdp2_distils_from_a_whole_teacher_as_ddp_does(results):
+    """train.distill under FSDP2: the teacher (not sharded) on every rank; the steps, final model and resume
+    are held to DDP's by the tests above (twn_distill); here: it is recorded and its soft term is in the loss."""
+    distilled, plain = results["twn_distill"]["fsdp2"], results["twn"]["fsdp2"]
+    assert distilled["summary"]["distill"] == {"teacher": results["_teacher"], "weight": 0.7, "temperature": 4.0}
+    assert plain["summary"]["distill"] is None
+    # the same student, masks and batch at step 1: only the loss's soft term differs
+    assert abs(distilled["losses"][0] - plain["losses"][0]) > 1e-3
+
+
+@pytest.mark.slow
 def test_uneven_shards_of_a_7_class_classifier(results):
     from safetensors.torch import load_file
 

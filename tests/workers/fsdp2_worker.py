@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/workers/fsdp2_worker.py WORKDIR
 
 For every configuration: a DDP run and an FSDP2 run of the same recipe and seed (4 steps,
-SQ at ratio 0.5), recording each step's loss and masks (all layers) and, on every rank,
+SQ at ratio 0.5; ``twn_distill`` distils from a full-precision teacher trained first), recording each step's loss and masks (all layers) and, on every rank,
 whether its masks equal rank 0's. Both run with ``SQDIST_DEBUG=1``: rank 0's masks are also
 broadcast and compared at every draw (DDP: all layers at once; FSDP2: inside each forward). A few configurations are also resumed from their
 step-2 checkpoint into a new folder. Rank 0 writes WORKDIR/results.json; the test asserts on it.
@@ -44,6 +44,9 @@ CONFIGS = {  # name: (overrides, resume too)
     "twn_root_unit_grad_accum_clip": (["engine.fsdp_unit=root", "engine.grad_accum=2", "engine.gradient_clipping=0.5"], False),
     # bf16: DDP autocasts, FSDP2 casts the weights (MixedPrecisionPolicy): close, not equal
     "twn_bf16": (["engine.mixed_precision=bf16"], False),
+    # the teacher ({teacher}: an FP run of the same recipe trained first in this launch) runs whole on
+    # every rank beside the sharded student
+    "twn_distill": (["train.distill.teacher={teacher}", "train.distill.weight=0.7"], True),
 }
 BF16 = "twn_bf16"
 
@@ -122,10 +125,13 @@ def main():
         make_folder(os.path.join(workdir, "folder7"))
     dist.barrier()
     results = {}
+    if any("{teacher}" in o for name in only for o in CONFIGS[name][0]):
+        results["_teacher"] = run(workdir, "teacher", ["quant.enabled=false"])["folder"]
     for name in only:
         overrides, resume = CONFIGS[name]
         if "data.name=folder" in overrides:
             overrides = [*overrides, f"data.root={os.path.join(workdir, 'folder7')}"]
+        overrides = [o.replace("{teacher}", results.get("_teacher", "")) for o in overrides]
         os.environ["SQDIST_DEBUG"] = "1"  # every draw also checked against rank 0's (a broadcast per draw)
         ddp = run(workdir, f"{name}-ddp", overrides)
         fsdp = run(workdir, f"{name}-fsdp2", [*overrides, "engine.name=fsdp2"])
