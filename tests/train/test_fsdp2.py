@@ -15,7 +15,6 @@ import sys
 import pytest
 import timm
 import torch
-from torch import nn
 
 from sqdist import QuantConfig, SQConfig, quantize_model
 from sqdist.config import RecipeError, load_recipe
@@ -170,7 +169,7 @@ def test_draws_do_not_depend_on_order_or_path():
         model = timm.create_model("resnet10t", num_classes=10, in_chans=1)
         return model, quantize_model(model, QuantConfig(sq=SQConfig(ratios=(0.5,), seed=7), draw_in_forward=in_forward))
 
-    (a, sq_a), (b, sq_b) = build(False), build(True)
+    (_, sq_a), (b, sq_b) = build(False), build(True)
     x = torch.randn(2, 1, 8, 8)
     for _ in range(2):
         sq_a.draw_masks()
