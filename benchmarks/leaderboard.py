@@ -301,15 +301,18 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
     return front
 
 
-def plot(out: dict, path: Path, meta: dict, floor: float = 60.0) -> None:
+def plot(out: dict, path: Path, meta: dict, floor: float | None = 60.0) -> None:
     """Top-1 (mean ± std) against file size, one legend entry per row, the Pareto front drawn;
-    rows below ``floor`` are named under the plot instead of stretching the axis."""
+    rows below ``floor`` are named under the plot instead of stretching the axis (None: the axis
+    starts a point below the lowest mean minus its std, for tables whose rows lie close together)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [(e["size_bytes"], e["top1"]["mean"], label, e) for label, e in out.items() if e.get("size_bytes")]
+    if floor is None:
+        floor = math.floor(min((m - e["top1"]["std"] for _, m, _, e in ok), default=61.0) - 1.0)
     shown = [p for p in ok if p[1] >= floor]
     below = [p for p in ok if p[1] < floor]
     colors = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors
@@ -333,14 +336,14 @@ def plot(out: dict, path: Path, meta: dict, floor: float = 60.0) -> None:
     ax.set_xlabel("exported file size (bytes, log scale)")
     ax.set_ylabel(f"{meta.get('data', 'digits')} test top-1 (%), mean ± std over seeds")
     note = "; ".join(f"{label} {mean:.1f}%" for _, mean, label, _ in below)
-    ax.set_title(f"Every method on {meta.get('data', 'digits')}, {meta['seeds']} seeds x {meta['epochs']} epochs: "
+    ax.set_title(f"Every method on {meta.get('data', 'digits')}, {meta['seeds']} seeds x {meta['epochs']} epochs\n"
                  "circles weights only, diamonds W/A, squares 3-4x steps (SQ's paper protocol, 3x rows)"
                  + (f"\nbelow the axis: {note}" if note else ""), fontsize=8.5)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6.3, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")  # the legend outside the axes, nothing blank beside it
 
 
 def main() -> None:

@@ -283,7 +283,7 @@ def main() -> None:
     payload = {"rows": list(ordered.values()), "kd_gaps": gaps, "ladder": ladder, "meta": meta}
     folder = save_results(args.out, text, payload)
     if out:
-        plot(ordered, folder / "leaderboard.png", {**meta, "epochs": f"{epochs}"})
+        plot(ordered, folder / "leaderboard.png", {**meta, "epochs": f"{epochs}"}, floor=None)
     if args.publish:
         published = Path(args.results) / data_name
         note = Path(args.runs) / "budget.md"  # benchmarks/leaderboard_budget.py --converged --note writes it
