@@ -97,13 +97,15 @@ def test_fsdp2_resume_is_bitwise(results, name):
 
 @pytest.mark.slow
 def test_fsdp2_distils_from_a_whole_teacher_as_ddp_does(results):
-    """train.distill under FSDP2: the teacher (not sharded) on every rank; the steps, final model and resume
-    are held to DDP's by the tests above (twn_distill); here: it is recorded and its soft term is in the loss."""
+    """train.distill under FSDP2: the teacher (loaded before the student is sharded) on every rank; the steps
+    and final model are held to DDP's and the resume to the uninterrupted run by the tests above (twn_distill);
+    here: it is recorded, and the teacher's term is in the loss."""
     distilled, plain = results["twn_distill"]["fsdp2"], results["twn"]["fsdp2"]
     assert distilled["summary"]["distill"] == {"teacher": results["_teacher"], "weight": 0.7, "temperature": 4.0}
     assert plain["summary"]["distill"] is None
-    # the same student, masks and batch at step 1: only the loss's soft term differs
-    assert abs(distilled["losses"][0] - plain["losses"][0]) > 1e-3
+    # step 1 has the plain run's student, masks and batch, so its loss is 0.3 * the plain run's cross-entropy
+    # + 0.7 * T^2 * KL(teacher || student): what is left after the first term is the teacher's (0 if ignored)
+    assert distilled["losses"][0] - 0.3 * plain["losses"][0] > 1e-3
 
 
 @pytest.mark.slow
