@@ -304,15 +304,17 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
 def plot(out: dict, path: Path, meta: dict, floor: float | None = 60.0) -> None:
     """Top-1 (mean ± std) against file size, one legend entry per row, the Pareto front drawn;
     rows below ``floor`` are named under the plot instead of stretching the axis (None: the axis
-    starts a point below the lowest mean minus its std, for tables whose rows lie close together)."""
+    starts a point below the lowest mean minus its std of the rows at 60% or more, for tables whose rows
+    lie close together; never below 60)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [(e["size_bytes"], e["top1"]["mean"], label, e) for label, e in out.items() if e.get("size_bytes")]
-    if floor is None:
-        floor = math.floor(min((m - e["top1"]["std"] for _, m, _, e in ok), default=61.0) - 1.0)
+    if floor is None:  # never above 60's role: a collapsed row (10%) is still named below the axis
+        low = [m - e["top1"]["std"] for _, m, _, e in ok if math.isfinite(m - e["top1"]["std"]) and m >= 60.0]
+        floor = max(60.0, math.floor(min(low) - 1.0)) if low else 60.0
     shown = [p for p in ok if p[1] >= floor]
     below = [p for p in ok if p[1] < floor]
     colors = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors
