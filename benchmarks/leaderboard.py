@@ -101,6 +101,7 @@ ROWS = {
     "SLB W2": Row("digits_slb", ["quant.params.bits=2"], "kbit2", "SLB 2 bits", needs=(("quantizer", "slb"),)),
     # the same methods on 3x the epochs: SQ's matched stages and SLB's temperature schedule stretch with the run
     "TWN 3x": Row("digits_twn", [], "TWN", "TWN (ternary), 3x epochs", budget=3),
+    "TWN 4x": Row("digits_twn", [], "TWN", "TWN (ternary), 4x epochs: the steps of SQ's paper protocol", budget=4),
     "SQ-TWN 3x": Row("digits_sq_twn", [SQ_STEPS], "TWN 3x", "SQ over TWN, 3x epochs", budget=3),
     "SLB W1 3x": Row("digits_slb", [], "SLB W1", "SLB 1 bit, 3x epochs", needs=(("quantizer", "slb"),), budget=3),
     "SLB W2 3x": Row("digits_slb", ["quant.params.bits=2"], "SLB W2", "SLB 2 bits, 3x epochs",

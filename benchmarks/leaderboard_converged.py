@@ -52,8 +52,9 @@ for _label, _base in KD.items():
     _row = ROWS[_base]
     ROWS[_label] = Row(_row.recipe, list(_row.overrides), _base, f"{_row.what}, distilled from the same seed's FP run",
                        _row.needs)
-CONVERGED_ROWS = ["FP", "kbit4", "ESB W4", "TWN", "SQ-TWN", "SQ-TWN (paper)", "BWN", "SQ-BWN", "SLB W1", "W2A2 LSQ",
-                  "SRQ W2A2", "SRQ learned widths", *KD]
+# TWN 4x: TWN with the steps of SQ's paper protocol, so that protocol's gain can be split into SQ and steps
+CONVERGED_ROWS = ["FP", "kbit4", "ESB W4", "TWN", "SQ-TWN", "SQ-TWN (paper)", "TWN 4x", "BWN", "SQ-BWN", "SLB W1",
+                  "W2A2 LSQ", "SRQ W2A2", "SRQ learned widths", *KD]
 LADDER, LADDER_SEEDS, HOLDOUT, MIN_GAIN = (15, 20, 30, 40), 2, 0.1, 0.2
 
 
