@@ -313,7 +313,7 @@ def plot(out: dict, path: Path, meta: dict, floor: float | None = 60.0) -> None:
     import matplotlib.pyplot as plt
 
     ok = [(e["size_bytes"], e["top1"]["mean"], label, e) for label, e in out.items() if e.get("size_bytes")]
-    if floor is None:  # never above 60's role: a collapsed row (10%) is still named below the axis
+    if floor is None:  # never below 60: a collapsed row (10%) is still named below the axis, not plotted
         low = [m - e["top1"]["std"] for _, m, _, e in ok if math.isfinite(m - e["top1"]["std"]) and m >= 60.0]
         floor = max(60.0, math.floor(min(low) - 1.0)) if low else 60.0
     shown = [p for p in ok if p[1] >= floor]

@@ -2,11 +2,12 @@
 
     torchrun --nproc_per_node 2 tests/workers/fsdp2_worker.py WORKDIR
 
-For every configuration: a DDP run and an FSDP2 run of the same recipe and seed (4 steps,
-SQ at ratio 0.5; ``twn_distill`` distils from a full-precision teacher trained first), recording each step's loss and masks (all layers) and, on every rank,
-whether its masks equal rank 0's. Both run with ``SQDIST_DEBUG=1``: rank 0's masks are also
-broadcast and compared at every draw (DDP: all layers at once; FSDP2: inside each forward). A few configurations are also resumed from their
-step-2 checkpoint into a new folder. Rank 0 writes WORKDIR/results.json; the test asserts on it.
+For every configuration: a DDP run and an FSDP2 run of the same recipe and seed (4 steps, SQ at ratio
+0.5; ``twn_distill`` distils from a full-precision teacher trained first), recording each step's loss
+and masks (all layers) and, on every rank, whether its masks equal rank 0's. Both run with
+``SQDIST_DEBUG=1``: rank 0's masks are also broadcast and compared at every draw (DDP: all layers at
+once; FSDP2: inside each forward). A few configurations are also resumed from their step-2 checkpoint
+into a new folder. Rank 0 writes WORKDIR/results.json; the test asserts on it.
 """
 import json
 import os
